@@ -1,0 +1,45 @@
+"""One error hierarchy for the package; each error carries the HTTP status the server answers with."""
+
+from __future__ import annotations
+
+
+class ArachneError(Exception):
+    """Base class of every error arachne-mlflow raises on purpose."""
+
+    status_code = 500
+
+
+class InvalidInputError(ArachneError, ValueError):
+    """The caller passed something the model or API cannot take (index, dtype, shape, option)."""
+
+    status_code = 400
+
+
+class UnknownRuntimeError(InvalidInputError):
+    """No runtime backend is registered under the requested name."""
+
+
+class DuplicateRuntimeError(ArachneError, ValueError):
+    """A second, different runtime was registered under a name already taken."""
+
+
+class ModelNotFoundError(ArachneError, FileNotFoundError):
+    """A model file, model directory or served model does not exist."""
+
+    status_code = 404
+
+
+class MissingDependencyError(ArachneError, ImportError):
+    """The DNN library a runtime needs is not installed; the message names the pip extra."""
+
+    status_code = 503
+
+
+class IncompatibleModelError(ArachneError):
+    """The model cannot run on this machine (another CPU architecture, a device it lacks)."""
+
+    status_code = 400
+
+
+class UnsafeArchiveError(InvalidInputError):
+    """An archive holds entries that would escape its directory or exceed a limit."""

@@ -1,0 +1,96 @@
+"""The unified runtime: one API over TFLite, ONNX and TVM (call-compatible with Arachne Runtime).
+
+    from arachne_mlflow import runtime
+    m = runtime.init(runtime="onnx", model_file="m.onnx")
+    m.set_input(0, x); m.run(); y = m.get_output(0)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
+from arachne_mlflow.runtime.base import RuntimeModule, random_tensor
+from arachne_mlflow.runtime.registry import (
+    ENTRY_POINT_GROUP,
+    get_runtime_class,
+    list_runtimes,
+    register_runtime,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "RuntimeModule",
+    "get_runtime_class",
+    "init",
+    "list_runtimes",
+    "random_tensor",
+    "register_runtime",
+]
+
+
+def init(
+    runtime: str,
+    model_file: str | os.PathLike | None = None,
+    env_file: str | os.PathLike | None = None,
+    package_tar: str | os.PathLike | None = None,
+    model_dir: str | os.PathLike | None = None,
+    rpc_info: dict[str, Any] | None = None,
+    **options: Any,
+) -> RuntimeModule:
+    """Load a model with the named runtime and return its `RuntimeModule`.
+
+    `model_file` is the model; `env_file` an old Arachne `env.yaml` (its `model_spec` and
+    `tvm_device` become options); `package_tar` an old Arachne package (model + env.yaml),
+    extracted into a private temporary directory; `model_dir` a directory holding one model
+    file and its env.yaml. Other keyword arguments go to the backend (`num_threads`,
+    `providers`, `tvm_device`, ...).
+    """
+    cls = get_runtime_class(runtime)
+    if rpc_info is not None:
+        raise InvalidInputError("remote execution (rpc_info) needs the device server, which is not part of this build")
+    workdir = None
+    try:
+        if package_tar is not None:
+            from arachne_mlflow.legacy import extract_package
+
+            workdir = tempfile.mkdtemp(prefix="arachne-package-")
+            model_file, found_env = extract_package(package_tar, workdir)
+            env_file = env_file or found_env
+        elif model_dir is not None:
+            from arachne_mlflow.legacy import find_model_in_dir
+
+            if not Path(model_dir).is_dir():
+                raise ModelNotFoundError(f"model directory not found: {model_dir}")
+            if model_file is None:
+                model_file, found_env = find_model_in_dir(model_dir)
+                env_file = env_file or found_env
+            else:
+                model_file = Path(model_dir) / model_file
+        if env_file is not None and runtime == "tvm":
+            _apply_env_file(env_file, options)
+        if model_file is not None and not Path(model_file).exists():
+            raise ModelNotFoundError(f"model file not found: {model_file}")
+        module = cls(model_file=None if model_file is None else os.fspath(model_file), **options)
+    except BaseException:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    if workdir is not None:
+        module._on_done(shutil.rmtree, workdir, True)
+    return module
+
+
+def _apply_env_file(env_file: str | os.PathLike, options: dict[str, Any]) -> None:
+    """An old env.yaml gives TVM its tensor spec and device, unless passed explicitly."""
+    from arachne_mlflow.legacy import read_env_file
+
+    env = read_env_file(env_file)
+    if env.inputs or env.outputs:
+        options.setdefault("model_spec", env.model_spec)
+    if env.tvm_device:
+        options.setdefault("tvm_device", env.tvm_device)

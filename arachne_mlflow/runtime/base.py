@@ -1,0 +1,170 @@
+"""The `RuntimeModule` every backend subclasses: input checks, the stateful API, benchmark.
+
+A backend implements `_infer(inputs) -> outputs` (a pure call on a list of checked arrays) and
+sets `input_specs` / `output_specs`. Everything else (index and name lookup, dtype and shape
+checks, `run()` before inputs are set, thread-safety for backends that need a lock) lives here,
+once, so the three DNN libraries behave the same to a caller.
+"""
+
+from __future__ import annotations
+
+import abc
+import statistics
+import threading
+import time
+import weakref
+from typing import Any, Sequence
+
+import numpy as np
+
+from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.tensor_spec import TensorSpec
+
+
+class RuntimeModule(abc.ABC):
+    """A loaded model with the Arachne Runtime API (`set_input` / `run` / `get_output`)."""
+
+    #: Set by the registry: the name this backend was registered under.
+    runtime_name: str = ""
+    #: False when the library's session must not run two inferences at once (a lock is taken).
+    thread_safe: bool = True
+
+    input_specs: list[TensorSpec]
+    output_specs: list[TensorSpec]
+
+    def _bind_specs(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
+        """Record the tensor specs; backends call this once they have loaded the model."""
+        self.input_specs = list(inputs)
+        self.output_specs = list(outputs)
+        self._input_positions = _positions(self.input_specs)
+        self._output_positions = _positions(self.output_specs)
+        self._feed: list[Any] = [None] * len(self.input_specs)
+        self._unset = set(range(len(self.input_specs)))
+        self._results: list[np.ndarray] | None = None
+        self._lock = None if self.thread_safe else threading.Lock()
+
+    # -- what a backend implements -------------------------------------------------------
+    @abc.abstractmethod
+    def _infer(self, inputs: list[np.ndarray]) -> Sequence[np.ndarray]:
+        """Run the model on checked inputs (in input order); return outputs in output order."""
+
+    def _close(self) -> None:
+        """Release the library's resources (sessions, temporary files)."""
+
+    # -- the Arachne Runtime API ---------------------------------------------------------
+    def get_input_details(self) -> list[dict[str, Any]]:
+        return [spec.to_dict() for spec in self.input_specs]
+
+    def get_output_details(self) -> list[dict[str, Any]]:
+        return [spec.to_dict() for spec in self.output_specs]
+
+    def set_input(self, index_or_name: int | str, value: Any) -> None:
+        position = self._position(index_or_name, self._input_positions, self.input_specs, "input")
+        self._feed[position] = self.input_specs[position].check(value)
+        self._unset.discard(position)
+
+    def run(self) -> None:
+        if self._unset:
+            missing = [self.input_specs[i].name for i in sorted(self._unset)]
+            raise InvalidInputError(f"run() before every input is set: missing {missing}")
+        self._results = self._call(self._feed)
+
+    def get_output(self, index_or_name: int | str) -> np.ndarray:
+        position = self._position(index_or_name, self._output_positions, self.output_specs, "output")
+        if self._results is None:
+            raise InvalidInputError("get_output() before run(): call run() first")
+        return self._results[position]
+
+    def infer(self, inputs: Sequence[Any]) -> list[np.ndarray]:
+        """Check `inputs` (one per model input, in order) and return every output; thread-safe."""
+        if len(inputs) != len(self.input_specs):
+            raise InvalidInputError(
+                f"expected {len(self.input_specs)} inputs {[s.name for s in self.input_specs]}, got {len(inputs)}"
+            )
+        return self._call([spec.check(v) for spec, v in zip(self.input_specs, inputs)])
+
+    def benchmark(self, warmup: int = 1, repeat: int = 10, number: int = 1) -> dict[str, float]:
+        """Time inference on random inputs made from the input details; milliseconds per run."""
+        if repeat < 1 or number < 1 or warmup < 0:
+            raise InvalidInputError("benchmark needs repeat >= 1, number >= 1 and warmup >= 0")
+        inputs = [random_tensor(spec) for spec in self.input_specs]
+        checked = [spec.check(v) for spec, v in zip(self.input_specs, inputs)]
+        for _ in range(warmup):
+            self._call(checked)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(number):
+                self._call(checked)
+            times.append((time.perf_counter() - start) * 1000.0 / number)
+        return {
+            "mean": statistics.fmean(times),
+            "median": statistics.median(times),
+            "std": statistics.pstdev(times),
+            "max": max(times),
+            "min": min(times),
+            "repeat": repeat,
+            "number": number,
+        }
+
+    def done(self) -> None:
+        """Free the model; the module cannot run afterwards."""
+        self._results = None
+        self._close()
+        for finalizer in getattr(self, "_finalizers", ()):
+            finalizer()
+
+    def _on_done(self, fn: Any, *args: Any) -> None:
+        """Call `fn(*args)` at `done()`, or when the module is garbage-collected."""
+        if not hasattr(self, "_finalizers"):
+            self._finalizers: list[weakref.finalize] = []
+        self._finalizers.append(weakref.finalize(self, fn, *args))
+
+    def __enter__(self) -> "RuntimeModule":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done()
+
+    # -- helpers -------------------------------------------------------------------------
+    def _call(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        if self._lock is None:
+            return list(self._infer(inputs))
+        with self._lock:
+            return list(self._infer(inputs))
+
+    @staticmethod
+    def _position(key: int | str, positions: dict, specs: list[TensorSpec], what: str) -> int:
+        try:
+            return positions[key]
+        except (KeyError, TypeError):
+            pass
+        valid = f"indices 0..{len(specs) - 1} or names {[s.name for s in specs]}" if specs else "none"
+        raise InvalidInputError(f"no {what} {key!r}: valid {what}s are {valid}")
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{s.name}:{s.dtype.name}{list(s.shape)}" for s in self.input_specs)
+        return f"<{type(self).__name__} runtime={self.runtime_name!r} inputs=[{ins}]>"
+
+
+def _positions(specs: Sequence[TensorSpec]) -> dict[int | str, int]:
+    """Map both the index and the name of each tensor to its position."""
+    positions: dict[int | str, int] = {}
+    for i, spec in enumerate(specs):
+        positions[i] = i
+        positions.setdefault(spec.name, i)
+    return positions
+
+
+def random_tensor(spec: TensorSpec, dynamic: int = 1, seed: int = 0) -> np.ndarray:
+    """Random data for `spec` (dynamic dimensions taken as `dynamic`), for benchmarks and examples."""
+    rng = np.random.default_rng(seed)
+    shape = spec.example_shape(dynamic)
+    if spec.dtype.kind == "f":
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if spec.dtype.kind in "iu":
+        info = np.iinfo(spec.dtype)
+        return rng.integers(max(info.min, -100), min(info.max, 100), size=shape, dtype=spec.dtype)
+    if spec.dtype.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    return np.zeros(shape, dtype=spec.dtype)

@@ -1,0 +1,169 @@
+"""ONNX backend: onnxruntime, with providers, provider options and session options passed through."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+from arachne_mlflow.errors import InvalidInputError, MissingDependencyError
+from arachne_mlflow.runtime.base import RuntimeModule
+from arachne_mlflow.tensor_spec import TensorSpec
+
+_logger = logging.getLogger(__name__)
+
+# onnxruntime's type strings -> numpy dtypes
+ONNX_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+    "tensor(string)": np.object_,
+}
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise MissingDependencyError("the onnx runtime needs onnxruntime: pip install 'arachne-mlflow[onnx]'") from err
+    return onnxruntime
+
+
+class ONNXRuntimeModule(RuntimeModule):
+    """An ONNX model in an onnxruntime `InferenceSession` (which is safe to call from many threads)."""
+
+    def __init__(
+        self,
+        model_file: str | None = None,
+        *,
+        model_content: bytes | None = None,
+        providers: Sequence[str | tuple[str, dict]] | None = None,
+        provider_options: Sequence[dict] | None = None,
+        sess_options: Any = None,
+    ):
+        if (model_file is None) == (model_content is None):
+            raise InvalidInputError("onnx runtime needs exactly one of model_file or model_content")
+        ort = import_onnxruntime()
+        names, options = normalize_providers(providers, provider_options, ort.get_available_providers())
+        try:
+            self._session = ort.InferenceSession(
+                model_file if model_file is not None else model_content,
+                sess_options=session_options(ort, sess_options),
+                providers=names,
+                provider_options=options,
+            )
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise InvalidInputError(f"onnx runtime: cannot load model {model_file or '<bytes>'}: {err}") from err
+        inputs = [_spec(arg) for arg in self._session.get_inputs()]
+        outputs = [_spec(arg) for arg in self._session.get_outputs()]
+        self._input_names = [s.name for s in inputs]
+        self._output_names = [s.name for s in outputs]
+        self._bind_specs(inputs, outputs)
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the session actually uses."""
+        return self._session.get_providers()
+
+    def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return self._session.run(self._output_names, dict(zip(self._input_names, inputs)))
+
+    def _close(self) -> None:
+        self._session = None
+
+
+def normalize_providers(
+    providers: Sequence[str | tuple[str, dict]] | None,
+    provider_options: Sequence[dict] | None,
+    available: Sequence[str],
+) -> tuple[list[str], list[dict]]:
+    """Split `providers` into names and options, dropping unavailable ones with a warning.
+
+    Accepts names or `(name, options)` pairs, as onnxruntime does; falls back to the CPU
+    provider when nothing asked for is available.
+    """
+    if providers is None:
+        providers = ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [providers]
+    if provider_options is not None and len(provider_options) != len(providers):
+        raise InvalidInputError(
+            f"provider_options has {len(provider_options)} entries but providers has {len(providers)}"
+        )
+    names: list[str] = []
+    options: list[dict] = []
+    for i, entry in enumerate(providers):
+        if isinstance(entry, str):
+            name, opts = entry, {}
+        elif isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], dict):
+            name, opts = entry
+        else:
+            raise InvalidInputError(
+                f"providers[{i}] = {entry!r}: expected a provider name or a (name, options dict) pair"
+            )
+        if provider_options is not None:
+            opts = {**opts, **provider_options[i]}
+        names.append(name)
+        options.append(dict(opts))
+    kept = [(n, o) for n, o in zip(names, options) if n in available]
+    if len(kept) != len(names):
+        missing = [n for n in names if n not in available]
+        if not kept:
+            kept = [("CPUExecutionProvider", {})]
+        warnings.warn(
+            f"ONNX Runtime providers {missing} are not available here (available: {list(available)}); "
+            f"using {[n for n, _ in kept]}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return [n for n, _ in kept], [o for _, o in kept]
+
+
+def session_options(ort: Any, sess_options: Any) -> Any:
+    """An `ort.SessionOptions` from one, or from a plain dict of attributes and config entries.
+
+    Keys naming a `SessionOptions` attribute (`intra_op_num_threads`, `graph_optimization_level`,
+    ...) are set as attributes; dotted keys (`session.intra_op.allow_spinning`) are config entries.
+    """
+    if sess_options is None or isinstance(sess_options, ort.SessionOptions):
+        return sess_options
+    if not isinstance(sess_options, dict):
+        raise InvalidInputError(
+            f"sess_options must be an onnxruntime.SessionOptions or a dict, got {type(sess_options).__name__}"
+        )
+    result = ort.SessionOptions()
+    for key, value in sess_options.items():
+        if "." in key:
+            result.add_session_config_entry(key, str(value))
+        elif hasattr(result, key) and not key.startswith("_"):
+            if key == "graph_optimization_level" and isinstance(value, str):
+                value = getattr(ort.GraphOptimizationLevel, value)
+            elif key == "execution_mode" and isinstance(value, str):
+                value = getattr(ort.ExecutionMode, value)
+            try:
+                setattr(result, key, value)
+            except TypeError as err:
+                raise InvalidInputError(f"sess_options[{key!r}] = {value!r}: {err}") from err
+        else:
+            raise InvalidInputError(
+                f"unknown onnxruntime session option {key!r}: use a SessionOptions attribute or a dotted config key"
+            )
+    return result
+
+
+def _spec(arg: Any) -> TensorSpec:
+    dtype = ONNX_TYPES.get(arg.type)
+    if dtype is None:
+        raise InvalidInputError(f"onnx runtime: tensor {arg.name!r} has unsupported type {arg.type}")
+    return TensorSpec.create(arg.name, dtype, arg.shape)

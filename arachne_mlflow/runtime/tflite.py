@@ -1,0 +1,80 @@
+"""TFLite backend: LiteRT (`ai_edge_litert`) first, then `tflite_runtime`, then `tensorflow.lite`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from arachne_mlflow.errors import InvalidInputError, MissingDependencyError
+from arachne_mlflow.runtime.base import RuntimeModule
+from arachne_mlflow.tensor_spec import TensorSpec
+
+_INTERPRETER_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite")
+
+
+def load_interpreter_class() -> type:
+    """The first TFLite `Interpreter` class installed, lightest first (never TF if LiteRT is there)."""
+    import importlib
+
+    for module_name in _INTERPRETER_MODULES:
+        try:
+            return importlib.import_module(module_name).Interpreter
+        except ImportError:
+            continue
+    raise MissingDependencyError(
+        "the tflite runtime needs LiteRT: pip install 'arachne-mlflow[tflite]' (or tflite-runtime / tensorflow)"
+    )
+
+
+class TFLiteRuntimeModule(RuntimeModule):
+    """A TFLite model in a LiteRT interpreter; inputs of another batch size resize the tensors.
+
+    An interpreter holds its tensors, so one inference runs at a time (`thread_safe = False`).
+    """
+
+    thread_safe = False
+
+    def __init__(self, model_file: str | None = None, *, model_content: bytes | None = None, **options: Any):
+        if (model_file is None) == (model_content is None):
+            raise InvalidInputError("tflite runtime needs exactly one of model_file or model_content")
+        interpreter_class = load_interpreter_class()
+        try:
+            self._interpreter = interpreter_class(model_path=model_file, model_content=model_content, **options)
+        except TypeError as err:
+            raise InvalidInputError(f"tflite runtime: unsupported interpreter option in {sorted(options)}: {err}") from err
+        except ValueError as err:
+            raise InvalidInputError(f"tflite runtime: cannot load model {model_file or '<bytes>'}: {err}") from err
+        self._interpreter.allocate_tensors()
+        in_details = self._interpreter.get_input_details()
+        out_details = self._interpreter.get_output_details()
+        self._input_indices = [d["index"] for d in in_details]
+        self._output_indices = [d["index"] for d in out_details]
+        self._current_shapes = [tuple(int(x) for x in d["shape"]) for d in in_details]
+        self._bind_specs([_spec(d) for d in in_details], [_spec(d) for d in out_details])
+
+    def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        interpreter = self._interpreter
+        if any(x.shape != s for x, s in zip(inputs, self._current_shapes)):
+            self._resize([x.shape for x in inputs])
+        for index, value in zip(self._input_indices, inputs):
+            interpreter.set_tensor(index, value)
+        interpreter.invoke()
+        return [interpreter.get_tensor(index) for index in self._output_indices]
+
+    def _resize(self, shapes: list[tuple[int, ...]]) -> None:
+        """Resize input tensors the model declares dynamic (`shape_signature` -1), then reallocate."""
+        for index, shape in zip(self._input_indices, shapes):
+            self._interpreter.resize_tensor_input(index, list(shape), strict=True)
+        self._interpreter.allocate_tensors()
+        self._current_shapes = [tuple(shape) for shape in shapes]
+
+    def _close(self) -> None:
+        self._interpreter = None
+
+
+def _spec(detail: dict[str, Any]) -> TensorSpec:
+    shape = detail.get("shape_signature")
+    if shape is None or (len(shape) == 0 and len(detail["shape"]) != 0):
+        shape = detail["shape"]
+    return TensorSpec.create(detail["name"], np.dtype(detail["dtype"]), shape)

@@ -1,0 +1,129 @@
+"""TVM backend: a Relax VM executable exported with `export_library` (`.so`, or a `.tar` linked at load).
+
+TVM executables carry parameter names but no dtypes or shapes, so the tensor spec comes from a
+`model_spec` (the old env.yaml's), which the MLflow tvm flavor stores for you. Detached weights
+come as a dict or a file in TVM's param-dict format, matched to the VM's parameters by name.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tarfile
+from typing import Any, Mapping
+
+import numpy as np
+
+from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError, MissingDependencyError
+from arachne_mlflow.runtime.base import RuntimeModule
+from arachne_mlflow.tensor_spec import specs_from_dicts
+
+
+def import_tvm():
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401  (registers the Relax VM)
+    except ImportError as err:
+        raise MissingDependencyError("the tvm runtime needs Apache TVM: pip install 'arachne-mlflow[tvm]'") from err
+    return tvm
+
+
+class TVMRuntimeModule(RuntimeModule):
+    """A Relax VM running an exported TVM library on `tvm_device` (`cpu`, `cuda`, ...)."""
+
+    thread_safe = False  # the VM keeps per-call state
+
+    def __init__(
+        self,
+        model_file: str | None = None,
+        *,
+        model_spec: Mapping[str, Any] | None = None,
+        tvm_device: str = "cpu",
+        params: Mapping[str, Any] | None = None,
+        params_file: str | None = None,
+        entry: str = "main",
+    ):
+        if model_file is None:
+            raise InvalidInputError("tvm runtime needs model_file (a library from export_library)")
+        _refuse_graph_executor_package(model_file)
+        tvm = import_tvm()
+        self._device = _device(tvm, tvm_device)
+        try:
+            library = tvm.runtime.load_module(model_file)
+            self._vm = tvm.relax.VirtualMachine(library, self._device)
+        except Exception as err:  # TVM raises TVMError/RuntimeError for a foreign or broken library
+            raise IncompatibleModelError(
+                f"tvm runtime: cannot load {model_file} on this machine ({platform.machine()}, {tvm_device}): {err}"
+            ) from err
+        arity = self._vm._get_function_arity(entry)
+        param_names = [self._vm._get_function_param_name(entry, i) for i in range(arity)]
+        weights = _load_params(tvm, params, params_file)
+        n_inputs = arity - len(weights)
+        missing = [name for name in param_names[n_inputs:] if name not in weights]
+        if n_inputs < 0 or missing:
+            raise InvalidInputError(
+                f"tvm runtime: the params do not match {entry}()'s parameters {param_names} "
+                f"(params given: {sorted(weights)})"
+            )
+        self._weights = [tvm.runtime.tensor(np.asarray(_numpy(weights[name])), self._device) for name in param_names[n_inputs:]]
+        if model_spec is None:
+            raise InvalidInputError(
+                f"tvm runtime: a TVM library carries no dtypes or shapes (its inputs are {param_names[:n_inputs]}); "
+                "pass model_spec={'inputs': [...], 'outputs': [...]} or env_file=, or log it with the tvm flavor"
+            )
+        inputs = specs_from_dicts(model_spec.get("inputs"))
+        outputs = specs_from_dicts(model_spec.get("outputs"))
+        if len(inputs) != n_inputs:
+            raise InvalidInputError(
+                f"tvm runtime: model_spec lists {len(inputs)} inputs but {entry}() takes {n_inputs}: {param_names[:n_inputs]}"
+            )
+        self._function = self._vm[entry]
+        self._tensor = tvm.runtime.tensor
+        self._bind_specs(inputs, outputs)
+
+    def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        device = self._device
+        result = self._function(*[self._tensor(x, device) for x in inputs], *self._weights)
+        if hasattr(result, "numpy"):
+            return [result.numpy()]
+        return [item.numpy() for item in result]
+
+    def _close(self) -> None:
+        self._function = self._vm = self._weights = None
+
+
+def _device(tvm: Any, name: str) -> Any:
+    try:
+        device = tvm.runtime.device(name)
+    except Exception as err:
+        raise InvalidInputError(f"unknown tvm_device {name!r}: use cpu, cuda, opencl, vulkan, ...") from err
+    if not device.exist:
+        raise IncompatibleModelError(f"the model needs TVM device {name!r}, which this machine does not have")
+    return device
+
+
+def _load_params(tvm: Any, params: Mapping[str, Any] | None, params_file: str | None) -> dict[str, Any]:
+    if params is not None and params_file is not None:
+        raise InvalidInputError("tvm runtime: pass params or params_file, not both")
+    if params_file is not None:
+        if not os.path.isfile(params_file):
+            raise InvalidInputError(f"tvm runtime: params file not found: {params_file}")
+        return dict(tvm.runtime.load_param_dict_from_file(params_file))
+    return dict(params or {})
+
+
+def _numpy(value: Any) -> Any:
+    return value.numpy() if hasattr(value, "numpy") else value
+
+
+def _refuse_graph_executor_package(model_file: str) -> None:
+    """The old Arachne TVM package was a graph-executor tar, which TVM 0.20+ cannot run."""
+    if not tarfile.is_tarfile(model_file):
+        return
+    with tarfile.open(model_file) as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    if {"mod.json", "mod.params"} <= names:
+        raise IncompatibleModelError(
+            f"{model_file} is a TVM graph-executor package (mod.json, mod.params); the installed TVM has no "
+            "graph executor: recompile the model with Relax (tvm.compile) and export_library"
+        )

@@ -1,0 +1,136 @@
+"""Small real models built on the spot (no downloads), once per test session.
+
+Every model's output depends on its input (no saturated softmax), so tests that compare two
+inputs or two runtimes can fail.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+RNG_SEED = 7
+
+
+def _onnx_model(graph):
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    model.producer_name = "arachne-mlflow-tests"
+    return model
+
+
+def onnx_linear(batch: int | str = 1):
+    """x[batch, 4] -> relu(x @ W + b)[batch, 3]; `batch` a number, or a name for a dynamic dim."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(RNG_SEED)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "B")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "B"], ["xwb"]),
+            helper.make_node("Relu", ["xwb"], ["y"]),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])],
+        [w, b],
+    )
+    return _onnx_model(graph)
+
+
+def onnx_two_in_two_out():
+    """a[1,4], b[1,4] -> sum = a + b (float32), scaled = (a * b) @ W (float32, [1,2])."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(RNG_SEED + 1)
+    w = numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["a", "b"], ["sum"]),
+            helper.make_node("Mul", ["a", "b"], ["ab"]),
+            helper.make_node("MatMul", ["ab", "W"], ["scaled"]),
+        ],
+        "two_io",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("sum", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("scaled", TensorProto.FLOAT, [1, 2]),
+        ],
+        [w],
+    )
+    return _onnx_model(graph)
+
+
+def _keras_seed():
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(RNG_SEED)
+    return tf
+
+
+def tflite_cnn() -> bytes:
+    """A small CNN, x[-1, 8, 8, 3] -> logits[-1, 5], random weights, no softmax."""
+    tf = _keras_seed()
+    inputs = tf.keras.Input(shape=(8, 8, 3), name="image")
+    x = tf.keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = tf.keras.layers.Flatten()(x)
+    outputs = tf.keras.layers.Dense(5, name="logits")(x)
+    model = tf.keras.Model(inputs, outputs)
+    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
+def tflite_two_inputs() -> bytes:
+    """a[-1, 4], b[-1, 6] -> (dense(concat) [-1, 3], a * 2 [-1, 4])."""
+    tf = _keras_seed()
+    a = tf.keras.Input(shape=(4,), name="a")
+    b = tf.keras.Input(shape=(6,), name="b")
+    joined = tf.keras.layers.Concatenate()([a, b])
+    first = tf.keras.layers.Dense(3, name="first")(joined)
+    second = tf.keras.layers.Rescaling(2.0, name="second")(a)
+    model = tf.keras.Model([a, b], [first, second])
+    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
+def tvm_from_onnx(onnx_model, directory: Path, detach_params: bool = True, fmt: str = "so") -> dict:
+    """Compile an ONNX model with the Relax frontend for `llvm`; return paths and the spec."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    directory.mkdir(parents=True, exist_ok=True)
+    mod = from_onnx(onnx_model, keep_params_in_input=detach_params)
+    params_file = None
+    if detach_params:
+        mod, params = relax.frontend.detach_params(mod)
+        func = mod["main"]
+        n_inputs = int(func.attrs["num_input"])
+        names = [p.name for p in func.params[n_inputs:]]
+        params_file = directory / "params.bin"
+        tvm.runtime.save_param_dict_to_file(dict(zip(names, params["main"])), str(params_file))
+    executable = tvm.compile(mod, target="llvm")
+    library = directory / f"model.{fmt}"
+    executable.export_library(str(library))
+    return {"model_file": library, "params_file": params_file}
+
+
+def onnx_spec(onnx_model) -> dict:
+    """The model_spec (old env.yaml shape) of an ONNX model, from onnxruntime's view of it."""
+
+    with _ort(onnx_model) as m:
+        return {"inputs": m.get_input_details(), "outputs": m.get_output_details()}
+
+
+def _ort(onnx_model):
+    from arachne_mlflow.runtime.onnx import ONNXRuntimeModule
+
+    return ONNXRuntimeModule(model_content=onnx_model.SerializeToString())
