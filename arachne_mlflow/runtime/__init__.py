@@ -46,8 +46,8 @@ def init(
 
     `model_file` is the model; `env_file` an old Arachne `env.yaml` (its `model_spec` and
     `tvm_device` become options); `package_tar` an old Arachne package (model + env.yaml),
-    extracted into a private temporary directory; `model_dir` a directory holding one model
-    file and its env.yaml. Other keyword arguments go to the backend (`num_threads`,
+    extracted into a private temporary directory; `model_dir` an MLflow model directory with
+    the `arachne` flavor, or a directory holding one model file and its env.yaml. Other keyword arguments go to the backend (`num_threads`,
     `providers`, `tvm_device`, ...).
     """
     cls = get_runtime_class(runtime)
@@ -66,6 +66,8 @@ def init(
 
             if not Path(model_dir).is_dir():
                 raise ModelNotFoundError(f"model directory not found: {model_dir}")
+            if model_file is None and (Path(model_dir) / "MLmodel").is_file():
+                return _init_mlflow_model_dir(runtime, model_dir, options)
             if model_file is None:
                 model_file, found_env = find_model_in_dir(model_dir)
                 env_file = env_file or found_env
@@ -83,6 +85,16 @@ def init(
     if workdir is not None:
         module._on_done(shutil.rmtree, workdir, True)
     return module
+
+
+def _init_mlflow_model_dir(runtime: str, model_dir: str | os.PathLike, options: dict[str, Any]) -> RuntimeModule:
+    """An MLflow model directory with the `arachne` flavor loads as its MLmodel says."""
+    from arachne_mlflow.model_dir import read_model_dir
+
+    model = read_model_dir(model_dir)
+    if model.runtime != runtime:
+        raise InvalidInputError(f"{model_dir} holds a {model.runtime!r} model, not {runtime!r}")
+    return model.load(**options)
 
 
 def _apply_env_file(env_file: str | os.PathLike, options: dict[str, Any]) -> None:

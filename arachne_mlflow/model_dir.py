@@ -1,0 +1,159 @@
+"""The one reader of an MLflow model directory's `arachne` flavor, used by pyfunc, flavors and server.
+
+It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
+
+    arachne:
+      runtime: tflite | onnx | tvm
+      model_file: model.tflite          # relative to the model dir
+      runtime_options: {num_threads: 4} # passed to runtime.init
+      tvm: {device: cpu, target: "...", arch: x86_64, params_file: params.bin}   # TVM only
+      arachne_mlflow_version: "..."
+
+The tensor spec comes from MLflow's `signature` (tensor-based), stored beside it in MLmodel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError, ModelNotFoundError
+from arachne_mlflow.tensor_spec import TensorSpec
+
+FLAVOR_NAME = "arachne"
+MLMODEL = "MLmodel"
+# Files MLflow writes beside a model that a device may want (environment descriptions).
+ENVIRONMENT_FILES = ("requirements.txt", "python_env.yaml", "conda.yaml")
+
+
+@dataclass
+class ArachneModel:
+    """An MLflow model directory with an `arachne` flavor, ready to load with the runtime."""
+
+    path: Path
+    runtime: str
+    model_file: str
+    runtime_options: dict[str, Any] = field(default_factory=dict)
+    tvm: dict[str, Any] = field(default_factory=dict)
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    version: str | None = None
+    mlmodel: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_spec(self) -> dict[str, Any] | None:
+        """The tensor spec in the old env.yaml shape, or None when MLmodel has no signature."""
+        if not self.inputs and not self.outputs:
+            return None
+        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
+
+    def files(self) -> list[str]:
+        """The files this model consists of (relative paths): MLmodel, what it names, its environment."""
+        names = [MLMODEL, self.model_file]
+        if self.tvm.get("params_file"):
+            names.append(self.tvm["params_file"])
+        names += [name for name in ENVIRONMENT_FILES if (self.path / name).is_file()]
+        return names
+
+    def init_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """Keyword arguments for `runtime.init` that load this model."""
+        kwargs: dict[str, Any] = {"runtime": self.runtime, "model_file": str(self.path / self.model_file)}
+        kwargs.update(self.runtime_options)
+        if self.runtime == "tvm":
+            kwargs["model_spec"] = self.model_spec
+            kwargs["tvm_device"] = self.tvm.get("device", "cpu")
+            if self.tvm.get("params_file"):
+                kwargs["params_file"] = str(self.path / self.tvm["params_file"])
+        kwargs.update(overrides)
+        return kwargs
+
+    def check_compatible(self) -> None:
+        """Raise `IncompatibleModelError` when this machine cannot run the model (TVM arch)."""
+        arch = self.tvm.get("arch")
+        if self.runtime == "tvm" and arch and arch != platform.machine():
+            raise IncompatibleModelError(
+                f"model {self.path.name!r} was compiled by TVM for {arch} (target {self.tvm.get('target')!r}); "
+                f"this machine is {platform.machine()}: compile it for this machine's CPU"
+            )
+
+    def load(self, **overrides: Any):
+        """Load the model with the unified runtime; `overrides` replace stored runtime options."""
+        from arachne_mlflow import runtime
+
+        self.check_compatible()
+        return runtime.init(**self.init_kwargs(**overrides))
+
+
+def read_model_dir(path: str | os.PathLike) -> ArachneModel:
+    """Read `path/MLmodel`; raise a clear error if it is missing or has no `arachne` flavor."""
+    path = Path(path)
+    mlmodel_path = path / MLMODEL
+    if not mlmodel_path.is_file():
+        raise ModelNotFoundError(f"{path} is not an MLflow model directory: no {MLMODEL} file")
+    try:
+        mlmodel = yaml.safe_load(mlmodel_path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InvalidInputError(f"{mlmodel_path}: not valid YAML: {err}") from err
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    if not isinstance(flavors, dict) or FLAVOR_NAME not in flavors:
+        names = sorted(flavors) if isinstance(flavors, dict) else []
+        raise InvalidInputError(
+            f"model at {path} has no '{FLAVOR_NAME}' flavor (its flavors: {names}); "
+            "log it with arachne_mlflow.flavors.tflite / onnx / tvm"
+        )
+    conf = flavors[FLAVOR_NAME] or {}
+    for key in ("runtime", "model_file"):
+        if not isinstance(conf.get(key), str):
+            raise InvalidInputError(f"{mlmodel_path}: the '{FLAVOR_NAME}' flavor lacks '{key}'")
+    model_file = _relative_name(conf["model_file"], mlmodel_path)
+    tvm = dict(conf.get("tvm") or {})
+    if tvm.get("params_file"):
+        tvm["params_file"] = _relative_name(tvm["params_file"], mlmodel_path)
+    inputs, outputs = parse_signature(mlmodel.get("signature"))
+    if not (path / model_file).exists():
+        raise ModelNotFoundError(f"model file {model_file!r} named in {mlmodel_path} is missing")
+    return ArachneModel(
+        path=path,
+        runtime=conf["runtime"],
+        model_file=model_file,
+        runtime_options=dict(conf.get("runtime_options") or {}),
+        tvm=tvm,
+        inputs=inputs,
+        outputs=outputs,
+        version=conf.get("arachne_mlflow_version"),
+        mlmodel=mlmodel,
+    )
+
+
+def parse_signature(signature: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """TensorSpecs from MLmodel's `signature` (JSON strings of tensor specs); empty if absent."""
+    if not isinstance(signature, dict):
+        return [], []
+    return _parse_schema(signature.get("inputs")), _parse_schema(signature.get("outputs"))
+
+
+def _parse_schema(text: Any) -> list[TensorSpec]:
+    if not text:
+        return []
+    items = json.loads(text) if isinstance(text, str) else text
+    specs = []
+    for i, item in enumerate(items):
+        if item.get("type") != "tensor":
+            raise InvalidInputError(f"MLmodel signature entry {item!r} is not a tensor spec")
+        tensor = item["tensor-spec"]
+        specs.append(TensorSpec.create(item.get("name") or f"input_{i}", tensor["dtype"], tensor["shape"]))
+    return specs
+
+
+def _relative_name(name: str, mlmodel_path: Path) -> str:
+    """A file name from MLmodel must stay inside the model directory."""
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise InvalidInputError(f"{mlmodel_path}: file name {name!r} leaves the model directory")
+    return str(pure)
