@@ -45,8 +45,11 @@ class RuntimeModule(abc.ABC):
 
     # -- what a backend implements -------------------------------------------------------
     @abc.abstractmethod
-    def _infer(self, inputs: list[np.ndarray]) -> Sequence[np.ndarray]:
-        """Run the model on checked inputs (in input order); return outputs in output order."""
+    def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Run the model on checked inputs (in input order); return a list of outputs in order.
+
+        This is the hot path: do per-model work at load, not here.
+        """
 
     def _close(self) -> None:
         """Release the library's resources (sessions, temporary files)."""
@@ -59,7 +62,10 @@ class RuntimeModule(abc.ABC):
         return [spec.to_dict() for spec in self.output_specs]
 
     def set_input(self, index_or_name: int | str, value: Any) -> None:
-        position = self._position(index_or_name, self._input_positions, self.input_specs, "input")
+        try:
+            position = self._input_positions[index_or_name]
+        except (KeyError, TypeError):
+            raise self._unknown(index_or_name, self.input_specs, "input") from None
         self._feed[position] = self.input_specs[position].check(value)
         self._unset.discard(position)
 
@@ -67,13 +73,20 @@ class RuntimeModule(abc.ABC):
         if self._unset:
             missing = [self.input_specs[i].name for i in sorted(self._unset)]
             raise InvalidInputError(f"run() before every input is set: missing {missing}")
-        self._results = self._call(self._feed)
+        if self._lock is None:
+            self._results = self._infer(self._feed)
+        else:
+            with self._lock:
+                self._results = self._infer(self._feed)
 
     def get_output(self, index_or_name: int | str) -> np.ndarray:
-        position = self._position(index_or_name, self._output_positions, self.output_specs, "output")
-        if self._results is None:
+        try:
+            return self._results[self._output_positions[index_or_name]]  # type: ignore[index]
+        except (KeyError, TypeError):
+            pass
+        if index_or_name in self._output_positions:
             raise InvalidInputError("get_output() before run(): call run() first")
-        return self._results[position]
+        raise self._unknown(index_or_name, self.output_specs, "output")
 
     def infer(self, inputs: Sequence[Any]) -> list[np.ndarray]:
         """Check `inputs` (one per model input, in order) and return every output; thread-safe."""
@@ -129,18 +142,14 @@ class RuntimeModule(abc.ABC):
     # -- helpers -------------------------------------------------------------------------
     def _call(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         if self._lock is None:
-            return list(self._infer(inputs))
+            return self._infer(inputs)
         with self._lock:
-            return list(self._infer(inputs))
+            return self._infer(inputs)
 
     @staticmethod
-    def _position(key: int | str, positions: dict, specs: list[TensorSpec], what: str) -> int:
-        try:
-            return positions[key]
-        except (KeyError, TypeError):
-            pass
+    def _unknown(key: Any, specs: list[TensorSpec], what: str) -> InvalidInputError:
         valid = f"indices 0..{len(specs) - 1} or names {[s.name for s in specs]}" if specs else "none"
-        raise InvalidInputError(f"no {what} {key!r}: valid {what}s are {valid}")
+        return InvalidInputError(f"no {what} {key!r}: valid {what}s are {valid}")
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name}:{s.dtype.name}{list(s.shape)}" for s in self.input_specs)

@@ -69,6 +69,10 @@ class ONNXRuntimeModule(RuntimeModule):
         outputs = [_spec(arg) for arg in self._session.get_outputs()]
         self._input_names = [s.name for s in inputs]
         self._output_names = [s.name for s in outputs]
+        # The C++ session's run, past the Python wrapper's input checks, which _bind_specs's
+        # checks already make (saves ~5 µs a call); the public run where it is missing.
+        native = getattr(self._session, "_sess", None)
+        self._run = native.run if native is not None else self._session.run
         self._bind_specs(inputs, outputs)
 
     @property
@@ -77,10 +81,10 @@ class ONNXRuntimeModule(RuntimeModule):
         return self._session.get_providers()
 
     def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        return self._session.run(self._output_names, dict(zip(self._input_names, inputs)))
+        return self._run(self._output_names, dict(zip(self._input_names, inputs)), None)
 
     def _close(self) -> None:
-        self._session = None
+        self._session = self._run = None
 
 
 def normalize_providers(

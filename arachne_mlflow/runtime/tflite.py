@@ -51,16 +51,20 @@ class TFLiteRuntimeModule(RuntimeModule):
         self._input_indices = [d["index"] for d in in_details]
         self._output_indices = [d["index"] for d in out_details]
         self._current_shapes = [tuple(int(x) for x in d["shape"]) for d in in_details]
+        # bound once: attribute lookups are a visible share of a tiny model's call
+        self._set_tensor = self._interpreter.set_tensor
+        self._invoke = self._interpreter.invoke
+        self._get_tensor = self._interpreter.get_tensor
         self._bind_specs([_spec(d) for d in in_details], [_spec(d) for d in out_details])
 
     def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        interpreter = self._interpreter
-        if any(x.shape != s for x, s in zip(inputs, self._current_shapes)):
+        if [x.shape for x in inputs] != self._current_shapes:
             self._resize([x.shape for x in inputs])
+        set_tensor, get_tensor = self._set_tensor, self._get_tensor
         for index, value in zip(self._input_indices, inputs):
-            interpreter.set_tensor(index, value)
-        interpreter.invoke()
-        return [interpreter.get_tensor(index) for index in self._output_indices]
+            set_tensor(index, value)
+        self._invoke()
+        return [get_tensor(index) for index in self._output_indices]
 
     def _resize(self, shapes: list[tuple[int, ...]]) -> None:
         """Resize input tensors the model declares dynamic (`shape_signature` -1), then reallocate."""
@@ -70,7 +74,7 @@ class TFLiteRuntimeModule(RuntimeModule):
         self._current_shapes = [tuple(shape) for shape in shapes]
 
     def _close(self) -> None:
-        self._interpreter = None
+        self._interpreter = self._set_tensor = self._invoke = self._get_tensor = None
 
 
 def _spec(detail: dict[str, Any]) -> TensorSpec:
