@@ -68,10 +68,17 @@ def test_mlflow_models_serve_and_predict(mlflow_store, flavor_case, tmp_path):
     mlflow_cli = [sys.executable, "-m", "mlflow", "models"]
     payload = {"inputs": flavor_case.example.tolist()}
 
+    (tmp_path / "input.json").write_text(json.dumps(payload))
     port = _free_port()
     server = subprocess.Popen(
         [*mlflow_cli, "serve", "-m", f"models:/{name}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    # `mlflow models predict` runs meanwhile: both spend their time starting up
+    predict = subprocess.Popen(
+        [*mlflow_cli, "predict", "-m", f"models:/{name}/1", "-i", str(tmp_path / "input.json"), "-t", "json",
+         "-o", str(tmp_path / "output.json"), "--env-manager", "local"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
         _wait_until_ready(server, f"http://127.0.0.1:{port}/ping")
@@ -81,12 +88,7 @@ def test_mlflow_models_serve_and_predict(mlflow_store, flavor_case, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-    (tmp_path / "input.json").write_text(json.dumps(payload))
-    subprocess.run(
-        [*mlflow_cli, "predict", "-m", f"models:/{name}/1", "-i", str(tmp_path / "input.json"), "-t", "json",
-         "-o", str(tmp_path / "output.json"), "--env-manager", "local"],
-        env=env, check=True, capture_output=True,
-    )
+        _, errors = predict.communicate(timeout=120)
+    assert predict.returncode == 0, errors
     predictions = json.loads((tmp_path / "output.json").read_text())["predictions"]
     np.testing.assert_equal(np.asarray(predictions, np.float32), expected)
