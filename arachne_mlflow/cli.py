@@ -32,6 +32,8 @@ def _import_legacy(args: argparse.Namespace) -> int:
 
     source = {"package_tar": args.package_tar, "model_file": args.model_file, "env_file": args.env_file,
               "runtime": args.runtime}
+    if args.params_file:
+        source["params_file"] = args.params_file
     if args.output:
         save_legacy_model(args.output, **source)
         print(args.output)
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--package-tar", help="an old Arachne package (model file + env.yaml)")
     source.add_argument("--model-file", help="a .tflite, .onnx or TVM library file")
     legacy.add_argument("--env-file", help="the model file's env.yaml")
+    legacy.add_argument("--params-file", help="TVM: the detached weights (param-dict file)")
     legacy.add_argument("--runtime", choices=["tflite", "onnx", "tvm"], help="default: from the file name")
     target = legacy.add_mutually_exclusive_group(required=True)
     target.add_argument("--output", help="save the MLflow model to this new directory")
