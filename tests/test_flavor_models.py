@@ -133,6 +133,10 @@ def test_tvm_executable_tar_and_cuda_device(tvm_two_io, tmp_path):
                            tvm_device="cuda")
     with pytest.raises(IncompatibleModelError, match="needs TVM device 'cuda'"):
         arachne_tvm.load_model(str(tmp_path / "cuda"))
+    arachne_tvm.save_model(str(tvm_two_io["model_file"]), tmp_path / "arm", model_spec=tvm_two_io["model_spec"],
+                           arch="aarch64", target="llvm -mtriple=aarch64-linux-gnu")
+    with pytest.raises(IncompatibleModelError, match="compiled by TVM for aarch64"):
+        mlflow.pyfunc.load_model(str(tmp_path / "arm"))
 
 
 # -- legacy -------------------------------------------------------------------------------

@@ -99,6 +99,8 @@ def from_mlflow_signature(signature: ModelSignature) -> Specs:
     """Our TensorSpecs from an MLflow signature, through the one MLmodel signature parser."""
     if not isinstance(signature, ModelSignature):
         raise InvalidInputError(f"signature must be an mlflow.models.ModelSignature, got {type(signature).__name__}")
+    if signature.inputs is None:
+        raise InvalidInputError("signature has no inputs")
     if not signature.inputs.is_tensor_spec() or (signature.outputs is not None and not signature.outputs.is_tensor_spec()):
         raise InvalidInputError("signature must be tensor-based (mlflow.types.TensorSpec), not column-based")
     inputs, outputs = parse_signature(signature.to_dict())
