@@ -113,8 +113,9 @@ def check_signature(signature: ModelSignature, specs: Specs, runtime: str, outpu
     """Raise `InvalidInputError` naming the first tensor where `signature` disagrees with the model.
 
     A dimension may be narrower than the model's (a fixed size where the model's is dynamic).
-    The leading dimension may be -1 where the model's is fixed, except for TVM, whose signature
-    is the only spec it has: the pyfunc loader then runs a larger batch in chunks.
+    The leading dimension may be -1 where the model's is fixed, so that MLflow lets larger
+    batches through to the pyfunc loader, which runs them in chunks; not for TVM, whose runtime
+    takes its tensor spec from the signature and would then pass the whole batch to the library.
     """
     given_in, given_out = from_mlflow_signature(signature)
     model_in, model_out = specs
