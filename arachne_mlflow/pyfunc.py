@@ -39,7 +39,10 @@ class ArachneModelWrapper:
         return self._module
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
-        """ndarray (single-input model), dict name→array or DataFrame in; ndarray or dict name→ndarray out."""
+        """ndarray (single-input model), dict name→array or DataFrame in; ndarray or dict name→ndarray out.
+
+        `params` is accepted for MLflow's calling convention; these models take no inference parameters.
+        """
         if type(data) is np.ndarray and self._single_input:
             inputs = [data]
         elif isinstance(data, dict):

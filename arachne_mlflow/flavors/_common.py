@@ -219,7 +219,8 @@ def save_model(
 
 def log_model(flavor, model: Any, name: str | None, **kwargs: Any):
     """Log through `Model.log`, which calls `flavor.save_model`; returns MLflow's `ModelInfo`."""
-    return Model.log(artifact_path=None, name=name, flavor=flavor, model=model, **kwargs)
+    kwargs.setdefault("artifact_path", None)  # MLflow 3 names the model with `name`; artifact_path is deprecated
+    return Model.log(name=name, flavor=flavor, model=model, **kwargs)
 
 
 def load_model(runtime: str, model_uri: str, dst_path: str | None = None, **runtime_options: Any):
