@@ -184,3 +184,27 @@ def test_cli_import_legacy_saves_and_logs(mlflow_store, onnx_linear_file, tmp_pa
     np.testing.assert_equal(mlflow.pyfunc.load_model("models:/legacy-cli/1").predict(X), _expected(onnx_linear_file))
     assert cli_main(["import-legacy", "--model-file", str(tmp_path / "env.yaml"), "--output", str(tmp_path / "x")]) == 1
     assert "cannot tell the runtime of env.yaml" in capsys.readouterr().err
+
+
+def test_legacy_tvm_graph_executor_package_is_refused(tmp_path):
+    """The old TVM package (graph executor) cannot run on TVM 0.20+: converting it must fail, not save a dud."""
+    inner = tmp_path / "tvm_package.tar"
+    for name in ("mod.json", "mod.params", "mod.so"):
+        (tmp_path / name).write_text("{}")
+    with tarfile.open(inner, "w") as tar:
+        for name in ("mod.json", "mod.params", "mod.so"):
+            tar.add(tmp_path / name, arcname=name)
+    (tmp_path / "env.yaml").write_text(yaml.safe_dump({**ENV, "tvm_device": "cpu"}))
+    package = tmp_path / "package.tar"
+    with tarfile.open(package, "w:gz") as tar:
+        tar.add(inner, arcname="tvm_package.tar")
+        tar.add(tmp_path / "env.yaml", arcname="env.yaml")
+    with pytest.raises(IncompatibleModelError, match="graph-executor package"):
+        save_legacy_model(tmp_path / "model", package_tar=str(package))
+    assert not (tmp_path / "model").exists()
+
+
+def test_tvm_unknown_device_name(tvm_two_io, tmp_path):
+    with pytest.raises(InvalidInputError, match="unknown tvm_device 'tpu9'"):
+        arachne_tvm.save_model(str(tvm_two_io["model_file"]), tmp_path / "model", model_spec=tvm_two_io["model_spec"],
+                               tvm_device="tpu9")

@@ -38,7 +38,7 @@ from mlflow.utils.model_utils import _add_code_from_conf_to_system_path, _valida
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from arachne_mlflow import __version__
-from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError
+from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.model_dir import FLAVOR_NAME, ArachneModel, parse_signature, read_model_dir
 from arachne_mlflow.tensor_spec import TensorSpec
 
@@ -59,6 +59,8 @@ class ModelFiles:
     specs: Specs | None = None
     #: False when the spec's output names are placeholders (a Relax function names no outputs).
     output_names_known: bool = True
+    #: False for a model built for another machine (TVM): its spec is then taken as given.
+    loadable: bool = True
     #: Further MLflow flavor blocks to write (MLflow's own `onnx` flavor).
     extra_flavors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -148,17 +150,16 @@ def _check_side(what: str, given: list[TensorSpec], model: list[TensorSpec], loo
 def _resolve_signature(runtime: str, path: Path, files: ModelFiles, signature: ModelSignature | None) -> ModelSignature:
     """The given signature checked against the model, or one inferred from it."""
     specs = files.specs
-    model = ArachneModel(path=path, runtime=runtime, model_file=files.model_file, runtime_options=files.runtime_options,
-                         tvm=files.tvm, inputs=list(specs[0]) if specs else [], outputs=list(specs[1]) if specs else [])
-    try:
+    if files.loadable:
+        model = ArachneModel(path=path, runtime=runtime, model_file=files.model_file, runtime_options=files.runtime_options,
+                             tvm=files.tvm, inputs=list(specs[0]) if specs else [], outputs=list(specs[1]) if specs else [])
         with model.load() as module:
             loaded = (module.input_specs, module.output_specs)
-    except IncompatibleModelError:
-        if specs is None:
-            raise
-        # A TVM library for another machine or device cannot load here; its spec was given.
-        _logger.info("model %s cannot load on this machine; its tensor spec is taken as given", files.model_file)
+    elif specs is not None:
+        _logger.info("model %s is for another machine: its tensor spec is taken as given", files.model_file)
         loaded = specs
+    else:
+        raise InvalidInputError(f"model {files.model_file} cannot load here, so its tensor spec must be given")
     if signature is None:
         return to_mlflow_signature(*loaded)
     check_signature(signature, loaded, runtime, output_names=files.output_names_known)

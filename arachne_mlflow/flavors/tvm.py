@@ -104,7 +104,8 @@ def save_model(
         if (directory / PARAMS_FILE).is_file():
             tvm_conf["params_file"] = PARAMS_FILE
         return _common.ModelFiles(model_file, runtime_options=dict(runtime_options or {}), tvm=tvm_conf,
-                                  specs=specs, output_names_known=ir_specs is None)
+                                  specs=specs, output_names_known=ir_specs is None,
+                                  loadable=_runs_here(tvm_conf))
 
     _common.save_model(
         RUNTIME, path, write, get_default_pip_requirements, conda_env=conda_env, code_paths=code_paths,
@@ -157,6 +158,18 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None):
 
 def _is_path(model: Any) -> bool:
     return isinstance(model, (str, os.PathLike))
+
+
+def _runs_here(tvm_conf: dict[str, Any]) -> bool:
+    """Whether this machine has the CPU architecture and the device the model was built for."""
+    if tvm_conf["arch"] != platform.machine():
+        return False
+    from arachne_mlflow.runtime.tvm import import_tvm
+
+    try:
+        return bool(import_tvm().runtime.device(tvm_conf["device"]).exist)
+    except Exception as err:  # TVM raises ValueError/TVMError for a device name it does not know
+        raise InvalidInputError(f"unknown tvm_device {tvm_conf['device']!r}: use cpu, cuda, opencl, vulkan, ...") from err
 
 
 def _given_specs(signature: ModelSignature | None, model_spec: Mapping[str, Any] | None):
