@@ -103,6 +103,8 @@ class ArachneModelWrapper:
 
 def _fixed_batch(inputs: list[Any], outputs: list[Any]) -> int | None:
     """The model's fixed leading (batch) dimension when every input and output shares it."""
+    if not inputs:
+        return None
     leading = {s.shape[0] if s.shape else None for s in (*inputs, *outputs)}
     if len(leading) == 1 and (size := leading.pop()) not in (None, -1):
         return size
