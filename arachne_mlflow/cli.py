@@ -27,6 +27,24 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_legacy(args: argparse.Namespace) -> int:
+    from arachne_mlflow.flavors.legacy import log_legacy_model, save_legacy_model
+
+    source = {"package_tar": args.package_tar, "model_file": args.model_file, "env_file": args.env_file,
+              "runtime": args.runtime}
+    if args.params_file:
+        source["params_file"] = args.params_file
+    if args.output:
+        save_legacy_model(args.output, **source)
+        print(args.output)
+        return 0
+    info = log_legacy_model(name=args.name, registered_model_name=args.registered_model_name, **source)
+    print(info.model_uri)
+    if info.registered_model_version is not None:
+        print(f"models:/{args.registered_model_name}/{info.registered_model_version}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arachne-mlflow", description=__doc__)
     parser.add_argument("--version", action="version", version=f"arachne-mlflow {__version__}")
@@ -44,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=10)
     bench.add_argument("--number", type=int, default=1)
     bench.set_defaults(func=_benchmark)
+
+    legacy = commands.add_parser(
+        "import-legacy", help="convert an old Arachne package tar, or a model file and env.yaml, to an MLflow model"
+    )
+    source = legacy.add_mutually_exclusive_group(required=True)
+    source.add_argument("--package-tar", help="an old Arachne package (model file + env.yaml)")
+    source.add_argument("--model-file", help="a .tflite, .onnx or TVM library file")
+    legacy.add_argument("--env-file", help="the model file's env.yaml")
+    legacy.add_argument("--params-file", help="TVM: the detached weights (param-dict file)")
+    legacy.add_argument("--runtime", choices=["tflite", "onnx", "tvm"], help="default: from the file name")
+    target = legacy.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output", help="save the MLflow model to this new directory")
+    target.add_argument("--name", help="log the model under this name to the tracking server (MLFLOW_TRACKING_URI)")
+    legacy.add_argument("--registered-model-name", help="with --name: also register it under this name")
+    legacy.set_defaults(func=_import_legacy)
     return parser
 
 

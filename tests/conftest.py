@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import pytest
 import yaml
@@ -73,3 +76,66 @@ def tvm_two_io(model_dir):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """A real MLflow tracking store and registry (sqlite) in a temporary directory, for the session.
+
+    Its experiment keeps artifacts there too (MLflow's default would be ./mlruns in the cwd).
+    Yields the tracking URI; the previous URI and experiment come back afterwards.
+    """
+    import os
+
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    previous_experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment_id = mlflow.create_experiment("arachne-tests", artifact_location=(root / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=experiment_id)
+    yield uri
+    mlflow.set_tracking_uri(previous)
+    mlflow.tracking.fluent._active_experiment_id = None
+    if previous_experiment is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = previous_experiment
+
+
+@dataclass
+class FlavorCase:
+    """One model per flavor: how to log it, and how to load the same file with the runtime directly."""
+
+    name: str
+    flavor: Any
+    model: Any
+    kwargs: dict
+    init_kwargs: dict
+    example: np.ndarray
+
+    def direct(self):
+        from arachne_mlflow import runtime as arachne_runtime
+
+        return arachne_runtime.init(self.name, **self.init_kwargs)
+
+
+@pytest.fixture(params=["tflite", "onnx", "tvm"])
+def flavor_case(request) -> FlavorCase:
+    from arachne_mlflow.flavors import onnx, tflite, tvm
+
+    rng = np.random.default_rng(1)
+    if request.param == "tflite":
+        path = request.getfixturevalue("tflite_cnn_file")
+        return FlavorCase("tflite", tflite, str(path), {}, {"model_file": str(path)},
+                          rng.standard_normal((2, 8, 8, 3)).astype(np.float32))
+    if request.param == "onnx":
+        path = request.getfixturevalue("onnx_dynamic_file")
+        return FlavorCase("onnx", onnx, str(path), {}, {"model_file": str(path)},
+                          rng.standard_normal((3, 4)).astype(np.float32))
+    built = request.getfixturevalue("tvm_linear")
+    files = {"params_file": str(built["params_file"]), "env_file": str(built["env_file"])}
+    return FlavorCase("tvm", tvm, str(built["model_file"]), files, {"model_file": str(built["model_file"]), **files},
+                      rng.standard_normal((1, 4)).astype(np.float32))

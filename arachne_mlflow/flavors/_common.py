@@ -1,0 +1,242 @@
+"""What the three flavors share, once: save/log/load, signatures, requirements, the MLmodel blocks.
+
+A flavor module only writes its model file(s) into the new model directory and says what it
+wrote (`ModelFiles`); everything MLflow-shaped around that happens here, the way MLflow's own
+flavors (`mlflow/onnx/__init__.py`) do it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from mlflow import pyfunc
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.models.utils import _save_example
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+from mlflow.types import Schema
+from mlflow.types import TensorSpec as MlflowTensorSpec
+from mlflow.utils.environment import (
+    _CONDA_ENV_FILE_NAME,
+    _CONSTRAINTS_FILE_NAME,
+    _PYTHON_ENV_FILE_NAME,
+    _REQUIREMENTS_FILE_NAME,
+    _mlflow_conda_env,
+    _process_conda_env,
+    _process_pip_requirements,
+    _PythonEnv,
+    _validate_env_arguments,
+)
+from mlflow.utils.file_utils import get_total_file_size, write_to
+from mlflow.utils.model_utils import _add_code_from_conf_to_system_path, _validate_and_copy_code_paths
+from mlflow.utils.requirements_utils import _get_pinned_requirement
+
+from arachne_mlflow import __version__
+from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.model_dir import FLAVOR_NAME, ArachneModel, parse_signature, read_model_dir
+from arachne_mlflow.tensor_spec import TensorSpec
+
+_logger = logging.getLogger(__name__)
+
+PYFUNC_LOADER_MODULE = "arachne_mlflow.pyfunc"
+Specs = tuple[list[TensorSpec], list[TensorSpec]]
+
+
+@dataclass
+class ModelFiles:
+    """What a flavor wrote into the model directory, and what it knows about the model."""
+
+    model_file: str
+    runtime_options: dict[str, Any] = field(default_factory=dict)
+    tvm: dict[str, Any] = field(default_factory=dict)
+    #: The tensor spec when known without loading the model (TVM); None: load it to find out.
+    specs: Specs | None = None
+    #: False when the spec's output names are placeholders (a Relax function names no outputs).
+    output_names_known: bool = True
+    #: False for a model built for another machine (TVM): its spec is then taken as given.
+    loadable: bool = True
+    #: Further MLflow flavor blocks to write (MLflow's own `onnx` flavor).
+    extra_flavors: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# -- requirements -------------------------------------------------------------------------
+def pinned_requirements(*packages: str) -> list[str]:
+    """`package==installed version` for each package, plus arachne-mlflow itself."""
+    return [_get_pinned_requirement(name) for name in (*packages, "arachne-mlflow")]
+
+
+def default_conda_env(pip_requirements: list[str]) -> dict[str, Any]:
+    return _mlflow_conda_env(additional_pip_deps=pip_requirements)
+
+
+def _write_environment(path: Path, default_reqs, conda_env, pip_requirements, extra_pip_requirements) -> None:
+    if conda_env is None:
+        defaults = default_reqs if pip_requirements is None else None
+        conda_env, pip_reqs, constraints = _process_pip_requirements(defaults, pip_requirements, extra_pip_requirements)
+    else:
+        conda_env, pip_reqs, constraints = _process_conda_env(conda_env)
+    with open(path / _CONDA_ENV_FILE_NAME, "w") as f:
+        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+    if constraints:
+        write_to(str(path / _CONSTRAINTS_FILE_NAME), "\n".join(constraints))
+    write_to(str(path / _REQUIREMENTS_FILE_NAME), "\n".join(pip_reqs))
+    _PythonEnv.current().to_yaml(str(path / _PYTHON_ENV_FILE_NAME))
+
+
+# -- signatures ---------------------------------------------------------------------------
+def to_mlflow_signature(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> ModelSignature:
+    def schema(specs):
+        return Schema([MlflowTensorSpec(s.dtype, s.shape, s.name) for s in specs])
+
+    return ModelSignature(inputs=schema(inputs), outputs=schema(outputs) if outputs else None)
+
+
+def from_mlflow_signature(signature: ModelSignature) -> Specs:
+    """Our TensorSpecs from an MLflow signature, through the one MLmodel signature parser."""
+    if not isinstance(signature, ModelSignature):
+        raise InvalidInputError(f"signature must be an mlflow.models.ModelSignature, got {type(signature).__name__}")
+    if signature.inputs is None:
+        raise InvalidInputError("signature has no inputs")
+    if not signature.inputs.is_tensor_spec() or (signature.outputs is not None and not signature.outputs.is_tensor_spec()):
+        raise InvalidInputError("signature must be tensor-based (mlflow.types.TensorSpec), not column-based")
+    inputs, outputs = parse_signature(signature.to_dict())
+    if any(not s.name for s in signature.inputs.inputs):
+        raise InvalidInputError("every input TensorSpec of the signature needs the model's input name")
+    return inputs, outputs
+
+
+def check_signature(signature: ModelSignature, specs: Specs, runtime: str, output_names: bool = True) -> None:
+    """Raise `InvalidInputError` naming the first tensor where `signature` disagrees with the model.
+
+    A dimension may be narrower than the model's (a fixed size where the model's is dynamic).
+    The leading dimension may be -1 where the model's is fixed, so that MLflow lets larger
+    batches through to the pyfunc loader, which runs them in chunks; not for TVM, whose runtime
+    takes its tensor spec from the signature and would then pass the whole batch to the library.
+    """
+    given_in, given_out = from_mlflow_signature(signature)
+    model_in, model_out = specs
+    _check_side("input", given_in, model_in, runtime != "tvm", names=True)
+    if given_out:
+        _check_side("output", given_out, model_out, runtime != "tvm", names=output_names)
+
+
+def _check_side(what: str, given: list[TensorSpec], model: list[TensorSpec], loosen_batch: bool, names: bool) -> None:
+    if len(given) != len(model):
+        raise InvalidInputError(
+            f"signature has {len(given)} {what}s {[s.name for s in given]}, the model has {len(model)}: "
+            f"{[s.name for s in model]}"
+        )
+    for g, m in zip(given, model):
+        if names and g.name != m.name:
+            raise InvalidInputError(f"signature {what} {g.name!r}: the model's {what} at this position is {m.name!r}")
+        if g.dtype != m.dtype:
+            raise InvalidInputError(f"signature {what} {g.name!r}: dtype {g.dtype.name}, the model's is {m.dtype.name}")
+        ok = len(g.shape) == len(m.shape) and all(
+            want == got or want == -1 or (axis == 0 and got == -1 and loosen_batch)
+            for axis, (want, got) in enumerate(zip(m.shape, g.shape))
+        )
+        if not ok:
+            raise InvalidInputError(
+                f"signature {what} {g.name!r}: shape {list(g.shape)} does not fit the model's {list(m.shape)}"
+            )
+
+
+def _resolve_signature(runtime: str, path: Path, files: ModelFiles, signature: ModelSignature | None) -> ModelSignature:
+    """The given signature checked against the model, or one inferred from it."""
+    specs = files.specs
+    if files.loadable:
+        model = ArachneModel(path=path, runtime=runtime, model_file=files.model_file, runtime_options=files.runtime_options,
+                             tvm=files.tvm, inputs=list(specs[0]) if specs else [], outputs=list(specs[1]) if specs else [])
+        with model.load() as module:
+            loaded = (module.input_specs, module.output_specs)
+    elif specs is not None:
+        _logger.info("model %s is for another machine: its tensor spec is taken as given", files.model_file)
+        loaded = specs
+    else:
+        raise InvalidInputError(f"model {files.model_file} cannot load here, so its tensor spec must be given")
+    if signature is None:
+        return to_mlflow_signature(*loaded)
+    check_signature(signature, loaded, runtime, output_names=files.output_names_known)
+    return signature
+
+
+# -- save / log / load --------------------------------------------------------------------
+def save_model(
+    runtime: str,
+    path: str | os.PathLike,
+    write_files: Callable[[Path], ModelFiles],
+    default_pip_requirements: Callable[[], list[str]],
+    *,
+    conda_env=None,
+    code_paths=None,
+    mlflow_model: Model | None = None,
+    signature: ModelSignature | None = None,
+    input_example=None,
+    pip_requirements=None,
+    extra_pip_requirements=None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Write an MLflow model directory at `path` (which must not exist or be empty)."""
+    _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
+    path = Path(path).absolute()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise InvalidInputError(f"cannot save the model to {path}: it already exists and is not empty")
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        files = write_files(path)
+        code_dir = _validate_and_copy_code_paths(code_paths, str(path))
+        mlflow_model = mlflow_model or Model()
+        mlflow_model.signature = _resolve_signature(runtime, path, files, signature)
+        if input_example is not None:
+            _save_example(mlflow_model, input_example, str(path))
+        if metadata is not None:
+            mlflow_model.metadata = metadata
+        pyfunc.add_to_model(mlflow_model, loader_module=PYFUNC_LOADER_MODULE, code=code_dir,
+                            conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME)
+        block: dict[str, Any] = {"runtime": runtime, "model_file": files.model_file,
+                                 "runtime_options": files.runtime_options}
+        if files.tvm:
+            block["tvm"] = files.tvm
+        mlflow_model.add_flavor(FLAVOR_NAME, **block, arachne_mlflow_version=__version__, code=code_dir)
+        for name, conf in files.extra_flavors.items():
+            mlflow_model.add_flavor(name, **conf, code=code_dir)
+        if size := get_total_file_size(str(path)):
+            mlflow_model.model_size_bytes = size
+        mlflow_model.save(str(path / MLMODEL_FILE_NAME))
+        _write_environment(path, default_pip_requirements(), conda_env, pip_requirements, extra_pip_requirements)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        if not created:
+            path.mkdir()  # it was an empty directory: leave it as found
+        raise
+
+
+def log_model(flavor, model: Any, name: str | None, **kwargs: Any):
+    """Log through `Model.log`, which calls `flavor.save_model`; returns MLflow's `ModelInfo`."""
+    kwargs.setdefault("artifact_path", None)  # MLflow 3 names the model with `name`; artifact_path is deprecated
+    return Model.log(name=name, flavor=flavor, model=model, **kwargs)
+
+
+def load_model(runtime: str, model_uri: str, dst_path: str | None = None, **runtime_options: Any):
+    """Download the model at `model_uri` and load it with the unified runtime (a `RuntimeModule`)."""
+    local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    model = read_model_dir(local_path)
+    if model.runtime != runtime:
+        raise InvalidInputError(
+            f"{model_uri} is a {model.runtime!r} model: load it with arachne_mlflow.flavors.{model.runtime}.load_model"
+        )
+    _add_code_from_conf_to_system_path(local_path, model.mlmodel["flavors"][FLAVOR_NAME])
+    return model.load(**runtime_options)
+
+
+def load_pyfunc(path: str, model_config: dict[str, Any] | None = None):
+    from arachne_mlflow.pyfunc import _load_pyfunc
+
+    return _load_pyfunc(path, model_config)
