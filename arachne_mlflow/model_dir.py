@@ -7,6 +7,7 @@ It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
       model_file: model.tflite          # relative to the model dir
       runtime_options: {num_threads: 4} # passed to runtime.init
       tvm: {device: cpu, target: "...", arch: x86_64, params_file: params.bin}   # TVM only
+      extra_files: [model.onnx.data]    # other files loading needs (optional)
       arachne_mlflow_version: "..."
 
 The tensor spec comes from MLflow's `signature` (tensor-based), stored beside it in MLmodel.
@@ -43,6 +44,7 @@ class ArachneModel:
     tvm: dict[str, Any] = field(default_factory=dict)
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
+    extra_files: list[str] = field(default_factory=list)
     version: str | None = None
     mlmodel: dict[str, Any] = field(default_factory=dict)
 
@@ -55,7 +57,7 @@ class ArachneModel:
 
     def files(self) -> list[str]:
         """The files this model consists of (relative paths): MLmodel, what it names, its environment."""
-        names = [MLMODEL, self.model_file]
+        names = [MLMODEL, self.model_file, *self.extra_files]
         if self.tvm.get("params_file"):
             names.append(self.tvm["params_file"])
         names += [name for name in ENVIRONMENT_FILES if (self.path / name).is_file()]
@@ -115,6 +117,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
     tvm = dict(conf.get("tvm") or {})
     if tvm.get("params_file"):
         tvm["params_file"] = _relative_name(tvm["params_file"], mlmodel_path)
+    extra_files = [_relative_name(name, mlmodel_path) for name in conf.get("extra_files") or []]
     inputs, outputs = parse_signature(mlmodel.get("signature"))
     if not (path / model_file).exists():
         raise ModelNotFoundError(f"model file {model_file!r} named in {mlmodel_path} is missing")
@@ -124,6 +127,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
         model_file=model_file,
         runtime_options=dict(conf.get("runtime_options") or {}),
         tvm=tvm,
+        extra_files=extra_files,
         inputs=inputs,
         outputs=outputs,
         version=conf.get("arachne_mlflow_version"),

@@ -40,6 +40,7 @@ def test_onnx_proto_is_never_mutated(onnx_linear_file, tmp_path, external):
     arachne_onnx.save_model(proto, tmp_path / "second", save_as_external_data=external)
     assert proto.SerializeToString() == before
     assert (tmp_path / "second" / "model.onnx.data").is_file() == external
+    assert ("model.onnx.data" in read_model_dir(tmp_path / "second").files()) == external  # shipped to devices
     with arachne_onnx.load_model(str(tmp_path / "second")) as module:
         np.testing.assert_equal(module.infer([X])[0], _expected(onnx_linear_file))
 

@@ -61,6 +61,8 @@ class ModelFiles:
     output_names_known: bool = True
     #: False for a model built for another machine (TVM): its spec is then taken as given.
     loadable: bool = True
+    #: Files beside `model_file` that loading it needs (ONNX external data).
+    extra_files: list[str] = field(default_factory=list)
     #: Further MLflow flavor blocks to write (MLflow's own `onnx` flavor).
     extra_flavors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -204,6 +206,8 @@ def save_model(
                                  "runtime_options": files.runtime_options}
         if files.tvm:
             block["tvm"] = files.tvm
+        if files.extra_files:
+            block["extra_files"] = files.extra_files
         mlflow_model.add_flavor(FLAVOR_NAME, **block, arachne_mlflow_version=__version__, code=code_dir)
         for name, conf in files.extra_flavors.items():
             mlflow_model.add_flavor(name, **conf, code=code_dir)

@@ -65,9 +65,11 @@ def save_model(
         _write_model(model, directory / MODEL_FILE, save_as_external_data)
         import onnx
 
+        extra_files = [EXTERNAL_DATA_FILE] if (directory / EXTERNAL_DATA_FILE).is_file() else []
         providers = [p if isinstance(p, str) else p[0] for p in options.get("providers", ["CPUExecutionProvider"])]
         mlflow_onnx = {"onnx_version": onnx.__version__, "data": MODEL_FILE, "providers": providers}
-        return _common.ModelFiles(MODEL_FILE, runtime_options=options, extra_flavors={"onnx": mlflow_onnx})
+        return _common.ModelFiles(MODEL_FILE, runtime_options=options, extra_files=extra_files,
+                                  extra_flavors={"onnx": mlflow_onnx})
 
     _common.save_model(
         RUNTIME, path, write, get_default_pip_requirements, conda_env=conda_env, code_paths=code_paths,
