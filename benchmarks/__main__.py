@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks import models, report
 
-SUITES = ["runtime"]
+SUITES = ["runtime", "pyfunc"]
 
 
 def main(argv: list[str] | None = None) -> int:
