@@ -27,6 +27,12 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from arachne_mlflow.server.main import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arachne-mlflow", description=__doc__)
     parser.add_argument("--version", action="version", version=f"arachne-mlflow {__version__}")
@@ -44,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=10)
     bench.add_argument("--number", type=int, default=1)
     bench.set_defaults(func=_benchmark)
+
+    from arachne_mlflow.server.main import add_arguments
+
+    serve = commands.add_parser("serve", help="run the device server (Open Inference Protocol over HTTP)")
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
     return parser
 
 
