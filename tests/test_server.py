@@ -1,0 +1,318 @@
+"""The device server as a real process on loopback: V2 over HTTP, all three runtimes, tritonclient."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import requests
+
+from arachne_mlflow.client import DeviceClient
+from arachne_mlflow.model_dir import read_model_dir
+from tests.model_dirs import ServerProcess, mlflow_models  # noqa: F401  (fixture)
+
+MODELS = ["onnx_linear", "onnx_two_io", "tflite_cnn", "tflite_two_inputs", "tvm_linear", "tvm_two_io"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    process = ServerProcess(tmp_path_factory.mktemp("server") / "store").start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with DeviceClient("127.0.0.1", server.port) as device:
+        yield device
+
+
+@pytest.fixture(scope="module")
+def deployed(client, mlflow_models):  # noqa: F811
+    for name in MODELS:
+        assert client.upload_model(name, mlflow_models[name], info={"registered_model": name, "version": "3"})
+    return mlflow_models
+
+
+def _inputs(model_dir, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    specs = read_model_dir(model_dir).inputs
+    return {s.name: rng.standard_normal(s.example_shape(batch)).astype(s.dtype) for s in specs}
+
+
+def _local(model_dir, inputs):
+    model = read_model_dir(model_dir)
+    with model.load() as module:
+        outputs = module.infer([inputs[s.name] for s in model.inputs])
+    return {spec.name: out for spec, out in zip(module.output_specs, outputs)}
+
+
+def _post_infer(server, name, body, headers=None):
+    return requests.post(f"{server.url}/v2/models/{name}/infer", data=body, headers=headers or {}, timeout=30)
+
+
+def test_health_and_server_metadata(client, server):
+    assert client.live() and client.ready()
+    meta = client.server_metadata()
+    assert meta["name"] == "arachne-mlflow" and "binary_tensor_data" in meta["extensions"] and meta["arch"]
+    runtimes = {r["name"]: r for r in meta["runtimes"]}
+    assert {"onnx", "tflite", "tvm"} <= set(runtimes) and runtimes["onnx"]["library"] == "onnxruntime"
+    assert all(runtimes[n]["version"] for n in ("onnx", "tflite", "tvm"))
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_equals_local(client, deployed, name, binary):
+    inputs = _inputs(deployed[name], batch=3 if name.startswith("tflite") else 1)
+    expected = _local(deployed[name], inputs)
+    got = client.infer(name, inputs, binary=binary)
+    assert list(got) == list(expected)
+    for key in expected:
+        if binary:
+            np.testing.assert_equal(got[key], expected[key])
+        else:  # JSON carries float32 as decimal text: exact after the round trip through float64
+            np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_model_metadata_and_info(client, deployed):
+    meta = client.model_metadata("onnx_linear")
+    assert meta["platform"] == "arachne_onnx"
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]
+    assert client.model_metadata("tflite_cnn")["inputs"][0]["shape"] == [-1, 8, 8, 3]
+    info = client.model_info("tvm_linear")
+    assert info["runtime"] == "tvm" and info["state"] == "READY" and info["digest"].startswith("sha256:")
+    assert info["info"] == {"registered_model": "tvm_linear", "version": "3"}
+    assert client.model_info("nope") is None
+    assert {m["name"] for m in client.repository_index()} >= set(MODELS)
+
+
+def test_tritonclient(server, deployed):
+    import tritonclient.http as httpclient
+
+    triton = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.get_server_metadata()["name"] == "arachne-mlflow"
+    assert triton.is_model_ready("onnx_two_io")
+    meta = triton.get_model_metadata("onnx_two_io")
+    assert [t["name"] for t in meta["inputs"]] == ["a", "b"]
+    feed = _inputs(deployed["onnx_two_io"])
+    expected = _local(deployed["onnx_two_io"], feed)
+    for binary in (True, False):
+        inputs = []
+        for name, array in feed.items():
+            tensor = httpclient.InferInput(name, list(array.shape), "FP32")
+            tensor.set_data_from_numpy(array, binary_data=binary)
+            inputs.append(tensor)
+        outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("scaled", "sum")]
+        result = triton.infer("onnx_two_io", inputs, outputs=outputs)
+        for name in ("sum", "scaled"):
+            np.testing.assert_array_equal(result.as_numpy(name), expected[name])
+    triton.unload_model("tvm_two_io")
+    assert not triton.is_model_ready("tvm_two_io")
+    states = {m["name"]: m["state"] for m in triton.get_model_repository_index()}
+    assert states["tvm_two_io"] == "UNAVAILABLE" and states["onnx_linear"] == "READY"
+    with pytest.raises(Exception, match="not loaded"):
+        triton.infer("tvm_two_io", inputs)
+    triton.load_model("tvm_two_io")
+    assert triton.is_model_ready("tvm_two_io")
+    triton.close()
+
+
+def test_upload_skip_replace_and_failed_replace(client, deployed, onnx_dynamic_file, tmp_path):
+    from tests.model_dirs import _details, write_model_dir
+
+    assert not client.upload_model("onnx_linear", deployed["onnx_linear"])  # identical: skipped
+    assert client.upload_model("swap", deployed["onnx_linear"])
+    before = client.model_info("swap")
+    x = _inputs(deployed["onnx_linear"])
+    first = client.infer("swap", x)["y"]
+    dynamic = write_model_dir(tmp_path / "dyn", "onnx", onnx_dynamic_file, _details("onnx", onnx_dynamic_file))
+    assert client.upload_model("swap", dynamic)
+    after = client.model_info("swap")
+    assert after["version"] == before["version"] + 1 and after["digest"] != before["digest"]
+    assert client.model_metadata("swap")["inputs"][0]["shape"] == [-1, 4]
+    np.testing.assert_equal(client.infer("swap", {"x": np.tile(x["x"], (5, 1))})["y"], np.tile(first, (5, 1)))
+    # a broken model file under the same name is refused and the served version stays
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"this is not an onnx model")
+    (broken / "MLmodel").write_text((dynamic / "MLmodel").read_text())
+    with pytest.raises(Exception, match="cannot load") as caught:
+        client.upload_model("swap", broken)
+    assert caught.value.status_code == 400
+    assert client.model_info("swap")["digest"] == after["digest"]
+    np.testing.assert_equal(client.infer("swap", x)["y"], first)
+    client.delete_model("swap")
+    assert client.model_info("swap") is None
+
+
+def test_replace_while_serving_loses_no_request(client, deployed):
+    client.upload_model("busy", deployed["onnx_linear"])
+    x = _inputs(deployed["onnx_linear"])
+    expected = _local(deployed["onnx_linear"], x)["y"]
+    failures, stop = [], threading.Event()
+
+    def hammer():
+        with DeviceClient("127.0.0.1", client.port) as own:
+            while not stop.is_set():
+                try:
+                    np.testing.assert_equal(own.infer("busy", x)["y"], expected)
+                except Exception as err:  # noqa: BLE001 (collected and reported below)
+                    failures.append(err)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(3):
+        client.upload_model("busy", deployed["onnx_linear"], force=True)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert failures == []
+
+
+def test_several_clients_at_once(server, deployed):
+    names = ["onnx_two_io", "tflite_two_inputs", "tvm_linear", "tflite_cnn"]
+    cases = {n: [_inputs(deployed[n], batch=1, seed=s) for s in range(3)] for n in names}
+    expected = {n: [_local(deployed[n], x) for x in xs] for n, xs in cases.items()}
+    errors = []
+
+    def worker(index):
+        name = names[index % len(names)]
+        try:
+            with DeviceClient("127.0.0.1", server.port) as own:
+                for _ in range(5):
+                    for x, want in zip(cases[name], expected[name]):
+                        got = own.infer(name, x)
+                        for key in want:
+                            np.testing.assert_equal(got[key], want[key])
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+
+
+def test_benchmark_and_metrics(client, deployed):
+    result = client.benchmark("tflite_cnn", warmup=1, repeat=3)
+    assert result["repeat"] == 3 and result["min"] <= result["mean"] <= result["max"]
+    client.infer("onnx_linear", _inputs(deployed["onnx_linear"]))
+    text = client.metrics()
+    assert 'arachne_inference_requests_total{model="onnx_linear"}' in text
+    assert 'arachne_model_load_seconds{model="tvm_linear"}' in text
+    with pytest.raises(Exception, match="repeat"):
+        client.benchmark("tflite_cnn", repeat=0)
+
+
+def _binary_body(header, blob=b""):
+    head = json.dumps(header).encode()
+    return head + blob, {"Inference-Header-Content-Length": str(len(head))}
+
+
+BAD_REQUESTS = {
+    "malformed json": (b'{"inputs": [', {}),
+    "truncated binary": _binary_body(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": 16}}]},
+        b"\0" * 8),
+    "header length too large": (b'{"inputs": []}', {"Inference-Header-Content-Length": "9999"}),
+    "header length negative": (b'{"inputs": []}', {"Inference-Header-Content-Length": "-1"}),
+    "header length not a number": (b'{"inputs": []}', {"Inference-Header-Content-Length": "ten"}),
+    "wrong dtype": (json.dumps({"inputs": [{"name": "x", "datatype": "FP64", "shape": [1, 4], "data": [0.0] * 4}]})
+                    .encode(), {}),
+    "wrong shape": (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [0.0] * 4}]})
+                    .encode(), {}),
+    "count mismatch": (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.0]}]})
+                       .encode(), {}),
+    "terabyte shape": _binary_body(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1 << 20, 1 << 20],
+                     "parameters": {"binary_data_size": 16}}]}, b"\0" * 16),
+    "unknown datatype": (json.dumps({"inputs": [{"name": "x", "datatype": "FP8", "shape": [1], "data": [0]}]})
+                         .encode(), {}),
+    "bytes for numeric": (json.dumps({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1, 4],
+                                                  "data": ["a", "b", "c", "d"]}]}).encode(), {}),
+    "unknown input": (json.dumps({"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 4], "data": [0] * 4}]})
+                      .encode(), {}),
+    "string data": (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
+                                            "data": ["1", "2", "3", "4"]}]}).encode(), {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_infer_requests_are_4xx(server, deployed, case):
+    body, headers = BAD_REQUESTS[case]
+    response = _post_infer(server, "onnx_linear", body, headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]
+    ok = _post_infer(server, "onnx_linear", json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).encode())
+    assert ok.status_code == 200
+
+
+def test_nan_and_inf_pass_through(client, deployed):
+    x = np.array([[np.nan, np.inf, -np.inf, 1.0]], dtype=np.float32)
+    np.testing.assert_equal(client.infer("onnx_linear", {"x": x})["y"], _local(deployed["onnx_linear"], {"x": x})["y"])
+
+
+def test_unknown_model_and_bad_names(server, deployed):
+    assert _post_infer(server, "missing", b"{}").status_code == 404
+    assert requests.get(f"{server.url}/v2/models/missing", timeout=10).status_code == 404
+    for name in ["..", "a..b", "%2e%2e", ".hidden", "x" * 200, "a%2Fb"]:
+        response = requests.put(f"{server.url}/v2/repository/models/{name}", data=b"", timeout=10)
+        assert response.status_code in (400, 404), (name, response.status_code)
+        assert "error" in response.json()
+    assert requests.get(f"{server.url}/no/such/route", timeout=10).json()["error"]
+
+
+def _tar(entries):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def _member(name, data=b"x", kind=tarfile.REGTYPE, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data if kind == tarfile.REGTYPE else None
+
+
+def _hostile_archives(deployed):
+    mlmodel = (deployed["onnx_linear"] / "MLmodel").read_bytes()
+    model = (deployed["onnx_linear"] / "model.onnx").read_bytes()
+    whole = _tar([_member("MLmodel", mlmodel), _member("model.onnx", model)])
+    return {
+        "dot-dot": _tar([_member("../escape", b"bad"), _member("MLmodel", mlmodel)]),
+        "absolute": _tar([_member("/tmp/arachne-escape", b"bad")]),
+        "symlink out": _tar([_member("link", kind=tarfile.SYMTYPE, linkname="/etc/passwd")]),
+        "hardlink out": _tar([_member("hard", kind=tarfile.LNKTYPE, linkname="../../outside")]),
+        "device file": _tar([_member("dev", kind=tarfile.CHRTYPE)]),
+        "not a tar": b"hello, this is not a tar archive at all" * 20,
+        "no MLmodel": _tar([_member("model.onnx", model)]),
+        "truncated": whole[: whole.index(model) + len(model) // 2],
+    }
+
+
+def test_hostile_archives_are_refused(server, client, deployed, tmp_path):
+    before = client.model_info("onnx_linear")
+    for case, body in _hostile_archives(deployed).items():
+        for name in ("onnx_linear", "fresh-name"):
+            response = requests.put(f"{server.url}/v2/repository/models/{name}", data=body, timeout=30)
+            assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
+            assert response.json()["error"], case
+    assert client.model_info("fresh-name") is None
+    assert client.model_info("onnx_linear")["digest"] == before["digest"]
+    assert not (server.store.parent / "escape").exists()
+    assert sorted(p.name for p in (server.store / "onnx_linear").iterdir()) == sorted(
+        ["CURRENT.json", json.loads((server.store / "onnx_linear" / "CURRENT.json").read_text())["version_dir"]]
+    )
+    client.infer("onnx_linear", _inputs(deployed["onnx_linear"]))
