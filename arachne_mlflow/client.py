@@ -62,7 +62,8 @@ class DeviceClient:
         self.timeout, self.upload_timeout = timeout, upload_timeout
         self._requests = requests
         self._session = requests.Session()
-        self._session.verify = os.fspath(ca_cert) if ca_cert is not None else verify
+        # passed with every request: a session-level verify loses to $REQUESTS_CA_BUNDLE in requests
+        self._verify = os.fspath(ca_cert) if ca_cert is not None else verify
         if token:
             self._session.headers["Authorization"] = f"Bearer {token}"
         self._input_names: dict[str, list[str]] = {}
@@ -201,7 +202,9 @@ class DeviceClient:
 
     def _send(self, method: str, path: str, check: bool = True, timeout: float | None = None, **kwargs: Any):
         try:
-            response = self._session.request(method, self.url + path, timeout=timeout or self.timeout, **kwargs)
+            response = self._session.request(
+                method, self.url + path, timeout=timeout or self.timeout, verify=self._verify, **kwargs
+            )
         except self._requests.exceptions.SSLError as err:
             raise DeviceUnreachableError(f"TLS with the device server at {self.host}:{self.port} failed: {err}") from err
         except (self._requests.exceptions.ConnectionError, self._requests.exceptions.Timeout) as err:

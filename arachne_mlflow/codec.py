@@ -24,6 +24,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 #: The most elements one tensor may declare (2**31: 8 GiB of float32); larger shapes are refused.
 MAX_ELEMENTS = 2**31
+_ALIGN = 8
 
 _DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -92,6 +93,7 @@ def join_message(header: Mapping[str, Any], blobs: Sequence[bytes | memoryview])
     head = json.dumps(header, separators=(",", ":")).encode()
     if not blobs:
         return head, None
+    head += b" " * (-len(head) % _ALIGN)  # JSON allows trailing spaces; aligned blobs decode without a copy
     return b"".join([head, *blobs]), len(head)
 
 

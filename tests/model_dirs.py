@@ -57,16 +57,17 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m arachne_mlflow.server` on a free loopback port, started and stopped by tests."""
 
-    def __init__(self, store, token=None, extra_args=()):
+    def __init__(self, store, token=None, extra_args=(), ca_cert=None):
         self.store = Path(store)
         self.token = token
         self.extra_args = list(extra_args)
+        self.ca_cert = ca_cert  # set for a TLS server: the CA that signed its certificate
         self.port = free_port()
         self.process = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca_cert else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
         args = [sys.executable, "-m", "arachne_mlflow.server", "--port", str(self.port),
@@ -81,7 +82,8 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}: {self.read_log()}")
             try:
-                if requests.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
+                ready = requests.get(self.url + "/v2/health/ready", timeout=1, verify=self.ca_cert or True)
+                if ready.status_code == 200:
                     return self
             except requests.ConnectionError:
                 pass

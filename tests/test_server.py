@@ -316,3 +316,73 @@ def test_hostile_archives_are_refused(server, client, deployed, tmp_path):
         ["CURRENT.json", json.loads((server.store / "onnx_linear" / "CURRENT.json").read_text())["version_dir"]]
     )
     client.infer("onnx_linear", _inputs(deployed["onnx_linear"]))
+
+
+ROUTES = [
+    ("GET", "/v2"), ("GET", "/v2/models/m"), ("GET", "/v2/models/m/ready"), ("POST", "/v2/models/m/infer"),
+    ("POST", "/v2/models/m/benchmark"), ("POST", "/v2/repository/index"), ("POST", "/v2/repository/models/m/load"),
+    ("POST", "/v2/repository/models/m/unload"), ("GET", "/v2/repository/models/m"),
+    ("PUT", "/v2/repository/models/m"), ("DELETE", "/v2/repository/models/m"), ("GET", "/metrics"),
+]
+
+
+def test_token_guards_every_route_but_health_and_caps_uploads(tmp_path, mlflow_models):  # noqa: F811
+    secured = ServerProcess(tmp_path / "store", token="s3cret", extra_args=["--max-upload-mb", "1"]).start()
+    try:
+        for method, path in ROUTES:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                response = requests.request(method, secured.url + path, headers=headers, data=b"{}", timeout=10)
+                assert response.status_code == 401, (method, path, headers)
+                assert "bearer token" in response.json()["error"]
+        assert requests.get(secured.url + "/v2/health/live", timeout=10).status_code == 200
+        assert requests.get(secured.url + "/v2/health/ready", timeout=10).status_code == 200
+        with DeviceClient("127.0.0.1", secured.port, token="wrong") as intruder:
+            with pytest.raises(Exception, match="HTTP 401"):
+                intruder.repository_index()
+        with DeviceClient("127.0.0.1", secured.port, token="s3cret") as owner:
+            assert owner.upload_model("linear", mlflow_models["onnx_linear"])
+            assert owner.infer("linear", [np.ones((1, 4), np.float32)])["y"].shape == (1, 3)
+            big = tmp_path / "big"
+            big.mkdir()
+            for name in ("MLmodel", "model.onnx"):
+                (big / name).write_bytes((mlflow_models["onnx_linear"] / name).read_bytes())
+            (big / "padding.bin").write_bytes(bytes(3 * 1024**2))
+            with pytest.raises(Exception, match="exceeds the limit"):
+                owner.upload_model("huge", big, files=["MLmodel", "model.onnx", "padding.bin"])
+            assert owner.model_info("huge") is None
+            assert [m["name"] for m in owner.repository_index()] == ["linear"]
+    finally:
+        secured.stop()
+
+
+def test_models_come_back_after_a_restart(tmp_path, mlflow_models):  # noqa: F811
+    store = tmp_path / "store"
+    first = ServerProcess(store).start()
+    names = ["onnx_two_io", "tflite_cnn", "tvm_linear"]
+    try:
+        with DeviceClient("127.0.0.1", first.port) as device:
+            for name in names:
+                device.upload_model(name, mlflow_models[name])
+            device.upload_model("tvm_linear", mlflow_models["tvm_linear"], force=True, info={"run_id": "r2"})
+            before = {name: device.model_info(name) for name in names}
+            x = _inputs(mlflow_models["tflite_cnn"])
+            expected = device.infer("tflite_cnn", x)
+    finally:
+        first.stop()
+    (store / "tvm_linear" / ".incoming-v-crashed").mkdir()  # what a crash during an upload leaves
+    (store / "half-uploaded").mkdir()
+    second = ServerProcess(store).start()
+    try:
+        with DeviceClient("127.0.0.1", second.port) as device:
+            assert {m["name"]: m["state"] for m in device.repository_index()} == dict.fromkeys(names, "READY")
+            for name in names:
+                assert device.model_info(name) == before[name]
+            assert before["tvm_linear"]["version"] == 2 and before["tvm_linear"]["info"] == {"run_id": "r2"}
+            got = device.infer("tflite_cnn", x)
+            for key in expected:
+                np.testing.assert_equal(got[key], expected[key])
+            assert not device.upload_model("tflite_cnn", mlflow_models["tflite_cnn"])
+        assert not (store / "tvm_linear" / ".incoming-v-crashed").exists()
+        assert not (store / "half-uploaded").exists()
+    finally:
+        second.stop()
