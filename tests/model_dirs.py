@@ -71,7 +71,8 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
         args = [sys.executable, "-m", "arachne_mlflow.server", "--port", str(self.port),
-                "--model-store", str(self.store), "--log-level", "warning", *self.extra_args]
+                "--model-store", str(self.store), "--log-level", "warning", "--graceful-timeout", "1",
+                *self.extra_args]
         if self.token:
             args += ["--token", self.token]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

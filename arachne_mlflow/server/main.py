@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--max-upload-mb", type=int, default=4096, help="largest model upload, unpacked (MiB)")
     parser.add_argument("--workers", type=int, default=None, help="inference threads (default: Python's choice)")
+    parser.add_argument(
+        "--graceful-timeout", type=float, default=5.0,
+        help="seconds to let open connections finish at shut-down before closing them",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -51,7 +55,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level,
-        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, timeout_graceful_shutdown=args.graceful_timeout,
     )
     return 0
 
