@@ -111,6 +111,14 @@ def test_tritonclient(server, deployed):
         result = triton.infer("onnx_two_io", inputs, outputs=outputs)
         for name in ("sum", "scaled"):
             np.testing.assert_array_equal(result.as_numpy(name), expected[name])
+    for compression in ("gzip", "deflate"):
+        result = triton.infer("onnx_two_io", inputs, model_version="1", request_compression_algorithm=compression,
+                              response_compression_algorithm=compression)
+        np.testing.assert_array_equal(result.as_numpy("sum"), expected["sum"])
+    assert triton.is_model_ready("onnx_two_io", model_version="1")
+    assert triton.get_model_metadata("onnx_two_io", model_version="1")["versions"] == ["1"]
+    with pytest.raises(Exception, match="no version '7'"):
+        triton.infer("onnx_two_io", inputs, model_version="7")
     triton.unload_model("tvm_two_io")
     assert not triton.is_model_ready("tvm_two_io")
     states = {m["name"]: m["state"] for m in triton.get_model_repository_index()}
@@ -240,6 +248,8 @@ BAD_REQUESTS = {
                                                   "data": ["a", "b", "c", "d"]}]}).encode(), {}),
     "unknown input": (json.dumps({"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 4], "data": [0] * 4}]})
                       .encode(), {}),
+    "bad gzip": (b"not gzip at all", {"Content-Encoding": "gzip"}),
+    "unknown encoding": (b"{}", {"Content-Encoding": "br"}),
     "string data": (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
                                             "data": ["1", "2", "3", "4"]}]}).encode(), {}),
 }
@@ -335,6 +345,14 @@ def test_token_guards_every_route_but_health_and_caps_uploads(tmp_path, mlflow_m
                 assert response.status_code == 401, (method, path, headers)
                 assert "bearer token" in response.json()["error"]
         assert requests.get(secured.url + "/v2/health/live", timeout=10).status_code == 200
+        import tritonclient.http as httpclient
+
+        triton = httpclient.InferenceServerClient(f"127.0.0.1:{secured.port}")
+        assert triton.is_server_ready()
+        with pytest.raises(Exception, match="bearer token"):
+            triton.get_server_metadata()
+        assert triton.get_server_metadata(headers={"Authorization": "Bearer s3cret"})["name"] == "arachne-mlflow"
+        triton.close()
         assert requests.get(secured.url + "/v2/health/ready", timeout=10).status_code == 200
         with DeviceClient("127.0.0.1", secured.port, token="wrong") as intruder:
             with pytest.raises(Exception, match="HTTP 401"):

@@ -11,11 +11,12 @@ import contextlib
 import hmac
 import json
 import logging
-from typing import Any
+import zlib
+from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -66,14 +67,18 @@ class _Routes:
 
     def table(self) -> list[Route]:
         m = "/v2/models/{model}"
+        v = m + "/versions/{version}"
         r = "/v2/repository/models/{model}"
         return [
             Route("/v2/health/live", self.live),
             Route("/v2/health/ready", self.ready),
             Route("/v2", self.server_metadata),
             Route(m, self.model_metadata),
+            Route(v, self.model_metadata),
             Route(m + "/ready", self.model_ready),
+            Route(v + "/ready", self.model_ready),
             Route(m + "/infer", self.infer, methods=["POST"]),
+            Route(v + "/infer", self.infer, methods=["POST"]),
             Route(m + "/benchmark", self.benchmark, methods=["POST"]),
             Route("/v2/repository/index", self.index, methods=["POST"]),
             Route(r + "/load", self.load, methods=["POST"]),
@@ -95,16 +100,18 @@ class _Routes:
         return JSONResponse(self.dp.server_metadata())
 
     async def model_metadata(self, request: Request) -> Response:
-        return JSONResponse(self.dp.model_metadata(request.path_params["model"]))
+        return JSONResponse(self.dp.model_metadata(self._model(request)))
 
     async def model_ready(self, request: Request) -> Response:
-        return JSONResponse(self.dp.model_ready(request.path_params["model"]))
+        return JSONResponse(self.dp.model_ready(self._model(request)))
 
     async def infer(self, request: Request) -> Response:
+        name = self._model(request)
         body = await self._body(request)
-        result, header_length = await self.dp.infer(
-            request.path_params["model"], body, request.headers.get(codec.HEADER_LENGTH)
-        )
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            body = await self.dp.run_blocking(_decompress, body, encoding, self.max_request_bytes)
+        result, header_length = await self.dp.infer(name, body, request.headers.get(codec.HEADER_LENGTH))
         if header_length is None:
             return Response(result, media_type="application/json")
         return Response(
@@ -129,7 +136,7 @@ class _Routes:
 
     async def upload(self, request: Request) -> Response:
         info = _parse_info(request.headers.get(INFO_HEADER))
-        return JSONResponse(await self.dp.upload(request.path_params["model"], request.stream(), info))
+        return JSONResponse(await self.dp.upload(request.path_params["model"], _stream(request), info))
 
     async def delete(self, request: Request) -> Response:
         await self.dp.delete(request.path_params["model"])
@@ -158,12 +165,19 @@ class _Routes:
         return JSONResponse({"error": f"internal server error: {type(err).__name__}: {err}"}, status_code=500)
 
     # -- helpers ---------------------------------------------------------------------------
+    def _model(self, request: Request) -> str:
+        """The model named in the path; a `/versions/{v}` path must name the served version."""
+        name = request.path_params["model"]
+        if "version" in request.path_params:
+            self.dp.check_version(name, request.path_params["version"])
+        return name
+
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
             raise _TooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_request_bytes}")
         parts, size = [], 0
-        async for chunk in request.stream():
+        async for chunk in _stream(request):
             size += len(chunk)
             if size > self.max_request_bytes:
                 raise _TooLarge(f"request body exceeds the limit of {self.max_request_bytes} bytes")
@@ -186,6 +200,31 @@ class _Routes:
 
 class _TooLarge(InvalidInputError):
     status_code = 413
+
+
+async def _stream(request: Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client that hangs up is a client error, not a crash."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect as err:
+        raise InvalidInputError("the client disconnected before sending the whole body") from err
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo `Content-Encoding: gzip|deflate` (tritonclient's request compression), at most `limit` bytes."""
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidInputError(f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        result = inflater.decompress(body, limit + 1)
+    except zlib.error as err:
+        raise InvalidInputError(f"request body is not valid {encoding} data: {err}") from err
+    if len(result) > limit:
+        raise _TooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidInputError(f"request body is truncated {encoding} data")
+    return result
 
 
 def _parse_info(text: str | None) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 import numpy as np
 
 from arachne_mlflow import __version__, codec
-from arachne_mlflow.errors import InvalidInputError, UnsafeArchiveError
+from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError, UnsafeArchiveError
 from arachne_mlflow.server.metrics import Metrics
 from arachne_mlflow.server.store import ModelStore
 
@@ -83,6 +83,12 @@ class Dataplane:
             "inputs": [_tensor_metadata(spec) for spec in inputs],
             "outputs": [_tensor_metadata(spec) for spec in outputs],
         }
+
+    def check_version(self, name: str, version: str) -> None:
+        """Only the served version of a model exists (V2 paths may name one)."""
+        served = str(self.store.info(name)["version"])
+        if version != served:
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}; the served version is {served}")
 
     def model_ready(self, name: str) -> dict[str, Any]:
         self.store.get(name)
