@@ -100,18 +100,18 @@ class Dataplane:
         return await self.run_blocking(self._infer, name, body, header_length)
 
     def _infer(self, name: str, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
-        loaded = self.store.get(name)
         start = time.perf_counter()
-        self.metrics.requests.labels(name).inc()
-        try:
-            request = codec.decode_request(body, header_length)
-            with loaded.use() as module:
+        with self.store.use(name) as loaded:
+            self.metrics.requests.labels(name).inc()
+            try:
+                request = codec.decode_request(body, header_length)
+                module = loaded.module
                 outputs = module.infer(_ordered_inputs(module, request.inputs))
-            results = {spec.name: array for spec, array in zip(module.output_specs, outputs)}
-            response = codec.encode_response(name, results, request, str(loaded.record["version"]))
-        except Exception:
-            self.metrics.errors.labels(name).inc()
-            raise
+                results = {spec.name: array for spec, array in zip(module.output_specs, outputs)}
+                response = codec.encode_response(name, results, request, str(loaded.record["version"]))
+            except Exception:
+                self.metrics.errors.labels(name).inc()
+                raise
         self.metrics.latency.labels(name).observe(time.perf_counter() - start)
         return response
 
@@ -125,11 +125,11 @@ class Dataplane:
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise InvalidInputError(f"benchmark option {key!r} must be an integer in [{low}, {high}]")
             kwargs[key] = value
-        loaded = self.store.get(name)
+        self.store.get(name)  # unknown or unloaded models fail here, before a thread is taken
 
         def run() -> dict[str, Any]:
-            with loaded.use() as module:
-                return module.benchmark(**kwargs)
+            with self.store.use(name) as loaded:
+                return loaded.module.benchmark(**kwargs)
 
         return {"name": name, **await self.run_blocking(run)}
 

@@ -62,18 +62,16 @@ class LoadedModel:
         self._retired = False
         self._lock = threading.Lock()
 
-    @contextmanager
-    def use(self) -> Iterator[RuntimeModule]:
+    def acquire(self) -> None:
         with self._lock:
             self._users += 1
-        try:
-            yield self.module
-        finally:
-            with self._lock:
-                self._users -= 1
-                free = self._retired and self._users == 0
-            if free:
-                self.module.done()
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            free = self._retired and self._users == 0
+        if free:
+            self.module.done()
 
     def retire(self) -> None:
         """Free the module now, or after the inferences still running on it finish."""
@@ -146,6 +144,23 @@ class ModelStore:
             reason = f": {entry.reason}" if entry.reason else " (unloaded)"
             raise ModelNotReadyError(f"model {name!r} is not loaded{reason}")
         return loaded
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[LoadedModel]:
+        """The loaded model `name`, kept alive until the block ends even if it is replaced meanwhile."""
+        check_name(name)
+        with self._guard:
+            entry = self._entries.get(name)
+            loaded = entry.loaded if entry is not None else None
+            if loaded is not None:
+                loaded.acquire()  # under the guard: a replace cannot retire it between lookup and acquire
+        if loaded is None:
+            self.get(name)  # raises the right error: unknown (404) or not loaded (503)
+            raise ModelNotReadyError(f"model {name!r} is being loaded: try again")
+        try:
+            yield loaded
+        finally:
+            loaded.release()
 
     def info(self, name: str) -> dict[str, Any]:
         """The stored record of `name` with its state."""
@@ -234,17 +249,19 @@ class ModelStore:
             entry = self._entry(name)
             if entry.loaded is None:
                 try:
-                    entry.loaded = self._load(self.root / name / entry.record["version_dir"], entry.record)
-                    entry.reason = ""
+                    loaded = self._load(self.root / name / entry.record["version_dir"], entry.record)
                 except ArachneError as err:
                     entry.reason = str(err)
                     raise
+                with self._guard:
+                    entry.loaded, entry.reason = loaded, ""
             return entry.loaded
 
     def unload(self, name: str) -> None:
         with self._name_lock(name):
             entry = self._entry(name)
-            loaded, entry.loaded = entry.loaded, None
+            with self._guard:
+                loaded, entry.loaded = entry.loaded, None
             if loaded is not None:
                 loaded.retire()
 
