@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 import threading
 
@@ -404,3 +406,12 @@ def test_models_come_back_after_a_restart(tmp_path, mlflow_models):  # noqa: F81
         assert not (store / "half-uploaded").exists()
     finally:
         second.stop()
+
+
+def test_refuses_a_directory_that_is_not_a_model_store(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    done = subprocess.run([sys.executable, "-m", "arachne_mlflow.server", "--model-store", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "is not a model store" in done.stderr
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"

@@ -39,6 +39,7 @@ def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted."""
     import uvicorn
 
+    from arachne_mlflow.errors import ArachneError
     from arachne_mlflow.server.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
@@ -49,10 +50,13 @@ def serve(args: argparse.Namespace) -> int:
             "!!! The device server binds %s WITHOUT A TOKEN: anyone who can reach this port can upload and "
             "run code on this machine. Pass --token (or set ARACHNE_TOKEN) and preferably TLS. !!!", args.host,
         )
-    app = create_app(
-        str(Path(args.model_store).expanduser()), token=args.token,
-        max_upload_bytes=args.max_upload_mb * 1024**2, max_workers=args.workers,
-    )
+    try:
+        app = create_app(
+            str(Path(args.model_store).expanduser()), token=args.token,
+            max_upload_bytes=args.max_upload_mb * 1024**2, max_workers=args.workers,
+        )
+    except ArachneError as err:
+        raise SystemExit(f"arachne-mlflow serve: error: {err}") from err
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, timeout_graceful_shutdown=args.graceful_timeout,

@@ -2,6 +2,7 @@
 
 Layout, chosen so that a crash at any moment leaves every model at its last complete version:
 
+    <root>/.arachne-model-store  marks the directory as a store (a non-empty one without it is refused)
     <root>/<name>/CURRENT.json   the served version's record (replaced atomically)
     <root>/<name>/v-<id>/        a complete model directory (MLmodel and its files)
     <root>/<name>/.incoming-<id> an upload being extracted (removed at start-up)
@@ -38,6 +39,7 @@ _logger = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CURRENT = "CURRENT.json"
+MARKER = ".arachne-model-store"
 DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
 
 
@@ -95,6 +97,14 @@ class ModelStore:
     def __init__(self, root: str | os.PathLike, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / MARKER).is_file():
+            if any(self.root.iterdir()):
+                # start-up cleanup removes unknown directories: never do that to someone's own files
+                raise InvalidInputError(
+                    f"{self.root} is not empty and is not a model store (no {MARKER} file): "
+                    "give the server a new or empty directory"
+                )
+            (self.root / MARKER).write_text("arachne-mlflow device server model store\n")
         self.max_upload_bytes = max_upload_bytes
         self._entries: dict[str, _Entry] = {}
         self._name_locks: dict[str, threading.Lock] = {}
