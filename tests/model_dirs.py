@@ -57,7 +57,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m arachne_mlflow.server` on a free loopback port, started and stopped by tests."""
 
-    def __init__(self, store, token=None, extra_args=(), ca_cert=None):
+    def __init__(self, store, token=None, extra_args=(), ca_cert=None, command=("arachne_mlflow.server",)):
+        self.command = list(command)  # after `python -m`; ("arachne_mlflow.cli", "serve") for the CLI
         self.store = Path(store)
         self.token = token
         self.extra_args = list(extra_args)
@@ -70,7 +71,7 @@ class ServerProcess:
         return f"{'https' if self.ca_cert else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
-        args = [sys.executable, "-m", "arachne_mlflow.server", "--port", str(self.port),
+        args = [sys.executable, "-m", *self.command, "--port", str(self.port),
                 "--model-store", str(self.store), "--log-level", "warning", "--graceful-timeout", "1",
                 *self.extra_args]
         if self.token:

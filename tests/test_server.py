@@ -391,7 +391,7 @@ def test_models_come_back_after_a_restart(tmp_path, mlflow_models):  # noqa: F81
         first.stop()
     (store / "tvm_linear" / ".incoming-v-crashed").mkdir()  # what a crash during an upload leaves
     (store / "half-uploaded").mkdir()
-    second = ServerProcess(store).start()
+    second = ServerProcess(store, command=("arachne_mlflow.cli", "serve")).start()
     try:
         with DeviceClient("127.0.0.1", second.port) as device:
             assert {m["name"]: m["state"] for m in device.repository_index()} == dict.fromkeys(names, "READY")
@@ -411,7 +411,15 @@ def test_models_come_back_after_a_restart(tmp_path, mlflow_models):  # noqa: F81
 def test_refuses_a_directory_that_is_not_a_model_store(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep me")
-    done = subprocess.run([sys.executable, "-m", "arachne_mlflow.server", "--model-store", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "arachne_mlflow.server", "--model-store", str(tmp_path),
+                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "is not a model store" in done.stderr
+    assert "WITHOUT A TOKEN" in done.stderr  # the loud warning for a non-loopback bind without a token
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+def test_server_client_and_remote_runtime_import_no_mlflow():
+    code = ("import sys, arachne_mlflow.server.app, arachne_mlflow.server.main, arachne_mlflow.client, "
+            "arachne_mlflow.runtime.remote; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
