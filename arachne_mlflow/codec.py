@@ -81,8 +81,8 @@ def split_message(body: bytes, header_length: str | None) -> tuple[dict[str, Any
         json_part, binary = view[:size], view[size:]
     try:
         header = json.loads(bytes(json_part))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"request body is not valid JSON: {err}") from err
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise InvalidInputError(f"request body is not valid JSON: {type(err).__name__}: {err}") from err
     if not isinstance(header, dict):
         raise InvalidInputError("request body must be a JSON object")
     return header, binary
@@ -126,6 +126,7 @@ class InferRequest:
 
 
 def decode_request(body: bytes, header_length: str | None) -> InferRequest:
+    """An infer request from its body and `Inference-Header-Content-Length` (None: all JSON)."""
     header, binary = split_message(body, header_length)
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
@@ -259,7 +260,10 @@ def _from_bytes(name: str, blob: memoryview, dtype: np.dtype, shape: tuple[int, 
 def _from_json(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...], count: int) -> np.ndarray:
     if not isinstance(data, list):
         raise InvalidInputError(f"tensor {name!r}: needs 'data' (a list) or parameters.binary_data_size")
-    flat = data if all(not isinstance(x, list) for x in data) else list(_flatten(data))
+    try:
+        flat = data if all(not isinstance(x, list) for x in data) else list(_flatten(data))
+    except RecursionError as err:
+        raise InvalidInputError(f"tensor {name!r}: 'data' is nested too deeply") from err
     if len(flat) != count:
         raise InvalidInputError(f"tensor {name!r}: shape {list(shape)} needs {count} elements, 'data' has {len(flat)}")
     if dtype.kind == "O":

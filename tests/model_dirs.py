@@ -108,7 +108,7 @@ class ServerProcess:
         return (self.store.parent / f"server-{self.port}.log").read_text(errors="replace")[-3000:]
 
 
-def _details(runtime, model_file):
+def runtime_details(runtime, model_file):
     from arachne_mlflow import runtime as arachne_runtime
 
     with arachne_runtime.init(runtime, model_file=str(model_file)) as module:
@@ -122,13 +122,13 @@ def mlflow_models(tmp_path_factory, onnx_linear_file, onnx_two_io_file, tflite_c
     root = tmp_path_factory.mktemp("mlflow-models")
     return {
         "onnx_linear": write_model_dir(root / "onnx_linear", "onnx", onnx_linear_file,
-                                       _details("onnx", onnx_linear_file)),
+                                       runtime_details("onnx", onnx_linear_file)),
         "onnx_two_io": write_model_dir(root / "onnx_two_io", "onnx", onnx_two_io_file,
-                                       _details("onnx", onnx_two_io_file)),
+                                       runtime_details("onnx", onnx_two_io_file)),
         "tflite_cnn": write_model_dir(root / "tflite_cnn", "tflite", tflite_cnn_file,
-                                      _details("tflite", tflite_cnn_file), runtime_options={"num_threads": 1}),
+                                      runtime_details("tflite", tflite_cnn_file), runtime_options={"num_threads": 1}),
         "tflite_two_inputs": write_model_dir(root / "tflite_two_inputs", "tflite", tflite_two_inputs_file,
-                                             _details("tflite", tflite_two_inputs_file)),
+                                             runtime_details("tflite", tflite_two_inputs_file)),
         "tvm_linear": write_model_dir(root / "tvm_linear", "tvm", tvm_linear["model_file"], tvm_linear["model_spec"],
                                       params_file=tvm_linear["params_file"]),
         "tvm_two_io": write_model_dir(root / "tvm_two_io", "tvm", tvm_two_io["model_file"], tvm_two_io["model_spec"]),

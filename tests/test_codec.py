@@ -96,6 +96,14 @@ def test_message_framing_is_checked(body, length, match):
         codec.split_message(body, length)
 
 
+@pytest.mark.parametrize("depth", [5_000, 100_000])
+def test_deeply_nested_data_is_refused(depth):
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ' + b"[" * depth + b"1" + \
+        b"]" * depth + b"}]}"
+    with pytest.raises(InvalidInputError):
+        codec.decode_request(body, None)
+
+
 def test_nan_and_inf_pass_through_json():
     array = np.array([np.nan, np.inf, -np.inf], np.float32)
     np.testing.assert_equal(_round_trip({"f": array}, False).inputs["f"], array)

@@ -133,14 +133,14 @@ def test_tritonclient(server, deployed):
 
 
 def test_upload_skip_replace_and_failed_replace(client, deployed, onnx_dynamic_file, tmp_path):
-    from tests.model_dirs import _details, write_model_dir
+    from tests.model_dirs import runtime_details, write_model_dir
 
     assert not client.upload_model("onnx_linear", deployed["onnx_linear"])  # identical: skipped
     assert client.upload_model("swap", deployed["onnx_linear"])
     before = client.model_info("swap")
     x = _inputs(deployed["onnx_linear"])
     first = client.infer("swap", x)["y"]
-    dynamic = write_model_dir(tmp_path / "dyn", "onnx", onnx_dynamic_file, _details("onnx", onnx_dynamic_file))
+    dynamic = write_model_dir(tmp_path / "dyn", "onnx", onnx_dynamic_file, runtime_details("onnx", onnx_dynamic_file))
     assert client.upload_model("swap", dynamic)
     after = client.model_info("swap")
     assert after["version"] == before["version"] + 1 and after["digest"] != before["digest"]

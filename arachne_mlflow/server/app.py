@@ -191,7 +191,7 @@ class _Routes:
             return {}
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
             raise InvalidInputError(f"request body is not valid JSON: {err}") from err
         if not isinstance(data, dict):
             raise InvalidInputError("request body must be a JSON object")
@@ -235,7 +235,7 @@ def _parse_info(text: str | None) -> dict[str, Any] | None:
         raise InvalidInputError(f"{INFO_HEADER} is longer than {MAX_INFO_BYTES} bytes")
     try:
         info = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise InvalidInputError(f"{INFO_HEADER} is not valid JSON: {err}") from err
     if not isinstance(info, dict):
         raise InvalidInputError(f"{INFO_HEADER} must be a JSON object")
