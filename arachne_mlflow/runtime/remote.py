@@ -25,7 +25,7 @@ from arachne_mlflow.model_dir import ArachneModel, read_model_dir
 from arachne_mlflow.runtime.base import RuntimeModule
 from arachne_mlflow.tensor_spec import TensorSpec
 
-_RPC_KEYS = {"host", "port", "token", "tls", "ca_cert", "verify", "timeout"}
+_RPC_KEYS = {"host", "port", "token", "tls", "ca_cert", "verify", "timeout", "trust_env"}
 
 
 class RemoteRuntimeModule(RuntimeModule):
