@@ -370,6 +370,14 @@ def test_token_guards_every_route_but_health_and_caps_uploads(tmp_path, mlflow_m
             with pytest.raises(Exception, match="exceeds the limit"):
                 owner.upload_model("huge", big, files=["MLmodel", "model.onnx", "padding.bin"])
             assert owner.model_info("huge") is None
+            bomb = io.BytesIO()  # 3 MiB of zeros in a few KiB of gzip
+            with tarfile.open(fileobj=bomb, mode="w:gz") as tar:
+                tar.add(big / "MLmodel", "MLmodel")
+                tar.add(big / "padding.bin", "model.onnx")
+            response = requests.put(f"{secured.url}/v2/repository/models/bomb", data=bomb.getvalue(), timeout=30,
+                                    headers={"Authorization": "Bearer s3cret"})
+            assert len(bomb.getvalue()) < 64 * 1024 and response.status_code == 400
+            assert "exceeds the limit" in response.json()["error"]
             assert [m["name"] for m in owner.repository_index()] == ["linear"]
     finally:
         secured.stop()
