@@ -9,18 +9,19 @@ so a slow model never holds up another.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import functools
 import io
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 import numpy as np
 
 from arachne_mlflow import __version__, codec
-from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError, UnsafeArchiveError
+from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, UnsafeArchiveError
 from arachne_mlflow.server.metrics import Metrics
 from arachne_mlflow.server.store import ModelStore
 
@@ -34,6 +35,10 @@ _LIBRARIES = {
     "tvm": ("apache-tvm", "tvm"),
 }
 _BENCHMARK_LIMITS = {"warmup": (0, 1000), "repeat": (1, 10_000), "number": (1, 1000)}
+# An upload holds a worker thread while its body streams in: cap them so inference keeps threads.
+MAX_CONCURRENT_UPLOADS = 2
+# Seconds an upload may go without sending a byte before it is abandoned (frees its thread).
+UPLOAD_IDLE_TIMEOUT = 120.0
 
 
 class Dataplane:
@@ -43,7 +48,8 @@ class Dataplane:
         self.store = store
         self.metrics = Metrics()
         self.ready = False
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="arachne-dataplane")
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="arachne-dataplane")
+        self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """The one way blocking work leaves the event loop."""
@@ -155,12 +161,14 @@ class Dataplane:
         """Extract the tar arriving in `chunks` into the store as it streams in, then load it."""
         reader = _StreamReader(chunks, asyncio.get_running_loop(), self.store.max_upload_bytes)
         try:
-            record = await self.run_blocking(self.store.put, name, io.BufferedReader(reader, 1 << 16), info)
+            async with self._uploads:
+                record = await self.run_blocking(self.store.put, name, io.BufferedReader(reader, 1 << 16), info)
         finally:
             if not reader.overflowed:
                 async for _ in chunks:  # let the client finish sending, so it reads our answer
                     pass
-        self.metrics.load_seconds.labels(name).set(self.store.get(name).load_seconds)
+        with contextlib.suppress(ArachneError):  # unloaded again meanwhile: nothing to record
+            self.metrics.load_seconds.labels(name).set(self.store.get(name).load_seconds)
         return record
 
 
@@ -181,7 +189,12 @@ class _StreamReader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         while not self._pending and not self._eof:
-            chunk = asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
+            future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+            try:
+                chunk = future.result(timeout=UPLOAD_IDLE_TIMEOUT)
+            except concurrent.futures.TimeoutError as err:
+                future.cancel()
+                raise InvalidInputError(f"upload stalled: no data for {UPLOAD_IDLE_TIMEOUT:.0f} s") from err
             self._received += len(chunk)
             if self._received > self._max_bytes:
                 self.overflowed = True
