@@ -23,7 +23,7 @@ from starlette.routing import Route
 from arachne_mlflow import codec
 from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.server.dataplane import Dataplane
-from arachne_mlflow.server.store import ModelStore
+from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
 
 _logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def create_app(
     max_workers: int | None = None,
 ) -> Starlette:
     """The device server application over the model store directory `model_store`."""
-    store = ModelStore(model_store, **({"max_upload_bytes": max_upload_bytes} if max_upload_bytes else {}))
+    store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
     dataplane = Dataplane(store, max_workers)
     routes = _Routes(dataplane, max_request_bytes)
 
@@ -61,6 +61,8 @@ def create_app(
 
 
 class _Routes:
+    """The route handlers: HTTP in, dataplane call, HTTP out."""
+
     def __init__(self, dataplane: Dataplane, max_request_bytes: int):
         self.dp = dataplane
         self.max_request_bytes = max_request_bytes
