@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -431,3 +432,50 @@ def test_server_client_and_remote_runtime_import_no_mlflow():
             "arachne_mlflow.runtime.remote; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_kill_during_an_upload_keeps_the_last_complete_version(tmp_path, mlflow_models):  # noqa: F811
+    from arachne_mlflow.archive import stream_tar
+
+    store = tmp_path / "store"
+    server = ServerProcess(store).start()
+    source = mlflow_models["tflite_cnn"]
+    with DeviceClient("127.0.0.1", server.port) as device:
+        device.upload_model("m", mlflow_models["onnx_linear"])
+        before = device.model_info("m")
+    sending, killed, outcome = threading.Event(), threading.Event(), []
+
+    def body():
+        for chunk in stream_tar(source, ["MLmodel", "model.tflite"]):
+            yield chunk[: len(chunk) // 2]
+            sending.set()
+            killed.wait(30)  # the rest is sent only once the server is gone
+            yield chunk[len(chunk) // 2:]
+
+    def upload():
+        try:
+            requests.put(f"{server.url}/v2/repository/models/m", data=body(), timeout=60)
+        except requests.RequestException as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=upload, daemon=True)
+    thread.start()
+    assert sending.wait(30)
+    deadline = time.monotonic() + 10
+    while not list((store / "m").glob(".incoming-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((store / "m").glob(".incoming-*")), "the upload never reached the store"
+    server.process.kill()
+    server.process.wait()
+    server.stop()
+    killed.set()
+    thread.join(timeout=30)
+    assert outcome and isinstance(outcome[0], requests.ConnectionError)
+    restarted = ServerProcess(store).start()
+    try:
+        with DeviceClient("127.0.0.1", restarted.port) as device:
+            assert device.model_info("m") == before
+            assert device.infer("m", [np.ones((1, 4), np.float32)])["y"].shape == (1, 3)
+        assert not list((store / "m").glob(".incoming-*"))
+    finally:
+        restarted.stop()
