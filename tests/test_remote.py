@@ -81,8 +81,17 @@ def test_uploads_once_and_benchmarks_on_the_server(rpc_info, device, onnx_two_io
         assert device.model_info(first.model_name)["uploaded_at"] == uploaded_at
         result = second.benchmark(warmup=0, repeat=4)
         assert result["repeat"] == 4 and 0 < result["min"] <= result["max"]
-    first.done()
-    assert device.model_info(first.model_name) is None
+        name = first.model_name
+        x = _feed(second)
+        expected = first.infer(x)
+        first.done()  # removes the shared model: the second module uploads it again when next used
+        assert device.model_info(name) is None
+        for got, want in zip(second.infer(x), expected):
+            np.testing.assert_equal(got, want)
+        assert device.model_info(name)["state"] == "READY"
+    assert device.model_info(name) is None
+    with pytest.raises(InvalidInputError, match="is done"):
+        second.infer(x)
 
 
 def test_many_threads_share_one_remote_module(rpc_info, tflite_two_inputs_file):
@@ -121,3 +130,21 @@ def test_rpc_errors(rpc_info, onnx_linear_file):
         arachne_runtime.init("onnx", model_file=str(onnx_linear_file), rpc_info=rpc_info, sess_options=object())
     with pytest.raises(Exception, match="HTTP 401"):
         arachne_runtime.init("onnx", model_file=str(onnx_linear_file), rpc_info={**rpc_info, "token": "bad"})
+
+
+def test_remote_legacy_package(tmp_path, rpc_info, device, tvm_linear):
+    import tarfile
+
+    import yaml
+
+    package = tmp_path / "pkg.tar"
+    (tmp_path / "env.yaml").write_text(yaml.safe_dump({"model_spec": tvm_linear["model_spec"], "tvm_device": "cpu"}))
+    with tarfile.open(package, "w") as tar:
+        tar.add(tvm_linear["model_file"], "model.so")
+        tar.add(tmp_path / "env.yaml", "env.yaml")
+    kwargs = dict(package_tar=str(package), params_file=str(tvm_linear["params_file"]))
+    x = [np.arange(4, dtype=np.float32).reshape(1, 4)]
+    with arachne_runtime.init("tvm", **kwargs) as local, arachne_runtime.init("tvm", rpc_info=rpc_info, **kwargs) as remote:
+        np.testing.assert_equal(remote.infer(x)[0], local.infer(x)[0])
+        name = remote.model_name
+    assert device.model_info(name) is None

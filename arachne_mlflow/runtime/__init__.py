@@ -80,15 +80,13 @@ def init(
         if rpc_info is not None:
             from arachne_mlflow.runtime.remote import RemoteRuntimeModule
 
-            return RemoteRuntimeModule(runtime, rpc_info, model_file, **options)
-        module = cls(model_file=model_file, **options)
+            module = RemoteRuntimeModule(runtime, rpc_info, model_file, **options)
+        else:
+            module = cls(model_file=model_file, **options)
     except BaseException:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
         raise
-    finally:
-        if workdir is not None and rpc_info is not None:
-            shutil.rmtree(workdir, ignore_errors=True)  # uploaded: the remote module needs no local copy
     if workdir is not None:
         module._on_done(shutil.rmtree, workdir, True)
     return module

@@ -29,24 +29,28 @@ _RPC_KEYS = {"host", "port", "token", "tls", "ca_cert", "verify", "timeout", "tr
 
 
 class RemoteRuntimeModule(RuntimeModule):
-    """A model running on a device server, with the same methods as a local `RuntimeModule`."""
+    """A model running on a device server, with the same methods as a local `RuntimeModule`.
+
+    Modules with the identical model share it on the server; when one's `done()` removes it,
+    the others upload it again on their next call (the packed directory is kept until `done()`).
+    """
 
     def __init__(self, runtime: str, rpc_info: Mapping[str, Any], model_file: str | None = None, **options: Any):
         from arachne_mlflow.client import DeviceClient
 
         self.runtime_name = runtime
-        self._client = DeviceClient(**_client_options(rpc_info))
         self.model_name: str | None = None
+        self._client = DeviceClient(**_client_options(rpc_info))
+        self._workdir = tempfile.TemporaryDirectory(prefix="arachne-remote-")
         try:
-            with tempfile.TemporaryDirectory(prefix="arachne-remote-") as workdir:
-                model = _pack(Path(workdir), runtime, model_file, options)
-                files = model.files()
-                name = f"rpc-{runtime}-{files_digest(workdir, files).split(':')[1][:24]}"
-                self._client.upload_model(name, workdir, files)
-            self.model_name = name
-            metadata = self._client.model_metadata(name)
+            self._files = _pack(Path(self._workdir.name), runtime, model_file, options).files()
+            digest = files_digest(self._workdir.name, self._files)
+            self.model_name = f"rpc-{runtime}-{digest.split(':')[1][:24]}"
+            self._upload()
+            metadata = self._client.model_metadata(self.model_name)
         except BaseException:
-            self._client.close()
+            self.model_name = None
+            self._close()
             raise
         self._bind_specs(_specs(metadata["inputs"]), _specs(metadata["outputs"]))
 
@@ -57,25 +61,38 @@ class RemoteRuntimeModule(RuntimeModule):
 
     def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         feed = {spec.name: value for spec, value in zip(self.input_specs, inputs)}
-        outputs = self._client.infer(self.model_name, feed, binary=True)
+        outputs = self._on_server(self._client.infer, self.model_name, feed, binary=True)
         return [outputs[spec.name] for spec in self.output_specs]
 
     def benchmark(self, warmup: int = 1, repeat: int = 10, number: int = 1) -> dict[str, float]:
         """Time the model on the device (no network in the figures)."""
-        result = self._client.benchmark(self.model_name, warmup=warmup, repeat=repeat, number=number)
+        result = self._on_server(self._client.benchmark, self.model_name, warmup=warmup, repeat=repeat, number=number)
         result.pop("name", None)
         return result
 
-    def _close(self) -> None:
+    def _upload(self) -> None:
+        self._client.upload_model(self.model_name, self._workdir.name, self._files)
+
+    def _on_server(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """Make `call`; if another module with the same model removed it, upload it again once."""
         if self.model_name is None:
-            return
+            raise InvalidInputError("the remote module is done: create a new one with runtime.init")
+        try:
+            return call(*args, **kwargs)
+        except ModelNotFoundError:
+            self._upload()
+            return call(*args, **kwargs)
+
+    def _close(self) -> None:
         name, self.model_name = self.model_name, None
         try:
-            self._client.delete_model(name)
+            if name is not None:
+                self._client.delete_model(name)
         except ModelNotFoundError:
             pass  # another module with the identical model removed it first
         finally:
             self._client.close()
+            self._workdir.cleanup()
 
 
 def _client_options(rpc_info: Mapping[str, Any]) -> dict[str, Any]:
