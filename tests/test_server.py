@@ -122,6 +122,8 @@ def test_tritonclient(server, deployed):
     assert triton.get_model_metadata("onnx_two_io", model_version="1")["versions"] == ["1"]
     with pytest.raises(Exception, match="no version '7'"):
         triton.infer("onnx_two_io", inputs, model_version="7")
+    everything = triton.infer("onnx_two_io", inputs)  # no outputs named: all of them, binary by default
+    np.testing.assert_array_equal(everything.as_numpy("scaled"), expected["scaled"])
     triton.unload_model("tvm_two_io")
     assert not triton.is_model_ready("tvm_two_io")
     states = {m["name"]: m["state"] for m in triton.get_model_repository_index()}
@@ -267,6 +269,13 @@ def test_bad_infer_requests_are_4xx(server, deployed, case):
     ok = _post_infer(server, "onnx_linear", json.dumps(
         {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).encode())
     assert ok.status_code == 200
+
+
+def test_errors_are_counted(client):
+    text = client.metrics()
+    errors = [line for line in text.splitlines() if line.startswith('arachne_inference_errors_total{model="onnx_linear"}')]
+    assert errors and float(errors[0].split()[-1]) >= len(BAD_REQUESTS) - 2  # 2 bad encodings never reach it
+    assert 'arachne_http_errors_total{status="400"}' in text
 
 
 def test_nan_and_inf_pass_through(client, deployed):
