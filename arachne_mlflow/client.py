@@ -210,7 +210,9 @@ class DeviceClient:
                 method, self.url + path, timeout=timeout or self.timeout, verify=self._verify, **kwargs
             )
         except self._requests.exceptions.SSLError as err:
-            raise DeviceUnreachableError(f"TLS with the device server at {self.host}:{self.port} failed: {err}") from err
+            raise DeviceUnreachableError(
+                f"TLS with the device server at {self.host}:{self.port} failed: {err}"
+            ) from err
         except (self._requests.exceptions.ConnectionError, self._requests.exceptions.Timeout) as err:
             raise DeviceUnreachableError(
                 f"device server at {self.host}:{self.port} is unreachable ({type(err).__name__}): {err}"

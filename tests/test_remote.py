@@ -144,7 +144,8 @@ def test_remote_legacy_package(tmp_path, rpc_info, device, tvm_linear):
         tar.add(tmp_path / "env.yaml", "env.yaml")
     kwargs = dict(package_tar=str(package), params_file=str(tvm_linear["params_file"]))
     x = [np.arange(4, dtype=np.float32).reshape(1, 4)]
-    with arachne_runtime.init("tvm", **kwargs) as local, arachne_runtime.init("tvm", rpc_info=rpc_info, **kwargs) as remote:
+    with arachne_runtime.init("tvm", **kwargs) as local, \
+            arachne_runtime.init("tvm", rpc_info=rpc_info, **kwargs) as remote:
         np.testing.assert_equal(remote.infer(x)[0], local.infer(x)[0])
         name = remote.model_name
     assert device.model_info(name) is None

@@ -273,7 +273,8 @@ def test_bad_infer_requests_are_4xx(server, deployed, case):
 
 def test_errors_are_counted(client):
     text = client.metrics()
-    errors = [line for line in text.splitlines() if line.startswith('arachne_inference_errors_total{model="onnx_linear"}')]
+    prefix = 'arachne_inference_errors_total{model="onnx_linear"}'
+    errors = [line for line in text.splitlines() if line.startswith(prefix)]
     assert errors and float(errors[0].split()[-1]) >= len(BAD_REQUESTS) - 2  # 2 bad encodings never reach it
     assert 'arachne_http_errors_total{status="400"}' in text
 

@@ -54,7 +54,9 @@ def create_app(
     app = Starlette(
         routes=routes.table(),
         lifespan=lifespan,
-        exception_handlers={ArachneError: routes.on_error, HTTPException: routes.on_http_error, Exception: routes.on_crash},
+        exception_handlers={
+            ArachneError: routes.on_error, HTTPException: routes.on_http_error, Exception: routes.on_crash,
+        },
     )
     app.state.dataplane = dataplane
     return _BearerAuth(app, token, dataplane) if token else app

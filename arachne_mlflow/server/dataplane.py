@@ -48,7 +48,7 @@ class Dataplane:
         self.store = store
         self.metrics = Metrics()
         self.ready = False
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="arachne-dataplane")
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="arachne-dataplane")
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
