@@ -489,3 +489,24 @@ def test_kill_during_an_upload_keeps_the_last_complete_version(tmp_path, mlflow_
         assert not list((store / "m").glob(".incoming-*"))
     finally:
         restarted.stop()
+
+
+def test_models_this_machine_cannot_run_are_refused(client, deployed, tmp_path):
+    import shutil
+
+    import yaml
+
+    foreign = shutil.copytree(deployed["tvm_linear"], tmp_path / "foreign")
+    mlmodel = yaml.safe_load((foreign / "MLmodel").read_text())
+    mlmodel["flavors"]["arachne"]["tvm"]["arch"] = "riscv64"
+    (foreign / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with pytest.raises(Exception, match="compiled by TVM for riscv64") as caught:
+        client.upload_model("foreign", foreign)
+    assert caught.value.status_code == 400
+    garbage = shutil.copytree(deployed["tvm_linear"], tmp_path / "garbage")
+    (garbage / "model.so").write_bytes(b"\x7fELF" + bytes(4096))
+    with pytest.raises(Exception, match="cannot load") as caught:
+        client.upload_model("garbage", garbage)
+    assert caught.value.status_code == 400
+    assert client.model_info("foreign") is None and client.model_info("garbage") is None
+    assert client.ready() and client.infer("tvm_linear", _inputs(deployed["tvm_linear"]))["y"].shape == (1, 3)
