@@ -510,3 +510,11 @@ def test_models_this_machine_cannot_run_are_refused(client, deployed, tmp_path):
     assert caught.value.status_code == 400
     assert client.model_info("foreign") is None and client.model_info("garbage") is None
     assert client.ready() and client.infer("tvm_linear", _inputs(deployed["tvm_linear"]))["y"].shape == (1, 3)
+
+
+@pytest.mark.parametrize("info", ["[1, 2]", "{not json", '{"k": "' + "v" * 20_000 + '"}'])
+def test_bad_model_info_header_is_refused(server, deployed, info):
+    body = (deployed["onnx_linear"] / "MLmodel").read_bytes()
+    response = requests.put(f"{server.url}/v2/repository/models/info-test", data=body, timeout=10,
+                            headers={"Arachne-Model-Info": info})
+    assert response.status_code == 400 and "Arachne-Model-Info" in response.json()["error"]
