@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+from urllib.parse import quote
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from arachne_mlflow.errors import (
     ModelNotReadyError,
     UnauthorizedError,
 )
+from arachne_mlflow.names import check_name
 
 INFO_HEADER = "Arachne-Model-Info"
 _ERRORS = {400: InvalidInputError, 401: UnauthorizedError, 404: ModelNotFoundError, 413: InvalidInputError,
@@ -87,10 +89,10 @@ class DeviceClient:
 
     def model_metadata(self, name: str) -> dict[str, Any]:
         """The model's inputs and outputs (`name`, V2 `datatype`, `shape` with -1 for dynamic)."""
-        return self._send("GET", f"/v2/models/{name}").json()
+        return self._send("GET", f"/v2/models/{_quote(name)}").json()
 
     def model_ready(self, name: str) -> bool:
-        return self._send("GET", f"/v2/models/{name}/ready", check=False).status_code == 200
+        return self._send("GET", f"/v2/models/{_quote(name)}/ready", check=False).status_code == 200
 
     # -- repository ------------------------------------------------------------------------
     def repository_index(self) -> list[dict[str, Any]]:
@@ -100,7 +102,7 @@ class DeviceClient:
     def model_info(self, name: str) -> dict[str, Any] | None:
         """The stored record of a model (`runtime`, `digest`, `uploaded_at`, `info`, `state`), or None."""
         try:
-            return self._send("GET", f"/v2/repository/models/{name}").json()
+            return self._send("GET", f"/v2/repository/models/{_quote(name)}").json()
         except ModelNotFoundError:
             return None
 
@@ -138,18 +140,18 @@ class DeviceClient:
         if info is not None:
             headers[INFO_HEADER] = json.dumps(dict(info))
         self._input_names.pop(name, None)
-        self._send("PUT", f"/v2/repository/models/{name}", data=body, headers=headers, timeout=self.upload_timeout)
+        self._send("PUT", f"/v2/repository/models/{_quote(name)}", data=body, headers=headers, timeout=self.upload_timeout)
         return True
 
     def delete_model(self, name: str) -> None:
         self._input_names.pop(name, None)
-        self._send("DELETE", f"/v2/repository/models/{name}")
+        self._send("DELETE", f"/v2/repository/models/{_quote(name)}")
 
     def load_model(self, name: str) -> None:
-        self._send("POST", f"/v2/repository/models/{name}/load", data=b"{}", timeout=self.upload_timeout)
+        self._send("POST", f"/v2/repository/models/{_quote(name)}/load", data=b"{}", timeout=self.upload_timeout)
 
     def unload_model(self, name: str) -> None:
-        self._send("POST", f"/v2/repository/models/{name}/unload", data=b"{}")
+        self._send("POST", f"/v2/repository/models/{_quote(name)}/unload", data=b"{}")
 
     # -- inference -------------------------------------------------------------------------
     def infer(
@@ -173,13 +175,13 @@ class DeviceClient:
         headers = {"Content-Type": "application/octet-stream" if header_length else "application/json"}
         if header_length is not None:
             headers[codec.HEADER_LENGTH] = str(header_length)
-        response = self._send("POST", f"/v2/models/{name}/infer", data=body, headers=headers)
+        response = self._send("POST", f"/v2/models/{_quote(name)}/infer", data=body, headers=headers)
         return codec.decode_response(response.content, response.headers.get(codec.HEADER_LENGTH))
 
     def benchmark(self, name: str, warmup: int = 1, repeat: int = 10, number: int = 1) -> dict[str, Any]:
         """Time the model on the server: `{"mean", "median", "std", "max", "min"}` in ms per run."""
         options = {"warmup": warmup, "repeat": repeat, "number": number}
-        return self._send("POST", f"/v2/models/{name}/benchmark", data=json.dumps(options).encode(),
+        return self._send("POST", f"/v2/models/{_quote(name)}/benchmark", data=json.dumps(options).encode(),
                           timeout=self.upload_timeout).json()
 
     def metrics(self) -> str:
@@ -220,6 +222,11 @@ class DeviceClient:
         if check and response.status_code >= 400:
             raise _error(response, f"{self.host}:{self.port}")
         return response
+
+
+def _quote(name: str) -> str:
+    """A valid model name as a path segment (checked here: the server would see '/' as a path)."""
+    return quote(check_name(name), safe="")
 
 
 def _error(response: Any, where: str) -> ArachneError:

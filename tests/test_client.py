@@ -56,6 +56,9 @@ def test_client_api(server, mlflow_models, capsys):  # noqa: F811
         device.delete_model("two")
         with pytest.raises(ModelNotFoundError):
             device.delete_model("two")
+        for bad in ("a/b", "../x", "x?y=1"):
+            with pytest.raises(InvalidInputError, match="invalid model name"):
+                device.upload_model(bad, mlflow_models["onnx_linear"])
 
 
 def _self_signed(directory):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -33,24 +32,14 @@ from arachne_mlflow.archive import safe_extract
 from arachne_mlflow.digest import files_digest, tree_files
 from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from arachne_mlflow.model_dir import read_model_dir
+from arachne_mlflow.names import NAME_PATTERN, check_name
 from arachne_mlflow.runtime import RuntimeModule
 
 _logger = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CURRENT = "CURRENT.json"
 MARKER = ".arachne-model-store"
 DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
-
-
-def check_name(name: str) -> str:
-    """A model name is also a directory name: letters, digits, `._-`, at most 128, no `..`."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
-        raise InvalidInputError(
-            f"invalid model name {str(name)[:140]!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, without '..'"
-        )
-    return name
 
 
 class LoadedModel:
