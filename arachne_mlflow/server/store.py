@@ -7,8 +7,8 @@ Layout, chosen so that a crash at any moment leaves every model at its last comp
     <root>/<name>/v-<id>/        a complete model directory (MLmodel and its files)
     <root>/<name>/.incoming-<id> an upload being extracted (removed at start-up)
 
-An upload is extracted beside the served version, loaded, and only then made current by
-replacing CURRENT.json; until that moment the old version keeps serving, and if anything fails
+An upload is extracted beside the served version, loaded, synced to disk, and only then made
+current by replacing CURRENT.json (a pointer file, so the swap is one atomic rename); until that moment the old version keeps serving, and if anything fails
 the new files are removed and nothing else changes. Calls are blocking: the dataplane runs
 them in its thread pool. Operations on one name are serialized; other names are not held up.
 """
@@ -216,6 +216,7 @@ class ModelStore:
                     "info": info or {},
                 }
                 loaded = self._load(directory / version_dir, record)
+                _sync_tree(directory / version_dir)  # on disk before CURRENT.json names it (power cuts)
             except BaseException:
                 shutil.rmtree(incoming, ignore_errors=True)
                 shutil.rmtree(directory / version_dir, ignore_errors=True)
@@ -310,3 +311,24 @@ def _write_record(directory: Path, record: dict[str, Any]) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, directory / CURRENT)
+    _sync_directory(directory)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as file:
+                os.fsync(file.fileno())
+        elif path.is_dir():
+            _sync_directory(path)
+    _sync_directory(root)
+    _sync_directory(root.parent)
+
+
+def _sync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
