@@ -76,7 +76,7 @@ class DeviceClient:
 
     # -- health and metadata ---------------------------------------------------------------
     def live(self) -> bool:
-        """True when the server answers its liveness check."""
+        """True when the server answers its liveness check (`DeviceUnreachableError` if nothing answers)."""
         return self._send("GET", "/v2/health/live", check=False).status_code == 200
 
     def ready(self) -> bool:
