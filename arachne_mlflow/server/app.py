@@ -124,7 +124,7 @@ class _Routes:
 
     async def index(self, request: Request) -> Response:
         options = await self._json(request)
-        return JSONResponse(await self.dp.index(ready_only=bool(options.get("ready"))))
+        return JSONResponse(self.dp.index(ready_only=bool(options.get("ready"))))
 
     async def load(self, request: Request) -> Response:
         await self.dp.load(request.path_params["model"])

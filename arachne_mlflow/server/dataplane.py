@@ -140,7 +140,7 @@ class Dataplane:
         return {"name": name, **await self.run_blocking(run)}
 
     # -- repository ------------------------------------------------------------------------
-    async def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         entries = self.store.index()
         return [e for e in entries if e["state"] == "READY"] if ready_only else entries
 
