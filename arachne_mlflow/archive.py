@@ -1,4 +1,4 @@
-"""Safe tar extraction, shared by the legacy package import and the device server's uploads.
+"""Safe tar extraction (legacy package import, device server uploads) and streamed tar creation (client uploads).
 
 Every entry is checked before anything is written: no absolute paths, no `..`, no links that
 leave the directory, no device files or FIFOs, and a cap on the total size and entry count, so
@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import tarfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterable, Iterator
 
 from arachne_mlflow.errors import UnsafeArchiveError
 
 DEFAULT_MAX_BYTES = 4 * 1024**3
 DEFAULT_MAX_MEMBERS = 10_000
+_BLOCK = 512
+_CHUNK = 1 << 20
 
 
 def safe_extract(
@@ -81,3 +83,33 @@ def _inside(path: Path, root: Path) -> bool:
 def _strict_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
     """tarfile's own `data` filter on top of our checks (drops setuid bits and ownership)."""
     return tarfile.data_filter(member, path)
+
+
+def tar_size(root: str | os.PathLike, names: Iterable[str]) -> int:
+    """The number of file bytes `stream_tar` sends (for a progress bar)."""
+    return sum((Path(root) / name).stat().st_size for name in names)
+
+
+def stream_tar(root: str | os.PathLike, names: Iterable[str]) -> Iterator[bytes]:
+    """An uncompressed tar of the files `names` (relative to `root`), made chunk by chunk.
+
+    Nothing is held whole in memory: each file is read in 1 MiB chunks as the consumer (an
+    HTTP upload) asks for more. Links are followed, so the archive holds regular files only.
+    """
+    root = Path(root)
+    for name in names:
+        path = root / name
+        size = path.stat().st_size
+        info = tarfile.TarInfo(Path(name).as_posix())
+        info.size, info.mode, info.mtime = size, 0o644, int(path.stat().st_mtime)
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        sent = 0
+        with open(path, "rb") as file:
+            while sent < size and (chunk := file.read(min(_CHUNK, size - sent))):
+                sent += len(chunk)
+                yield chunk
+        if sent != size:
+            raise OSError(f"{path} changed size while it was being sent")
+        if size % _BLOCK:
+            yield bytes(_BLOCK - size % _BLOCK)
+    yield bytes(2 * _BLOCK)

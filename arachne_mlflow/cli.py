@@ -45,6 +45,12 @@ def _import_legacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from arachne_mlflow.server.main import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arachne-mlflow", description=__doc__)
     parser.add_argument("--version", action="version", version=f"arachne-mlflow {__version__}")
@@ -77,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--name", help="log the model under this name to the tracking server (MLFLOW_TRACKING_URI)")
     legacy.add_argument("--registered-model-name", help="with --name: also register it under this name")
     legacy.set_defaults(func=_import_legacy)
+
+    from arachne_mlflow.server.main import add_arguments
+
+    serve = commands.add_parser("serve", help="run the device server (Open Inference Protocol over HTTP)")
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
     return parser
 
 

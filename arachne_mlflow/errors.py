@@ -43,3 +43,21 @@ class IncompatibleModelError(ArachneError):
 
 class UnsafeArchiveError(InvalidInputError):
     """An archive holds entries that would escape its directory or exceed a limit."""
+
+
+class ModelNotReadyError(ArachneError):
+    """A served model exists but is not loaded (unloaded, or its last load failed)."""
+
+    status_code = 503
+
+
+class DeviceUnreachableError(ArachneError, ConnectionError):
+    """The device server cannot be reached; the message names the host and port."""
+
+    status_code = 503
+
+
+class UnauthorizedError(ArachneError):
+    """A request to the device server lacks the right bearer token."""
+
+    status_code = 401

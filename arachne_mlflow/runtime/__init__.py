@@ -47,12 +47,11 @@ def init(
     `model_file` is the model; `env_file` an old Arachne `env.yaml` (its `model_spec` and
     `tvm_device` become options); `package_tar` an old Arachne package (model + env.yaml),
     extracted into a private temporary directory; `model_dir` an MLflow model directory with
-    the `arachne` flavor, or a directory holding one model file and its env.yaml. Other keyword arguments go to the backend (`num_threads`,
-    `providers`, `tvm_device`, ...).
+    the `arachne` flavor, or a directory holding one model file and its env.yaml. Other keyword
+    arguments go to the backend (`num_threads`, `providers`, `tvm_device`, ...). With `rpc_info={"host", "port"[, "token"]}` the model runs
+    on that device server instead (`RemoteRuntimeModule`, the same methods).
     """
     cls = get_runtime_class(runtime)
-    if rpc_info is not None:
-        raise InvalidInputError("remote execution (rpc_info) needs the device server, which is not part of this build")
     workdir = None
     try:
         if package_tar is not None:
@@ -67,7 +66,7 @@ def init(
             if not Path(model_dir).is_dir():
                 raise ModelNotFoundError(f"model directory not found: {model_dir}")
             if model_file is None and (Path(model_dir) / "MLmodel").is_file():
-                return _init_mlflow_model_dir(runtime, model_dir, options)
+                return _init_mlflow_model_dir(runtime, model_dir, rpc_info, options)
             if model_file is None:
                 model_file, found_env = find_model_in_dir(model_dir)
                 env_file = env_file or found_env
@@ -77,7 +76,13 @@ def init(
             _apply_env_file(env_file, options)
         if model_file is not None and not Path(model_file).exists():
             raise ModelNotFoundError(f"model file not found: {model_file}")
-        module = cls(model_file=None if model_file is None else os.fspath(model_file), **options)
+        model_file = None if model_file is None else os.fspath(model_file)
+        if rpc_info is not None:
+            from arachne_mlflow.runtime.remote import RemoteRuntimeModule
+
+            module = RemoteRuntimeModule(runtime, rpc_info, model_file, **options)
+        else:
+            module = cls(model_file=model_file, **options)
     except BaseException:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -87,13 +92,21 @@ def init(
     return module
 
 
-def _init_mlflow_model_dir(runtime: str, model_dir: str | os.PathLike, options: dict[str, Any]) -> RuntimeModule:
+def _init_mlflow_model_dir(
+    runtime: str, model_dir: str | os.PathLike, rpc_info: dict[str, Any] | None, options: dict[str, Any]
+) -> RuntimeModule:
     """An MLflow model directory with the `arachne` flavor loads as its MLmodel says."""
     from arachne_mlflow.model_dir import read_model_dir
 
     model = read_model_dir(model_dir)
     if model.runtime != runtime:
         raise InvalidInputError(f"{model_dir} holds a {model.runtime!r} model, not {runtime!r}")
+    if rpc_info is not None:
+        from arachne_mlflow.runtime.remote import RemoteRuntimeModule
+
+        kwargs = model.init_kwargs(**options)
+        kwargs.pop("runtime")
+        return RemoteRuntimeModule(runtime, rpc_info, **kwargs)
     return model.load(**options)
 
 

@@ -1,0 +1,247 @@
+"""The one HTTP client of the device server, used by the remote runtime and the deployments plugin.
+
+    from arachne_mlflow.client import DeviceClient
+    with DeviceClient("jetson.local", 5051, token="...") as device:
+        device.upload_model("mobilenet", "path/to/mlflow/model")     # skipped if already there
+        outputs = device.infer("mobilenet", {"input": x})            # dict name -> ndarray
+
+One keep-alive `requests.Session`; tensors travel as Triton binary data; uploads stream a tar
+built on the fly. Every failure is an `ArachneError`: `DeviceUnreachableError` (naming host
+and port) when the server cannot be reached, otherwise the error type of the server's status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+from urllib.parse import quote
+
+import numpy as np
+
+from arachne_mlflow import codec
+from arachne_mlflow.archive import stream_tar, tar_size
+from arachne_mlflow.digest import files_digest
+from arachne_mlflow.errors import (
+    ArachneError,
+    DeviceUnreachableError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    UnauthorizedError,
+)
+from arachne_mlflow.names import check_name
+
+INFO_HEADER = "Arachne-Model-Info"
+_ERRORS = {400: InvalidInputError, 401: UnauthorizedError, 404: ModelNotFoundError, 413: InvalidInputError,
+           503: ModelNotReadyError}
+
+
+class DeviceClient:
+    """A connection to one device server (`host:port`), over HTTP or HTTPS.
+
+    `token` is the server's bearer token; `tls=True` uses HTTPS, verified against `ca_cert`
+    (a PEM file) or the system CAs, unless `verify=False`. `timeout` bounds every request
+    (seconds); `upload_timeout` bounds uploads, which include loading the model on the server.
+    `trust_env` lets requests read proxies and .netrc from the environment; it is off because a
+    device is usually on the local network, and those look-ups cost about 0.5 ms a call.
+    """
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 5051,
+        token: str | None = None,
+        tls: bool = False,
+        ca_cert: str | os.PathLike | None = None,
+        verify: bool = True,
+        timeout: float = 60.0,
+        upload_timeout: float = 600.0,
+        trust_env: bool = False,
+    ):
+        import requests
+
+        self.host, self.port = host, int(port)
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.port}"
+        self.timeout, self.upload_timeout = timeout, upload_timeout
+        self._requests = requests
+        self._session = requests.Session()
+        self._session.trust_env = trust_env
+        # passed with every request: a session-level verify loses to $REQUESTS_CA_BUNDLE in requests
+        self._verify = os.fspath(ca_cert) if ca_cert is not None else verify
+        if token:
+            self._session.headers["Authorization"] = f"Bearer {token}"
+        self._input_names: dict[str, list[str]] = {}
+
+    # -- health and metadata ---------------------------------------------------------------
+    def live(self) -> bool:
+        """True when the server answers its liveness check (`DeviceUnreachableError` if nothing answers)."""
+        return self._send("GET", "/v2/health/live", check=False).status_code == 200
+
+    def ready(self) -> bool:
+        """True when the server has loaded its store and takes requests."""
+        return self._send("GET", "/v2/health/ready", check=False).status_code == 200
+
+    def server_metadata(self) -> dict[str, Any]:
+        """Name, version, extensions, platform, CPU arch and available runtimes of the server."""
+        return self._send("GET", "/v2").json()
+
+    def model_metadata(self, name: str) -> dict[str, Any]:
+        """The model's inputs and outputs (`name`, V2 `datatype`, `shape` with -1 for dynamic)."""
+        return self._send("GET", f"/v2/models/{_quote(name)}").json()
+
+    def model_ready(self, name: str) -> bool:
+        return self._send("GET", f"/v2/models/{_quote(name)}/ready", check=False).status_code == 200
+
+    # -- repository ------------------------------------------------------------------------
+    def repository_index(self) -> list[dict[str, Any]]:
+        """Every model on the server: `name`, `version`, `state` (READY/UNAVAILABLE), `reason`."""
+        return self._send("POST", "/v2/repository/index", data=b"{}").json()
+
+    def model_info(self, name: str) -> dict[str, Any] | None:
+        """The stored record of a model (`runtime`, `digest`, `uploaded_at`, `info`, `state`), or None."""
+        try:
+            return self._send("GET", f"/v2/repository/models/{_quote(name)}").json()
+        except ModelNotFoundError:
+            return None
+
+    def upload_model(
+        self,
+        name: str,
+        model_dir: str | os.PathLike,
+        files: Sequence[str] | None = None,
+        info: Mapping[str, Any] | None = None,
+        progress: bool = False,
+        force: bool = False,
+    ) -> bool:
+        """Upload the MLflow model directory `model_dir` as `name` and have the server load it.
+
+        Only `files` are sent (default: what MLmodel names, `ArachneModel.files()`), as a tar
+        streamed from disk. `info` (a small JSON object: registered model name, version, run
+        id) is stored beside the model. Returns False, sending nothing, when the server already
+        holds the same files under `name` (unless `force`). A replaced model keeps serving on
+        the server until the new one has loaded.
+        """
+        model_dir = Path(model_dir)
+        if files is None:
+            from arachne_mlflow.model_dir import read_model_dir
+
+            files = read_model_dir(model_dir).files()
+        files = sorted(set(files))
+        if not force:
+            stored = self.model_info(name)
+            if stored is not None and stored.get("digest") == files_digest(model_dir, files):
+                return False
+        body: Iterator[bytes] = stream_tar(model_dir, files)
+        if progress:
+            body = _with_progress(body, tar_size(model_dir, files), f"upload {name}")
+        headers = {"Content-Type": "application/x-tar"}
+        if info is not None:
+            headers[INFO_HEADER] = json.dumps(dict(info))
+        self._input_names.pop(name, None)
+        self._send("PUT", f"/v2/repository/models/{_quote(name)}", data=body, headers=headers, timeout=self.upload_timeout)
+        return True
+
+    def delete_model(self, name: str) -> None:
+        self._input_names.pop(name, None)
+        self._send("DELETE", f"/v2/repository/models/{_quote(name)}")
+
+    def load_model(self, name: str) -> None:
+        self._send("POST", f"/v2/repository/models/{_quote(name)}/load", data=b"{}", timeout=self.upload_timeout)
+
+    def unload_model(self, name: str) -> None:
+        self._send("POST", f"/v2/repository/models/{_quote(name)}/unload", data=b"{}")
+
+    # -- inference -------------------------------------------------------------------------
+    def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, Any] | Sequence[Any],
+        outputs: Sequence[str] | None = None,
+        binary: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """Run model `name` once; returns its outputs by name (only `outputs` when given).
+
+        `inputs` is a dict name -> array, or a list in the model's input order. With `binary`
+        (the default) tensors travel as raw bytes, exactly; otherwise as JSON numbers.
+        """
+        if not isinstance(inputs, Mapping):
+            names = self._model_input_names(name)
+            if len(inputs) != len(names):
+                raise InvalidInputError(f"model {name!r} takes {len(names)} inputs {names}, got {len(inputs)}")
+            inputs = dict(zip(names, inputs))
+        body, header_length = codec.encode_request(inputs, binary=binary, outputs=outputs)
+        headers = {"Content-Type": "application/octet-stream" if header_length else "application/json"}
+        if header_length is not None:
+            headers[codec.HEADER_LENGTH] = str(header_length)
+        response = self._send("POST", f"/v2/models/{_quote(name)}/infer", data=body, headers=headers)
+        return codec.decode_response(response.content, response.headers.get(codec.HEADER_LENGTH))
+
+    def benchmark(self, name: str, warmup: int = 1, repeat: int = 10, number: int = 1) -> dict[str, Any]:
+        """Time the model on the server: `{"mean", "median", "std", "max", "min"}` in ms per run."""
+        options = {"warmup": warmup, "repeat": repeat, "number": number}
+        return self._send("POST", f"/v2/models/{_quote(name)}/benchmark", data=json.dumps(options).encode(),
+                          timeout=self.upload_timeout).json()
+
+    def metrics(self) -> str:
+        """The server's Prometheus metrics, as text."""
+        return self._send("GET", "/metrics").text
+
+    # -- plumbing --------------------------------------------------------------------------
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> "DeviceClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DeviceClient({self.url!r})"
+
+    def _model_input_names(self, name: str) -> list[str]:
+        if name not in self._input_names:
+            self._input_names[name] = [t["name"] for t in self.model_metadata(name)["inputs"]]
+        return self._input_names[name]
+
+    def _send(self, method: str, path: str, check: bool = True, timeout: float | None = None, **kwargs: Any):
+        try:
+            response = self._session.request(
+                method, self.url + path, timeout=timeout or self.timeout, verify=self._verify, **kwargs
+            )
+        except self._requests.exceptions.SSLError as err:
+            raise DeviceUnreachableError(
+                f"TLS with the device server at {self.host}:{self.port} failed: {err}"
+            ) from err
+        except (self._requests.exceptions.ConnectionError, self._requests.exceptions.Timeout) as err:
+            raise DeviceUnreachableError(
+                f"device server at {self.host}:{self.port} is unreachable ({type(err).__name__}): {err}"
+            ) from err
+        if check and response.status_code >= 400:
+            raise _error(response, f"{self.host}:{self.port}")
+        return response
+
+
+def _quote(name: str) -> str:
+    """A valid model name as a path segment (checked here: the server would see '/' as a path)."""
+    return quote(check_name(name), safe="")
+
+
+def _error(response: Any, where: str) -> ArachneError:
+    try:
+        message = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:500]
+    error_class = _ERRORS.get(response.status_code, ArachneError)
+    return error_class(f"device server {where}: {message} (HTTP {response.status_code})")
+
+
+def _with_progress(chunks: Iterator[bytes], total: int, description: str) -> Iterator[bytes]:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc=description) as bar:
+        for chunk in chunks:
+            yield chunk
+            bar.update(len(chunk))

@@ -1,0 +1,334 @@
+"""The one tensor codec: numpy arrays <-> Open Inference Protocol (KServe V2) JSON and Triton binary data.
+
+A V2 message is a JSON header, optionally followed by raw tensor blobs; the HTTP header
+`Inference-Header-Content-Length` says where the JSON ends. A tensor travels either as JSON
+`data` or as a blob whose size is in `parameters.binary_data_size` (blobs follow the JSON in the
+order of the tensors). Server and client both use these functions, so both ends agree byte for
+byte. Every size is checked against the shape before an array is made, so a hostile shape
+cannot make the receiver allocate memory the data does not back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from arachne_mlflow.errors import InvalidInputError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+#: The most elements one tensor may declare (2**31: 8 GiB of float32); larger shapes are refused.
+MAX_ELEMENTS = 2**31
+_ALIGN = 8
+
+_DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+_NAMES = {dtype: name for name, dtype in _DATATYPES.items()}
+
+
+def to_datatype(dtype: Any) -> str:
+    """The V2 datatype name of a numpy dtype (strings and bytes are BYTES)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "OSU":
+        return "BYTES"
+    try:
+        return _NAMES[dtype.newbyteorder("=")]
+    except KeyError as err:
+        raise InvalidInputError(f"dtype {dtype.name} has no V2 datatype") from err
+
+
+def from_datatype(name: Any) -> np.dtype:
+    """The numpy dtype of a V2 datatype name."""
+    try:
+        return _DATATYPES[name]
+    except (KeyError, TypeError) as err:
+        raise InvalidInputError(f"unknown datatype {name!r}; known: {sorted(_DATATYPES)}") from err
+
+
+# -- messages --------------------------------------------------------------------------
+
+
+def split_message(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header and the binary part of a V2 message (a view: nothing is copied)."""
+    view = memoryview(body)
+    if header_length is None:
+        json_part, binary = view, view[len(view):]
+    else:
+        try:
+            size = int(header_length)
+        except ValueError as err:
+            raise InvalidInputError(f"{HEADER_LENGTH} {header_length!r} is not a number") from err
+        if not 0 <= size <= len(view):
+            raise InvalidInputError(f"{HEADER_LENGTH} {size} is outside the body of {len(view)} bytes")
+        json_part, binary = view[:size], view[size:]
+    try:
+        header = json.loads(bytes(json_part))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise InvalidInputError(f"request body is not valid JSON: {type(err).__name__}: {err}") from err
+    if not isinstance(header, dict):
+        raise InvalidInputError("request body must be a JSON object")
+    return header, binary
+
+
+def join_message(header: Mapping[str, Any], blobs: Sequence[bytes | memoryview]) -> tuple[bytes, int | None]:
+    """The body of a V2 message and the header length to send (None when there are no blobs)."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    head += b" " * (-len(head) % _ALIGN)  # JSON allows trailing spaces; aligned blobs decode without a copy
+    return b"".join([head, *blobs]), len(head)
+
+
+def encode_request(
+    inputs: Mapping[str, Any], binary: bool = True, outputs: Sequence[str] | None = None, request_id: str | None = None
+) -> tuple[bytes, int | None]:
+    """An infer request body: inputs by name, outputs asked for in binary when `binary`."""
+    header: dict[str, Any] = {"inputs": [], "parameters": {"binary_data_output": binary}}
+    if request_id is not None:
+        header["id"] = request_id
+    blobs = []
+    for name, array in inputs.items():
+        entry, blob = encode_tensor(name, array, binary)
+        header["inputs"].append(entry)
+        if blob is not None:
+            blobs.append(blob)
+    if outputs is not None:
+        header["outputs"] = [{"name": name, "parameters": {"binary_data": binary}} for name in outputs]
+    return join_message(header, blobs)
+
+
+@dataclass
+class InferRequest:
+    """A decoded infer request: arrays by name and how each requested output is to be sent."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: list[tuple[str, bool]] | None  # (name, binary); None = every output
+    binary_output: bool
+    id: str | None = None
+
+
+def decode_request(body: bytes, header_length: str | None) -> InferRequest:
+    """An infer request from its body and `Inference-Header-Content-Length` (None: all JSON)."""
+    header, binary = split_message(body, header_length)
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInputError("'parameters' must be an object")
+    binary_output = bool(params.get("binary_data_output", False))
+    outputs = None
+    if header.get("outputs") is not None:
+        if not isinstance(header["outputs"], list):
+            raise InvalidInputError("'outputs' must be a list")
+        outputs = []
+        for item in header["outputs"]:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise InvalidInputError(f"a requested output must be an object with a 'name', got {str(item)[:100]!r}")
+            item_params = item.get("parameters") or {}
+            outputs.append((item["name"], bool(item_params.get("binary_data", binary_output))))
+    request_id = header.get("id")
+    return InferRequest(
+        decode_tensors(header.get("inputs"), binary), outputs, binary_output,
+        request_id if isinstance(request_id, str) else None,
+    )
+
+
+def encode_response(
+    model_name: str, results: Mapping[str, np.ndarray], request: InferRequest, model_version: str = "1"
+) -> tuple[bytes, int | None]:
+    """The infer response for `request`: the outputs it asked for, binary where it asked so."""
+    wanted = request.outputs if request.outputs is not None else [(n, request.binary_output) for n in results]
+    header: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": []}
+    if request.id is not None:
+        header["id"] = request.id
+    blobs = []
+    for name, binary in wanted:
+        if name not in results:
+            raise InvalidInputError(f"model {model_name!r} has no output {name!r}; outputs: {list(results)}")
+        entry, blob = encode_tensor(name, results[name], binary)
+        header["outputs"].append(entry)
+        if blob is not None:
+            blobs.append(blob)
+    return join_message(header, blobs)
+
+
+def decode_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+    """The outputs of an infer response, by name."""
+    header, binary = split_message(body, header_length)
+    return decode_tensors(header.get("outputs"), binary)
+
+
+# -- tensors ---------------------------------------------------------------------------
+
+
+def encode_tensor(name: str, array: Any, binary: bool) -> tuple[dict[str, Any], bytes | memoryview | None]:
+    """One tensor as its V2 JSON entry and, when `binary`, the blob that follows the JSON."""
+    array = np.asarray(array)
+    datatype = to_datatype(array.dtype)
+    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+    if binary:
+        blob = _to_bytes(array, datatype)
+        entry["parameters"] = {"binary_data_size": len(blob)}
+        return entry, blob
+    if datatype == "BYTES":
+        entry["data"] = [_as_text(item) for item in array.ravel().tolist()]
+    else:
+        entry["data"] = array.ravel().tolist()
+    return entry, None
+
+
+def decode_tensors(entries: Any, binary: memoryview) -> dict[str, np.ndarray]:
+    """Arrays from a list of V2 tensor entries and the binary part of the message, by name.
+
+    Binary tensors are read-only views on `binary` when aligned (zero copy); the binary part
+    must be used up exactly.
+    """
+    if not isinstance(entries, list):
+        raise InvalidInputError("'inputs'/'outputs' must be a list of tensors")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for entry in entries:
+        name, dtype, shape, count = _describe(entry)
+        if name in arrays:
+            raise InvalidInputError(f"tensor {name!r} appears twice")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInputError(f"tensor {name!r}: 'parameters' must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInputError(f"tensor {name!r}: binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise InvalidInputError(
+                    f"tensor {name!r}: binary_data_size {size} runs past the {len(binary) - offset} bytes left"
+                )
+            arrays[name] = _from_bytes(name, binary[offset:offset + size], dtype, shape, count)
+            offset += size
+        else:
+            arrays[name] = _from_json(name, entry.get("data"), dtype, shape, count)
+    if offset != len(binary):
+        raise InvalidInputError(f"{len(binary) - offset} bytes of binary data are not claimed by any tensor")
+    return arrays
+
+
+def _describe(entry: Any) -> tuple[str, np.dtype, tuple[int, ...], int]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise InvalidInputError(f"a tensor must be an object with a 'name', got {str(entry)[:100]!r}")
+    name = entry["name"]
+    dtype = from_datatype(entry.get("datatype"))
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InvalidInputError(f"tensor {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    if len(shape) > 32:
+        raise InvalidInputError(f"tensor {name!r}: {len(shape)} dimensions is more than 32")
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise InvalidInputError(f"tensor {name!r}: shape {shape} has {count} elements, more than {MAX_ELEMENTS}")
+    return name, dtype, tuple(shape), count
+
+
+def _from_bytes(name: str, blob: memoryview, dtype: np.dtype, shape: tuple[int, ...], count: int) -> np.ndarray:
+    if dtype.kind == "O":
+        return _bytes_elements(name, blob, count).reshape(shape)
+    if len(blob) != count * dtype.itemsize:
+        raise InvalidInputError(
+            f"tensor {name!r}: shape {list(shape)} of {to_datatype(dtype)} needs {count * dtype.itemsize} bytes, "
+            f"binary_data_size is {len(blob)}"
+        )
+    array = np.frombuffer(blob, dtype=dtype.newbyteorder("<"), count=count).reshape(shape)
+    if not array.dtype.isnative:
+        array = array.astype(dtype)
+    return array if array.flags.aligned else array.copy()
+
+
+def _from_json(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...], count: int) -> np.ndarray:
+    if not isinstance(data, list):
+        raise InvalidInputError(f"tensor {name!r}: needs 'data' (a list) or parameters.binary_data_size")
+    try:
+        flat = data if all(not isinstance(x, list) for x in data) else list(_flatten(data))
+    except RecursionError as err:
+        raise InvalidInputError(f"tensor {name!r}: 'data' is nested too deeply") from err
+    if len(flat) != count:
+        raise InvalidInputError(f"tensor {name!r}: shape {list(shape)} needs {count} elements, 'data' has {len(flat)}")
+    if dtype.kind == "O":
+        if not all(isinstance(x, str) for x in flat):
+            raise InvalidInputError(f"tensor {name!r}: BYTES data must be strings")
+        array = np.empty(count, dtype=object)
+        array[:] = [x.encode() for x in flat]
+        return array.reshape(shape)
+    if not all(_json_fits(x, dtype) for x in flat):
+        raise InvalidInputError(f"tensor {name!r}: 'data' holds values that are not {to_datatype(dtype)}")
+    try:
+        return np.array(flat, dtype=dtype).reshape(shape)
+    except (OverflowError, ValueError, TypeError) as err:
+        raise InvalidInputError(f"tensor {name!r}: 'data' does not fit {to_datatype(dtype)}: {err}") from err
+
+
+def _json_fits(value: Any, dtype: np.dtype) -> bool:
+    """JSON numbers for numeric tensors, booleans for BOOL: no strings or objects cast silently."""
+    if dtype.kind == "b":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if dtype.kind == "f":
+        return isinstance(value, (int, float))
+    return isinstance(value, int)
+
+
+def _flatten(data: Iterable[Any]) -> Iterable[Any]:
+    for item in data:
+        if isinstance(item, list):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+def _to_bytes(array: np.ndarray, datatype: str) -> bytes | memoryview:
+    if datatype == "BYTES":
+        parts = []
+        for item in array.ravel().tolist():
+            raw = item if isinstance(item, bytes) else str(item).encode()
+            parts += [struct.pack("<I", len(raw)), raw]
+        return b"".join(parts)
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return memoryview(little).cast("B")
+
+
+def _bytes_elements(name: str, blob: memoryview, count: int) -> np.ndarray:
+    """BYTES blobs: each element is a 4-byte little-endian length, then that many bytes."""
+    if count * 4 > len(blob):
+        raise InvalidInputError(f"tensor {name!r}: {len(blob)} bytes cannot hold {count} BYTES elements")
+    items = np.empty(count, dtype=object)
+    offset = 0
+    for i in range(count):
+        if offset + 4 > len(blob):
+            raise InvalidInputError(f"tensor {name!r}: BYTES data ends after {i} of {count} elements")
+        (size,) = struct.unpack_from("<I", blob, offset)
+        offset += 4
+        if offset + size > len(blob):
+            raise InvalidInputError(f"tensor {name!r}: BYTES element {i} runs past the end of its data")
+        items[i] = bytes(blob[offset:offset + size])
+        offset += size
+    if offset != len(blob):
+        raise InvalidInputError(f"tensor {name!r}: {len(blob) - offset} bytes after its {count} BYTES elements")
+    return items
+
+
+def _as_text(item: Any) -> str:
+    return item.decode("utf-8", errors="replace") if isinstance(item, bytes) else str(item)

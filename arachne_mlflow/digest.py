@@ -1,0 +1,33 @@
+"""A content digest of a model's files, computed the same way by the client and the device server.
+
+The client compares its digest with the one the server stored to skip uploading a model the
+server already has; names and sizes are hashed too, so renaming a file changes the digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable
+
+_CHUNK = 1 << 20
+
+
+def files_digest(root: str | os.PathLike, names: Iterable[str]) -> str:
+    """`sha256:<hex>` over the files `names` (relative to `root`), in sorted order."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for name in sorted(set(names)):
+        path = root / name
+        digest.update(name.encode() + b"\0" + path.stat().st_size.to_bytes(8, "little"))
+        with open(path, "rb") as file:
+            while chunk := file.read(_CHUNK):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def tree_files(root: str | os.PathLike) -> list[str]:
+    """Every regular file under `root`, as sorted relative POSIX paths."""
+    root = Path(root)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.is_symlink())

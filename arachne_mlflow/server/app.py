@@ -1,0 +1,269 @@
+"""Thin Starlette routes of the Open Inference Protocol (V2) and the store extensions.
+
+Each route reads what HTTP gives (raw body, headers, path), calls the dataplane and wraps the
+answer. Bodies are read raw: tritonclient sends no Content-Type. Every `ArachneError` becomes
+`{"error": message}` with its status in one handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import zlib
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from arachne_mlflow import codec
+from arachne_mlflow.errors import ArachneError, InvalidInputError
+from arachne_mlflow.server.dataplane import Dataplane
+from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
+
+_logger = logging.getLogger(__name__)
+
+INFO_HEADER = "Arachne-Model-Info"
+MAX_INFO_BYTES = 16 * 1024
+DEFAULT_MAX_REQUEST_BYTES = 1024**3
+_PUBLIC_PREFIX = "/v2/health/"
+
+
+def create_app(
+    model_store: str,
+    token: str | None = None,
+    max_upload_bytes: int | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_workers: int | None = None,
+) -> Starlette:
+    """The device server application over the model store directory `model_store`."""
+    store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
+    dataplane = Dataplane(store, max_workers)
+    routes = _Routes(dataplane, max_request_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await dataplane.start()
+        yield
+        await dataplane.close()
+
+    app = Starlette(
+        routes=routes.table(),
+        lifespan=lifespan,
+        exception_handlers={
+            ArachneError: routes.on_error, HTTPException: routes.on_http_error, Exception: routes.on_crash,
+        },
+    )
+    app.state.dataplane = dataplane
+    return _BearerAuth(app, token, dataplane) if token else app
+
+
+class _Routes:
+    """The route handlers: HTTP in, dataplane call, HTTP out."""
+
+    def __init__(self, dataplane: Dataplane, max_request_bytes: int):
+        self.dp = dataplane
+        self.max_request_bytes = max_request_bytes
+
+    def table(self) -> list[Route]:
+        m = "/v2/models/{model}"
+        v = m + "/versions/{version}"
+        r = "/v2/repository/models/{model}"
+        return [
+            Route("/v2/health/live", self.live),
+            Route("/v2/health/ready", self.ready),
+            Route("/v2", self.server_metadata),
+            Route(m, self.model_metadata),
+            Route(v, self.model_metadata),
+            Route(m + "/ready", self.model_ready),
+            Route(v + "/ready", self.model_ready),
+            Route(m + "/infer", self.infer, methods=["POST"]),
+            Route(v + "/infer", self.infer, methods=["POST"]),
+            Route(m + "/benchmark", self.benchmark, methods=["POST"]),
+            Route("/v2/repository/index", self.index, methods=["POST"]),
+            Route(r + "/load", self.load, methods=["POST"]),
+            Route(r + "/unload", self.unload, methods=["POST"]),
+            Route(r, self.model_info, methods=["GET"]),
+            Route(r, self.upload, methods=["PUT"]),
+            Route(r, self.delete, methods=["DELETE"]),
+            Route("/metrics", self.metrics),
+        ]
+
+    # -- V2 --------------------------------------------------------------------------------
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        return JSONResponse({"ready": self.dp.ready}, status_code=200 if self.dp.ready else 503)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse(self.dp.server_metadata())
+
+    async def model_metadata(self, request: Request) -> Response:
+        return JSONResponse(self.dp.model_metadata(self._model(request)))
+
+    async def model_ready(self, request: Request) -> Response:
+        return JSONResponse(self.dp.model_ready(self._model(request)))
+
+    async def infer(self, request: Request) -> Response:
+        name = self._model(request)
+        body = await self._body(request)
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            body = await self.dp.run_blocking(_decompress, body, encoding, self.max_request_bytes)
+        result, header_length = await self.dp.infer(name, body, request.headers.get(codec.HEADER_LENGTH))
+        if header_length is None:
+            return Response(result, media_type="application/json")
+        return Response(
+            result, media_type="application/octet-stream", headers={codec.HEADER_LENGTH: str(header_length)}
+        )
+
+    async def index(self, request: Request) -> Response:
+        options = await self._json(request)
+        return JSONResponse(self.dp.index(ready_only=bool(options.get("ready"))))
+
+    async def load(self, request: Request) -> Response:
+        await self.dp.load(request.path_params["model"])
+        return JSONResponse({})
+
+    async def unload(self, request: Request) -> Response:
+        await self.dp.unload(request.path_params["model"])
+        return JSONResponse({})
+
+    # -- extensions ------------------------------------------------------------------------
+    async def model_info(self, request: Request) -> Response:
+        return JSONResponse(self.dp.info(request.path_params["model"]))
+
+    async def upload(self, request: Request) -> Response:
+        info = _parse_info(request.headers.get(INFO_HEADER))
+        return JSONResponse(await self.dp.upload(request.path_params["model"], _stream(request), info))
+
+    async def delete(self, request: Request) -> Response:
+        await self.dp.delete(request.path_params["model"])
+        return JSONResponse({})
+
+    async def benchmark(self, request: Request) -> Response:
+        options = await self._json(request)
+        return JSONResponse(await self.dp.benchmark(request.path_params["model"], options))
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.dp.metrics.render(), media_type=self.dp.metrics.content_type)
+
+    # -- errors ----------------------------------------------------------------------------
+    async def on_error(self, request: Request, err: Exception) -> Response:
+        status = getattr(err, "status_code", 500)
+        self.dp.metrics.http_errors.labels(str(status)).inc()
+        return JSONResponse({"error": str(err)}, status_code=status)
+
+    async def on_http_error(self, request: Request, err: HTTPException) -> Response:
+        self.dp.metrics.http_errors.labels(str(err.status_code)).inc()
+        return JSONResponse({"error": err.detail}, status_code=err.status_code, headers=err.headers)
+
+    async def on_crash(self, request: Request, err: Exception) -> Response:
+        _logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        self.dp.metrics.http_errors.labels("500").inc()
+        return JSONResponse({"error": f"internal server error: {type(err).__name__}: {err}"}, status_code=500)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _model(self, request: Request) -> str:
+        """The model named in the path; a `/versions/{v}` path must name the served version."""
+        name = request.path_params["model"]
+        if "version" in request.path_params:
+            self.dp.check_version(name, request.path_params["version"])
+        return name
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
+            raise _TooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_request_bytes}")
+        parts, size = [], 0
+        async for chunk in _stream(request):
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                raise _TooLarge(f"request body exceeds the limit of {self.max_request_bytes} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _json(self, request: Request) -> dict[str, Any]:
+        """An optional JSON object body (tritonclient sends none, or `{}`)."""
+        body = await self._body(request)
+        if not body.strip():
+            return {}
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise InvalidInputError(f"request body is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise InvalidInputError("request body must be a JSON object")
+        return data
+
+
+class _TooLarge(InvalidInputError):
+    status_code = 413
+
+
+async def _stream(request: Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client that hangs up is a client error, not a crash."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect as err:
+        raise InvalidInputError("the client disconnected before sending the whole body") from err
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo `Content-Encoding: gzip|deflate` (tritonclient's request compression), at most `limit` bytes."""
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidInputError(f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        result = inflater.decompress(body, limit + 1)
+    except zlib.error as err:
+        raise InvalidInputError(f"request body is not valid {encoding} data: {err}") from err
+    if len(result) > limit:
+        raise _TooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidInputError(f"request body is truncated {encoding} data")
+    return result
+
+
+def _parse_info(text: str | None) -> dict[str, Any] | None:
+    """The client's deployment info (registered model name, version, run id): a small JSON object."""
+    if text is None:
+        return None
+    if len(text) > MAX_INFO_BYTES:
+        raise InvalidInputError(f"{INFO_HEADER} is longer than {MAX_INFO_BYTES} bytes")
+    try:
+        info = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise InvalidInputError(f"{INFO_HEADER} is not valid JSON: {err}") from err
+    if not isinstance(info, dict):
+        raise InvalidInputError(f"{INFO_HEADER} must be a JSON object")
+    return info
+
+
+class _BearerAuth:
+    """ASGI middleware: every HTTP route but /v2/health/* needs `Authorization: Bearer <token>`."""
+
+    def __init__(self, app: Starlette, token: str, dataplane: Dataplane):
+        self.app = app
+        self.state = app.state
+        self._expected = f"Bearer {token}".encode()
+        self._dataplane = dataplane
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(_PUBLIC_PREFIX):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                self._dataplane.metrics.http_errors.labels("401").inc()
+                response = JSONResponse(
+                    {"error": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"},
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,245 @@
+"""The protocol-independent core of the device server: what each route asks, answered with plain data.
+
+Routes hand raw bytes and names in; the dataplane decodes with the codec, runs blocking work
+(decoding, inference, loading, extraction) in one thread pool through `run_blocking`, and
+returns bytes or dicts. Models that are not thread-safe are locked by their own RuntimeModule,
+so a slow model never holds up another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import io
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, AsyncIterator, Callable, TypeVar
+
+import numpy as np
+
+from arachne_mlflow import __version__, codec
+from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, UnsafeArchiveError
+from arachne_mlflow.server.metrics import Metrics
+from arachne_mlflow.server.store import ModelStore
+
+T = TypeVar("T")
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "arachne_upload", "arachne_benchmark", "metrics"]
+# Distributions that provide each built-in runtime's library, in the order the backend tries them.
+_LIBRARIES = {
+    "tflite": ("ai-edge-litert", "tflite-runtime", "tensorflow", "tensorflow-cpu"),
+    "onnx": ("onnxruntime", "onnxruntime-gpu"),
+    "tvm": ("apache-tvm", "tvm"),
+}
+_BENCHMARK_LIMITS = {"warmup": (0, 1000), "repeat": (1, 10_000), "number": (1, 1000)}
+# An upload holds a worker thread while its body streams in: cap them so inference keeps threads.
+MAX_CONCURRENT_UPLOADS = 2
+# Seconds an upload may go without sending a byte before it is abandoned (frees its thread).
+UPLOAD_IDLE_TIMEOUT = 120.0
+
+
+class Dataplane:
+    """Inference, metadata and repository operations over a `ModelStore`."""
+
+    def __init__(self, store: ModelStore, max_workers: int | None = None):
+        self.store = store
+        self.metrics = Metrics()
+        self.ready = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="arachne-dataplane")
+        self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """The one way blocking work leaves the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def start(self) -> None:
+        await self.run_blocking(self.store.open)
+        for entry in self.store.index():
+            if entry["state"] == "READY":
+                self.metrics.load_seconds.labels(entry["name"]).set(self.store.get(entry["name"]).load_seconds)
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        await self.run_blocking(self.store.close)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- metadata --------------------------------------------------------------------------
+    def server_metadata(self) -> dict[str, Any]:
+        return {
+            "name": "arachne-mlflow",
+            "version": __version__,
+            "extensions": EXTENSIONS,
+            "platform": platform.platform(),
+            "arch": platform.machine(),
+            "python": platform.python_version(),
+            "runtimes": available_runtimes(),
+        }
+
+    def model_metadata(self, name: str) -> dict[str, Any]:
+        record, inputs, outputs = self.store.spec(name)
+        return {
+            "name": name,
+            "versions": [str(record["version"])],
+            "platform": f"arachne_{record['runtime']}",
+            "inputs": [_tensor_metadata(spec) for spec in inputs],
+            "outputs": [_tensor_metadata(spec) for spec in outputs],
+        }
+
+    def check_version(self, name: str, version: str) -> None:
+        """Only the served version of a model exists (V2 paths may name one)."""
+        served = str(self.store.info(name)["version"])
+        if version != served:
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}; the served version is {served}")
+
+    def model_ready(self, name: str) -> dict[str, Any]:
+        self.store.get(name)
+        return {"name": name, "ready": True}
+
+    # -- inference -------------------------------------------------------------------------
+    async def infer(self, name: str, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
+        """Run one V2 infer request; returns the response body and its JSON header length."""
+        return await self.run_blocking(self._infer, name, body, header_length)
+
+    def _infer(self, name: str, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
+        start = time.perf_counter()
+        with self.store.use(name) as loaded:
+            self.metrics.requests.labels(name).inc()
+            try:
+                request = codec.decode_request(body, header_length)
+                module = loaded.module
+                outputs = module.infer(_ordered_inputs(module, request.inputs))
+                results = {spec.name: array for spec, array in zip(module.output_specs, outputs)}
+                response = codec.encode_response(name, results, request, str(loaded.record["version"]))
+            except Exception:
+                self.metrics.errors.labels(name).inc()
+                raise
+        self.metrics.latency.labels(name).observe(time.perf_counter() - start)
+        return response
+
+    async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Time the model on the server with `RuntimeModule.benchmark` (bounded repeat counts)."""
+        kwargs = {}
+        for key, value in options.items():
+            if key not in _BENCHMARK_LIMITS:
+                raise InvalidInputError(f"unknown benchmark option {key!r}; options: {sorted(_BENCHMARK_LIMITS)}")
+            low, high = _BENCHMARK_LIMITS[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise InvalidInputError(f"benchmark option {key!r} must be an integer in [{low}, {high}]")
+            kwargs[key] = value
+        self.store.get(name)  # unknown or unloaded models fail here, before a thread is taken
+
+        def run() -> dict[str, Any]:
+            with self.store.use(name) as loaded:
+                return loaded.module.benchmark(**kwargs)
+
+        return {"name": name, **await self.run_blocking(run)}
+
+    # -- repository ------------------------------------------------------------------------
+    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        entries = self.store.index()
+        return [e for e in entries if e["state"] == "READY"] if ready_only else entries
+
+    def info(self, name: str) -> dict[str, Any]:
+        return self.store.info(name)
+
+    async def load(self, name: str) -> None:
+        loaded = await self.run_blocking(self.store.load, name)
+        self.metrics.load_seconds.labels(name).set(loaded.load_seconds)
+
+    async def unload(self, name: str) -> None:
+        await self.run_blocking(self.store.unload, name)
+
+    async def delete(self, name: str) -> None:
+        await self.run_blocking(self.store.delete, name)
+
+    async def upload(self, name: str, chunks: AsyncIterator[bytes], info: dict[str, Any] | None) -> dict[str, Any]:
+        """Extract the tar arriving in `chunks` into the store as it streams in, then load it."""
+        reader = _StreamReader(chunks, asyncio.get_running_loop(), self.store.max_upload_bytes)
+        try:
+            async with self._uploads:
+                record = await self.run_blocking(self.store.put, name, io.BufferedReader(reader, 1 << 16), info)
+        finally:
+            if not reader.overflowed:
+                async for _ in chunks:  # let the client finish sending, so it reads our answer
+                    pass
+        with contextlib.suppress(ArachneError):  # unloaded again meanwhile: nothing to record
+            self.metrics.load_seconds.labels(name).set(self.store.get(name).load_seconds)
+        return record
+
+
+class _StreamReader(io.RawIOBase):
+    """A blocking file over an async byte stream: a worker thread reads what the event loop receives."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop, max_bytes: int):
+        self._chunks = chunks
+        self._loop = loop
+        self._max_bytes = max_bytes
+        self._pending = b""
+        self._received = 0
+        self._eof = False
+        self.overflowed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending and not self._eof:
+            future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+            try:
+                chunk = future.result(timeout=UPLOAD_IDLE_TIMEOUT)
+            except concurrent.futures.TimeoutError as err:
+                future.cancel()
+                raise InvalidInputError(f"upload stalled: no data for {UPLOAD_IDLE_TIMEOUT:.0f} s") from err
+            self._received += len(chunk)
+            if self._received > self._max_bytes:
+                self.overflowed = True
+                raise UnsafeArchiveError(f"upload exceeds the limit of {self._max_bytes} bytes")
+            self._pending = chunk
+            self._eof = not chunk
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    async def _next(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return b""
+
+
+def _ordered_inputs(module: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    names = [spec.name for spec in module.input_specs]
+    unknown = sorted(set(inputs) - set(names))
+    missing = [n for n in names if n not in inputs]
+    if unknown or missing:
+        raise InvalidInputError(f"the model's inputs are {names}; missing {missing}, unknown {unknown}")
+    return [inputs[n] for n in names]
+
+
+def _tensor_metadata(spec: Any) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": codec.to_datatype(spec.dtype), "shape": list(spec.shape)}
+
+
+def available_runtimes() -> list[dict[str, Any]]:
+    """Runtimes this server can load, with the library and version that provides each."""
+    from arachne_mlflow.runtime import list_runtimes
+
+    result = []
+    for name in list_runtimes():
+        if name not in _LIBRARIES:
+            result.append({"name": name, "library": None, "version": None})
+            continue
+        for distribution in _LIBRARIES[name]:
+            try:
+                result.append({"name": name, "library": distribution, "version": version(distribution)})
+                break
+            except PackageNotFoundError:
+                continue
+    return result
+

@@ -1,0 +1,79 @@
+"""Command-line start of the device server, shared by `arachne-mlflow serve` and `python -m`."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+_logger = logging.getLogger("arachne_mlflow.server")
+
+DEFAULT_STORE = Path("~/.arachne-mlflow/model-store")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument("--port", type=int, default=5051)
+    parser.add_argument(
+        "--model-store", default=os.environ.get("ARACHNE_MODEL_STORE", str(DEFAULT_STORE)),
+        help=f"directory that keeps the models (default $ARACHNE_MODEL_STORE or {DEFAULT_STORE})",
+    )
+    parser.add_argument(
+        "--token", default=os.environ.get("ARACHNE_TOKEN"),
+        help="bearer token every route but health requires (default $ARACHNE_TOKEN; none: no auth)",
+    )
+    parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
+    parser.add_argument("--max-upload-mb", type=int, default=4096, help="largest model upload, unpacked (MiB)")
+    parser.add_argument("--workers", type=int, default=None, help="inference threads (default: Python's choice)")
+    parser.add_argument(
+        "--graceful-timeout", type=float, default=5.0,
+        help="seconds to let open connections finish at shut-down before closing them",
+    )
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    from arachne_mlflow.errors import ArachneError
+    from arachne_mlflow.server.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
+    if not args.token and not _is_loopback(args.host):
+        _logger.warning(
+            "!!! The device server binds %s WITHOUT A TOKEN: anyone who can reach this port can upload and "
+            "run code on this machine. Pass --token (or set ARACHNE_TOKEN) and preferably TLS. !!!", args.host,
+        )
+    try:
+        app = create_app(
+            str(Path(args.model_store).expanduser()), token=args.token,
+            max_upload_bytes=args.max_upload_mb * 1024**2, max_workers=args.workers,
+        )
+    except ArachneError as err:
+        raise SystemExit(f"arachne-mlflow serve: error: {err}") from err
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, timeout_graceful_shutdown=args.graceful_timeout,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arachne_mlflow.server", description=__doc__)
+    add_arguments(parser)
+    return serve(parser.parse_args(argv))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,334 @@
+"""The model store: named MLflow model directories on disk, each loaded with the unified runtime.
+
+Layout, chosen so that a crash at any moment leaves every model at its last complete version:
+
+    <root>/.arachne-model-store  marks the directory as a store (a non-empty one without it is refused)
+    <root>/<name>/CURRENT.json   the served version's record (replaced atomically)
+    <root>/<name>/v-<id>/        a complete model directory (MLmodel and its files)
+    <root>/<name>/.incoming-<id> an upload being extracted (removed at start-up)
+
+An upload is extracted beside the served version, loaded, synced to disk, and only then made
+current by replacing CURRENT.json (a pointer file, so the swap is one atomic rename); until that moment the old version keeps serving, and if anything fails
+the new files are removed and nothing else changes. Calls are blocking: the dataplane runs
+them in its thread pool. Operations on one name are serialized; other names are not held up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from arachne_mlflow.archive import safe_extract
+from arachne_mlflow.digest import files_digest, tree_files
+from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from arachne_mlflow.model_dir import read_model_dir
+from arachne_mlflow.names import NAME_PATTERN, check_name
+from arachne_mlflow.runtime import RuntimeModule
+
+_logger = logging.getLogger(__name__)
+
+CURRENT = "CURRENT.json"
+MARKER = ".arachne-model-store"
+DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
+
+
+class LoadedModel:
+    """A loaded runtime module that is freed only when the last inference using it has finished."""
+
+    def __init__(self, module: RuntimeModule, record: dict[str, Any], load_seconds: float):
+        self.module = module
+        self.record = record
+        self.load_seconds = load_seconds
+        self._users = 0
+        self._retired = False
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            free = self._retired and self._users == 0
+        if free:
+            self.module.done()
+
+    def retire(self) -> None:
+        """Free the module now, or after the inferences still running on it finish."""
+        with self._lock:
+            self._retired = True
+            free = self._users == 0
+        if free:
+            self.module.done()
+
+
+@dataclass
+class _Entry:
+    record: dict[str, Any]
+    loaded: LoadedModel | None = None
+    reason: str = ""
+
+
+class ModelStore:
+    """Named models kept under `root`, loaded again when the store opens."""
+
+    def __init__(self, root: str | os.PathLike, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / MARKER).is_file():
+            if any(self.root.iterdir()):
+                # start-up cleanup removes unknown directories: never do that to someone's own files
+                raise InvalidInputError(
+                    f"{self.root} is not empty and is not a model store (no {MARKER} file): "
+                    "give the server a new or empty directory"
+                )
+            (self.root / MARKER).write_text("arachne-mlflow device server model store\n")
+        self.max_upload_bytes = max_upload_bytes
+        self._entries: dict[str, _Entry] = {}
+        self._name_locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    # -- start-up and shut-down ------------------------------------------------------------
+    def open(self) -> None:
+        """Clean up interrupted uploads and load every stored model; a failed load is recorded, not fatal."""
+        for directory in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            name = directory.name
+            if not NAME_PATTERN.match(name):
+                continue
+            record = _read_record(directory)
+            if record is None:
+                _logger.warning("removing %s: an upload that never completed", directory)
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            for leftover in directory.iterdir():
+                if leftover.name in (CURRENT, record["version_dir"]):
+                    continue
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink()
+            entry = _Entry(record)
+            self._entries[name] = entry
+            try:
+                entry.loaded = self._load(directory / record["version_dir"], record)
+            except ArachneError as err:
+                entry.reason = str(err)
+                _logger.error("model %r did not load: %s", name, err)
+
+    def close(self) -> None:
+        with self._guard:
+            entries = list(self._entries.values())
+        for entry in entries:
+            if entry.loaded is not None:
+                entry.loaded.retire()
+                entry.loaded = None
+
+    # -- queries ---------------------------------------------------------------------------
+    def get(self, name: str) -> LoadedModel:
+        """The loaded model `name`; 404 if unknown, 503 if not loaded."""
+        entry = self._entry(name)
+        loaded = entry.loaded
+        if loaded is None:
+            reason = f": {entry.reason}" if entry.reason else " (unloaded)"
+            raise ModelNotReadyError(f"model {name!r} is not loaded{reason}")
+        return loaded
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[LoadedModel]:
+        """The loaded model `name`, kept alive until the block ends even if it is replaced meanwhile."""
+        check_name(name)
+        with self._guard:
+            entry = self._entries.get(name)
+            loaded = entry.loaded if entry is not None else None
+            if loaded is not None:
+                loaded.acquire()  # under the guard: a replace cannot retire it between lookup and acquire
+        if loaded is None:
+            self.get(name)  # raises the right error: unknown (404) or not loaded (503)
+            raise ModelNotReadyError(f"model {name!r} is being loaded: try again")
+        try:
+            yield loaded
+        finally:
+            loaded.release()
+
+    def info(self, name: str) -> dict[str, Any]:
+        """The stored record of `name` with its state."""
+        entry = self._entry(name)
+        record = {k: v for k, v in entry.record.items() if k != "version_dir"}
+        record["state"] = "READY" if entry.loaded is not None else "UNAVAILABLE"
+        if entry.reason:
+            record["reason"] = entry.reason
+        return record
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every stored model, V2 repository-index style."""
+        with self._guard:
+            names = sorted(self._entries)
+        result = []
+        for name in names:
+            try:
+                info = self.info(name)
+            except ModelNotFoundError:
+                continue
+            result.append({"name": name, "version": str(info["version"]), "state": info["state"],
+                           "reason": info.get("reason", "")})
+        return result
+
+    def spec(self, name: str) -> tuple[dict[str, Any], list, list]:
+        """The record and the input/output specs of `name`, from the loaded module or MLmodel."""
+        entry = self._entry(name)
+        if entry.loaded is not None:
+            module = entry.loaded.module
+            return entry.record, module.input_specs, module.output_specs
+        model = read_model_dir(self.root / name / entry.record["version_dir"])
+        return entry.record, model.inputs, model.outputs
+
+    # -- changes ---------------------------------------------------------------------------
+    def put(self, name: str, stream: BinaryIO, info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Store the tar `stream` of an MLflow model dir as `name`, load it, then make it current."""
+        check_name(name)
+        with self._name_lock(name):
+            directory = self.root / name
+            directory.mkdir(exist_ok=True)
+            version_dir = f"v-{uuid.uuid4().hex[:12]}"
+            incoming = directory / f".incoming-{version_dir}"
+            try:
+                safe_extract(stream, incoming, max_bytes=self.max_upload_bytes)
+                os.rename(incoming, directory / version_dir)
+                previous = self._entries.get(name)
+                record = {
+                    "name": name,
+                    "version": (previous.record["version"] + 1) if previous else 1,
+                    "version_dir": version_dir,
+                    "runtime": read_model_dir(directory / version_dir).runtime,
+                    "digest": files_digest(directory / version_dir, tree_files(directory / version_dir)),
+                    "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "info": info or {},
+                }
+                loaded = self._load(directory / version_dir, record)
+                _sync_tree(directory / version_dir)  # on disk before CURRENT.json names it (power cuts)
+            except BaseException:
+                shutil.rmtree(incoming, ignore_errors=True)
+                shutil.rmtree(directory / version_dir, ignore_errors=True)
+                if name not in self._entries:
+                    shutil.rmtree(directory, ignore_errors=True)
+                raise
+            _write_record(directory, record)
+            with self._guard:
+                old = self._entries.get(name)
+                self._entries[name] = _Entry(record, loaded)
+            if old is not None:
+                if old.loaded is not None:
+                    old.loaded.retire()
+                shutil.rmtree(directory / old.record["version_dir"], ignore_errors=True)
+            return self.info(name)
+
+    def delete(self, name: str) -> None:
+        with self._name_lock(name):
+            self._entry(name)
+            with self._guard:
+                entry = self._entries.pop(name)
+            (self.root / name / CURRENT).unlink()
+            if entry.loaded is not None:
+                entry.loaded.retire()
+            shutil.rmtree(self.root / name, ignore_errors=True)
+
+    def load(self, name: str) -> LoadedModel:
+        """Load `name` again from disk (a no-op when it is loaded)."""
+        with self._name_lock(name):
+            entry = self._entry(name)
+            if entry.loaded is None:
+                try:
+                    loaded = self._load(self.root / name / entry.record["version_dir"], entry.record)
+                except ArachneError as err:
+                    entry.reason = str(err)
+                    raise
+                with self._guard:
+                    entry.loaded, entry.reason = loaded, ""
+            return entry.loaded
+
+    def unload(self, name: str) -> None:
+        with self._name_lock(name):
+            entry = self._entry(name)
+            with self._guard:
+                loaded, entry.loaded = entry.loaded, None
+            if loaded is not None:
+                loaded.retire()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _entry(self, name: str) -> _Entry:
+        check_name(name)
+        with self._guard:
+            entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"no model {name!r} on this server; models: {sorted(self._entries)}")
+        return entry
+
+    @contextmanager
+    def _name_lock(self, name: str) -> Iterator[None]:
+        with self._guard:
+            lock = self._name_locks.setdefault(name, threading.Lock())
+        with lock:
+            yield
+
+    @staticmethod
+    def _load(path: Path, record: dict[str, Any]) -> LoadedModel:
+        start = time.perf_counter()
+        try:
+            module = read_model_dir(path).load()
+        except ArachneError:
+            raise
+        except Exception as err:  # a DNN library's own error for a corrupt or foreign model file
+            raise InvalidInputError(f"model {record['name']!r} cannot be loaded: {err}") from err
+        return LoadedModel(module, record, time.perf_counter() - start)
+
+
+def _read_record(directory: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((directory / CURRENT).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not (directory / str(record.get("version_dir"))).is_dir():
+        return None
+    return record
+
+
+def _write_record(directory: Path, record: dict[str, Any]) -> None:
+    """Write CURRENT.json so that a crash leaves either the old or the new record, whole."""
+    temporary = directory / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
+    with open(temporary, "w") as file:
+        json.dump(record, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, directory / CURRENT)
+    _sync_directory(directory)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as file:
+                os.fsync(file.fileno())
+        elif path.is_dir():
+            _sync_directory(path)
+    _sync_directory(root)
+    _sync_directory(root.parent)
+
+
+def _sync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,103 @@
+"""The HTTP client against real servers: its API, its errors, uploads with progress, and TLS."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+import numpy as np
+import pytest
+
+from arachne_mlflow.client import DeviceClient
+from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError, ModelNotFoundError
+from tests.model_dirs import ServerProcess, free_port, mlflow_models  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    process = ServerProcess(tmp_path_factory.mktemp("client") / "store").start()
+    yield process
+    process.stop()
+
+
+def test_unreachable_server_names_host_and_port():
+    port = free_port()
+    with DeviceClient("127.0.0.1", port, timeout=2) as device:
+        with pytest.raises(DeviceUnreachableError, match=f"127.0.0.1:{port} is unreachable") as caught:
+            device.ready()
+    assert caught.value.status_code == 503
+
+
+def test_client_api(server, mlflow_models, capsys):  # noqa: F811
+    with DeviceClient("127.0.0.1", server.port) as device:
+        assert device.upload_model("two", mlflow_models["tflite_two_inputs"], info={"run_id": "abc"}, progress=True)
+        assert "upload two" in capsys.readouterr().err
+        assert device.model_ready("two") and not device.model_ready("absent")
+        meta = device.model_metadata("two")["inputs"]
+        names = [t["name"] for t in meta]
+        a, b = (np.arange(2 * t["shape"][1], dtype=np.float32).reshape(2, -1) for t in meta)
+        by_list = device.infer("two", [a, b])
+        by_name = device.infer("two", dict(zip(names, [a, b])), binary=False)
+        assert list(by_list) == list(by_name) and len(by_list) == 2
+        for key in by_list:
+            np.testing.assert_array_equal(by_list[key], by_name[key])
+        only = list(by_list)[1]
+        assert list(device.infer("two", [a, b], outputs=[only])) == [only]
+        with pytest.raises(InvalidInputError, match="takes 2 inputs"):
+            device.infer("two", [a])
+        with pytest.raises(InvalidInputError, match="expected dtype float32"):
+            device.infer("two", [a.astype(np.float64), b])
+        with pytest.raises(ModelNotFoundError, match="no model 'absent'"):
+            device.infer("absent", [a])
+        device.unload_model("two")
+        assert device.model_info("two")["state"] == "UNAVAILABLE"
+        device.load_model("two")
+        assert device.model_info("two") | {"state": "READY"} == device.model_info("two")
+        device.delete_model("two")
+        with pytest.raises(ModelNotFoundError):
+            device.delete_model("two")
+        for bad in ("a/b", "../x", "x?y=1"):
+            with pytest.raises(InvalidInputError, match="invalid model name"):
+                device.upload_model(bad, mlflow_models["onnx_linear"])
+
+
+def _self_signed(directory):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "arachne-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_tls_with_a_certificate_the_client_verifies(tmp_path, mlflow_models):  # noqa: F811
+    cert, key = _self_signed(tmp_path)
+    secured = ServerProcess(tmp_path / "store", token="t", ca_cert=str(cert),
+                            extra_args=["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]).start()
+    try:
+        with DeviceClient("127.0.0.1", secured.port, token="t", tls=True, ca_cert=cert) as device:
+            assert device.upload_model("linear", mlflow_models["onnx_linear"])
+            assert device.infer("linear", [np.ones((1, 4), np.float32)])["y"].shape == (1, 3)
+        with DeviceClient("127.0.0.1", secured.port, token="t", tls=True) as untrusting:
+            with pytest.raises(DeviceUnreachableError, match="TLS"):
+                untrusting.repository_index()
+    finally:
+        secured.stop()

@@ -1,0 +1,130 @@
+"""The V2 tensor codec on its own: every datatype both ways, and refusal of inconsistent messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from arachne_mlflow import codec
+from arachne_mlflow.errors import InvalidInputError
+
+NUMERIC = ["bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+           "float16", "float32", "float64"]
+
+
+def _round_trip(arrays, binary):
+    body, header_length = codec.encode_request(arrays, binary=binary)
+    request = codec.decode_request(body, None if header_length is None else str(header_length))
+    return request
+
+
+@pytest.mark.parametrize("dtype", NUMERIC)
+@pytest.mark.parametrize("binary", [True, False])
+def test_every_datatype_round_trips(dtype, binary):
+    array = (np.arange(24) % 7).astype(dtype).reshape(2, 3, 4)
+    got = _round_trip({"t": array}, binary).inputs["t"]
+    assert got.dtype == array.dtype
+    np.testing.assert_equal(got, array)
+    assert codec.from_datatype(codec.to_datatype(dtype)) == np.dtype(dtype)
+
+
+def test_binary_inputs_are_views_on_the_body():
+    array = np.arange(16, dtype=np.float32)
+    body, header_length = codec.encode_request({"a": array, "b": array[::-1]})
+    request = codec.decode_request(body, str(header_length))
+    assert not request.inputs["a"].flags.owndata and not request.inputs["a"].flags.writeable
+    np.testing.assert_equal(request.inputs["b"], array[::-1])
+
+
+def test_bytes_tensors_round_trip():
+    array = np.array([b"alpha", b"", "ü".encode()], dtype=object)
+    for binary in (True, False):
+        got = _round_trip({"s": array}, binary).inputs["s"]
+        assert got.tolist() == array.tolist()
+
+
+def test_response_follows_the_requested_outputs():
+    request = codec.InferRequest(inputs={}, outputs=[("b", False), ("a", True)], binary_output=True, id="7")
+    body, header_length = codec.encode_response("m", {"a": np.ones(2, np.float32), "b": np.zeros(3, np.int64)}, request)
+    header = json.loads(body[:header_length])
+    assert [o["name"] for o in header["outputs"]] == ["b", "a"] and header["id"] == "7"
+    assert header["outputs"][0]["data"] == [0, 0, 0] and header["outputs"][1]["parameters"]["binary_data_size"] == 8
+    outputs = codec.decode_response(body, str(header_length))
+    np.testing.assert_equal(outputs["a"], np.ones(2, np.float32))
+    with pytest.raises(InvalidInputError, match="no output 'c'"):
+        codec.encode_response("m", {"a": np.ones(1)}, codec.InferRequest({}, [("c", True)], True))
+
+
+def _entry(**kw):
+    return {"name": "x", "datatype": "FP32", "shape": [2], **kw}
+
+
+@pytest.mark.parametrize("header, blob, match", [
+    ({"inputs": [_entry(data=[1.0])]}, b"", "needs 2 elements"),
+    ({"inputs": [_entry(data=[1.0, "2"])]}, b"", "not FP32"),
+    ({"inputs": [_entry(data=[True, False])]}, b"", "not FP32"),
+    ({"inputs": [_entry(shape=[2, -1], data=[])]}, b"", "non-negative"),
+    ({"inputs": [_entry(shape=[1 << 30, 1 << 30], parameters={"binary_data_size": 8})]}, b"\0" * 8, "more than"),
+    ({"inputs": [_entry(parameters={"binary_data_size": 4})]}, b"\0" * 4, "needs 8 bytes"),
+    ({"inputs": [_entry(parameters={"binary_data_size": 16})]}, b"\0" * 8, "runs past"),
+    ({"inputs": [_entry(parameters={"binary_data_size": 8})]}, b"\0" * 12, "not claimed"),
+    ({"inputs": [_entry(data=[1, 2]), _entry(data=[1, 2])]}, b"", "appears twice"),
+    ({"inputs": [_entry(datatype="FP8", data=[1, 2])]}, b"", "unknown datatype"),
+    ({"inputs": [_entry(datatype="INT8", data=[1, 300])]}, b"", "does not fit"),
+    ({"inputs": [_entry(datatype="BYTES", shape=[1 << 28], parameters={"binary_data_size": 4})]}, b"\0" * 4,
+     "cannot hold"),
+    ({"inputs": {"x": 1}}, b"", "must be a list"),
+    ({"inputs": [_entry()]}, b"", "needs 'data'"),
+])
+def test_inconsistent_messages_are_refused(header, blob, match):
+    head = json.dumps(header).encode()
+    with pytest.raises(InvalidInputError, match=match):
+        codec.decode_request(head + blob, str(len(head)))
+
+
+@pytest.mark.parametrize("body, length, match", [
+    (b"{", None, "not valid JSON"), (b"[1]", None, "JSON object"), (b"{}", "3", "outside the body"),
+    (b"{}", "-1", "outside the body"), (b"{}", "x", "not a number"),
+])
+def test_message_framing_is_checked(body, length, match):
+    with pytest.raises(InvalidInputError, match=match):
+        codec.split_message(body, length)
+
+
+@pytest.mark.parametrize("depth", [5_000, 100_000])
+def test_deeply_nested_data_is_refused(depth):
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ' + b"[" * depth + b"1" + \
+        b"]" * depth + b"}]}"
+    with pytest.raises(InvalidInputError):
+        codec.decode_request(body, None)
+
+
+def test_nan_and_inf_pass_through_json():
+    array = np.array([np.nan, np.inf, -np.inf], np.float32)
+    np.testing.assert_equal(_round_trip({"f": array}, False).inputs["f"], array)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    array=hnp.arrays(st.sampled_from([np.float32, np.int64, np.uint8, np.float16, np.bool_]),
+                     hnp.array_shapes(min_dims=0, max_dims=4, max_side=5)),
+    binary=st.booleans(),
+)
+def test_any_array_round_trips_exactly(array, binary):
+    got = _round_trip({"t": array}, binary).inputs["t"]
+    assert got.shape == array.shape and got.dtype == array.dtype
+    np.testing.assert_array_equal(got, array)
+
+
+@settings(max_examples=100, deadline=None)
+@given(body=st.binary(max_size=200), length=st.one_of(st.none(), st.integers(-5, 300).map(str), st.text(max_size=5)))
+def test_arbitrary_bytes_never_crash_the_decoder(body, length):
+    try:
+        codec.decode_request(body, length)
+    except InvalidInputError:
+        pass
