@@ -32,6 +32,18 @@ def test_tflite_equals_litert(tflite_cnn_file, rng):
         assert m.get_output_details()[0]["shape"] == [-1, 5]
 
 
+def test_tflite_op_resolver_by_name(tflite_cnn_file, rng):
+    """Options stored in MLmodel are YAML: the op resolver type may come as its name."""
+    x = rng.standard_normal((1, 8, 8, 3)).astype(np.float32)
+    with arachne_runtime.init("tflite", model_file=str(tflite_cnn_file)) as default:
+        expected = default.infer([x])[0]
+    name = "BUILTIN_WITHOUT_DEFAULT_DELEGATES"
+    with arachne_runtime.init("tflite", model_file=str(tflite_cnn_file), experimental_op_resolver_type=name) as m:
+        np.testing.assert_allclose(m.infer([x])[0], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidInputError, match="is not one of"):
+        arachne_runtime.init("tflite", model_file=str(tflite_cnn_file), experimental_op_resolver_type="FAST")
+
+
 def test_tflite_resizes_batch(tflite_cnn_file, rng):
     """A batch of 3 through a model converted with batch 1 equals three single runs."""
     x = rng.standard_normal((3, 8, 8, 3)).astype(np.float32)

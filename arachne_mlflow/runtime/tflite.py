@@ -39,6 +39,7 @@ class TFLiteRuntimeModule(RuntimeModule):
         if (model_file is None) == (model_content is None):
             raise InvalidInputError("tflite runtime needs exactly one of model_file or model_content")
         interpreter_class = load_interpreter_class()
+        options = _resolve_enum_options(interpreter_class, options)
         try:
             self._interpreter = interpreter_class(model_path=model_file, model_content=model_content, **options)
         except TypeError as err:
@@ -75,6 +76,22 @@ class TFLiteRuntimeModule(RuntimeModule):
 
     def _close(self) -> None:
         self._interpreter = self._set_tensor = self._invoke = self._get_tensor = None
+
+
+def _resolve_enum_options(interpreter_class: type, options: dict[str, Any]) -> dict[str, Any]:
+    """`experimental_op_resolver_type` may be given by name (as MLmodel's YAML stores it)."""
+    value = options.get("experimental_op_resolver_type")
+    if not isinstance(value, str):
+        return options
+    import sys
+
+    enum = sys.modules[interpreter_class.__module__].OpResolverType
+    try:
+        return {**options, "experimental_op_resolver_type": enum[value]}
+    except KeyError as err:
+        raise InvalidInputError(
+            f"experimental_op_resolver_type {value!r} is not one of {[e.name for e in enum]}"
+        ) from err
 
 
 def _spec(detail: dict[str, Any]) -> TensorSpec:
