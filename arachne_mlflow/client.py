@@ -5,8 +5,8 @@
         device.upload_model("mobilenet", "path/to/mlflow/model")     # skipped if already there
         outputs = device.infer("mobilenet", {"input": x})            # dict name -> ndarray
 
-One keep-alive `requests.Session`; tensors travel as Triton binary data; uploads stream a tar
-built on the fly. Every failure is an `ArachneError`: `DeviceUnreachableError` (naming host
+One keep-alive `requests.Session`, and for `infer` a leaner keep-alive connection per thread
+(`transport.py`); tensors travel as Triton binary data; uploads stream a tar built on the fly. Every failure is an `ArachneError`: `DeviceUnreachableError` (naming host
 and port) when the server cannot be reached, otherwise the error type of the server's status.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import quote
@@ -32,8 +33,10 @@ from arachne_mlflow.errors import (
     UnauthorizedError,
 )
 from arachne_mlflow.names import check_name
+from arachne_mlflow.transport import Transport
 
 INFO_HEADER = "Arachne-Model-Info"
+_HEADER_LENGTH_KEY = codec.HEADER_LENGTH.lower()
 _ERRORS = {400: InvalidInputError, 401: UnauthorizedError, 404: ModelNotFoundError, 413: InvalidInputError,
            503: ModelNotReadyError}
 
@@ -70,9 +73,11 @@ class DeviceClient:
         self._session.trust_env = trust_env
         # passed with every request: a session-level verify loses to $REQUESTS_CA_BUNDLE in requests
         self._verify = os.fspath(ca_cert) if ca_cert is not None else verify
-        if token:
-            self._session.headers["Authorization"] = f"Bearer {token}"
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._session.headers.update(self._auth)
         self._input_names: dict[str, list[str]] = {}
+        self._infer_paths: dict[str, str] = {}
+        self._transport = Transport(host, self.port, timeout, _ssl_context(ca_cert, verify) if tls else None)
 
     # -- health and metadata ---------------------------------------------------------------
     def live(self) -> bool:
@@ -172,11 +177,16 @@ class DeviceClient:
                 raise InvalidInputError(f"model {name!r} takes {len(names)} inputs {names}, got {len(inputs)}")
             inputs = dict(zip(names, inputs))
         body, header_length = codec.encode_request(inputs, binary=binary, outputs=outputs)
-        headers = {"Content-Type": "application/octet-stream" if header_length else "application/json"}
+        headers = {"Content-Type": "application/octet-stream" if header_length else "application/json", **self._auth}
         if header_length is not None:
             headers[codec.HEADER_LENGTH] = str(header_length)
-        response = self._send("POST", f"/v2/models/{_quote(name)}/infer", data=body, headers=headers)
-        return codec.decode_response(response.content, response.headers.get(codec.HEADER_LENGTH))
+        path = self._infer_paths.get(name)
+        if path is None:
+            path = self._infer_paths[name] = f"/v2/models/{_quote(name)}/infer"
+        status, response_headers, content = self._transport.post(path, body, headers)
+        if status >= 400:
+            raise _error(status, content, f"{self.host}:{self.port}")
+        return codec.decode_response(content, response_headers.get(_HEADER_LENGTH_KEY))
 
     def benchmark(self, name: str, warmup: int = 1, repeat: int = 10, number: int = 1) -> dict[str, Any]:
         """Time the model on the server: `{"mean", "median", "std", "max", "min"}` in ms per run."""
@@ -191,6 +201,7 @@ class DeviceClient:
     # -- plumbing --------------------------------------------------------------------------
     def close(self) -> None:
         self._session.close()
+        self._transport.close()
 
     def __enter__(self) -> "DeviceClient":
         return self
@@ -220,7 +231,7 @@ class DeviceClient:
                 f"device server at {self.host}:{self.port} is unreachable ({type(err).__name__}): {err}"
             ) from err
         if check and response.status_code >= 400:
-            raise _error(response, f"{self.host}:{self.port}")
+            raise _error(response.status_code, response.content, f"{self.host}:{self.port}")
         return response
 
 
@@ -229,13 +240,23 @@ def _quote(name: str) -> str:
     return quote(check_name(name), safe="")
 
 
-def _error(response: Any, where: str) -> ArachneError:
+def _error(status: int, content: bytes, where: str) -> ArachneError:
+    """The error for a failed request: the server's `{"error": ...}` message, typed by status."""
     try:
-        message = response.json()["error"]
+        message = json.loads(content)["error"]
     except (ValueError, KeyError, TypeError):
-        message = response.text[:500]
-    error_class = _ERRORS.get(response.status_code, ArachneError)
-    return error_class(f"device server {where}: {message} (HTTP {response.status_code})")
+        message = content[:500].decode("utf-8", errors="replace")
+    error_class = _ERRORS.get(status, ArachneError)
+    return error_class(f"device server {where}: {message} (HTTP {status})")
+
+
+def _ssl_context(ca_cert: str | os.PathLike | None, verify: bool) -> ssl.SSLContext:
+    """The same verification as the requests session: `ca_cert`, else system CAs, unless `verify=False`."""
+    context = ssl.create_default_context(cafile=os.fspath(ca_cert) if ca_cert is not None else None)
+    if ca_cert is None and not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _with_progress(chunks: Iterator[bytes], total: int, description: str) -> Iterator[bytes]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks import models, report
 
-SUITES = ["runtime", "pyfunc"]
+SUITES = ["runtime", "pyfunc", "remote"]
 
 
 def main(argv: list[str] | None = None) -> int:

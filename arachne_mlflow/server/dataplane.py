@@ -39,6 +39,9 @@ _BENCHMARK_LIMITS = {"warmup": (0, 1000), "repeat": (1, 10_000), "number": (1, 1
 MAX_CONCURRENT_UPLOADS = 2
 # Seconds an upload may go without sending a byte before it is abandoned (frees its thread).
 UPLOAD_IDLE_TIMEOUT = 120.0
+# A request whose model answers faster than this (recent average) runs on the event loop: two
+# thread hand-offs cost more than the inference itself, and block the loop for no longer.
+INLINE_SECONDS = 0.0003
 
 
 class Dataplane:
@@ -50,6 +53,7 @@ class Dataplane:
         self.ready = False
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="arachne-dataplane")
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
+        self._recent_seconds: dict[str, float] = {}  # per model, a moving average of _infer's time
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """The one way blocking work leaves the event loop."""
@@ -102,7 +106,12 @@ class Dataplane:
 
     # -- inference -------------------------------------------------------------------------
     async def infer(self, name: str, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
-        """Run one V2 infer request; returns the response body and its JSON header length."""
+        """Run one V2 infer request; returns the response body and its JSON header length.
+
+        Fast models run inline on the event loop; the rest in the thread pool.
+        """
+        if self._recent_seconds.get(name, 1.0) < INLINE_SECONDS:
+            return self._infer(name, body, header_length)
         return await self.run_blocking(self._infer, name, body, header_length)
 
     def _infer(self, name: str, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
@@ -118,7 +127,9 @@ class Dataplane:
             except Exception:
                 self.metrics.errors.labels(name).inc()
                 raise
-        self.metrics.latency.labels(name).observe(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.metrics.latency.labels(name).observe(seconds)
+        self._recent_seconds[name] = 0.8 * self._recent_seconds.get(name, seconds) + 0.2 * seconds
         return response
 
     async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""Server processes for the benchmarks: our device server and `mlflow models serve`, on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc (Linux)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> float:
+    """Poll `url` until it answers 200; returns the seconds it took."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return time.perf_counter() - start
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.01)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+@contextmanager
+def device_server(store: Path, extra: tuple[str, ...] = ()) -> Iterator[tuple[int, subprocess.Popen, float]]:
+    """`python -m arachne_mlflow.server` on a free port; yields (port, process, seconds to ready)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "arachne_mlflow.server", "--port", str(port), "--model-store", str(store),
+         "--log-level", "warning", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        ready = wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", process)
+        yield port, process, ready
+    finally:
+        _stop(process)
+
+
+@contextmanager
+def mlflow_scoring_server(model_dir: Path) -> Iterator[int]:
+    """`mlflow models serve --env-manager local` for `model_dir`; yields its port."""
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local",
+         "-p", str(port), "-h", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ping", process, timeout=180)
+        yield port
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
