@@ -19,6 +19,33 @@ def write(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> tu
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """Side-by-side comparisons in one table, the other measurements (throughput, ...) in another."""
+    compared = [r for r in rows if "baseline" in r]
+    measured = [r for r in rows if "baseline" not in r]
+    text = _comparisons(compared) if compared else ""
+    if measured:
+        text += ("\n" if text else "") + _measurements(measured)
+    return text
+
+
+_SKIP = {"suite", "case", "target", "met"}
+
+
+def _measurements(rows: list[dict[str, Any]]) -> str:
+    lines = ["| suite | case | figures | target | met |", "|---|---|---|---|---|"]
+    for r in rows:
+        figures = ", ".join(f"{k} {_number(v)}" for k, v in r.items() if k not in _SKIP)
+        lines.append(f"| {r['suite']} | {r['case']} | {figures} | {r.get('target') or ''} | {_met(r.get('met'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _comparisons(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| suite | case | baseline | candidate | baseline median (min–max) | candidate median (min–max) | ratio | Δ per call | target | met |",
         "|---|---|---|---|---|---|---|---|---|---|",

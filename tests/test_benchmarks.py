@@ -1,0 +1,24 @@
+"""The benchmarks' quick mode runs end to end (no thresholds: figures on a shared CI box are noise)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_runs_every_suite(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    suites = {row["suite"] for row in report["rows"]}
+    assert suites == {"runtime", "pyfunc", "remote", "throughput", "deploy", "cold start"}
+    assert all(row["errors"] == 0 for row in report["rows"] if row["suite"] == "throughput")
+    assert not any(row.get("imported_tensorflow") for row in report["rows"])
+    assert "| runtime | tiny/onnx |" in (tmp_path / "results.md").read_text()
