@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import orjson
 
 from arachne_mlflow.errors import InvalidInputError
 
@@ -66,6 +67,29 @@ def from_datatype(name: Any) -> np.dtype:
 # -- messages --------------------------------------------------------------------------
 
 
+def _loads(data: memoryview) -> Any:
+    """orjson (~10x faster than the stdlib); the stdlib for what orjson refuses, such as the
+    NaN and Infinity literals tritonclient writes, and for the error message."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(bytes(data))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise InvalidInputError(f"request body is not valid JSON: {type(err).__name__}: {err}") from err
+
+
+def _dumps(header: Mapping[str, Any]) -> bytes:
+    """orjson, unless it wrote `null` (our headers hold none, so a NaN or Infinity became one):
+    then the stdlib, which keeps them as NaN/Infinity literals the way tritonclient does."""
+    data = orjson.dumps(header)
+    if b"null" in data:
+        data = json.dumps(header, separators=(",", ":")).encode()
+    return data
+
+
+
 def split_message(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
     """The JSON header and the binary part of a V2 message (a view: nothing is copied)."""
     view = memoryview(body)
@@ -79,10 +103,7 @@ def split_message(body: bytes, header_length: str | None) -> tuple[dict[str, Any
         if not 0 <= size <= len(view):
             raise InvalidInputError(f"{HEADER_LENGTH} {size} is outside the body of {len(view)} bytes")
         json_part, binary = view[:size], view[size:]
-    try:
-        header = json.loads(bytes(json_part))
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise InvalidInputError(f"request body is not valid JSON: {type(err).__name__}: {err}") from err
+    header = _loads(json_part)
     if not isinstance(header, dict):
         raise InvalidInputError("request body must be a JSON object")
     return header, binary
@@ -90,7 +111,7 @@ def split_message(body: bytes, header_length: str | None) -> tuple[dict[str, Any
 
 def join_message(header: Mapping[str, Any], blobs: Sequence[bytes | memoryview]) -> tuple[bytes, int | None]:
     """The body of a V2 message and the header length to send (None when there are no blobs)."""
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = _dumps(header)
     if not blobs:
         return head, None
     head += b" " * (-len(head) % _ALIGN)  # JSON allows trailing spaces; aligned blobs decode without a copy

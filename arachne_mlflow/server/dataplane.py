@@ -41,7 +41,7 @@ MAX_CONCURRENT_UPLOADS = 2
 UPLOAD_IDLE_TIMEOUT = 120.0
 # A request whose model answers faster than this (recent average) runs on the event loop: two
 # thread hand-offs cost more than the inference itself, and block the loop for no longer.
-INLINE_SECONDS = 0.0003
+INLINE_SECONDS = 0.001
 
 
 class Dataplane:
