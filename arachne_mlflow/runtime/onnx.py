@@ -81,6 +81,8 @@ class ONNXRuntimeModule(RuntimeModule):
         return self._session.get_providers()
 
     def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        if len(inputs) == 1:
+            return self._run(self._output_names, {self._input_names[0]: inputs[0]}, None)
         return self._run(self._output_names, dict(zip(self._input_names, inputs)), None)
 
     def _close(self) -> None:

@@ -56,6 +56,8 @@ class TFLiteRuntimeModule(RuntimeModule):
         self._set_tensor = self._interpreter.set_tensor
         self._invoke = self._interpreter.invoke
         self._get_tensor = self._interpreter.get_tensor
+        if len(self._input_indices) == 1 and len(self._output_indices) == 1:
+            self._infer = self._infer_one  # the common case, without the loops
         self._bind_specs([_spec(d) for d in in_details], [_spec(d) for d in out_details])
 
     def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -66,6 +68,14 @@ class TFLiteRuntimeModule(RuntimeModule):
             set_tensor(index, value)
         self._invoke()
         return [get_tensor(index) for index in self._output_indices]
+
+    def _infer_one(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        x = inputs[0]
+        if x.shape != self._current_shapes[0]:
+            self._resize([x.shape])
+        self._set_tensor(self._input_indices[0], x)
+        self._invoke()
+        return [self._get_tensor(self._output_indices[0])]
 
     def _resize(self, shapes: list[tuple[int, ...]]) -> None:
         """Resize input tensors the model declares dynamic (`shape_signature` -1), then reallocate."""

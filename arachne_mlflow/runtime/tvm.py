@@ -80,6 +80,8 @@ class TVMRuntimeModule(RuntimeModule):
         self._function = self._vm[entry]
         self._tensor = tvm.runtime.tensor
         self._bind_specs(inputs, outputs)
+        if len(inputs) == 1 and len(outputs) == 1 and not self._weights:
+            self._infer = self._infer_one  # the common case, without the loops
 
     def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         device = self._device
@@ -87,6 +89,10 @@ class TVMRuntimeModule(RuntimeModule):
         if hasattr(result, "numpy"):
             return [result.numpy()]
         return [item.numpy() for item in result]
+
+    def _infer_one(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        result = self._function(self._tensor(inputs[0], self._device))
+        return [result.numpy() if hasattr(result, "numpy") else result[0].numpy()]
 
     def _close(self) -> None:
         self._function = self._vm = self._weights = None
