@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -43,10 +44,16 @@ _DATATYPES: dict[str, np.dtype] = {
     "BYTES": np.dtype(np.object_),
 }
 _NAMES = {dtype: name for name, dtype in _DATATYPES.items()}
+# The wire is little-endian; on a little-endian machine these equal the native dtypes.
+_WIRE = {dtype: dtype.newbyteorder("<") for dtype in _DATATYPES.values()}
+_NATIVE_IS_WIRE = sys.byteorder == "little"
 
 
 def to_datatype(dtype: Any) -> str:
     """The V2 datatype name of a numpy dtype (strings and bytes are BYTES)."""
+    name = _NAMES.get(dtype)
+    if name is not None:
+        return name
     dtype = np.dtype(dtype)
     if dtype.kind in "OSU":
         return "BYTES"
@@ -272,7 +279,7 @@ def _from_bytes(name: str, blob: memoryview, dtype: np.dtype, shape: tuple[int, 
             f"tensor {name!r}: shape {list(shape)} of {to_datatype(dtype)} needs {count * dtype.itemsize} bytes, "
             f"binary_data_size is {len(blob)}"
         )
-    array = np.frombuffer(blob, dtype=dtype.newbyteorder("<"), count=count).reshape(shape)
+    array = np.frombuffer(blob, dtype=_WIRE[dtype], count=count).reshape(shape)
     if not array.dtype.isnative:
         array = array.astype(dtype)
     return array if array.flags.aligned else array.copy()
@@ -327,6 +334,8 @@ def _to_bytes(array: np.ndarray, datatype: str) -> bytes | memoryview:
             raw = item if isinstance(item, bytes) else str(item).encode()
             parts += [struct.pack("<I", len(raw)), raw]
         return b"".join(parts)
+    if _NATIVE_IS_WIRE and array.dtype.isnative and array.flags.c_contiguous:
+        return memoryview(array).cast("B")  # no copy
     little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     return memoryview(little).cast("B")
 

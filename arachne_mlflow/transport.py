@@ -1,24 +1,94 @@
-"""The inference hot path of `DeviceClient`: a small pool of keep-alive `http.client` connections.
+"""The inference hot path of `DeviceClient`: pooled keep-alive connections, one write per request.
 
 `requests` costs about 1 ms of Python per call on a small device, more than a tiny model's
-whole round trip; `http.client` sends the same request for a third of that. It carries only
-`infer`: everything else (uploads, metadata) stays on the requests session. Each call takes an
-idle connection (or opens one), so threads never share a connection mid-request.
+whole round trip. Here a request is one `sendmsg` of the head and the body (gathered, so a large
+tensor is not copied), and the response is parsed by httptools (the C parser uvicorn uses). It
+carries only `infer`; everything else (uploads, metadata) stays on the requests session. Each
+call takes an idle connection or opens one, so threads never share a connection mid-request.
 """
 
 from __future__ import annotations
 
-import http.client
 import socket
 import ssl
 from collections import deque
-from typing import Any
+
+import httptools
 
 from arachne_mlflow.errors import DeviceUnreachableError
 
-# A kept-alive connection the server has since closed fails in one of these ways on reuse.
-_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.CannotSendRequest)
 MAX_IDLE = 16
+_RECV = 256 * 1024
+
+
+class _Stale(Exception):
+    """A kept-alive connection the server had already closed."""
+
+
+class _Connection:
+    """One HTTP/1.1 connection: `exchange` sends a request and reads its whole response."""
+
+    def __init__(self, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None):
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = ssl_context.wrap_socket(sock, server_hostname=host) if ssl_context is not None else sock
+        self._tls = ssl_context is not None
+        self.open = True
+
+    def exchange(self, head: bytes, body: bytes | memoryview) -> tuple[int, dict[str, str], bytes]:
+        self._send(head, body)
+        return self._read_response()
+
+    def _send(self, head: bytes, body: bytes | memoryview) -> None:
+        if self._tls:  # SSL sockets have no sendmsg
+            self.sock.sendall(head)
+            self.sock.sendall(body)
+            return
+        sent = self.sock.sendmsg([head, body])
+        if sent < len(head):
+            self.sock.sendall(memoryview(head)[sent:])
+            self.sock.sendall(body)
+        elif sent < len(head) + len(body):
+            self.sock.sendall(memoryview(body)[sent - len(head):])
+
+    def _read_response(self) -> tuple[int, dict[str, str], bytes]:
+        response = _Response()
+        parser = httptools.HttpResponseParser(response)
+        first = True
+        while not response.complete:
+            data = self.sock.recv(_RECV)
+            if not data:
+                self.close()
+                if first:
+                    raise _Stale()
+                raise ConnectionResetError("the server closed the connection mid-response")
+            first = False
+            parser.feed_data(data)
+        if not parser.should_keep_alive():
+            self.close()
+        return parser.get_status_code(), response.headers, b"".join(response.body)
+
+    def close(self) -> None:
+        self.open = False
+        self.sock.close()
+
+
+class _Response:
+    """httptools callbacks collecting one response."""
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.body: list[bytes] = []
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
 
 
 class Transport:
@@ -27,32 +97,34 @@ class Transport:
     def __init__(self, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None):
         self.host, self.port, self.timeout = host, port, timeout
         self._ssl_context = ssl_context
-        self._idle: deque[http.client.HTTPConnection] = deque()  # append/pop are atomic
+        self._idle: deque[_Connection] = deque()  # append/pop are atomic
+        self._host_header = f"Host: {host}:{port}\r\n"
 
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         """Send one request; returns (status, headers with lower-case names, body)."""
+        head = "".join([f"POST {path} HTTP/1.1\r\n", self._host_header, f"Content-Length: {len(body)}\r\n",
+                        *[f"{k}: {v}\r\n" for k, v in headers.items()], "\r\n"]).encode("latin-1")
         try:
-            connection, reused = self._idle.pop(), True
+            connection = self._idle.pop()
         except IndexError:
-            connection, reused = self._connect(), False
+            connection = None
         try:
-            result = _exchange(connection, path, body, headers)
-        except _STALE as err:
-            connection.close()
-            if not reused:
-                raise self._unreachable(err) from err
-            connection = self._connect()  # the server closed an idle connection: once more, fresh
-            try:
-                result = _exchange(connection, path, body, headers)
-            except (OSError, http.client.HTTPException) as err2:
+            if connection is not None:
+                try:
+                    result = connection.exchange(head, body)
+                except (_Stale, BrokenPipeError, ConnectionResetError):
+                    connection.close()  # the server closed an idle connection: once more, fresh
+                    connection = None
+            if connection is None:
+                connection = self._connect()
+                result = connection.exchange(head, body)
+        except (OSError, httptools.HttpParserError, _Stale) as err:
+            if connection is not None:
                 connection.close()
-                raise self._unreachable(err2) from err2
-        except (OSError, http.client.HTTPException) as err:
-            connection.close()
             raise self._unreachable(err) from err
-        if len(self._idle) < MAX_IDLE:
+        if connection.open and len(self._idle) < MAX_IDLE:
             self._idle.append(connection)
-        else:
+        elif connection.open:
             connection.close()
         return result
 
@@ -64,36 +136,11 @@ class Transport:
             except IndexError:
                 break
 
-    def _connect(self) -> http.client.HTTPConnection:
-        if self._ssl_context is not None:
-            return _HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self._ssl_context)
-        return _HTTPConnection(self.host, self.port, timeout=self.timeout)
+    def _connect(self) -> _Connection:
+        return _Connection(self.host, self.port, self.timeout, self._ssl_context)
 
     def _unreachable(self, err: BaseException) -> DeviceUnreachableError:
+        reason = "the connection closed without a response" if isinstance(err, _Stale) else str(err)
         return DeviceUnreachableError(
-            f"device server at {self.host}:{self.port} is unreachable ({type(err).__name__}): {err}"
+            f"device server at {self.host}:{self.port} is unreachable ({type(err).__name__}): {reason}"
         )
-
-
-class _HTTPConnection(http.client.HTTPConnection):
-    """http.client writes headers and body separately: without TCP_NODELAY, Nagle's algorithm
-    holds the body back until the server acknowledges the headers."""
-
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _HTTPSConnection(http.client.HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _exchange(connection: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str]) -> Any:
-    connection.request("POST", path, body=body, headers=headers)
-    response = connection.getresponse()
-    data = response.read()
-    if response.will_close:
-        connection.close()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, data

@@ -117,7 +117,8 @@ class Dataplane:
     def _infer(self, name: str, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
         start = time.perf_counter()
         with self.store.use(name) as loaded:
-            self.metrics.requests.labels(name).inc()
+            requests, errors, latency = self.metrics.model(name)
+            requests.inc()
             try:
                 request = codec.decode_request(body, header_length)
                 module = loaded.module
@@ -125,10 +126,10 @@ class Dataplane:
                 results = {spec.name: array for spec, array in zip(module.output_specs, outputs)}
                 response = codec.encode_response(name, results, request, str(loaded.record["version"]))
             except Exception:
-                self.metrics.errors.labels(name).inc()
+                errors.inc()
                 raise
         seconds = time.perf_counter() - start
-        self.metrics.latency.labels(name).observe(seconds)
+        latency.observe(seconds)
         self._recent_seconds[name] = 0.8 * self._recent_seconds.get(name, seconds) + 0.2 * seconds
         return response
 

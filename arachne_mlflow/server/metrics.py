@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -30,6 +32,17 @@ class Metrics:
         self.http_errors = Counter(
             "arachne_http_errors", "Error responses by HTTP status", ["status"], registry=self.registry
         )
+
+        self._per_model: dict[str, tuple[Any, Any, Any]] = {}
+
+    def model(self, name: str) -> tuple[Any, Any, Any]:
+        """The (requests, errors, latency) series of model `name`, looked up once, not per request."""
+        series = self._per_model.get(name)
+        if series is None:
+            series = self._per_model[name] = (
+                self.requests.labels(name), self.errors.labels(name), self.latency.labels(name)
+            )
+        return series
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
