@@ -101,3 +101,22 @@ def test_tls_with_a_certificate_the_client_verifies(tmp_path, mlflow_models):  #
                 untrusting.repository_index()
     finally:
         secured.stop()
+
+
+def test_infer_survives_a_closed_keep_alive_connection_and_large_tensors(server, mlflow_models):  # noqa: F811
+    """The pooled infer connections: a connection the server closed is replaced, and a
+    multi-megabyte body goes out in pieces yet arrives whole."""
+    with DeviceClient("127.0.0.1", server.port) as device:
+        device.upload_model("dyn", mlflow_models["tflite_cnn"])
+        small = np.ones((1, 8, 8, 3), np.float32)
+        first = device.infer("dyn", [small])
+        for connection in device._transport._idle:  # as if the server had timed the connection out
+            connection.sock.shutdown(2)
+        [output] = first
+        np.testing.assert_array_equal(device.infer("dyn", [small])[output], first[output])
+        big = np.random.default_rng(0).standard_normal((5000, 8, 8, 3)).astype(np.float32)  # 3.8 MB
+        from arachne_mlflow import runtime
+
+        with runtime.init("tflite", model_dir=str(mlflow_models["tflite_cnn"])) as local:
+            np.testing.assert_array_equal(device.infer("dyn", [big])[output], local.infer([big])[0])
+        device.delete_model("dyn")
