@@ -73,7 +73,8 @@ class _Routes:
         m = "/v2/models/{model}"
         v = m + "/versions/{version}"
         r = "/v2/repository/models/{model}"
-        return [
+        return [  # Starlette tries routes in order: the hot one first
+            Route(m + "/infer", self.infer, methods=["POST"]),
             Route("/v2/health/live", self.live),
             Route("/v2/health/ready", self.ready),
             Route("/v2", self.server_metadata),
@@ -81,7 +82,6 @@ class _Routes:
             Route(v, self.model_metadata),
             Route(m + "/ready", self.model_ready),
             Route(v + "/ready", self.model_ready),
-            Route(m + "/infer", self.infer, methods=["POST"]),
             Route(v + "/infer", self.infer, methods=["POST"]),
             Route(m + "/benchmark", self.benchmark, methods=["POST"]),
             Route("/v2/repository/index", self.index, methods=["POST"]),
