@@ -64,7 +64,8 @@ class _Connection:
                 raise ConnectionResetError("the server closed the connection mid-response")
             first = False
             parser.feed_data(data)
-        if not parser.should_keep_alive():
+        # (httptools' should_keep_alive() reads False once a message is complete: decide here)
+        if parser.get_http_version() != "1.1" or response.headers.get("connection", "").lower() == "close":
             self.close()
         return parser.get_status_code(), response.headers, b"".join(response.body)
 

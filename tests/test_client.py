@@ -110,8 +110,11 @@ def test_infer_survives_a_closed_keep_alive_connection_and_large_tensors(server,
         device.upload_model("dyn", mlflow_models["tflite_cnn"])
         small = np.ones((1, 8, 8, 3), np.float32)
         first = device.infer("dyn", [small])
-        for connection in device._transport._idle:  # as if the server had timed the connection out
-            connection.sock.shutdown(2)
+        [kept] = device._transport._idle
+        for _ in range(5):
+            device.infer("dyn", [small])
+        assert list(device._transport._idle) == [kept]  # one connection, kept alive
+        kept.sock.shutdown(2)  # as if the server had timed the idle connection out
         [output] = first
         np.testing.assert_array_equal(device.infer("dyn", [small])[output], first[output])
         big = np.random.default_rng(0).standard_normal((5000, 8, 8, 3)).astype(np.float32)  # 3.8 MB
