@@ -304,3 +304,31 @@ def test_tls_refuses_the_wrong_ca_and_plain_http(tmp_path, mlflow_models):  # no
             assert owner.infer("linear", [np.ones((1, 4), np.float32)])["y"].shape == (1, 3)
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("options", [
+    {"sess_options": {"optimized_model_filepath": "{out}/written.onnx"}},
+    {"sess_options": {"enable_profiling": True, "profile_file_prefix": "{out}/profile"}},
+    {"sess_options": {"session.optimized_model_external_initializers_file_name": "{out}/weights.bin"}},
+    {"provider_options": [{"trt_engine_cache_path": "{out}"}]},
+], ids=["optimized-model", "profiling", "config-entry", "provider-cache"])
+def test_runtime_options_cannot_make_the_server_write_files(secured, mlflow_models, tmp_path, options):  # noqa: F811
+    """onnxruntime writes where `optimized_model_filepath` or `profile_file_prefix` say: an upload may not set them."""
+    import shutil
+
+    import yaml
+
+    out = tmp_path / "outside"
+    out.mkdir()
+    model = shutil.copytree(mlflow_models["onnx_linear"], tmp_path / "model")
+    mlmodel = yaml.safe_load((model / "MLmodel").read_text())
+    mlmodel["flavors"]["arachne"]["runtime_options"] = json.loads(json.dumps(options).replace("{out}", str(out)))
+    (model / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with DeviceClient("127.0.0.1", secured.port, token=TOKEN) as owner:
+        for name in ("linear", "fresh"):
+            with pytest.raises(Exception, match="may not set options that name files") as caught:
+                owner.upload_model(name, model, force=True)
+            assert caught.value.status_code == 400
+        assert owner.model_info("fresh") is None
+    assert list(out.iterdir()) == []
+    assert _serves(secured)
