@@ -8,12 +8,10 @@ Extends tests/test_server.py (15 malformed requests, kill -9 during one upload) 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import shutil
 import socket
 import subprocess
-import tarfile
 import threading
 import time
 from pathlib import Path
