@@ -56,6 +56,7 @@ def safe_extract(
         raise UnsafeArchiveError(f"not a readable tar archive: {err}") from err
     except EOFError as err:
         raise UnsafeArchiveError(f"archive is truncated: {err}") from err
+    _check_links(dest)
     return names
 
 
@@ -74,6 +75,20 @@ def _check_member(member: tarfile.TarInfo, dest: Path) -> None:
             raise UnsafeArchiveError(f"archive entry {name!r} links outside the directory ({member.linkname!r})")
     elif not (member.isfile() or member.isdir()):
         raise UnsafeArchiveError(f"archive entry {name!r} is a device file, FIFO or other special file")
+
+
+def _check_links(dest: Path) -> None:
+    """Every symlink, as extracted, must resolve inside `dest`.
+
+    Each link was checked when it was written, but a later entry can change what an earlier
+    link resolves to (`a -> x/..` is inside until `x -> .` arrives), so check the final tree.
+    """
+    for path in dest.rglob("*"):  # does not descend into linked directories
+        if path.is_symlink() and not _inside(path.resolve(), dest):
+            raise UnsafeArchiveError(
+                f"archive entry {path.relative_to(dest).as_posix()!r} links outside the directory "
+                f"({os.readlink(path)!r}, through links added later)"
+            )
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -169,6 +169,8 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise InvalidInputError(f"a requested output must be an object with a 'name', got {str(item)[:100]!r}")
             item_params = item.get("parameters") or {}
+            if not isinstance(item_params, dict):
+                raise InvalidInputError(f"output {item['name']!r}: 'parameters' must be an object")
             outputs.append((item["name"], bool(item_params.get("binary_data", binary_output))))
     request_id = header.get("id")
     return InferRequest(

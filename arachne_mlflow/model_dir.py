@@ -100,7 +100,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
         raise ModelNotFoundError(f"{path} is not an MLflow model directory: no {MLMODEL} file")
     try:
         mlmodel = yaml.safe_load(mlmodel_path.read_text()) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise InvalidInputError(f"{mlmodel_path}: not valid YAML: {err}") from err
     flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
     if not isinstance(flavors, dict) or FLAVOR_NAME not in flavors:
@@ -110,6 +110,11 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
             "log it with arachne_mlflow.flavors.tflite / onnx / tvm"
         )
     conf = flavors[FLAVOR_NAME] or {}
+    if not isinstance(conf, dict):
+        raise InvalidInputError(f"{mlmodel_path}: the '{FLAVOR_NAME}' flavor must be a mapping")
+    for key, kind in (("runtime_options", dict), ("tvm", dict), ("extra_files", list)):
+        if not isinstance(conf.get(key) or kind(), kind):
+            raise InvalidInputError(f"{mlmodel_path}: '{FLAVOR_NAME}.{key}' must be a {kind.__name__}")
     for key in ("runtime", "model_file"):
         if not isinstance(conf.get(key), str):
             raise InvalidInputError(f"{mlmodel_path}: the '{FLAVOR_NAME}' flavor lacks '{key}'")
@@ -118,7 +123,12 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
     if tvm.get("params_file"):
         tvm["params_file"] = _relative_name(tvm["params_file"], mlmodel_path)
     extra_files = [_relative_name(name, mlmodel_path) for name in conf.get("extra_files") or []]
-    inputs, outputs = parse_signature(mlmodel.get("signature"))
+    try:
+        inputs, outputs = parse_signature(mlmodel.get("signature"))
+    except InvalidInputError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise InvalidInputError(f"{mlmodel_path}: 'signature' is not a list of tensor specs: {err}") from err
     if not (path / model_file).exists():
         raise ModelNotFoundError(f"model file {model_file!r} named in {mlmodel_path} is missing")
     return ArachneModel(
@@ -157,6 +167,8 @@ def _parse_schema(text: Any) -> list[TensorSpec]:
 
 def _relative_name(name: str, mlmodel_path: Path) -> str:
     """A file name from MLmodel must stay inside the model directory."""
+    if not isinstance(name, str):
+        raise InvalidInputError(f"{mlmodel_path}: file name {name!r} is not a string")
     pure = PurePosixPath(name)
     if pure.is_absolute() or ".." in pure.parts or not pure.parts:
         raise InvalidInputError(f"{mlmodel_path}: file name {name!r} leaves the model directory")

@@ -79,6 +79,7 @@ def _entry(**kw):
     ({"inputs": [_entry(datatype="BYTES", shape=[1 << 28], parameters={"binary_data_size": 4})]}, b"\0" * 4,
      "cannot hold"),
     ({"inputs": {"x": 1}}, b"", "must be a list"),
+    ({"inputs": [_entry(data=[1, 2])], "outputs": [{"name": "y", "parameters": [1]}]}, b"", "must be an object"),
     ({"inputs": [_entry()]}, b"", "needs 'data'"),
 ])
 def test_inconsistent_messages_are_refused(header, blob, match):

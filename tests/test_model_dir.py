@@ -66,3 +66,23 @@ def test_errors_name_the_problem(tmp_path, onnx_linear_file):
     shutil.copy(onnx_linear_file, tmp_path / "model.onnx")
     with pytest.raises(InvalidInputError, match="holds a 'onnx' model, not 'tflite'"):
         arachne_runtime.init("tflite", model_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("mlmodel, match", [
+    (b"\xff\xfe\x00 not text", "not valid YAML"),
+    (b"flavors:\n  arachne: [1, 2]\n", "must be a mapping"),
+    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, runtime_options: fast}\n", "runtime_options"),
+    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, tvm: 5}\n", "'arachne.tvm'"),
+    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, extra_files: 5}\n", "extra_files"),
+    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, extra_files: [5]}\n", "not a string"),
+    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx}\nsignature: {inputs: '{not json'}\n", "signature"),
+    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx}\nsignature: {inputs: '[1]'}\n", "signature"),
+    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx}\nsignature: {inputs: '[{\"type\": \"tensor\"}]'}\n",
+     "signature"),
+])
+def test_malformed_mlmodel_is_invalid_input(tmp_path, mlmodel, match):
+    """A hostile upload's MLmodel must give a clear InvalidInputError (HTTP 400), never a crash (500)."""
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    (tmp_path / "MLmodel").write_bytes(mlmodel)
+    with pytest.raises(InvalidInputError, match=match):
+        read_model_dir(tmp_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import struct
 import tarfile
 from typing import Any, Mapping
 
@@ -46,6 +47,7 @@ class TVMRuntimeModule(RuntimeModule):
         if model_file is None:
             raise InvalidInputError("tvm runtime needs model_file (a library from export_library)")
         _refuse_graph_executor_package(model_file)
+        _refuse_truncated_library(model_file)
         tvm = import_tvm()
         self._device = _device(tvm, tvm_device)
         try:
@@ -133,3 +135,38 @@ def _refuse_graph_executor_package(model_file: str) -> None:
             f"{model_file} is a TVM graph-executor package (mod.json, mod.params); the installed TVM has no "
             "graph executor: recompile the model with Relax (tvm.compile) and export_library"
         )
+
+
+def _refuse_truncated_library(model_file: str) -> None:
+    """dlopen maps an ELF library's segments without checking that the file holds them: a truncated
+    library kills the whole process with SIGBUS. Check the headers against the file size first."""
+    with open(model_file, "rb") as file:
+        head = file.read(64)
+        if head[:4] != b"\x7fELF":
+            return
+        size = os.fstat(file.fileno()).st_size
+        wide, order = head[4:5] == b"\x02", "<" if head[5:6] == b"\x01" else ">"
+        problem = _elf_extent_problem(file, head, size, wide, order)
+    if problem:
+        raise IncompatibleModelError(f"tvm runtime: cannot load {model_file}: the library is truncated or corrupt "
+                                     f"({problem}; the file has {size} bytes)")
+
+
+def _elf_extent_problem(file: Any, head: bytes, size: int, wide: bool, order: str) -> str:
+    if len(head) < (64 if wide else 52):
+        return "its ELF header is cut short"
+    fields = struct.unpack_from(order + ("QQQIHHHHHH" if wide else "IIIIHHHHHH"), head, 24)
+    phoff, shoff, phentsize, phnum, shentsize, shnum = fields[1], fields[2], *fields[5:9]
+    if phoff + phnum * phentsize > size or shoff + shnum * shentsize > size:
+        return "its program or section headers lie past the end"
+    layout = order + ("IIQQQQQQ" if wide else "IIIIIIII")
+    for i in range(phnum):
+        file.seek(phoff + i * phentsize)
+        entry = file.read(struct.calcsize(layout))
+        if len(entry) < struct.calcsize(layout):
+            return "a program header is cut short"
+        values = struct.unpack(layout, entry)
+        offset, filesz = (values[2], values[5]) if wide else (values[1], values[4])
+        if offset + filesz > size:
+            return f"segment {i} ends at byte {offset + filesz}"
+    return ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -40,6 +41,8 @@ _logger = logging.getLogger(__name__)
 CURRENT = "CURRENT.json"
 MARKER = ".arachne-model-store"
 DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
+# Option names that point a DNN library at files (paths, profiles, caches): refused in uploaded models.
+_FILE_OPTION = re.compile(r"file|path|dir|prefix|profil|cache|dump", re.IGNORECASE)
 
 
 class LoadedModel:
@@ -284,13 +287,31 @@ class ModelStore:
     @staticmethod
     def _load(path: Path, record: dict[str, Any]) -> LoadedModel:
         start = time.perf_counter()
+        model = read_model_dir(path)
+        _refuse_file_options(model.runtime_options, "runtime_options")
         try:
-            module = read_model_dir(path).load()
+            module = model.load()
         except ArachneError:
             raise
         except Exception as err:  # a DNN library's own error for a corrupt or foreign model file
             raise InvalidInputError(f"model {record['name']!r} cannot be loaded: {err}") from err
         return LoadedModel(module, record, time.perf_counter() - start)
+
+
+def _refuse_file_options(options: Any, where: str) -> None:
+    """Refuse runtime options that name files (onnxruntime's `optimized_model_filepath`, profiling
+    output...): an uploaded MLmodel could make the library write or read any path the server can."""
+    if isinstance(options, dict):
+        for key, value in options.items():
+            if _FILE_OPTION.search(str(key)):
+                raise InvalidInputError(
+                    f"{where}.{key}: a model on a device server may not set options that name files or turn on "
+                    "profiling (they would reach outside the model store)"
+                )
+            _refuse_file_options(value, f"{where}.{key}")
+    elif isinstance(options, list):
+        for index, value in enumerate(options):
+            _refuse_file_options(value, f"{where}[{index}]")
 
 
 def _read_record(directory: Path) -> dict[str, Any] | None:
