@@ -13,6 +13,7 @@ from arachne_mlflow.deployments.targets import SCHEME
 
 
 def target_help() -> str:
+    """What `mlflow deployments help -t arachne-jetson` prints."""
     return f"""\
 Target {SCHEME}: deploy `arachne` models (TFLite, ONNX, TVM logged with arachne_mlflow.flavors)
 to arachne-mlflow device servers (`arachne-mlflow serve` on each device).
@@ -22,12 +23,14 @@ Target URIs:
   {SCHEME}://HOST:PORT                   one device ({SCHEME}:/HOST:PORT works too)
   {SCHEME}://HOST1:PORT,HOST2:PORT       a fleet: every command acts on each device, in parallel
 
-Config (-C key=value) and environment:
-  token=T      $ARACHNE_TOKEN     bearer token of the device servers
-  tls=true     $ARACHNE_TLS       talk https
-  ca_cert=F    $ARACHNE_CA_CERT   CA bundle that signed the devices' certificates
-  timeout=S    $ARACHNE_TIMEOUT   seconds per request (default 60)
-  run-local only: host=127.0.0.1 port=5051 model_store=DIR
+Config (-C key=value on create, update, delete) and environment (every command):
+  token=T       $ARACHNE_TOKEN     bearer token of the device servers
+  tls=true      $ARACHNE_TLS       talk https
+  ca_cert=F     $ARACHNE_CA_CERT   CA bundle that signed the devices' certificates
+  timeout=S     $ARACHNE_TIMEOUT   seconds per request (default 60)
+  progress=B                       upload progress bar (default: on a terminal, models >= 1 MiB)
+  run-local takes the options of `arachne-mlflow serve` instead: host, port, model_store, token,
+  ssl_certfile, ssl_keyfile, ... (without model_store, a new temporary store)
 
 Model URIs: anything MLflow resolves (runs:/ID/model, models:/NAME/1, models:/NAME@ALIAS,
 models:/m-ID, a local path). Only the files MLmodel names are pushed. The device keeps serving

@@ -1,34 +1,53 @@
-"""`ArachneJetsonDeploymentClient`: MLflow deployments onto one device server or a fleet of them."""
+"""`ArachneJetsonDeploymentClient`: MLflow deployments onto one device server or a fleet of them.
+
+Every command talks to each device of the target in parallel and reports each one. A push that
+fails on some devices warns, naming them with their errors, and the others keep the new version;
+a command that fails on every device raises `MlflowException`.
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import numpy as np
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
+from arachne_mlflow.deployments.inputs import to_arrays
 from arachne_mlflow.deployments.source import ModelSource, resolve
-from arachne_mlflow.deployments.targets import Device, connection, parse_devices
-from arachne_mlflow.errors import ArachneError
+from arachne_mlflow.deployments.targets import Device, connection, flag, parse_devices
+from arachne_mlflow.errors import (
+    ArachneError,
+    DeviceUnreachableError,
+    IncompatibleModelError,
+    InvalidInputError,
+    ModelNotFoundError,
+)
 from arachne_mlflow.model_dir import FLAVOR_NAME
 
-_logger = logging.getLogger(__name__)
+# Models at least this large get a progress bar when stderr is a terminal (`-C progress=...` decides otherwise).
+PROGRESS_MIN_BYTES = 1 << 20
 
 
 class ArachneJetsonDeploymentClient(BaseDeploymentClient):
-    """Deploys `arachne` models from MLflow to device servers; several devices act as one fleet."""
+    """Deploys `arachne` models from MLflow to device servers; several devices act as one fleet.
+
+    Connection settings come from each call's `config` where MLflow passes one (create, update,
+    delete), else from the environment (`ARACHNE_TOKEN`, `ARACHNE_TLS`, ...).
+    """
 
     def __init__(self, target_uri: str):
         super().__init__(target_uri)
-        self.devices = parse_devices(target_uri)
+        try:
+            self.devices = parse_devices(target_uri)
+        except InvalidInputError as err:
+            raise MlflowException(str(err)) from err
 
-    # -- deployments --------------------------------------------------------------------
+    # -- deployments ---------------------------------------------------------------------
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
         return self._push(name, model_uri, flavor, config, replace=False)
 
@@ -38,94 +57,107 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         return self._push(name, model_uri, flavor, config, replace=True)
 
     def delete_deployment(self, name, config=None, endpoint=None):
-        results = self._each(config, lambda client, device: client.delete_model(name))
-        failed = {d: e for d, e in results.items() if isinstance(e, Exception)}
+        results = self._each(config, lambda device, client: client.delete_model(name))
+        failed = _failures(results)
+        missing = {d for d, r in failed.items() if isinstance(r, ModelNotFoundError)}
+        if len(missing) == len(self.devices):
+            raise MlflowException(f"no deployment {name!r} on {_names(self.devices)}",
+                                  error_code=RESOURCE_DOES_NOT_EXIST)
+        failed = {d: r for d, r in failed.items() if d not in missing}
         if len(failed) == len(self.devices):
             raise MlflowException(f"could not delete deployment {name!r}: {_report(failed)}")
         if failed:
-            warnings.warn(f"deployment {name!r} deleted except on: {_report(failed)}", stacklevel=2)
+            warnings.warn(f"deployment {name!r} deleted except on {_report(failed)}", stacklevel=2)
 
     def list_deployments(self, endpoint=None):
+        results = self._each(None, lambda device, client: client.repository_index())
+        failed = _failures(results)
+        if len(failed) == len(self.devices):
+            raise MlflowException(f"could not list deployments: {_report(failed)}")
+        if failed:
+            warnings.warn(f"deployments not listed on {_report(failed)}", stacklevel=2)
         found: dict[str, dict[str, Any]] = {}
-        results = self._each(None, lambda client, device: client.repository_index())
-        for device, models in results.items():
-            if isinstance(models, Exception):
-                warnings.warn(f"device {device} not listed: {models}", stacklevel=2)
-                continue
-            for entry in models:
+        for device, entries in results.items():
+            for entry in [] if device in failed else entries:
                 item = found.setdefault(entry["name"], {"name": entry["name"], "flavor": FLAVOR_NAME, "devices": []})
-                item["devices"].append({"device": str(device), "state": entry.get("state")})
-        return sorted(found.values(), key=lambda d: d["name"])
+                item["devices"].append({"device": str(device), "state": entry["state"]})
+        return sorted(found.values(), key=lambda item: item["name"])
 
     def get_deployment(self, name, endpoint=None):
-        results = self._each(None, lambda client, device: client.model_info(name))
-        found = {d: info for d, info in results.items() if not isinstance(info, Exception)}
-        if not found:
-            raise MlflowException(f"no deployment {name!r} on {_names(self.devices)}: {_report(results)}")
-        first = next(iter(found.values()))
-        deployment = {"name": name, "flavor": FLAVOR_NAME, **(first.get("info") or {})}
-        deployment["devices"] = [
-            {
-                "device": str(device),
-                "state": info.get("state") if not isinstance(info, Exception) else "absent",
-                "deployed_at": (info.get("info") or {}).get("deployed_at") if not isinstance(info, Exception) else None,
-                "digest": info.get("digest") if not isinstance(info, Exception) else None,
-                **({"error": str(info)} if isinstance(info, Exception) else {}),
-            }
-            for device, info in results.items()
-        ]
-        return deployment
+        def describe(device: Device, client: Any) -> dict[str, Any] | None:
+            record = client.model_info(name)
+            if record is not None:
+                record["metadata"] = client.model_metadata(name)
+            return record
+
+        results = self._each(None, describe)
+        records = {d: r for d, r in results.items() if isinstance(r, dict)}
+        if not records:
+            failed = _failures(results)
+            raise MlflowException(f"no deployment {name!r} on {_names(self.devices)}"
+                                  + (f" ({_report(failed)})" if failed else ""), error_code=RESOURCE_DOES_NOT_EXIST)
+        latest = max(records.values(), key=lambda r: r["uploaded_at"])
+        metadata = latest["metadata"]
+        return {
+            "name": name,
+            "flavor": FLAVOR_NAME,
+            "runtime": latest["runtime"],
+            **latest["info"],
+            "signature": {"inputs": metadata["inputs"], "outputs": metadata["outputs"]},
+            "deployed_at": latest["uploaded_at"],
+            "devices": [_device_state(d, results[d]) for d in self.devices],
+        }
 
     def predict(self, deployment_name=None, inputs=None, endpoint=None):
-        arrays = _as_arrays(inputs)
-        errors = {}
-        for device in self.devices:  # the first device that answers serves the request
+        """Run the deployment on the first device that answers; returns `{"predictions": ...}`.
+
+        One output comes back as nested lists, several as a dict name -> nested lists.
+        """
+        errors: dict[Device, Exception] = {}
+        for device in self.devices:
             try:
-                outputs = self._client(device, None).infer(deployment_name, arrays)
+                with self._client(device, None) as client:
+                    arrays = to_arrays(inputs, client.model_metadata(deployment_name)["inputs"])
+                    outputs = client.infer(deployment_name, arrays)
             except ArachneError as err:
                 errors[device] = err
-                if getattr(err, "status_code", 500) < 500:
-                    break  # the request itself is wrong; another device will say the same
+                if err.status_code < 500:
+                    break  # the request itself is wrong: another device would say the same
                 continue
-            values = list(outputs.values())
-            predictions = values[0].tolist() if len(values) == 1 else {k: v.tolist() for k, v in outputs.items()}
-            return PredictionsResponse({"predictions": predictions})
+            values = {key: value.tolist() for key, value in outputs.items()}
+            return PredictionsResponse({"predictions": next(iter(values.values())) if len(values) == 1 else values})
         raise MlflowException(f"prediction with deployment {deployment_name!r} failed: {_report(errors)}")
 
-    # -- helpers ------------------------------------------------------------------------
+    # -- helpers -------------------------------------------------------------------------
     def _push(self, name: str, model_uri: str, flavor: str | None, config: dict | None, replace: bool) -> dict:
         if flavor not in (None, FLAVOR_NAME):
-            raise MlflowException(f"the {self.target_uri} target deploys the {FLAVOR_NAME!r} flavor, not {flavor!r}")
+            raise MlflowException(f"target {self.target_uri} deploys the {FLAVOR_NAME!r} flavor, not {flavor!r}")
+        config = dict(config or {})
+        progress = config.pop("progress", None)
+        _check_config(config)
+        action = "update" if replace else "create"
         with tempfile.TemporaryDirectory(prefix="arachne-deploy-") as tmp:
             try:
                 source = resolve(model_uri, tmp)
+                progress = flag("progress", progress, sys.stderr.isatty() and source.size >= PROGRESS_MIN_BYTES)
             except ArachneError as err:
                 raise MlflowException(f"cannot deploy {model_uri}: {err}") from err
-            progress = sys.stderr.isatty() and len(self.devices) == 1
-            results = self._each(config, lambda client, device: self._push_one(client, device, name, source, progress))
-        failed = {d: r for d, r in results.items() if isinstance(r, Exception)}
-        states = [
-            {"device": str(d), "state": "failed", "error": str(r)} if isinstance(r, Exception)
-            else {"device": str(d), "state": "ready", "uploaded": bool(r)}
-            for d, r in results.items()
-        ]
-        action = "update" if replace else "create"
+            results = self._each(config, lambda device, client: _push_one(device, client, name, source, replace,
+                                                                          progress))
+        failed = _failures(results)
         if len(failed) == len(self.devices):
-            raise MlflowException(f"{action} of deployment {name!r} failed on every device: {_report(failed)}")
+            raise MlflowException(f"{action} of deployment {name!r} failed: {_report(failed)}")
         if failed:
-            warnings.warn(
-                f"{action} of deployment {name!r} failed on {_report(failed)}; the other devices have the new version",
-                stacklevel=3,
-            )
-        return {"name": name, "flavor": FLAVOR_NAME, "model_uri": model_uri, "runtime": source.model.runtime,
-                "devices": states, **{k: v for k, v in source.info.items() if k in ("registered_model", "version", "alias")}}
-
-    @staticmethod
-    def _push_one(client, device: Device, name: str, source: ModelSource, progress: bool) -> bool:
-        """Check the device can run the model, then stream its files; True when uploaded."""
-        check_device_can_run(client.server_metadata(), source, device)
-        return client.upload_model(name, source.model.path, files=source.model.files(), info=source.info,
-                                   progress=progress)
+            warnings.warn(f"{action} of deployment {name!r} failed on {_report(failed)}; "
+                          f"the other devices have the new version", stacklevel=3)
+        return {
+            "name": name,
+            "flavor": FLAVOR_NAME,
+            "runtime": source.model.runtime,
+            **source.info,
+            "devices": [{"device": str(d), "state": "failed", "error": str(r)} if d in failed
+                        else {"device": str(d), "state": r} for d, r in results.items()],
+        }
 
     def _client(self, device: Device, config: dict | None):
         from arachne_mlflow.client import DeviceClient
@@ -134,12 +166,14 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         return DeviceClient(device.host, device.port, token=conn.token, tls=conn.tls, ca_cert=conn.ca_cert,
                             timeout=conn.timeout)
 
-    def _each(self, config: dict | None, action: Callable[[Any, Device], Any]) -> dict[Device, Any]:
-        """Run `action(client, device)` on every device in parallel; errors come back as values."""
+    def _each(self, config: dict | None, action: Callable[[Device, Any], Any]) -> dict[Device, Any]:
+        """`action(device, client)` on every device in parallel; an `ArachneError` comes back as the result."""
+        _check_config(config)
 
         def one(device: Device) -> Any:
             try:
-                return action(self._client(device, config), device)
+                with self._client(device, config) as client:
+                    return action(device, client)
             except ArachneError as err:
                 return err
 
@@ -147,39 +181,56 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
             return dict(zip(self.devices, pool.map(one, self.devices)))
 
 
-def check_device_can_run(metadata: dict[str, Any], source: ModelSource, device: Device) -> None:
-    """Refuse before pushing: the device lacks the runtime, or TVM code built for another CPU."""
-    from arachne_mlflow.errors import IncompatibleModelError
+def _push_one(device: Device, client: Any, name: str, source: ModelSource, replace: bool, progress: bool) -> str:
+    """Check that the device can run the model and may take it, then stream its files; the device's new state."""
+    check_device_can_run(client.server_metadata(), source, device)
+    stored = client.model_info(name)
+    if replace and stored is None:
+        raise ModelNotFoundError(f"device {device} has no deployment {name!r} to update: create it")
+    if not replace and stored is not None:
+        raise InvalidInputError(f"device {device} already has a deployment {name!r}: update it")
+    if stored is not None and stored["digest"] == source.digest and stored["info"] == source.info:
+        return "unchanged"
+    client.upload_model(name, source.model.path, files=source.files, info=source.info, progress=progress, force=True)
+    return "deployed"
 
+
+def check_device_can_run(metadata: dict[str, Any], source: ModelSource, device: Device) -> None:
+    """Refuse before pushing: the device lacks the model's runtime, or TVM code built for another CPU."""
     model = source.model
-    runtimes = metadata.get("runtimes") or {}
+    runtimes = sorted(r["name"] for r in metadata.get("runtimes", []))
     if model.runtime not in runtimes:
         raise IncompatibleModelError(
-            f"device {device} has no {model.runtime!r} runtime (it has {sorted(runtimes)}): "
-            f"pip install 'arachne-mlflow[{model.runtime}]' there"
+            f"device {device} has no {model.runtime!r} runtime (it has {runtimes}): "
+            f"pip install 'arachne-mlflow[server,{model.runtime}]' there"
         )
     arch = model.tvm.get("arch")
-    if model.runtime == "tvm" and arch and metadata.get("arch") and arch != metadata["arch"]:
+    if model.runtime == "tvm" and arch and arch != metadata.get("arch"):
         raise IncompatibleModelError(
-            f"device {device} is {metadata['arch']} but the TVM model was compiled for {arch}"
+            f"device {device} is {metadata.get('arch')} but the TVM model was compiled for {arch}"
         )
 
 
-def _as_arrays(inputs: Any) -> Any:
-    """An ndarray, a dict of arrays, a DataFrame, or the DataFrame `mlflow deployments predict` builds."""
-    import pandas as pd
+def _check_config(config: dict | None) -> None:
+    try:
+        connection(config)
+    except InvalidInputError as err:
+        raise MlflowException(str(err)) from err
 
-    if isinstance(inputs, pd.DataFrame):
-        if list(inputs.columns) == ["inputs"]:  # {"inputs": ...} read by pd.read_json
-            column = inputs["inputs"]
-            if isinstance(inputs.index, pd.RangeIndex):
-                return np.array(column.tolist())
-            return {str(k): np.array(v) for k, v in column.items()}
-        return {str(c): np.stack(inputs[c].map(np.asarray).tolist()) if inputs[c].dtype == object
-                else inputs[c].to_numpy() for c in inputs.columns}
-    if isinstance(inputs, dict):
-        return {k: np.asarray(v) for k, v in inputs.items()}
-    return np.asarray(inputs)
+
+def _device_state(device: Device, result: Any) -> dict[str, Any]:
+    if isinstance(result, Exception):
+        state = "unreachable" if isinstance(result, DeviceUnreachableError) else "error"
+        return {"device": str(device), "state": state, "error": str(result)}
+    if result is None:
+        return {"device": str(device), "state": "absent"}
+    return {"device": str(device), "state": result["state"], "revision": result["version"],
+            "deployed_at": result["uploaded_at"], "model_uri": result["info"].get("model_uri"),
+            "digest": result["digest"], **({"reason": result["reason"]} if result.get("reason") else {})}
+
+
+def _failures(results: dict[Device, Any]) -> dict[Device, Exception]:
+    return {d: r for d, r in results.items() if isinstance(r, Exception)}
 
 
 def _names(devices: list[Device]) -> str:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from arachne_mlflow.errors import InvalidInputError
 
 SCHEME = "arachne-jetson"
 DEFAULT_DEVICE = "localhost:5051"
 DEFAULT_PORT = 5051
+CONNECTION_KEYS = ("token", "tls", "ca_cert", "timeout")
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 _HOST_PORT = re.compile(r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?$")
 
 
@@ -64,11 +66,30 @@ def parse_devices(target_uri: str) -> list[Device]:
     return devices
 
 
-def connection(config: Mapping[str, Any] | None) -> Connection:
-    """Token, TLS and timeout from `config` (`-C key=value`, strings) or the environment."""
+def flag(name: str, value: Any, default: bool) -> bool:
+    """The yes/no setting `name` given as a string (`-C tls=true`) or a bool; `default` when not given."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in _TRUE | _FALSE:
+        raise InvalidInputError(f"config {name} must be true or false, got {value!r}")
+    return text in _TRUE
+
+
+def connection(config: Mapping[str, Any] | None, other_keys: Iterable[str] = ()) -> Connection:
+    """Token, TLS and timeout from `config` (`-C key=value`, strings) or the environment.
+
+    A key that is neither a connection setting nor one of `other_keys` is refused: a typo
+    must not silently mean "no token".
+    """
     config = dict(config or {})
+    unknown = sorted(set(config) - set(CONNECTION_KEYS) - set(other_keys))
+    if unknown:
+        raise InvalidInputError(f"unknown config {unknown}; known: {sorted({*CONNECTION_KEYS, *other_keys})}")
     token = config.get("token") or os.environ.get("ARACHNE_TOKEN") or None
-    tls = str(config.get("tls", os.environ.get("ARACHNE_TLS", ""))).strip().lower() in _TRUE
+    tls = flag("tls", config.get("tls", os.environ.get("ARACHNE_TLS")), False)
     ca_cert = config.get("ca_cert") or os.environ.get("ARACHNE_CA_CERT") or None
     try:
         timeout = float(config.get("timeout", os.environ.get("ARACHNE_TIMEOUT", 60)))
