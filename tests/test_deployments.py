@@ -128,8 +128,11 @@ def test_cli_every_command(servers, registry, token_env, tmp_path):
     printed = _cli("predict", "-t", target, "--name", "cli-linear", "--input-path", tmp_path / "in.json")
     np.testing.assert_allclose(json.loads(printed)["predictions"], registry["out1"], rtol=1e-6)
 
-    out = _cli("update", "-t", target, "--name", "cli-linear", "-m", "models:/dep-linear/2", "-C", f"token={TOKEN}")
-    assert "Deployment cli-linear is updated (with flavor arachne)" in out
+    result = CliRunner().invoke(commands, ["update", "-t", target, "--name", "cli-linear", "-m", "models:/dep-linear/2",
+                                           "-C", f"token={TOKEN}", "-C", "progress=true"])
+    assert result.exit_code == 0, result.output
+    assert "Deployment cli-linear is updated (with flavor arachne)" in result.stdout
+    assert "upload cli-linear" in result.stderr  # the progress bar
     _cli("predict", "-t", target, "--name", "cli-linear", "--input-path", tmp_path / "in.json",
          "-O", tmp_path / "out.json")
     predictions = json.loads((tmp_path / "out.json").read_text())["predictions"]
@@ -193,7 +196,8 @@ def test_fleet_with_a_device_down(servers, registry, token_env):
     down = free_port()
     fleet = get_deploy_client(_target(servers[0], down))
     get_deploy_client(_target(servers[0])).create_deployment("half", "models:/dep-linear/1")
-    with pytest.warns(UserWarning, match=rf"failed on 127\.0\.0\.1:{down}: .*unreachable.*other devices have the new"):
+    report = rf"failed on 127\.0\.0\.1:{down}: .*unreachable.*; the new version is on 127\.0\.0\.1:{servers[0].port} \(deployed\)"
+    with pytest.warns(UserWarning, match=report):
         result = fleet.update_deployment("half", "models:/dep-linear/2")
     states = {d["device"]: d for d in result["devices"]}
     assert states[f"127.0.0.1:{servers[0].port}"]["state"] == "deployed"

@@ -148,8 +148,9 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         if len(failed) == len(self.devices):
             raise MlflowException(f"{action} of deployment {name!r} failed: {_report(failed)}")
         if failed:
+            done = ", ".join(f"{d} ({r})" for d, r in results.items() if d not in failed)
             warnings.warn(f"{action} of deployment {name!r} failed on {_report(failed)}; "
-                          f"the other devices have the new version", stacklevel=3)
+                          f"the new version is on {done}", stacklevel=3)
         return {
             "name": name,
             "flavor": FLAVOR_NAME,
