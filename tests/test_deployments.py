@@ -114,7 +114,8 @@ def test_cli_help_explains_uris_and_config():
 # -- the CLI, every sub-command -----------------------------------------------------------------
 def test_cli_every_command(servers, registry, token_env, tmp_path):
     target = _target(servers[0])
-    out = _cli("create", "-t", target, "--name", "cli-linear", "-m", "models:/dep-linear@champion", "-C", f"token={TOKEN}")
+    out = _cli("create", "-t", target, "--name", "cli-linear", "-m", "models:/dep-linear@champion",
+               "-C", f"token={TOKEN}")
     assert "arachne deployment cli-linear is created" in out
 
     listed = _cli("list", "-t", target)
@@ -196,7 +197,8 @@ def test_fleet_with_a_device_down(servers, registry, token_env):
     down = free_port()
     fleet = get_deploy_client(_target(servers[0], down))
     get_deploy_client(_target(servers[0])).create_deployment("half", "models:/dep-linear/1")
-    report = rf"failed on 127\.0\.0\.1:{down}: .*unreachable.*; the new version is on 127\.0\.0\.1:{servers[0].port} \(deployed\)"
+    up = rf"127\.0\.0\.1:{servers[0].port}"
+    report = rf"failed on 127\.0\.0\.1:{down}: .*unreachable.*; the new version is on {up} \(deployed\)"
     with pytest.warns(UserWarning, match=report):
         result = fleet.update_deployment("half", "models:/dep-linear/2")
     states = {d["device"]: d for d in result["devices"]}
@@ -270,7 +272,7 @@ def test_registry_uris(servers, registry, token_env, tmp_path):
     for i, uri in enumerate(["models:/dep-linear@champion", "models:/dep-linear/2", registry["v1"].model_uri, local]):
         client.create_deployment(f"uri-{i}", uri)
     details = [client.get_deployment(f"uri-{i}") for i in range(4)]
-    assert (details[0]["registered_model"], details[0]["version"], details[0]["alias"]) == ("dep-linear", "1", "champion")
+    assert [details[0][k] for k in ("registered_model", "version", "alias")] == ["dep-linear", "1", "champion"]
     assert details[0]["run_id"] == registry["run_id"]
     assert details[1]["version"] == "2" and "run_id" not in details[1]
     assert details[2]["model_id"] == registry["v1"].model_id and "registered_model" not in details[2]

@@ -111,7 +111,8 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
     def predict(self, deployment_name=None, inputs=None, endpoint=None):
         """Run the deployment on the first device that answers; returns `{"predictions": ...}`.
 
-        One output comes back as nested lists, several as a dict name -> nested lists.
+        One output comes back as nested lists, several as a dict name -> nested lists. A device
+        that is down or lacks the deployment passes the request on; bad input stops at the first.
         """
         errors: dict[Device, Exception] = {}
         for device in self.devices:
@@ -121,8 +122,8 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
                     outputs = client.infer(deployment_name, arrays)
             except ArachneError as err:
                 errors[device] = err
-                if err.status_code < 500:
-                    break  # the request itself is wrong: another device would say the same
+                if isinstance(err, InvalidInputError):
+                    break  # another device would say the same
                 continue
             values = {key: value.tolist() for key, value in outputs.items()}
             return PredictionsResponse({"predictions": next(iter(values.values())) if len(values) == 1 else values})
