@@ -28,6 +28,7 @@ from arachne_mlflow.flavors import onnx as arachne_onnx
 from arachne_mlflow.flavors import tflite as arachne_tflite
 from tests import models
 from tests.model_dirs import ServerProcess, free_port, write_model_dir
+from tests.test_client import _self_signed
 
 TOKEN = "deploy-token"
 X = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
@@ -112,7 +113,7 @@ def test_cli_help_explains_uris_and_config():
 
 
 # -- the CLI, every sub-command -----------------------------------------------------------------
-def test_cli_every_command(servers, registry, token_env, tmp_path):
+def test_cli_every_command(servers, registry, token_env, tmp_path, monkeypatch):
     target = _target(servers[0])
     out = _cli("create", "-t", target, "--name", "cli-linear", "-m", "models:/dep-linear@champion",
                "-C", f"token={TOKEN}")
@@ -120,8 +121,10 @@ def test_cli_every_command(servers, registry, token_env, tmp_path):
 
     listed = _cli("list", "-t", target)
     assert "'name': 'cli-linear'" in listed
+    monkeypatch.setenv("ARACHNE_DEVICE", f"127.0.0.1:{servers[0].port}")
+    assert _cli("list", "-t", "arachne-jetson") == listed  # the device from $ARACHNE_DEVICE
 
-    got = _cli("get", "-t", target, "--name", "cli-linear")
+    got = _cli("get", "-t", f"arachne-jetson:/127.0.0.1:{servers[0].port}", "--name", "cli-linear")
     assert "registered_model: dep-linear" in got and "version: 1" in got and "alias: champion" in got
     assert f"run_id: {registry['run_id']}" in got and "runtime: onnx" in got and "deployed_at: " in got
 
@@ -282,6 +285,26 @@ def test_registry_uris(servers, registry, token_env, tmp_path):
         assert stored["info"]["model_uri"] == "models:/dep-linear@champion"
     for i in range(4):
         client.delete_deployment(f"uri-{i}")
+
+
+def test_https_from_config_and_environment(registry, tmp_path, monkeypatch):
+    cert, key = _self_signed(tmp_path)
+    secured = ServerProcess(tmp_path / "store", token=TOKEN, ca_cert=str(cert),
+                            extra_args=["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]).start()
+    try:
+        client = get_deploy_client(_target(secured))
+        config = {"token": TOKEN, "tls": "true", "ca_cert": str(cert)}
+        result = client.create_deployment("secure", "models:/dep-linear/1", config=config)
+        assert result["devices"][0]["state"] == "deployed"
+        with pytest.raises(MlflowException, match="unreachable"):  # http to an https server
+            client.create_deployment("secure", "models:/dep-linear/1", config={"token": TOKEN})
+        monkeypatch.setenv("ARACHNE_TOKEN", TOKEN)
+        monkeypatch.setenv("ARACHNE_TLS", "1")
+        monkeypatch.setenv("ARACHNE_CA_CERT", str(cert))
+        np.testing.assert_allclose(client.predict("secure", X)["predictions"], registry["out1"], rtol=1e-6)
+        client.delete_deployment("secure")
+    finally:
+        secured.stop()
 
 
 # -- refusals -----------------------------------------------------------------------------------
