@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.deployments import PredictionsResponse, get_deploy_client
@@ -317,13 +319,23 @@ def test_refuses_model_without_arachne_flavor(servers, registry, token_env):
     assert client.list_deployments() == []
 
 
-def test_refuses_device_that_cannot_run_the_model(servers, registry, token_env, tmp_path, onnx_linear_file):
+def test_refuses_device_that_cannot_run_the_model(servers, registry, token_env, tmp_path, onnx_linear_file,
+                                                   tvm_linear):
+    """Checked before anything is pushed: the runtime, and for TVM the CPU architecture and device."""
     client = get_deploy_client(_target(servers[0]))
-    spec = {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
-            "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 3]}]}
-    unknown = write_model_dir(tmp_path / "unknown", "no-such-runtime", onnx_linear_file, spec)
+    unknown = write_model_dir(tmp_path / "unknown", "no-such-runtime", onnx_linear_file, tvm_linear["model_spec"])
     with pytest.raises(MlflowException, match="has no 'no-such-runtime' runtime"):
         client.create_deployment("cannot", str(unknown))
+    other_arch = "x86_64" if platform.machine() == "aarch64" else "aarch64"
+    for key, value, message in (("arch", other_arch, f"TVM model was compiled for {other_arch}"),
+                                ("device", "metal", "has no TVM device 'metal' \\(it has \\['cpu'")):
+        model_dir = write_model_dir(tmp_path / key, "tvm", tvm_linear["model_file"], tvm_linear["model_spec"],
+                                    params_file=tvm_linear["params_file"])
+        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+        mlmodel["flavors"]["arachne"]["tvm"][key] = value
+        (model_dir / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+        with pytest.raises(MlflowException, match=message):
+            client.create_deployment("cannot", str(model_dir))
     assert client.list_deployments() == []
 
 

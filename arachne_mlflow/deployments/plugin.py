@@ -198,19 +198,24 @@ def _push_one(device: Device, client: Any, name: str, source: ModelSource, repla
 
 
 def check_device_can_run(metadata: dict[str, Any], source: ModelSource, device: Device) -> None:
-    """Refuse before pushing: the device lacks the model's runtime, or TVM code built for another CPU."""
+    """Refuse before pushing: the device lacks the model's runtime, or, for TVM, its CPU or device."""
     model = source.model
-    runtimes = sorted(r["name"] for r in metadata.get("runtimes", []))
+    runtimes = {r["name"]: r for r in metadata.get("runtimes", [])}
     if model.runtime not in runtimes:
         raise IncompatibleModelError(
-            f"device {device} has no {model.runtime!r} runtime (it has {runtimes}): "
+            f"device {device} has no {model.runtime!r} runtime (it has {sorted(runtimes)}): "
             f"pip install 'arachne-mlflow[server,{model.runtime}]' there"
         )
-    arch = model.tvm.get("arch")
-    if model.runtime == "tvm" and arch and arch != metadata.get("arch"):
+    if model.runtime != "tvm":
+        return
+    arch, kind = model.tvm.get("arch"), model.tvm.get("device", "cpu")
+    if arch and arch != metadata.get("arch"):
         raise IncompatibleModelError(
             f"device {device} is {metadata.get('arch')} but the TVM model was compiled for {arch}"
         )
+    devices = runtimes["tvm"].get("devices")
+    if devices is not None and kind not in devices:
+        raise IncompatibleModelError(f"device {device} has no TVM device {kind!r} (it has {devices})")
 
 
 def _check_config(config: dict | None) -> None:
