@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from onnx import numpy_helper
 
 from arachne_mlflow.client import DeviceClient
+from arachne_mlflow.deployments import run_local
 from arachne_mlflow.deployments.targets import Device, parse_devices
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.flavors import onnx as arachne_onnx
@@ -351,3 +352,7 @@ def test_refuses_wrong_create_update_and_config(servers, registry, token_env):
     with pytest.raises(MlflowException, match="HTTP 401"):
         client.delete_deployment("twice", config={"token": "wrong"})
     client.delete_deployment("twice")
+    with pytest.raises(MlflowException, match=r"unknown config \['prot'\]; run-local takes"):
+        run_local("x", "models:/dep-linear/1", None, {"prot": "5051"})
+    with pytest.raises(MlflowException, match="bad run-local config: argument --port"):
+        run_local("x", "models:/dep-linear/1", None, {"port": "many"})
