@@ -49,14 +49,17 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
 
     # -- deployments ---------------------------------------------------------------------
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
+        """Push the model to every device; a device that already has `name` refuses (use update)."""
         return self._push(name, model_uri, flavor, config, replace=False)
 
     def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
+        """Replace `name` on every device that has it; each serves the old version until the new one loads."""
         if model_uri is None:
             raise MlflowException(f"update of deployment {name!r} needs a model URI (-m)")
         return self._push(name, model_uri, flavor, config, replace=True)
 
     def delete_deployment(self, name, config=None, endpoint=None):
+        """Remove `name` from every device; a device that never had it is not an error."""
         results = self._each(config, lambda device, client: client.delete_model(name))
         failed = _failures(results)
         missing = {d for d, r in failed.items() if isinstance(r, ModelNotFoundError)}
@@ -70,6 +73,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
             warnings.warn(f"deployment {name!r} deleted except on {_report(failed)}", stacklevel=2)
 
     def list_deployments(self, endpoint=None):
+        """Every deployment on any device, with the devices that hold it and its state there."""
         results = self._each(None, lambda device, client: client.repository_index())
         failed = _failures(results)
         if len(failed) == len(self.devices):
@@ -84,6 +88,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         return sorted(found.values(), key=lambda item: item["name"])
 
     def get_deployment(self, name, endpoint=None):
+        """Provenance, runtime and signature of the newest copy, and the state on each device."""
         def describe(device: Device, client: Any) -> dict[str, Any] | None:
             record = client.model_info(name)
             if record is not None:
