@@ -356,3 +356,13 @@ def test_refuses_wrong_create_update_and_config(servers, registry, token_env):
         run_local("x", "models:/dep-linear/1", None, {"prot": "5051"})
     with pytest.raises(MlflowException, match="bad run-local config: argument --port"):
         run_local("x", "models:/dep-linear/1", None, {"port": "many"})
+
+
+def test_quickstart_end_to_end(tmp_path):
+    """The README's main job (`make quickstart`), in a fresh directory: its own store and device server."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "quickstart.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ARACHNE_"))}
+    done = subprocess.run([sys.executable, script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all results agree (within 1e-05): True" in done.stdout
+    assert (tmp_path / "mlflow.db").is_file()
