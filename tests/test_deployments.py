@@ -211,8 +211,10 @@ def test_fleet_with_a_device_down(servers, registry, token_env):
     assert states[f"127.0.0.1:{servers[0].port}"]["state"] == "deployed"
     assert states[f"127.0.0.1:{down}"]["state"] == "failed" and "unreachable" in states[f"127.0.0.1:{down}"]["error"]
     np.testing.assert_allclose(fleet.predict("half", X)["predictions"], registry["out2"], rtol=1e-6)
-    described = {d["device"]: d["state"] for d in fleet.get_deployment("half")["devices"]}
-    assert described == {f"127.0.0.1:{servers[0].port}": "READY", f"127.0.0.1:{down}": "unreachable"}
+    described = {d["device"]: d for d in fleet.get_deployment("half")["devices"]}
+    assert described[f"127.0.0.1:{down}"]["state"] == "unreachable"
+    up_state = described[f"127.0.0.1:{servers[0].port}"]
+    assert (up_state["state"], up_state["registered_model"], up_state["version"]) == ("READY", "dep-linear", "2")
     with pytest.raises(MlflowException, match=rf"failed: 127\.0\.0\.1:{down}"):
         get_deploy_client(_target(down)).update_deployment("half", "models:/dep-linear/1")
     with pytest.warns(UserWarning, match="deleted except on"):

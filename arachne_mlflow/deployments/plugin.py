@@ -231,14 +231,16 @@ def _check_config(config: dict | None) -> None:
 
 
 def _device_state(device: Device, result: Any) -> dict[str, Any]:
+    """One device's view of a deployment: which registered version it serves, since when, in what state."""
     if isinstance(result, Exception):
         state = "unreachable" if isinstance(result, DeviceUnreachableError) else "error"
         return {"device": str(device), "state": state, "error": str(result)}
     if result is None:
         return {"device": str(device), "state": "absent"}
-    return {"device": str(device), "state": result["state"], "revision": result["version"],
-            "deployed_at": result["uploaded_at"], "model_uri": result["info"].get("model_uri"),
-            "digest": result["digest"], **({"reason": result["reason"]} if result.get("reason") else {})}
+    provenance = {k: v for k, v in result["info"].items() if k in ("model_uri", "registered_model", "version")}
+    return {"device": str(device), "state": result["state"], **provenance, "revision": result["version"],
+            "deployed_at": result["uploaded_at"], "digest": result["digest"],
+            **({"reason": result["reason"]} if result.get("reason") else {})}
 
 
 def _failures(results: dict[Device, Any]) -> dict[Device, Exception]:
