@@ -1,66 +1,167 @@
-"""Quickstart: build a small ONNX model, log it to MLflow with the arachne flavor, register it,
-give it the alias `champion`, load `models:/<name>@champion` through mlflow.pyfunc and predict.
+"""Quickstart, end to end: one small model as TFLite, ONNX and TVM, from the MLflow registry to a device.
 
-It uses MLflow's embedded store in the working directory (sqlite:///mlflow.db, artifacts in
-./mlruns) unless MLFLOW_TRACKING_URI says otherwise. Nothing is downloaded.
+1. build x[batch, 4] -> relu(x @ W + b)[batch, 3] three ways: ONNX (onnx.helper), TFLite (Keras,
+   same weights) and TVM (the ONNX model compiled with Relax for this CPU);
+2. log each with its arachne flavor to MLflow's embedded store, register it, set alias `champion`;
+3. load `models:/<name>@champion` through mlflow.pyfunc and predict;
+4. start a device server (`python -m arachne_mlflow.server`, loopback, a token, a temporary
+   store), deploy every model with the `arachne-jetson` deployments plugin, predict through
+   the deployment and through tritonclient, and report whether all answers agree.
+
+The store is sqlite:///mlflow.db in the working directory (artifacts in ./mlruns) unless
+MLFLOW_TRACKING_URI says otherwise. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 
-import mlflow
-import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from arachne_mlflow import runtime as arachne_runtime
-from arachne_mlflow.flavors import onnx as arachne_onnx
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+from mlflow.deployments import get_deploy_client  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-MODEL_NAME = "arachne-quickstart"
+from arachne_mlflow.client import DeviceClient  # noqa: E402
+from arachne_mlflow.flavors import onnx as arachne_onnx  # noqa: E402
+from arachne_mlflow.flavors import tflite as arachne_tflite  # noqa: E402
+from arachne_mlflow.flavors import tvm as arachne_tvm  # noqa: E402
+
+PREFIX = "arachne-quickstart"
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((4, 3)).astype(np.float32)
+B = RNG.standard_normal(3).astype(np.float32)
+TOLERANCE = 1e-5  # the three libraries order float operations differently
 
 
 def build_onnx():
-    """x[batch, 4] -> relu(x @ W)[batch, 3], random weights."""
-    rng = np.random.default_rng(0)
-    weights = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Relu", ["xw"], ["y"])],
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["xwb"]),
+         helper.make_node("Relu", ["xwb"], ["y"])],
         "quickstart",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        [weights],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
+def build_tflite() -> bytes:
+    import tensorflow as tf
+
+    inputs = tf.keras.Input(shape=(4,), name="x")
+    dense = tf.keras.layers.Dense(3, activation="relu", name="y")
+    model = tf.keras.Model(inputs, dense(inputs))
+    dense.set_weights([W, B])
+    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
+def build_tvm(onnx_model):
+    """The ONNX model as a Relax module, batch fixed at 2 (TVM compiles fixed shapes)."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    return from_onnx(onnx_model, shape_dict={"x": [2, 4]})
+
+
+def log_and_register(x: np.ndarray) -> dict[str, str]:
+    """Log each flavor in one run, register it as `<PREFIX>-<runtime>`, alias `champion`."""
+    onnx_model = build_onnx()
+    builders = {"tflite": (arachne_tflite, build_tflite), "onnx": (arachne_onnx, lambda: onnx_model),
+                "tvm": (arachne_tvm, lambda: build_tvm(onnx_model))}
+    client = mlflow.MlflowClient()
+    uris = {}
+    mlflow.set_experiment(PREFIX)
+    with mlflow.start_run():
+        for runtime, (flavor, build) in builders.items():
+            name = f"{PREFIX}-{runtime}"
+            info = flavor.log_model(build(), name=runtime, registered_model_name=name, input_example=x)
+            client.set_registered_model_alias(name, "champion", info.registered_model_version)
+            uris[runtime] = f"models:/{name}@champion"
+    return uris
+
+
+@contextlib.contextmanager
+def device_server(token: str):
+    """A device server on a free loopback port with a temporary model store, stopped at the end."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="arachne-quickstart-") as store:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "arachne_mlflow.server", "--port", str(port), "--model-store", store,
+             "--token", token, "--log-level", "warning", "--graceful-timeout", "1"])
+        try:
+            with DeviceClient("127.0.0.1", port, token=token) as device:
+                deadline = time.monotonic() + 60
+                while not _ready(device):  # a starting process gives no event to wait on: poll
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit("the device server did not start")
+                    time.sleep(0.1)
+            yield port
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def _ready(device: DeviceClient) -> bool:
+    try:
+        return device.ready()
+    except ConnectionError:
+        return False
+
+
+def triton_infer(port: int, token: str, name: str, x: np.ndarray) -> np.ndarray:
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    metadata = client.get_model_metadata(name, headers={"Authorization": f"Bearer {token}"})
+    tensor = httpclient.InferInput(metadata["inputs"][0]["name"], list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    result = client.infer(name, [tensor], headers={"Authorization": f"Bearer {token}"})
+    return result.as_numpy(metadata["outputs"][0]["name"])
+
+
 def main() -> None:
     start = time.perf_counter()
-    model = build_onnx()
     x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
-    mlflow.set_experiment("arachne-quickstart")
-    with mlflow.start_run() as run:
-        info = arachne_onnx.log_model(model, name="model", registered_model_name=MODEL_NAME, input_example=x)
-    client = mlflow.MlflowClient()
-    client.set_registered_model_alias(MODEL_NAME, "champion", info.registered_model_version)
+    expected = np.maximum(x @ W + B, 0)
+    uris = log_and_register(x)
+    logged = time.perf_counter() - start
 
-    uri = f"models:/{MODEL_NAME}@champion"
-    loaded = mlflow.pyfunc.load_model(uri)
-    prediction = loaded.predict(x)
-    with arachne_runtime.init("onnx", model_content=model.SerializeToString()) as direct:
-        same = np.array_equal(prediction, direct.infer([x])[0])
+    token = secrets.token_hex(16)
+    os.environ["ARACHNE_TOKEN"] = token  # the plugin's token for every command
+    rows = []
+    with device_server(token) as port:
+        target = f"arachne-jetson://127.0.0.1:{port}"
+        deployments = get_deploy_client(target)
+        for runtime, uri in uris.items():
+            name = f"quickstart-{runtime}"
+            pyfunc = mlflow.pyfunc.load_model(uri).predict(x)
+            deployed = deployments.create_deployment(name, uri)
+            remote = np.asarray(deployments.predict(name, x)["predictions"], dtype=np.float32)
+            triton = triton_infer(port, token, name, x)
+            worst = max(float(np.abs(answer - expected).max()) for answer in (pyfunc, remote, triton))
+            rows.append((runtime, uri, f"version {deployed['version']}", worst))
+        listed = [d["name"] for d in deployments.list_deployments()]
 
-    print(f"tracking URI:      {mlflow.get_tracking_uri()}")
-    print(f"run:               {run.info.run_id}")
-    print(f"logged model:      {info.model_uri}")
-    print(f"registered:        {MODEL_NAME} version {info.registered_model_version}, alias champion")
-    print(f"signature inputs:  {loaded.metadata.get_input_schema()}")
-    print(f"signature outputs: {loaded.metadata.get_output_schema()}")
-    print(f"prediction via {uri}:")
-    print(np.round(prediction, 3))
-    print(f"equal to the unified runtime's output: {same}")
+    print(f"tracking URI:  {mlflow.get_tracking_uri()}  (logged and registered in {logged:.1f} s)")
+    print(f"device target: {target}  deployments: {listed}")
+    print(f"{'runtime':8} {'model URI':44} {'registered':12} max |pyfunc, deployment, tritonclient - numpy|")
+    for runtime, uri, version, worst in rows:
+        print(f"{runtime:8} {uri:44} {version:12} {worst:.1e}")
+    agree = all(worst <= TOLERANCE for *_, worst in rows)
+    print(f"all results agree (within {TOLERANCE:g}): {agree}")
     print(f"done in {time.perf_counter() - start:.1f} s")
-    if not same:
-        raise SystemExit("pyfunc and runtime outputs differ")
+    if not agree:
+        raise SystemExit("results differ")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ class _Routes:
         return JSONResponse({"ready": self.dp.ready}, status_code=200 if self.dp.ready else 503)
 
     async def server_metadata(self, request: Request) -> Response:
-        return JSONResponse(self.dp.server_metadata())
+        return JSONResponse(await self.dp.run_blocking(self.dp.server_metadata))
 
     async def model_metadata(self, request: Request) -> Response:
         return JSONResponse(self.dp.model_metadata(self._model(request)))

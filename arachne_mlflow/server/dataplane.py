@@ -34,6 +34,8 @@ _LIBRARIES = {
     "onnx": ("onnxruntime", "onnxruntime-gpu"),
     "tvm": ("apache-tvm", "tvm"),
 }
+# TVM device kinds a model may name (MLmodel `arachne.tvm.device`); server metadata says which exist.
+_TVM_DEVICE_KINDS = ("cpu", "cuda", "rocm", "opencl", "vulkan", "metal")
 _BENCHMARK_LIMITS = {"warmup": (0, 1000), "repeat": (1, 10_000), "number": (1, 1000)}
 # An upload holds a worker thread while its body streams in: cap them so inference keeps threads.
 MAX_CONCURRENT_UPLOADS = 2
@@ -239,7 +241,7 @@ def _tensor_metadata(spec: Any) -> dict[str, Any]:
 
 
 def available_runtimes() -> list[dict[str, Any]]:
-    """Runtimes this server can load, with the library and version that provides each."""
+    """Runtimes this server can load, with the library and version that provides each (and TVM's devices)."""
     from arachne_mlflow.runtime import list_runtimes
 
     result = []
@@ -253,5 +255,21 @@ def available_runtimes() -> list[dict[str, Any]]:
                 break
             except PackageNotFoundError:
                 continue
+    for entry in result:
+        if entry["name"] == "tvm":
+            entry["devices"] = list(tvm_devices())
     return result
+
+
+@functools.lru_cache(maxsize=1)
+def tvm_devices() -> tuple[str, ...]:
+    """The TVM device kinds this machine has, so a client can refuse a model before pushing it.
+
+    Cached: importing TVM takes about two seconds (the route runs this off the event loop).
+    """
+    try:
+        import tvm
+    except ImportError:
+        return ()
+    return tuple(kind for kind in _TVM_DEVICE_KINDS if tvm.runtime.device(kind).exist)
 
