@@ -1,7 +1,8 @@
 """Interleaved A/B timing: every candidate is timed in each round, so machine noise hits all alike.
 
-A round times `number` calls of each candidate back to back, alternating the order from one
-round to the next; ratios are taken per round (candidate / baseline) and summarized by their
+A round times `number` calls of each candidate back to back, rotating the order from one
+round to the next so each candidate runs in each position equally often (a library's worker
+threads still spinning from the call before slow whoever comes next); ratios are taken per round (candidate / baseline) and summarized by their
 median, which is what the targets are stated in.
 """
 
@@ -46,7 +47,8 @@ def interleaved(
     gc.disable()
     try:
         for r in range(rounds):
-            order = names if r % 2 == 0 else names[::-1]
+            shift = r % len(names)
+            order = names[shift:] + names[:shift]
             for name in order:
                 fn = candidates[name]
                 start = time.perf_counter()
