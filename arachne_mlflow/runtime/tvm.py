@@ -81,23 +81,37 @@ class TVMRuntimeModule(RuntimeModule):
             )
         self._function = self._vm[entry]
         self._tensor = tvm.runtime.tensor
+        # Inputs of a fixed shape are copied into tensors allocated once: allocating a TVM tensor
+        # per call costs more than a small model's whole run. (Calls are serialized by the lock.)
+        self._buffers = [
+            tvm.runtime.empty(spec.shape, spec.dtype.name, self._device) if spec.is_static else None
+            for spec in inputs
+        ]
         self._bind_specs(inputs, outputs)
-        if len(inputs) == 1 and len(outputs) == 1 and not self._weights:
+        if len(inputs) == 1 and len(outputs) == 1 and not self._weights and self._buffers[0] is not None:
             self._infer = self._infer_one  # the common case, without the loops
 
     def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        device = self._device
-        result = self._function(*[self._tensor(x, device) for x in inputs], *self._weights)
+        args = []
+        for buffer, x in zip(self._buffers, inputs):
+            if buffer is None:
+                args.append(self._tensor(x, self._device))
+            else:
+                buffer.copyfrom(x)
+                args.append(buffer)
+        result = self._function(*args, *self._weights)
         if hasattr(result, "numpy"):
             return [result.numpy()]
         return [item.numpy() for item in result]
 
     def _infer_one(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        result = self._function(self._tensor(inputs[0], self._device))
+        buffer = self._buffers[0]
+        buffer.copyfrom(inputs[0])
+        result = self._function(buffer)
         return [result.numpy() if hasattr(result, "numpy") else result[0].numpy()]
 
     def _close(self) -> None:
-        self._function = self._vm = self._weights = None
+        self._function = self._vm = self._weights = self._buffers = None
 
 
 def _device(tvm: Any, name: str) -> Any:
