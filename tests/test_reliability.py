@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.client import DeviceClient
-from arachne_mlflow.errors import DeviceUnreachableError
+from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError
 from tests import models
 from tests.model_dirs import ServerProcess, runtime_details, write_model_dir, mlflow_models  # noqa: F401
 from tests.test_security import app_routes
@@ -463,32 +463,29 @@ def test_loading_failures_leave_the_server_up(server, mlflow_models, expected, t
     assert_serves_everything(server.port, expected)
 
 
-def test_a_library_that_crashes_the_process_loses_no_model(tmp_path, mlflow_models, expected):  # noqa: F811
-    """Native code runs in the server process: a crash in it stops the server (systemd restarts it), and
-    the restarted server serves every model at its last complete version, without the crashing one."""
+def test_a_library_that_crashes_while_loading_is_refused_and_the_server_stays_up(tmp_path, mlflow_models, expected):  # noqa: F811
+    """An upload is first loaded in a child process: native code that aborts there is a refused upload
+    (400), not a dead server, and every model keeps serving its last version."""
     crashing = shutil.copytree(mlflow_models["tvm_linear"], tmp_path / "crashing")
     _crashing_library(crashing / "model.so")
     store = tmp_path / "store"
-    for name in ("tvm_linear", "crash-new"):  # a replace, then a first upload
-        process = ServerProcess(store).start()
+    process = ServerProcess(store).start()
+    try:
         with DeviceClient("127.0.0.1", process.port) as device:
-            if name == "tvm_linear":
-                for served in SERVED:
-                    device.upload_model(served, mlflow_models[served])
+            for served in SERVED:
+                device.upload_model(served, mlflow_models[served])
             before = {served: device.model_info(served) for served in SERVED}
-            with pytest.raises(DeviceUnreachableError, match=f"127.0.0.1:{process.port}"):
-                device.upload_model(name, crashing, force=True)
-        assert process.process.wait(timeout=30) != 0
+            for name in ("tvm_linear", "crash-new"):  # a replace, then a first upload
+                with pytest.raises(InvalidInputError, match=r"crashed the runtime while loading \(SIGABRT\)") as caught:
+                    device.upload_model(name, crashing, force=True)
+                assert caught.value.status_code == 400
+            assert process.process.poll() is None
+            assert {served: device.model_info(served) for served in SERVED} == before
+            assert device.model_info("crash-new") is None
+        assert_serves_everything(process.port, expected)
+    finally:
         process.stop()
-        restarted = ServerProcess(store).start()
-        try:
-            with DeviceClient("127.0.0.1", restarted.port) as device:
-                assert {served: device.model_info(served) for served in SERVED} == before
-                assert device.model_info("crash-new") is None
-            assert_serves_everything(restarted.port, expected)
-        finally:
-            restarted.stop()
-        _assert_store_is_clean(store)
+    _assert_store_is_clean(store)
 
 
 # -- clients whose server goes away ------------------------------------------------------------

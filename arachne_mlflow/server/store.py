@@ -35,6 +35,7 @@ from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFound
 from arachne_mlflow.model_dir import read_model_dir
 from arachne_mlflow.names import NAME_PATTERN, check_name
 from arachne_mlflow.runtime import RuntimeModule
+from arachne_mlflow.server.probe import probe_load
 
 _logger = logging.getLogger(__name__)
 
@@ -218,6 +219,7 @@ class ModelStore:
                     "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "info": info or {},
                 }
+                probe_load(directory / version_dir, name)
                 loaded = self._load(directory / version_dir, record)
                 _sync_tree(directory / version_dir)  # on disk before CURRENT.json names it (power cuts)
             except BaseException:
