@@ -209,12 +209,14 @@ class ModelStore:
             try:
                 safe_extract(stream, incoming, max_bytes=self.max_upload_bytes)
                 os.rename(incoming, directory / version_dir)
+                model = read_model_dir(directory / version_dir)
+                _refuse_file_options(model.runtime_options, "runtime_options")  # before anything loads it
                 previous = self._entries.get(name)
                 record = {
                     "name": name,
                     "version": (previous.record["version"] + 1) if previous else 1,
                     "version_dir": version_dir,
-                    "runtime": read_model_dir(directory / version_dir).runtime,
+                    "runtime": model.runtime,
                     "digest": files_digest(directory / version_dir, tree_files(directory / version_dir)),
                     "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "info": info or {},
