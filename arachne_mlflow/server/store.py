@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, Iterator
 from arachne_mlflow.archive import safe_extract
 from arachne_mlflow.digest import files_digest, tree_files
 from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
-from arachne_mlflow.model_dir import read_model_dir
+from arachne_mlflow.model_dir import ArachneModel, read_model_dir
 from arachne_mlflow.names import NAME_PATTERN, check_name
 from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.server.probe import probe_load
@@ -125,7 +125,7 @@ class ModelStore:
             entry = _Entry(record)
             self._entries[name] = entry
             try:
-                entry.loaded = self._load(directory / record["version_dir"], record)
+                entry.loaded = self._load(_read_checked(directory / record["version_dir"]), record)
             except ArachneError as err:
                 entry.reason = str(err)
                 _logger.error("model %r did not load: %s", name, err)
@@ -209,8 +209,7 @@ class ModelStore:
             try:
                 safe_extract(stream, incoming, max_bytes=self.max_upload_bytes)
                 os.rename(incoming, directory / version_dir)
-                model = read_model_dir(directory / version_dir)
-                _refuse_file_options(model.runtime_options, "runtime_options")  # before anything loads it
+                model = _read_checked(directory / version_dir)  # before anything loads it
                 previous = self._entries.get(name)
                 record = {
                     "name": name,
@@ -222,7 +221,7 @@ class ModelStore:
                     "info": info or {},
                 }
                 probe_load(directory / version_dir, name)
-                loaded = self._load(directory / version_dir, record)
+                loaded = self._load(model, record)
                 _sync_tree(directory / version_dir)  # on disk before CURRENT.json names it (power cuts)
             except BaseException:
                 shutil.rmtree(incoming, ignore_errors=True)
@@ -256,7 +255,7 @@ class ModelStore:
             entry = self._entry(name)
             if entry.loaded is None:
                 try:
-                    loaded = self._load(self.root / name / entry.record["version_dir"], entry.record)
+                    loaded = self._load(_read_checked(self.root / name / entry.record["version_dir"]), entry.record)
                 except ArachneError as err:
                     entry.reason = str(err)
                     raise
@@ -289,10 +288,8 @@ class ModelStore:
             yield
 
     @staticmethod
-    def _load(path: Path, record: dict[str, Any]) -> LoadedModel:
+    def _load(model: ArachneModel, record: dict[str, Any]) -> LoadedModel:
         start = time.perf_counter()
-        model = read_model_dir(path)
-        _refuse_file_options(model.runtime_options, "runtime_options")
         try:
             module = model.load()
         except ArachneError:
@@ -300,6 +297,13 @@ class ModelStore:
         except Exception as err:  # a DNN library's own error for a corrupt or foreign model file
             raise InvalidInputError(f"model {record['name']!r} cannot be loaded: {err}") from err
         return LoadedModel(module, record, time.perf_counter() - start)
+
+
+def _read_checked(path: Path) -> ArachneModel:
+    """The model at `path`, refused if its runtime options would make a library write files."""
+    model = read_model_dir(path)
+    _refuse_file_options(model.runtime_options, "runtime_options")
+    return model
 
 
 def _refuse_file_options(options: Any, where: str) -> None:
