@@ -156,27 +156,35 @@ class InferRequest:
 def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     """An infer request from its body and `Inference-Header-Content-Length` (None: all JSON)."""
     header, binary = split_message(body, header_length)
-    params = header.get("parameters") or {}
-    if not isinstance(params, dict):
+    params = header.get("parameters")
+    if params is None:
+        binary_output = False
+    elif type(params) is dict:
+        binary_output = bool(params.get("binary_data_output", False))
+    else:
         raise InvalidInputError("'parameters' must be an object")
-    binary_output = bool(params.get("binary_data_output", False))
-    outputs = None
-    if header.get("outputs") is not None:
-        if not isinstance(header["outputs"], list):
-            raise InvalidInputError("'outputs' must be a list")
-        outputs = []
-        for item in header["outputs"]:
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                raise InvalidInputError(f"a requested output must be an object with a 'name', got {str(item)[:100]!r}")
-            item_params = item.get("parameters") or {}
-            if not isinstance(item_params, dict):
-                raise InvalidInputError(f"output {item['name']!r}: 'parameters' must be an object")
-            outputs.append((item["name"], bool(item_params.get("binary_data", binary_output))))
+    outputs = header.get("outputs")
+    if outputs is not None:
+        outputs = _requested_outputs(outputs, binary_output)
     request_id = header.get("id")
     return InferRequest(
         decode_tensors(header.get("inputs"), binary), outputs, binary_output,
-        request_id if isinstance(request_id, str) else None,
+        request_id if type(request_id) is str else None,
     )
+
+
+def _requested_outputs(items: Any, binary_output: bool) -> list[tuple[str, bool]]:
+    if not isinstance(items, list):
+        raise InvalidInputError("'outputs' must be a list")
+    outputs = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidInputError(f"a requested output must be an object with a 'name', got {str(item)[:100]!r}")
+        item_params = item.get("parameters") or {}
+        if not isinstance(item_params, dict):
+            raise InvalidInputError(f"output {item['name']!r}: 'parameters' must be an object")
+        outputs.append((item["name"], bool(item_params.get("binary_data", binary_output))))
+    return outputs
 
 
 def encode_response(
@@ -229,48 +237,59 @@ def decode_tensors(entries: Any, binary: memoryview) -> dict[str, np.ndarray]:
     Binary tensors are read-only views on `binary` when aligned (zero copy); the binary part
     must be used up exactly.
     """
-    if not isinstance(entries, list):
+    if type(entries) is not list:
         raise InvalidInputError("'inputs'/'outputs' must be a list of tensors")
     arrays: dict[str, np.ndarray] = {}
     offset = 0
+    left = len(binary)
     for entry in entries:
         name, dtype, shape, count = _describe(entry)
         if name in arrays:
             raise InvalidInputError(f"tensor {name!r} appears twice")
-        params = entry.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise InvalidInputError(f"tensor {name!r}: 'parameters' must be an object")
-        size = params.get("binary_data_size")
-        if size is not None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise InvalidInputError(f"tensor {name!r}: binary_data_size must be a non-negative integer")
-            if offset + size > len(binary):
-                raise InvalidInputError(
-                    f"tensor {name!r}: binary_data_size {size} runs past the {len(binary) - offset} bytes left"
-                )
-            arrays[name] = _from_bytes(name, binary[offset:offset + size], dtype, shape, count)
-            offset += size
-        else:
+        params = entry.get("parameters")
+        size = None
+        if params is not None:
+            if type(params) is not dict:
+                raise InvalidInputError(f"tensor {name!r}: 'parameters' must be an object")
+            size = params.get("binary_data_size")
+        if size is None:
             arrays[name] = _from_json(name, entry.get("data"), dtype, shape, count)
-    if offset != len(binary):
-        raise InvalidInputError(f"{len(binary) - offset} bytes of binary data are not claimed by any tensor")
+            continue
+        if type(size) is not int or size < 0:
+            raise InvalidInputError(f"tensor {name!r}: binary_data_size must be a non-negative integer")
+        if size > left:
+            raise InvalidInputError(f"tensor {name!r}: binary_data_size {size} runs past the {left} bytes left")
+        arrays[name] = _from_bytes(name, binary[offset:offset + size], dtype, shape, count)
+        offset += size
+        left -= size
+    if left:
+        raise InvalidInputError(f"{left} bytes of binary data are not claimed by any tensor")
     return arrays
 
 
 def _describe(entry: Any) -> tuple[str, np.dtype, tuple[int, ...], int]:
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+    """Name, dtype, shape and element count of a tensor entry, checked (the JSON types are exact:
+    `type(d) is int` also refuses booleans)."""
+    if type(entry) is not dict or type(entry.get("name")) is not str:
         raise InvalidInputError(f"a tensor must be an object with a 'name', got {str(entry)[:100]!r}")
     name = entry["name"]
     dtype = from_datatype(entry.get("datatype"))
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InvalidInputError(f"tensor {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
-    if len(shape) > 32:
-        raise InvalidInputError(f"tensor {name!r}: {len(shape)} dimensions is more than 32")
-    count = math.prod(shape)
-    if count > MAX_ELEMENTS:
-        raise InvalidInputError(f"tensor {name!r}: shape {shape} has {count} elements, more than {MAX_ELEMENTS}")
-    return name, dtype, tuple(shape), count
+    count = 1
+    if type(shape) is list:
+        for d in shape:
+            if type(d) is not int or d < 0:
+                break
+            count *= d
+        else:
+            if len(shape) > 32:
+                raise InvalidInputError(f"tensor {name!r}: {len(shape)} dimensions is more than 32")
+            if count > MAX_ELEMENTS:
+                raise InvalidInputError(
+                    f"tensor {name!r}: shape {shape} has {count} elements, more than {MAX_ELEMENTS}"
+                )
+            return name, dtype, tuple(shape), count
+    raise InvalidInputError(f"tensor {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
 
 
 def _from_bytes(name: str, blob: memoryview, dtype: np.dtype, shape: tuple[int, ...], count: int) -> np.ndarray:
@@ -281,9 +300,10 @@ def _from_bytes(name: str, blob: memoryview, dtype: np.dtype, shape: tuple[int, 
             f"tensor {name!r}: shape {list(shape)} of {to_datatype(dtype)} needs {count * dtype.itemsize} bytes, "
             f"binary_data_size is {len(blob)}"
         )
-    array = np.frombuffer(blob, dtype=_WIRE[dtype], count=count).reshape(shape)
-    if not array.dtype.isnative:
-        array = array.astype(dtype)
+    if _NATIVE_IS_WIRE:
+        array = np.ndarray(shape, dtype, blob)
+    else:
+        array = np.ndarray(shape, _WIRE[dtype], blob).astype(dtype)
     return array if array.flags.aligned else array.copy()
 
 

@@ -36,13 +36,13 @@ HOSTILE_NAMES = ["..", ".", "a..b", "%2e%2e", "%2E%2E%2Fetc", "a%2Fb", "..%2F..%
 
 
 def app_routes(tmp_path: Path) -> list[tuple[str, str]]:
-    """(method, path) of every route the Starlette app registers, path parameters filled in."""
-    app = create_app(str(tmp_path / "enumerated-store"), token=TOKEN)
-    pairs = []
-    for route in app.app.routes:  # app is the bearer-token middleware around the Starlette app
-        for method in sorted(route.methods - {"HEAD"}):
-            pairs.append((method, route.path.replace("{model}", "m").replace("{version}", "1")))
-    return pairs
+    """(method, path) of every route the app serves, path parameters filled in."""
+    auth = create_app(str(tmp_path / "enumerated-store"), token=TOKEN)
+    front = auth.app  # bearer auth -> InferRoute -> Starlette
+    routes = list(front.routes)
+    for route in front.app.routes:
+        routes += [(method, route.path) for method in sorted(route.methods - {"HEAD"})]
+    return [(method, path.replace("{model}", "m").replace("{version}", "1")) for method, path in routes]
 
 
 def _raw(port, method, path, body=b"", headers=None, timeout=10):

@@ -2,7 +2,8 @@
 
 Each route reads what HTTP gives (raw body, headers, path), calls the dataplane and wraps the
 answer. Bodies are read raw: tritonclient sends no Content-Type. Every `ArachneError` becomes
-`{"error": message}` with its status in one handler.
+`{"error": message}` with its status in one handler. Infer itself is answered in front of
+Starlette, by `infer_route.InferRoute`, with the same error handler.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import hmac
 import json
 import logging
-import zlib
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
@@ -19,10 +19,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
-from arachne_mlflow import codec
 from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.server.dataplane import Dataplane
+from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
 
 _logger = logging.getLogger(__name__)
@@ -39,8 +40,11 @@ def create_app(
     max_upload_bytes: int | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_workers: int | None = None,
-) -> Starlette:
-    """The device server application over the model store directory `model_store`."""
+) -> ASGIApp:
+    """The device server application over the model store directory `model_store`.
+
+    Layers, outermost first: bearer auth (with a token), `InferRoute` (the infer paths), Starlette.
+    """
     store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
     dataplane = Dataplane(store, max_workers)
     routes = _Routes(dataplane, max_request_bytes)
@@ -59,7 +63,8 @@ def create_app(
         },
     )
     app.state.dataplane = dataplane
-    return _BearerAuth(app, token, dataplane) if token else app
+    front = InferRoute(app, dataplane, max_request_bytes, routes.error_response)
+    return _BearerAuth(front, token, dataplane) if token else front
 
 
 class _Routes:
@@ -73,8 +78,7 @@ class _Routes:
         m = "/v2/models/{model}"
         v = m + "/versions/{version}"
         r = "/v2/repository/models/{model}"
-        return [  # Starlette tries routes in order: the hot one first
-            Route(m + "/infer", self.infer, methods=["POST"]),
+        return [  # (infer is answered in front of these: InferRoute)
             Route("/v2/health/live", self.live),
             Route("/v2/health/ready", self.ready),
             Route("/v2", self.server_metadata),
@@ -82,7 +86,6 @@ class _Routes:
             Route(v, self.model_metadata),
             Route(m + "/ready", self.model_ready),
             Route(v + "/ready", self.model_ready),
-            Route(v + "/infer", self.infer, methods=["POST"]),
             Route(m + "/benchmark", self.benchmark, methods=["POST"]),
             Route("/v2/repository/index", self.index, methods=["POST"]),
             Route(r + "/load", self.load, methods=["POST"]),
@@ -108,19 +111,6 @@ class _Routes:
 
     async def model_ready(self, request: Request) -> Response:
         return JSONResponse(self.dp.model_ready(self._model(request)))
-
-    async def infer(self, request: Request) -> Response:
-        name = self._model(request)
-        body = await self._body(request)
-        encoding = request.headers.get("content-encoding", "identity").lower()
-        if encoding != "identity":
-            body = await self.dp.run_blocking(_decompress, body, encoding, self.max_request_bytes)
-        result, header_length = await self.dp.infer(name, body, request.headers.get(codec.HEADER_LENGTH))
-        if header_length is None:
-            return Response(result, media_type="application/json")
-        return Response(
-            result, media_type="application/octet-stream", headers={codec.HEADER_LENGTH: str(header_length)}
-        )
 
     async def index(self, request: Request) -> Response:
         options = await self._json(request)
@@ -154,10 +144,18 @@ class _Routes:
         return Response(self.dp.metrics.render(), media_type=self.dp.metrics.content_type)
 
     # -- errors ----------------------------------------------------------------------------
+    async def error_response(self, request: Request, err: Exception) -> Response:
+        """The answer to any exception (for routes answered outside Starlette's handlers)."""
+        if isinstance(err, ArachneError):
+            return await self.on_error(request, err)
+        if isinstance(err, HTTPException):
+            return await self.on_http_error(request, err)
+        return await self.on_crash(request, err)
+
     async def on_error(self, request: Request, err: Exception) -> Response:
         status = getattr(err, "status_code", 500)
         self.dp.metrics.http_errors.labels(str(status)).inc()
-        return JSONResponse({"error": str(err)}, status_code=status)
+        return JSONResponse({"error": str(err)}, status_code=status, headers=getattr(err, "headers", None))
 
     async def on_http_error(self, request: Request, err: HTTPException) -> Response:
         self.dp.metrics.http_errors.labels(str(err.status_code)).inc()
@@ -177,16 +175,8 @@ class _Routes:
         return name
 
     async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
-            raise _TooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_request_bytes}")
-        parts, size = [], 0
-        async for chunk in _stream(request):
-            size += len(chunk)
-            if size > self.max_request_bytes:
-                raise _TooLarge(f"request body exceeds the limit of {self.max_request_bytes} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
+        return await read_body(request.receive, request.headers.get("content-length", "").encode("latin-1") or None,
+                               self.max_request_bytes)
 
     async def _json(self, request: Request) -> dict[str, Any]:
         """An optional JSON object body (tritonclient sends none, or `{}`)."""
@@ -202,10 +192,6 @@ class _Routes:
         return data
 
 
-class _TooLarge(InvalidInputError):
-    status_code = 413
-
-
 async def _stream(request: Request) -> AsyncIterator[bytes]:
     """The request body as it arrives; a client that hangs up is a client error, not a crash."""
     try:
@@ -213,22 +199,6 @@ async def _stream(request: Request) -> AsyncIterator[bytes]:
             yield chunk
     except ClientDisconnect as err:
         raise InvalidInputError("the client disconnected before sending the whole body") from err
-
-
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """Undo `Content-Encoding: gzip|deflate` (tritonclient's request compression), at most `limit` bytes."""
-    if encoding not in ("gzip", "deflate"):
-        raise InvalidInputError(f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none")
-    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        result = inflater.decompress(body, limit + 1)
-    except zlib.error as err:
-        raise InvalidInputError(f"request body is not valid {encoding} data: {err}") from err
-    if len(result) > limit:
-        raise _TooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
-    if not inflater.eof:
-        raise InvalidInputError(f"request body is truncated {encoding} data")
-    return result
 
 
 def _parse_info(text: str | None) -> dict[str, Any] | None:
@@ -249,7 +219,7 @@ def _parse_info(text: str | None) -> dict[str, Any] | None:
 class _BearerAuth:
     """ASGI middleware: every HTTP route but /v2/health/* needs `Authorization: Bearer <token>`."""
 
-    def __init__(self, app: Starlette, token: str, dataplane: Dataplane):
+    def __init__(self, app: ASGIApp, token: str, dataplane: Dataplane):
         self.app = app
         self.state = app.state
         self._expected = f"Bearer {token}".encode()

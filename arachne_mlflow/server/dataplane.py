@@ -118,21 +118,22 @@ class Dataplane:
 
     def _infer(self, name: str, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
         start = time.perf_counter()
-        with self.store.use(name) as loaded:
-            requests, errors, latency = self.metrics.model(name)
-            requests.inc()
-            try:
-                request = codec.decode_request(body, header_length)
-                module = loaded.module
-                outputs = module.infer(_ordered_inputs(module, request.inputs))
-                results = {spec.name: array for spec, array in zip(module.output_specs, outputs)}
-                response = codec.encode_response(name, results, request, str(loaded.record["version"]))
-            except Exception:
-                errors.inc()
-                raise
+        loaded = self.store.acquire(name)
+        requests, errors, latency = self.metrics.model(name)
+        requests.inc()
+        try:
+            request = codec.decode_request(body, header_length)
+            outputs = loaded.module.infer(_ordered_inputs(loaded.input_names, request.inputs))
+            response = codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.version)
+        except Exception:
+            errors.inc()
+            raise
+        finally:
+            loaded.release()
         seconds = time.perf_counter() - start
         latency.observe(seconds)
-        self._recent_seconds[name] = 0.8 * self._recent_seconds.get(name, seconds) + 0.2 * seconds
+        recent = self._recent_seconds
+        recent[name] = 0.8 * recent.get(name, seconds) + 0.2 * seconds
         return response
 
     async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -227,13 +228,16 @@ class _StreamReader(io.RawIOBase):
             return b""
 
 
-def _ordered_inputs(module: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    names = [spec.name for spec in module.input_specs]
+def _ordered_inputs(names: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The request's arrays in the model's input order; every input named once, no others."""
+    if len(inputs) == len(names):
+        try:
+            return [inputs[n] for n in names]
+        except KeyError:
+            pass
     unknown = sorted(set(inputs) - set(names))
     missing = [n for n in names if n not in inputs]
-    if unknown or missing:
-        raise InvalidInputError(f"the model's inputs are {names}; missing {missing}, unknown {unknown}")
-    return [inputs[n] for n in names]
+    raise InvalidInputError(f"the model's inputs are {names}; missing {missing}, unknown {unknown}")
 
 
 def _tensor_metadata(spec: Any) -> dict[str, Any]:

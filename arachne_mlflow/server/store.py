@@ -53,13 +53,20 @@ class LoadedModel:
         self.module = module
         self.record = record
         self.load_seconds = load_seconds
+        self.version = str(record["version"])
+        self.input_names = [spec.name for spec in module.input_specs]
+        self.output_names = [spec.name for spec in module.output_specs]
         self._users = 0
         self._retired = False
         self._lock = threading.Lock()
 
-    def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Hold the module for one use; False once it is retired (look the model up again)."""
         with self._lock:
+            if self._retired:
+                return False
             self._users += 1
+            return True
 
     def release(self) -> None:
         with self._lock:
@@ -148,18 +155,26 @@ class ModelStore:
             raise ModelNotReadyError(f"model {name!r} is not loaded{reason}")
         return loaded
 
+    def acquire(self, name: str) -> LoadedModel:
+        """The loaded model `name`, held until its `release()` even if it is replaced meanwhile.
+
+        The hot path of every inference: one dict look-up and the model's own lock, no store lock
+        (a model retired between the look-up and the hold is looked up again).
+        """
+        entry = self._entries.get(name)
+        if entry is not None:
+            loaded = entry.loaded
+            if loaded is not None and loaded.try_acquire():
+                return loaded
+        loaded = self.get(name)  # raises the right error: unknown (404) or not loaded (503)
+        if loaded.try_acquire():  # replaced just now: this is the new version
+            return loaded
+        raise ModelNotReadyError(f"model {name!r} is being replaced: try again")
+
     @contextmanager
     def use(self, name: str) -> Iterator[LoadedModel]:
-        """The loaded model `name`, kept alive until the block ends even if it is replaced meanwhile."""
-        check_name(name)
-        with self._guard:
-            entry = self._entries.get(name)
-            loaded = entry.loaded if entry is not None else None
-            if loaded is not None:
-                loaded.acquire()  # under the guard: a replace cannot retire it between lookup and acquire
-        if loaded is None:
-            self.get(name)  # raises the right error: unknown (404) or not loaded (503)
-            raise ModelNotReadyError(f"model {name!r} is being loaded: try again")
+        """`acquire` and `release` around a block."""
+        loaded = self.acquire(name)
         try:
             yield loaded
         finally:
