@@ -36,7 +36,9 @@ from arachne_mlflow.names import check_name
 from arachne_mlflow.transport import Transport
 
 INFO_HEADER = "Arachne-Model-Info"
-_HEADER_LENGTH_KEY = codec.HEADER_LENGTH.lower()
+_HEADER_LENGTH_KEY = codec.HEADER_LENGTH.lower().encode()
+_JSON_HEADERS = b"Content-Type: application/json\r\n"
+_BINARY_HEADERS = f"Content-Type: application/octet-stream\r\n{codec.HEADER_LENGTH}: %d\r\n".encode()
 _ERRORS = {400: InvalidInputError, 401: UnauthorizedError, 404: ModelNotFoundError, 413: InvalidInputError,
            503: ModelNotReadyError}
 
@@ -77,7 +79,9 @@ class DeviceClient:
         self._session.headers.update(self._auth)
         self._input_names: dict[str, list[str]] = {}
         self._infer_paths: dict[str, str] = {}
-        self._transport = Transport(host, self.port, timeout, _ssl_context(ca_cert, verify) if tls else None)
+        self._transport = Transport(
+            host, self.port, timeout, _ssl_context(ca_cert, verify) if tls else None, headers=self._auth
+        )
 
     # -- health and metadata ---------------------------------------------------------------
     def live(self) -> bool:
@@ -171,18 +175,16 @@ class DeviceClient:
         `inputs` is a dict name -> array, or a list in the model's input order. With `binary`
         (the default) tensors travel as raw bytes, exactly; otherwise as JSON numbers.
         """
-        if not isinstance(inputs, Mapping):
+        if type(inputs) is not dict and not isinstance(inputs, Mapping):
             names = self._model_input_names(name)
             if len(inputs) != len(names):
                 raise InvalidInputError(f"model {name!r} takes {len(names)} inputs {names}, got {len(inputs)}")
             inputs = dict(zip(names, inputs))
         body, header_length = codec.encode_request(inputs, binary=binary, outputs=outputs)
-        headers = {"Content-Type": "application/octet-stream" if header_length else "application/json", **self._auth}
-        if header_length is not None:
-            headers[codec.HEADER_LENGTH] = str(header_length)
         path = self._infer_paths.get(name)
         if path is None:
             path = self._infer_paths[name] = f"/v2/models/{_quote(name)}/infer"
+        headers = _JSON_HEADERS if header_length is None else _BINARY_HEADERS % header_length
         status, response_headers, content = self._transport.post(path, body, headers)
         if status >= 400:
             raise _error(status, content, f"{self.host}:{self.port}")

@@ -6,6 +6,12 @@ A V2 message is a JSON header, optionally followed by raw tensor blobs; the HTTP
 order of the tensors). Server and client both use these functions, so both ends agree byte for
 byte. Every size is checked against the shape before an array is made, so a hostile shape
 cannot make the receiver allocate memory the data does not back.
+
+A client sends the same JSON header on every call of a model (names, types, shapes; the data
+travels in the blobs), and a model answers with the same one. So binary messages are parsed and
+checked once: the layout they describe is kept by the header's bytes (a small bounded cache),
+and a repeat costs one look-up and one array view per tensor. Encoding keeps the JSON it wrote
+the same way, by the tensors' names, types and shapes.
 """
 
 from __future__ import annotations
@@ -47,6 +53,13 @@ _NAMES = {dtype: name for name, dtype in _DATATYPES.items()}
 # The wire is little-endian; on a little-endian machine these equal the native dtypes.
 _WIRE = {dtype: dtype.newbyteorder("<") for dtype in _DATATYPES.values()}
 _NATIVE_IS_WIRE = sys.byteorder == "little"
+# Layouts of binary messages and the JSON headers written, by what determines them (see above).
+_CACHE_ENTRIES = 256
+_CACHED_HEADER_BYTES = 4096
+_request_layouts: dict[bytes, tuple] = {}
+_response_layouts: dict[bytes, tuple] = {}
+_request_heads: dict[tuple, bytes] = {}
+_response_heads: dict[tuple, tuple] = {}
 
 
 def to_datatype(dtype: Any) -> str:
@@ -97,7 +110,7 @@ def _dumps(header: Mapping[str, Any]) -> bytes:
 
 
 
-def split_message(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+def split_message(body: bytes, header_length: str | bytes | None) -> tuple[dict[str, Any], memoryview]:
     """The JSON header and the binary part of a V2 message (a view: nothing is copied)."""
     view = memoryview(body)
     if header_length is None:
@@ -129,6 +142,12 @@ def encode_request(
     inputs: Mapping[str, Any], binary: bool = True, outputs: Sequence[str] | None = None, request_id: str | None = None
 ) -> tuple[bytes, int | None]:
     """An infer request body: inputs by name, outputs asked for in binary when `binary`."""
+    key = None
+    if binary and outputs is None and request_id is None:
+        key = tuple([(name, value.dtype, value.shape) for name, value in inputs.items() if type(value) is np.ndarray])
+        head = _request_heads.get(key) if len(key) == len(inputs) else None
+        if head is not None:
+            return b"".join([head, *[_to_bytes(value, "") for value in inputs.values()]]), len(head)
     header: dict[str, Any] = {"inputs": [], "parameters": {"binary_data_output": binary}}
     if request_id is not None:
         header["id"] = request_id
@@ -140,7 +159,10 @@ def encode_request(
             blobs.append(blob)
     if outputs is not None:
         header["outputs"] = [{"name": name, "parameters": {"binary_data": binary}} for name in outputs]
-    return join_message(header, blobs)
+    body, header_length = join_message(header, blobs)
+    if key is not None and _numeric_blobs(key, inputs):
+        _remember(_request_heads, key, body[:header_length])
+    return body, header_length
 
 
 @dataclass
@@ -148,13 +170,17 @@ class InferRequest:
     """A decoded infer request: arrays by name and how each requested output is to be sent."""
 
     inputs: dict[str, np.ndarray]
-    outputs: list[tuple[str, bool]] | None  # (name, binary); None = every output
+    outputs: tuple[tuple[str, bool], ...] | None  # (name, binary); None = every output
     binary_output: bool
     id: str | None = None
 
 
-def decode_request(body: bytes, header_length: str | None) -> InferRequest:
+def decode_request(body: bytes, header_length: str | bytes | None) -> InferRequest:
     """An infer request from its body and `Inference-Header-Content-Length` (None: all JSON)."""
+    cached = _cached_layout(_request_layouts, body, header_length)
+    if cached is not None:
+        (layout, outputs, binary_output, request_id), size = cached
+        return InferRequest(_arrays(layout, body, size), outputs, binary_output, request_id)
     header, binary = split_message(body, header_length)
     params = header.get("parameters")
     if params is None:
@@ -167,13 +193,15 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     if outputs is not None:
         outputs = _requested_outputs(outputs, binary_output)
     request_id = header.get("id")
-    return InferRequest(
-        decode_tensors(header.get("inputs"), binary), outputs, binary_output,
-        request_id if type(request_id) is str else None,
-    )
+    request_id = request_id if type(request_id) is str else None
+    inputs = decode_tensors(header.get("inputs"), binary)
+    layout = _binary_layout(header["inputs"], inputs)
+    if layout is not None:
+        _remember_layout(_request_layouts, body, header_length, (layout, outputs, binary_output, request_id))
+    return InferRequest(inputs, outputs, binary_output, request_id)
 
 
-def _requested_outputs(items: Any, binary_output: bool) -> list[tuple[str, bool]]:
+def _requested_outputs(items: Any, binary_output: bool) -> tuple[tuple[str, bool], ...]:
     if not isinstance(items, list):
         raise InvalidInputError("'outputs' must be a list")
     outputs = []
@@ -184,13 +212,20 @@ def _requested_outputs(items: Any, binary_output: bool) -> list[tuple[str, bool]
         if not isinstance(item_params, dict):
             raise InvalidInputError(f"output {item['name']!r}: 'parameters' must be an object")
         outputs.append((item["name"], bool(item_params.get("binary_data", binary_output))))
-    return outputs
+    return tuple(outputs)
 
 
 def encode_response(
     model_name: str, results: Mapping[str, np.ndarray], request: InferRequest, model_version: str = "1"
 ) -> tuple[bytes, int | None]:
     """The infer response for `request`: the outputs it asked for, binary where it asked so."""
+    key = None
+    if request.outputs is None and request.binary_output:  # every output, binary: the usual request
+        key = (model_name, model_version, request.id,
+               *[(name, array.dtype, array.shape) for name, array in results.items() if type(array) is np.ndarray])
+        cached = _response_heads.get(key) if len(key) == 3 + len(results) else None
+        if cached is not None:
+            return b"".join([cached, *[_to_bytes(array, "") for array in results.values()]]), len(cached)
     wanted = request.outputs if request.outputs is not None else [(n, request.binary_output) for n in results]
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": []}
     if request.id is not None:
@@ -203,13 +238,87 @@ def encode_response(
         header["outputs"].append(entry)
         if blob is not None:
             blobs.append(blob)
-    return join_message(header, blobs)
+    body, header_length = join_message(header, blobs)
+    if key is not None and _numeric_blobs(key[3:], results):
+        _remember(_response_heads, key, body[:header_length])
+    return body, header_length
 
 
-def decode_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+def decode_response(body: bytes, header_length: str | bytes | None) -> dict[str, np.ndarray]:
     """The outputs of an infer response, by name."""
+    cached = _cached_layout(_response_layouts, body, header_length)
+    if cached is not None:
+        layout, size = cached
+        return _arrays(layout, body, size)
     header, binary = split_message(body, header_length)
-    return decode_tensors(header.get("outputs"), binary)
+    outputs = decode_tensors(header.get("outputs"), binary)
+    layout = _binary_layout(header["outputs"], outputs)
+    if layout is not None:
+        _remember_layout(_response_layouts, body, header_length, layout)
+    return outputs
+
+
+# -- the caches of repeated headers ----------------------------------------------------
+
+
+def _remember(cache: dict, key: Any, value: Any) -> None:
+    if len(cache) >= _CACHE_ENTRIES:
+        cache.clear()  # bounded: a client that varies its headers only refills it
+    cache[key] = value
+
+
+def _numeric_blobs(key: tuple, tensors: Mapping[str, Any]) -> bool:
+    """Whether `key` describes every tensor, each a numeric array sent as a blob (a header worth keeping)."""
+    return len(key) == len(tensors) > 0 and all(dtype.kind in "biuf" for _, dtype, _ in key)
+
+
+def _cached_layout(cache: dict[bytes, tuple], body: Any, header_length: str | bytes | None) -> tuple | None:
+    """(what was kept for this message's JSON header, header size), or None."""
+    if header_length is None or type(body) is not bytes:
+        return None
+    try:
+        size = int(header_length)
+    except ValueError:
+        return None
+    if not 0 < size <= _CACHED_HEADER_BYTES:
+        return None
+    value = cache.get(body[:size])
+    return None if value is None else (value, size)
+
+
+def _remember_layout(cache: dict[bytes, tuple], body: Any, header_length: str | bytes | None, value: Any) -> None:
+    size = int(header_length)  # type: ignore[arg-type]  (a layout exists only for a framed message)
+    if type(body) is bytes and size <= _CACHED_HEADER_BYTES:
+        _remember(cache, body[:size], value)
+
+
+def _binary_layout(entries: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> tuple | None:
+    """((name, dtype, shape, offset), ...) and the blob size, when every tensor is a numeric blob."""
+    if not _NATIVE_IS_WIRE or not entries:
+        return None
+    layout, offset = [], 0
+    for entry in entries:
+        size = (entry.get("parameters") or {}).get("binary_data_size")
+        array = arrays[entry["name"]]
+        if size is None or array.dtype.kind == "O":
+            return None
+        layout.append((entry["name"], array.dtype, array.shape, offset))
+        offset += size
+    return tuple(layout), offset
+
+
+def _arrays(layout: tuple, body: bytes, header_size: int) -> dict[str, np.ndarray]:
+    """The arrays of a message whose header matched a kept layout: views on `body`."""
+    tensors, blob_size = layout
+    if len(body) - header_size != blob_size:
+        raise InvalidInputError(
+            f"the tensors need {blob_size} bytes of binary data, the message has {len(body) - header_size}"
+        )
+    arrays = {}
+    for name, dtype, shape, offset in tensors:
+        array = np.ndarray(shape, dtype, body, header_size + offset)
+        arrays[name] = array if array.flags.aligned else array.copy()
+    return arrays
 
 
 # -- tensors ---------------------------------------------------------------------------

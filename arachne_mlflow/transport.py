@@ -1,9 +1,10 @@
 """The inference hot path of `DeviceClient`: pooled keep-alive connections, one write per request.
 
 `requests` costs about 1 ms of Python per call on a small device, more than a tiny model's
-whole round trip. Here a request is one `sendmsg` of the head and the body (gathered, so a large
-tensor is not copied), and the response is parsed by httptools (the C parser uvicorn uses). It
-carries only `infer`; everything else (uploads, metadata) stays on the requests session. Each
+whole round trip. Here a request is one `sendmsg` of the head (built from a per-path prefix) and
+the body (gathered, so a large tensor is not copied), and the response is parsed by httptools
+(the C parser uvicorn uses), one parser per connection, header names and values left as bytes.
+It carries only `infer`; everything else (uploads, metadata) stays on the requests session. Each
 call takes an idle connection or opens one, so threads never share a connection mid-request.
 """
 
@@ -33,9 +34,11 @@ class _Connection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = ssl_context.wrap_socket(sock, server_hostname=host) if ssl_context is not None else sock
         self._tls = ssl_context is not None
+        self._response = _Response()
+        self._parser = httptools.HttpResponseParser(self._response)
         self.open = True
 
-    def exchange(self, head: bytes, body: bytes | memoryview) -> tuple[int, dict[str, str], bytes]:
+    def exchange(self, head: bytes, body: bytes | memoryview) -> tuple[int, dict[bytes, bytes], bytes]:
         self._send(head, body)
         return self._read_response()
 
@@ -51,23 +54,25 @@ class _Connection:
         elif sent < len(head) + len(body):
             self.sock.sendall(memoryview(body)[sent - len(head):])
 
-    def _read_response(self) -> tuple[int, dict[str, str], bytes]:
-        response = _Response()
-        parser = httptools.HttpResponseParser(response)
-        first = True
+    def _read_response(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        response, parser = self._response, self._parser
+        response.reset()
+        data = self.sock.recv(_RECV)
+        if not data:
+            self.close()
+            raise _Stale()
+        parser.feed_data(data)
         while not response.complete:
             data = self.sock.recv(_RECV)
             if not data:
                 self.close()
-                if first:
-                    raise _Stale()
                 raise ConnectionResetError("the server closed the connection mid-response")
-            first = False
             parser.feed_data(data)
         # (httptools' should_keep_alive() reads False once a message is complete: decide here)
-        if parser.get_http_version() != "1.1" or response.headers.get("connection", "").lower() == "close":
+        if parser.get_http_version() != "1.1" or response.headers.get(b"connection", b"").lower() == b"close":
             self.close()
-        return parser.get_status_code(), response.headers, b"".join(response.body)
+        body = response.body
+        return parser.get_status_code(), response.headers, body[0] if len(body) == 1 else b"".join(body)
 
     def close(self) -> None:
         self.open = False
@@ -75,15 +80,15 @@ class _Connection:
 
 
 class _Response:
-    """httptools callbacks collecting one response."""
+    """httptools callbacks collecting one response at a time."""
 
-    def __init__(self) -> None:
-        self.headers: dict[str, str] = {}
+    def reset(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
         self.complete = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self.headers[name.lower()] = value
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -93,18 +98,27 @@ class _Response:
 
 
 class Transport:
-    """POSTs to `host:port` over pooled persistent connections (HTTPS when `ssl_context`)."""
+    """POSTs to `host:port` over pooled persistent connections (HTTPS when `ssl_context`).
 
-    def __init__(self, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None):
+    `headers` go with every request (the bearer token).
+    """
+
+    def __init__(self, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None,
+                 headers: dict[str, str] | None = None):
         self.host, self.port, self.timeout = host, port, timeout
         self._ssl_context = ssl_context
         self._idle: deque[_Connection] = deque()  # append/pop are atomic
-        self._host_header = f"Host: {host}:{port}\r\n"
+        fixed = [f"Host: {host}:{port}\r\n", *[f"{k}: {v}\r\n" for k, v in (headers or {}).items()]]
+        self._fixed = "".join(fixed).encode("latin-1")
+        self._heads: dict[str, bytes] = {}
 
-    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-        """Send one request; returns (status, headers with lower-case names, body)."""
-        head = "".join([f"POST {path} HTTP/1.1\r\n", self._host_header, f"Content-Length: {len(body)}\r\n",
-                        *[f"{k}: {v}\r\n" for k, v in headers.items()], "\r\n"]).encode("latin-1")
+    def post(self, path: str, body: bytes | memoryview, headers: bytes = b"") -> tuple[int, dict[bytes, bytes], bytes]:
+        """Send one request; `headers` are extra header lines, CRLF-terminated bytes. Returns
+        (status, headers by lower-case name, body), header names and values as bytes."""
+        prefix = self._heads.get(path)
+        if prefix is None:
+            prefix = self._heads[path] = b"POST %s HTTP/1.1\r\n%s" % (path.encode("latin-1"), self._fixed)
+        head = b"%sContent-Length: %d\r\n%s\r\n" % (prefix, len(body), headers)
         try:
             connection = self._idle.pop()
         except IndexError:

@@ -41,6 +41,48 @@ def test_binary_inputs_are_views_on_the_body():
     np.testing.assert_equal(request.inputs["b"], array[::-1])
 
 
+def test_a_repeated_header_is_decoded_from_its_kept_layout_with_the_same_checks():
+    first, second = np.arange(6, dtype=np.int32).reshape(2, 3), np.full((2, 3), 7, np.int32)
+    body, header_length = codec.encode_request({"a": first, "b": np.ones(1, np.float64)})
+    again, length_again = codec.encode_request({"a": second, "b": np.zeros(1, np.float64)})
+    assert again[:length_again] == body[:header_length]  # the same JSON header: the kept one
+    for _ in range(2):  # a miss that keeps the layout, then hits
+        request = codec.decode_request(again, str(length_again))
+        np.testing.assert_equal(request.inputs["a"], second)
+        assert not request.inputs["a"].flags.writeable and request.binary_output
+    with pytest.raises(InvalidInputError, match="need 32 bytes"):  # the kept layout still checks the blob size
+        codec.decode_request(again + b"\0" * 8, str(length_again))
+    with pytest.raises(InvalidInputError, match="need 32 bytes"):
+        codec.decode_request(again[:-4], str(length_again))
+    response, response_length = codec.encode_response("m", {"y": second}, request)
+    for _ in range(2):
+        np.testing.assert_equal(codec.decode_response(response, response_length)["y"], second)
+    with pytest.raises(InvalidInputError, match="need 24 bytes"):
+        codec.decode_response(response[:-1], response_length)
+
+
+def test_kept_headers_encode_the_same_bytes_as_a_fresh_encoding():
+    request = codec.InferRequest({}, None, True, id="r1")
+    for shape in [(1, 4), (2, 4), (1, 4)]:  # a new shape is a new header, not a stale one
+        array = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+        body, length = codec.encode_request({"x": array})
+        header = json.loads(body[:length])
+        assert header["inputs"][0]["shape"] == list(shape) and body[length:] == array.tobytes()
+        response, response_length = codec.encode_response("m", {"y": array, "z": array[:, :1]}, request, "3")
+        header = json.loads(response[:response_length])
+        assert header["id"] == "r1" and header["model_version"] == "3"
+        assert [o["shape"] for o in header["outputs"]] == [list(shape), [shape[0], 1]]
+        assert response[response_length:] == array.tobytes() + np.ascontiguousarray(array[:, :1]).tobytes()
+
+
+def test_the_header_caches_stay_bounded():
+    for i in range(codec._CACHE_ENTRIES + 10):
+        body, length = codec.encode_request({f"t{i}": np.ones(1, np.uint8)})
+        codec.decode_request(body, str(length))
+    assert 0 < len(codec._request_heads) <= codec._CACHE_ENTRIES
+    assert 0 < len(codec._request_layouts) <= codec._CACHE_ENTRIES
+
+
 def test_bytes_tensors_round_trip():
     array = np.array([b"alpha", b"", "ü".encode()], dtype=object)
     for binary in (True, False):
