@@ -38,7 +38,7 @@ from arachne_mlflow.transport import Transport
 INFO_HEADER = "Arachne-Model-Info"
 _HEADER_LENGTH_KEY = codec.HEADER_LENGTH.lower().encode()
 _JSON_HEADERS = b"Content-Type: application/json\r\n"
-_BINARY_HEADERS = f"Content-Type: application/octet-stream\r\n{codec.HEADER_LENGTH}: %d\r\n".encode()
+_BINARY_HEADERS = f"{codec.HEADER_LENGTH}: %d\r\n".encode()  # (tritonclient sends no Content-Type either)
 _ERRORS = {400: InvalidInputError, 401: UnauthorizedError, 404: ModelNotFoundError, 413: InvalidInputError,
            503: ModelNotReadyError}
 

@@ -53,6 +53,8 @@ class RemoteRuntimeModule(RuntimeModule):
             self._close()
             raise
         self._bind_specs(_specs(metadata["inputs"]), _specs(metadata["outputs"]))
+        self._input_names = [spec.name for spec in self.input_specs]
+        self._output_names = [spec.name for spec in self.output_specs]
 
     @property
     def device(self) -> str:
@@ -60,9 +62,8 @@ class RemoteRuntimeModule(RuntimeModule):
         return f"{self._client.host}:{self._client.port}"
 
     def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        feed = {spec.name: value for spec, value in zip(self.input_specs, inputs)}
-        outputs = self._on_server(self._client.infer, self.model_name, feed, binary=True)
-        return [outputs[spec.name] for spec in self.output_specs]
+        outputs = self._on_server(self._client.infer, self.model_name, dict(zip(self._input_names, inputs)))
+        return [outputs[name] for name in self._output_names]
 
     def benchmark(self, warmup: int = 1, repeat: int = 10, number: int = 1) -> dict[str, float]:
         """Time the model on the device (no network in the figures)."""

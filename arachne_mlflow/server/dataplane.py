@@ -107,7 +107,7 @@ class Dataplane:
         return {"name": name, "ready": True}
 
     # -- inference -------------------------------------------------------------------------
-    async def infer(self, name: str, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
+    async def infer(self, name: str, body: bytes, header_length: str | bytes | None) -> tuple[bytes, int | None]:
         """Run one V2 infer request; returns the response body and its JSON header length.
 
         Fast models run inline on the event loop; the rest in the thread pool.
@@ -116,7 +116,7 @@ class Dataplane:
             return self._infer(name, body, header_length)
         return await self.run_blocking(self._infer, name, body, header_length)
 
-    def _infer(self, name: str, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
+    def _infer(self, name: str, body: bytes, header_length: str | bytes | None) -> tuple[bytes, int | None]:
         start = time.perf_counter()
         loaded = self.store.acquire(name)
         requests, errors, latency = self.metrics.model(name)

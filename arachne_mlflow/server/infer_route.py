@@ -45,8 +45,7 @@ class InferRoute:
         self._error_response = error_response
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith(_PREFIX) or not path.endswith(_SUFFIX):
+        if scope["type"] != "http" or not (path := scope["path"]).startswith(_PREFIX) or not path.endswith(_SUFFIX):
             return await self.app(scope, receive, send)
         parts = path[len(_PREFIX):-len(_SUFFIX)].split("/")
         if len(parts) == 1 and parts[0]:
@@ -78,7 +77,7 @@ class InferRoute:
             if key == b"content-length":
                 length = value
             elif key == _HEADER_LENGTH:
-                header_length = value.decode("latin-1")
+                header_length = value
             elif key == b"content-encoding":
                 encoding = value.decode("latin-1").lower()
         body = await read_body(receive, length, self.max_request_bytes)

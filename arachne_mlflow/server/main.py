@@ -60,6 +60,7 @@ def serve(args: argparse.Namespace) -> int:
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, timeout_graceful_shutdown=args.graceful_timeout,
+        server_header=False,  # no software banner; one header less to write and parse per request
     )
     return 0
 
