@@ -75,7 +75,7 @@ class TensorSpec:
                     value = np.asarray(value, dtype=self.dtype)
                 except (TypeError, ValueError) as err:
                     raise InvalidInputError(f"{what} {self.name!r}: cannot convert to {self.dtype.name}: {err}") from err
-        if value.dtype != self.dtype:
+        if value.dtype is not self.dtype and value.dtype != self.dtype:  # (numpy's own dtypes are singletons)
             raise InvalidInputError(
                 f"{what} {self.name!r}: expected dtype {self.dtype.name}, got {value.dtype.name}"
             )

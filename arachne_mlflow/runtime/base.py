@@ -67,7 +67,8 @@ class RuntimeModule(abc.ABC):
         except (KeyError, TypeError):
             raise self._unknown(index_or_name, self.input_specs, "input") from None
         self._feed[position] = self.input_specs[position].check(value)
-        self._unset.discard(position)
+        if self._unset:
+            self._unset.discard(position)
 
     def run(self) -> None:
         if self._unset:

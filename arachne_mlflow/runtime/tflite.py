@@ -58,6 +58,7 @@ class TFLiteRuntimeModule(RuntimeModule):
         self._get_tensor = self._interpreter.get_tensor
         if len(self._input_indices) == 1 and len(self._output_indices) == 1:
             self._infer = self._infer_one  # the common case, without the loops
+            self._input_index, self._output_index = self._input_indices[0], self._output_indices[0]
         self._bind_specs([_spec(d) for d in in_details], [_spec(d) for d in out_details])
 
     def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -73,9 +74,9 @@ class TFLiteRuntimeModule(RuntimeModule):
         x = inputs[0]
         if x.shape != self._current_shapes[0]:
             self._resize([x.shape])
-        self._set_tensor(self._input_indices[0], x)
+        self._set_tensor(self._input_index, x)
         self._invoke()
-        return [self._get_tensor(self._output_indices[0])]
+        return [self._get_tensor(self._output_index)]
 
     def _resize(self, shapes: list[tuple[int, ...]]) -> None:
         """Resize input tensors the model declares dynamic (`shape_signature` -1), then reallocate."""
