@@ -45,17 +45,17 @@ class ArachneModelWrapper:
         """
         if type(data) is np.ndarray and self._single_input:
             inputs = [data]
-        elif isinstance(data, dict):
-            try:
-                inputs = [data[name] for name in self._input_names]
-            except KeyError as err:
-                raise InvalidInputError(f"missing input {err.args[0]!r}: the model takes {self._input_names}") from err
+            chunked = self._batch is not None and data.shape[:1] != self._batch_shape
         else:
-            inputs = self._convert(data)
-        if self._batch is not None and getattr(inputs[0], "shape", ())[:1] != self._batch_shape:
-            outputs = self._infer_in_chunks(inputs)
-        else:
-            outputs = self._infer(inputs)
+            if isinstance(data, dict):
+                try:
+                    inputs = [data[name] for name in self._input_names]
+                except KeyError as err:
+                    raise InvalidInputError(f"missing input {err.args[0]!r}: the model takes {self._input_names}") from err
+            else:
+                inputs = self._convert(data)
+            chunked = self._batch is not None and getattr(inputs[0], "shape", ())[:1] != self._batch_shape
+        outputs = self._infer_in_chunks(inputs) if chunked else self._infer(inputs)
         if self._single_output:
             return outputs[0]
         return dict(zip(self._output_names, outputs))
