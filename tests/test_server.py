@@ -284,6 +284,21 @@ def test_nan_and_inf_pass_through(client, deployed):
     np.testing.assert_equal(client.infer("onnx_linear", {"x": x})["y"], _local(deployed["onnx_linear"], {"x": x})["y"])
 
 
+def test_infer_paths_answer_like_every_route(server, deployed):
+    """Infer is answered in front of Starlette: methods, versions and odd paths still get JSON answers."""
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
+    url = f"{server.url}/v2/models/onnx_linear"
+    for method in ("GET", "PUT", "DELETE"):
+        response = requests.request(method, f"{url}/infer", timeout=10)
+        assert response.status_code == 405 and response.headers["Allow"] == "POST"
+        assert "use POST" in response.json()["error"]
+    assert requests.post(f"{url}/versions/1/infer", data=body, timeout=10).json()["model_version"] == "1"
+    assert "no version '9'" in requests.post(f"{url}/versions/9/infer", data=body, timeout=10).json()["error"]
+    for path in ("/v2/models//infer", "/v2/models/onnx_linear/versions//infer", "/v2/models/a/b/infer"):
+        response = requests.post(server.url + path, data=body, timeout=10)
+        assert response.status_code == 404 and response.json()["error"], path
+
+
 def test_unknown_model_and_bad_names(server, deployed):
     assert _post_infer(server, "missing", b"{}").status_code == 404
     assert requests.get(f"{server.url}/v2/models/missing", timeout=10).status_code == 404
