@@ -17,7 +17,6 @@ the same way, by the tensors' names, types and shapes.
 from __future__ import annotations
 
 import json
-import math
 import struct
 import sys
 from dataclasses import dataclass
