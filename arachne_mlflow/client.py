@@ -180,7 +180,7 @@ class DeviceClient:
             if len(inputs) != len(names):
                 raise InvalidInputError(f"model {name!r} takes {len(names)} inputs {names}, got {len(inputs)}")
             inputs = dict(zip(names, inputs))
-        body, header_length = codec.encode_request(inputs, binary=binary, outputs=outputs)
+        body, header_length = codec.request_parts(inputs, binary=binary, outputs=outputs)
         path = self._infer_paths.get(name)
         if path is None:
             path = self._infer_paths[name] = f"/v2/models/{_quote(name)}/infer"

@@ -130,23 +130,36 @@ def split_message(body: bytes, header_length: str | bytes | None) -> tuple[dict[
 
 def join_message(header: Mapping[str, Any], blobs: Sequence[bytes | memoryview]) -> tuple[bytes, int | None]:
     """The body of a V2 message and the header length to send (None when there are no blobs)."""
+    parts, header_length = _message_parts(header, blobs)
+    return parts[0] if len(parts) == 1 else b"".join(parts), header_length
+
+
+def _message_parts(header: Mapping[str, Any], blobs: Sequence[bytes | memoryview]) -> tuple[list, int | None]:
     head = _dumps(header)
     if not blobs:
-        return head, None
+        return [head], None
     head += b" " * (-len(head) % _ALIGN)  # JSON allows trailing spaces; aligned blobs decode without a copy
-    return b"".join([head, *blobs]), len(head)
+    return [head, *blobs], len(head)
 
 
 def encode_request(
     inputs: Mapping[str, Any], binary: bool = True, outputs: Sequence[str] | None = None, request_id: str | None = None
 ) -> tuple[bytes, int | None]:
     """An infer request body: inputs by name, outputs asked for in binary when `binary`."""
+    parts, header_length = request_parts(inputs, binary, outputs, request_id)
+    return parts[0] if len(parts) == 1 else b"".join(parts), header_length
+
+
+def request_parts(
+    inputs: Mapping[str, Any], binary: bool = True, outputs: Sequence[str] | None = None, request_id: str | None = None
+) -> tuple[list[bytes | memoryview], int | None]:
+    """`encode_request` as the pieces of the body, to be sent gathered: tensors are not copied."""
     key = None
     if binary and outputs is None and request_id is None:
         key = tuple([(name, value.dtype, value.shape) for name, value in inputs.items() if type(value) is np.ndarray])
         head = _request_heads.get(key) if len(key) == len(inputs) else None
         if head is not None:
-            return b"".join([head, *[_to_bytes(value, "") for value in inputs.values()]]), len(head)
+            return [head, *[_to_bytes(value, "") for value in inputs.values()]], len(head)
     header: dict[str, Any] = {"inputs": [], "parameters": {"binary_data_output": binary}}
     if request_id is not None:
         header["id"] = request_id
@@ -158,10 +171,10 @@ def encode_request(
             blobs.append(blob)
     if outputs is not None:
         header["outputs"] = [{"name": name, "parameters": {"binary_data": binary}} for name in outputs]
-    body, header_length = join_message(header, blobs)
+    parts, header_length = _message_parts(header, blobs)
     if key is not None and _numeric_blobs(key, inputs):
-        _remember(_request_heads, key, body[:header_length])
-    return body, header_length
+        _remember(_request_heads, key, parts[0])
+    return parts, header_length
 
 
 @dataclass

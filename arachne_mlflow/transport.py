@@ -2,8 +2,11 @@
 
 `requests` costs about 1 ms of Python per call on a small device, more than a tiny model's
 whole round trip. Here a request is one `sendmsg` of the head (built from a per-path prefix) and
-the body (gathered, so a large tensor is not copied), and the response is parsed by httptools
+the pieces of the body (gathered, so a large tensor is not copied), and the response is parsed by httptools
 (the C parser uvicorn uses), one parser per connection, header names and values left as bytes.
+On Linux a plain connection is a blocking socket whose timeout the kernel keeps
+(`SO_RCVTIMEO`/`SO_SNDTIMEO`): a Python socket timeout polls before every send and receive,
+one system call more per call.
 It carries only `infer`; everything else (uploads, metadata) stays on the requests session. Each
 call takes an idle connection or opens one, so threads never share a connection mid-request.
 """
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
+import sys
 from collections import deque
 
 import httptools
@@ -20,6 +25,8 @@ from arachne_mlflow.errors import DeviceUnreachableError
 
 MAX_IDLE = 16
 _RECV = 256 * 1024
+_MAX_GATHER = 64  # buffers per sendmsg (the system allows 1024); more are joined first
+_KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 
 
 class _Stale(Exception):
@@ -32,27 +39,40 @@ class _Connection:
     def __init__(self, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None):
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = ssl_context.wrap_socket(sock, server_hostname=host) if ssl_context is not None else sock
         self._tls = ssl_context is not None
+        if self._tls:
+            sock = ssl_context.wrap_socket(sock, server_hostname=host)
+        elif _KERNEL_TIMEOUTS and timeout:
+            sock.settimeout(None)
+            interval = struct.pack("ll", int(timeout), int(timeout % 1 * 1_000_000))  # struct timeval
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, interval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, interval)
+        self.sock = sock
+        self.timeout = timeout
         self._response = _Response()
         self._parser = httptools.HttpResponseParser(self._response)
         self.open = True
 
-    def exchange(self, head: bytes, body: bytes | memoryview) -> tuple[int, dict[bytes, bytes], bytes]:
-        self._send(head, body)
-        return self._read_response()
+    def exchange(self, buffers: list[bytes | memoryview]) -> tuple[int, dict[bytes, bytes], bytes]:
+        try:
+            self._send(buffers)
+            return self._read_response()
+        except BlockingIOError as err:  # the kernel's timeout ran out
+            self.close()
+            raise TimeoutError(f"timed out: no progress in {self.timeout} s") from err
 
-    def _send(self, head: bytes, body: bytes | memoryview) -> None:
+    def _send(self, buffers: list[bytes | memoryview]) -> None:
         if self._tls:  # SSL sockets have no sendmsg
-            self.sock.sendall(head)
-            self.sock.sendall(body)
+            for buffer in buffers:
+                self.sock.sendall(buffer)
             return
-        sent = self.sock.sendmsg([head, body])
-        if sent < len(head):
-            self.sock.sendall(memoryview(head)[sent:])
-            self.sock.sendall(body)
-        elif sent < len(head) + len(body):
-            self.sock.sendall(memoryview(body)[sent - len(head):])
+        sent = self.sock.sendmsg(buffers)
+        for buffer in buffers:  # what one sendmsg did not take (a large body), in order
+            if sent >= len(buffer):
+                sent -= len(buffer)
+                continue
+            self.sock.sendall(memoryview(buffer)[sent:] if sent else buffer)
+            sent = 0
 
     def _read_response(self) -> tuple[int, dict[bytes, bytes], bytes]:
         response, parser = self._response, self._parser
@@ -112,13 +132,19 @@ class Transport:
         self._fixed = "".join(fixed).encode("latin-1")
         self._heads: dict[str, bytes] = {}
 
-    def post(self, path: str, body: bytes | memoryview, headers: bytes = b"") -> tuple[int, dict[bytes, bytes], bytes]:
-        """Send one request; `headers` are extra header lines, CRLF-terminated bytes. Returns
-        (status, headers by lower-case name, body), header names and values as bytes."""
+    def post(self, path: str, body: list[bytes | memoryview], headers: bytes = b"") -> tuple[int, dict[bytes, bytes], bytes]:
+        """Send one request whose body is the pieces `body` (sent gathered, not joined); `headers`
+        are extra header lines, CRLF-terminated bytes. Returns (status, headers by lower-case
+        name, body), header names and values as bytes."""
         prefix = self._heads.get(path)
         if prefix is None:
             prefix = self._heads[path] = b"POST %s HTTP/1.1\r\n%s" % (path.encode("latin-1"), self._fixed)
-        head = b"%sContent-Length: %d\r\n%s\r\n" % (prefix, len(body), headers)
+        size = 0
+        for part in body:
+            size += len(part)
+        buffers = [b"%sContent-Length: %d\r\n%s\r\n" % (prefix, size, headers), *body]
+        if len(buffers) > _MAX_GATHER:
+            buffers = [b"".join(buffers)]
         try:
             connection = self._idle.pop()
         except IndexError:
@@ -126,13 +152,13 @@ class Transport:
         try:
             if connection is not None:
                 try:
-                    result = connection.exchange(head, body)
+                    result = connection.exchange(buffers)
                 except (_Stale, BrokenPipeError, ConnectionResetError):
                     connection.close()  # the server closed an idle connection: once more, fresh
                     connection = None
             if connection is None:
                 connection = self._connect()
-                result = connection.exchange(head, body)
+                result = connection.exchange(buffers)
         except (OSError, httptools.HttpParserError, _Stale) as err:
             if connection is not None:
                 connection.close()

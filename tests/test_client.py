@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 
 import numpy as np
 import pytest
@@ -26,6 +27,17 @@ def test_unreachable_server_names_host_and_port():
         with pytest.raises(DeviceUnreachableError, match=f"127.0.0.1:{port} is unreachable") as caught:
             device.ready()
     assert caught.value.status_code == 503
+
+
+def test_infer_times_out_on_a_server_that_never_answers():
+    """The infer connection's timeout (kept by the kernel on Linux) ends a call the server never
+    answers, as an unreachable-device error that says it timed out; the connection is dropped."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        with DeviceClient("127.0.0.1", port, timeout=0.3) as device:
+            with pytest.raises(DeviceUnreachableError, match=r"127.0.0.1:\d+ is unreachable \(TimeoutError\): timed out"):
+                device.infer("tiny", {"x": np.ones((1, 16), np.float32)})
+            assert not device._transport._idle
 
 
 def test_client_api(server, mlflow_models, capsys):  # noqa: F811
