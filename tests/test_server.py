@@ -279,6 +279,35 @@ def test_errors_are_counted(client):
     assert 'arachne_http_errors_total{status="400"}' in text
 
 
+def test_inference_series_add_up(client, deployed):
+    """Every request is counted once: answered ones in the latency histogram, failed ones as errors."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def series():
+        samples = {}
+        for family in text_string_to_metric_families(client.metrics()):
+            for sample in family.samples:
+                if sample.labels.get("model") == "onnx_linear":
+                    samples[(sample.name, sample.labels.get("le"))] = sample.value
+        return samples
+
+    before = series()
+    for _ in range(3):
+        client.infer("onnx_linear", _inputs(deployed["onnx_linear"]))
+    after = series()
+    grew = {key: after[key] - before.get(key, 0.0) for key in after}
+    assert grew[("arachne_inference_requests_total", None)] == 3
+    assert grew[("arachne_inference_latency_seconds_count", None)] == 3
+    assert grew[("arachne_inference_latency_seconds_bucket", "+Inf")] == 3
+    assert grew[("arachne_inference_errors_total", None)] == 0
+    assert after[("arachne_inference_requests_total", None)] == (
+        after[("arachne_inference_latency_seconds_count", None)] + after[("arachne_inference_errors_total", None)]
+    )
+    buckets = [value for (name, le), value in sorted(after.items(), key=lambda kv: float(kv[0][1] or 0))
+               if name.endswith("_bucket")]
+    assert buckets == sorted(buckets) and 0 < after[("arachne_inference_latency_seconds_sum", None)] < 60
+
+
 def test_nan_and_inf_pass_through(client, deployed):
     x = np.array([[np.nan, np.inf, -np.inf, 1.0]], dtype=np.float32)
     np.testing.assert_equal(client.infer("onnx_linear", {"x": x})["y"], _local(deployed["onnx_linear"], {"x": x})["y"])

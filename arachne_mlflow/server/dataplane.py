@@ -22,7 +22,7 @@ import numpy as np
 
 from arachne_mlflow import __version__, codec
 from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, UnsafeArchiveError
-from arachne_mlflow.server.metrics import Metrics
+from arachne_mlflow.server.metrics import Metrics, ModelSeries
 from arachne_mlflow.server.store import ModelStore
 
 T = TypeVar("T")
@@ -55,7 +55,6 @@ class Dataplane:
         self.ready = False
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="arachne-dataplane")
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
-        self._recent_seconds: dict[str, float] = {}  # per model, a moving average of _infer's time
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """The one way blocking work leaves the event loop."""
@@ -112,29 +111,30 @@ class Dataplane:
 
         Fast models run inline on the event loop; the rest in the thread pool.
         """
-        if self._recent_seconds.get(name, 1.0) < INLINE_SECONDS:
-            return self._infer(name, body, header_length)
-        return await self.run_blocking(self._infer, name, body, header_length)
+        series = self.metrics.models.get(name)
+        if series is None:
+            self.store.get(name)  # unknown or unloaded models fail here, before they have a series
+            series = self.metrics.models.setdefault(name, ModelSeries())
+        start = time.perf_counter()
+        try:
+            if series.recent_seconds < INLINE_SECONDS:
+                response = self._infer(name, body, header_length)
+            else:
+                response = await self.run_blocking(self._infer, name, body, header_length)
+        except Exception:
+            series.failed()
+            raise
+        series.observe(time.perf_counter() - start)
+        return response
 
     def _infer(self, name: str, body: bytes, header_length: str | bytes | None) -> tuple[bytes, int | None]:
-        start = time.perf_counter()
         loaded = self.store.acquire(name)
-        requests, errors, latency = self.metrics.model(name)
-        requests.inc()
         try:
             request = codec.decode_request(body, header_length)
             outputs = loaded.module.infer(_ordered_inputs(loaded.input_names, request.inputs))
-            response = codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.version)
-        except Exception:
-            errors.inc()
-            raise
+            return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.version)
         finally:
             loaded.release()
-        seconds = time.perf_counter() - start
-        latency.observe(seconds)
-        recent = self._recent_seconds
-        recent[name] = 0.8 * recent.get(name, seconds) + 0.2 * seconds
-        return response
 
     async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         """Time the model on the server with `RuntimeModule.benchmark` (bounded repeat counts)."""
