@@ -237,7 +237,10 @@ def encode_response(
                *[(name, array.dtype, array.shape) for name, array in results.items() if type(array) is np.ndarray])
         cached = _response_heads.get(key) if len(key) == 3 + len(results) else None
         if cached is not None:
-            return b"".join([cached, *[_to_bytes(array, "") for array in results.values()]]), len(cached)
+            try:  # a kept header means native dtypes, whose bytes are the wire's: join the arrays as they are
+                return b"".join([cached, *results.values()]), len(cached)
+            except TypeError:  # an output that is not one C-contiguous block
+                return b"".join([cached, *[_to_bytes(array, "") for array in results.values()]]), len(cached)
     wanted = request.outputs if request.outputs is not None else [(n, request.binary_output) for n in results]
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": []}
     if request.id is not None:
@@ -280,8 +283,11 @@ def _remember(cache: dict, key: Any, value: Any) -> None:
 
 
 def _numeric_blobs(key: tuple, tensors: Mapping[str, Any]) -> bool:
-    """Whether `key` describes every tensor, each a numeric array sent as a blob (a header worth keeping)."""
-    return len(key) == len(tensors) > 0 and all(dtype.kind in "biuf" for _, dtype, _ in key)
+    """Whether `key` describes every tensor, each a numeric array of the wire's byte order sent as a
+    blob (a header worth keeping)."""
+    return _NATIVE_IS_WIRE and len(key) == len(tensors) > 0 and all(
+        dtype.kind in "biuf" and dtype.isnative for _, dtype, _ in key
+    )
 
 
 def _cached_layout(cache: dict[bytes, tuple], body: Any, header_length: str | bytes | None) -> tuple | None:

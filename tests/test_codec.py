@@ -63,7 +63,8 @@ def test_a_repeated_header_is_decoded_from_its_kept_layout_with_the_same_checks(
 
 def test_kept_headers_encode_the_same_bytes_as_a_fresh_encoding():
     request = codec.InferRequest({}, None, True, id="r1")
-    for shape in [(1, 4), (2, 4), (1, 4)]:  # a new shape is a new header, not a stale one
+    # a new shape is a new header, not a stale one; the second (2, 4) joins a non-contiguous output
+    for shape in [(1, 4), (2, 4), (1, 4), (2, 4)]:
         array = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
         body, length = codec.encode_request({"x": array})
         header = json.loads(body[:length])
@@ -73,6 +74,9 @@ def test_kept_headers_encode_the_same_bytes_as_a_fresh_encoding():
         assert header["id"] == "r1" and header["model_version"] == "3"
         assert [o["shape"] for o in header["outputs"]] == [list(shape), [shape[0], 1]]
         assert response[response_length:] == array.tobytes() + np.ascontiguousarray(array[:, :1]).tobytes()
+        for _ in range(2):  # big-endian outputs: never kept, always sent little-endian
+            response, response_length = codec.encode_response("m", {"y": array.astype(">f4")}, request, "3")
+            assert response[response_length:] == array.astype("<f4").tobytes()
 
 
 def test_the_header_caches_stay_bounded():
