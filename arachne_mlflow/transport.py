@@ -2,11 +2,12 @@
 
 `requests` costs about 1 ms of Python per call on a small device, more than a tiny model's
 whole round trip. Here a request is one `sendmsg` of the head (built from a per-path prefix) and
-the pieces of the body (gathered, so a large tensor is not copied), and the response is parsed by httptools
-(the C parser uvicorn uses), one parser per connection, header names and values left as bytes.
-On Linux a plain connection is a blocking socket whose timeout the kernel keeps
-(`SO_RCVTIMEO`/`SO_SNDTIMEO`): a Python socket timeout polls before every send and receive,
-one system call more per call.
+the pieces of the body (gathered, so a large tensor is not copied), and the response is parsed
+by httptools (the C parser uvicorn uses), one parser per connection, header names and values
+left as bytes. On 64-bit Linux a plain connection is a blocking socket whose timeout the kernel
+keeps (`SO_RCVTIMEO`/`SO_SNDTIMEO`): a Python socket timeout polls before every send and
+receive, one system call more per call.
+
 It carries only `infer`; everything else (uploads, metadata) stays on the requests session. Each
 call takes an idle connection or opens one, so threads never share a connection mid-request.
 """
@@ -26,7 +27,7 @@ from arachne_mlflow.errors import DeviceUnreachableError
 MAX_IDLE = 16
 _RECV = 256 * 1024
 _MAX_GATHER = 64  # buffers per sendmsg (the system allows 1024); more are joined first
-_KERNEL_TIMEOUTS = sys.platform.startswith("linux")
+_KERNEL_TIMEOUTS = sys.platform.startswith("linux") and struct.calcsize("l") == 8  # timeval of two longs
 
 
 class _Stale(Exception):
