@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import requests
 
 from arachne_mlflow.client import DeviceClient
+from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.model_dir import read_model_dir
 from tests.model_dirs import ServerProcess, mlflow_models  # noqa: F401  (fixture)
 
@@ -394,7 +396,8 @@ ROUTES = [
 
 
 def test_token_guards_every_route_but_health_and_caps_uploads(tmp_path, mlflow_models):  # noqa: F811
-    secured = ServerProcess(tmp_path / "store", token="s3cret", extra_args=["--max-upload-mb", "1"]).start()
+    secured = ServerProcess(tmp_path / "store", token="s3cret",
+                            extra_args=["--max-upload-mb", "1", "--max-request-mb", "1"]).start()
     try:
         for method, path in ROUTES:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
@@ -417,6 +420,14 @@ def test_token_guards_every_route_but_health_and_caps_uploads(tmp_path, mlflow_m
         with DeviceClient("127.0.0.1", secured.port, token="s3cret") as owner:
             assert owner.upload_model("linear", mlflow_models["onnx_linear"])
             assert owner.infer("linear", [np.ones((1, 4), np.float32)])["y"].shape == (1, 3)
+            with pytest.raises(InvalidInputError, match="exceeds the limit of 1048576"):  # --max-request-mb
+                owner.infer("linear", [np.ones((70_000, 4), np.float32)])
+            zeros = gzip.compress(json.dumps({"inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.0] * 4}], "pad": " " * 2**21}).encode())
+            response = requests.post(f"{secured.url}/v2/models/linear/infer", data=zeros, timeout=30,
+                                     headers={"Authorization": "Bearer s3cret", "Content-Encoding": "gzip"})
+            assert len(zeros) < 64 * 1024 and response.status_code == 413
+            assert "decompressed request body exceeds" in response.json()["error"]
             big = tmp_path / "big"
             big.mkdir()
             for name in ("MLmodel", "model.onnx"):

@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--max-upload-mb", type=int, default=4096, help="largest model upload, unpacked (MiB)")
+    parser.add_argument(
+        "--max-request-mb", type=int, default=1024,
+        help="largest request body, decompressed (MiB): an infer request holds its tensors in memory",
+    )
     parser.add_argument("--workers", type=int, default=None, help="inference threads (default: Python's choice)")
     parser.add_argument(
         "--graceful-timeout", type=float, default=5.0,
@@ -53,7 +57,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         app = create_app(
             str(Path(args.model_store).expanduser()), token=args.token,
-            max_upload_bytes=args.max_upload_mb * 1024**2, max_workers=args.workers,
+            max_upload_bytes=args.max_upload_mb * 1024**2, max_request_bytes=args.max_request_mb * 1024**2,
+            max_workers=args.workers,
         )
     except ArachneError as err:
         raise SystemExit(f"arachne-mlflow serve: error: {err}") from err
