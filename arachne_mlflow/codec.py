@@ -158,8 +158,11 @@ def request_parts(
     if binary and outputs is None and request_id is None:
         key = tuple([(name, value.dtype, value.shape) for name, value in inputs.items() if type(value) is np.ndarray])
         head = _request_heads.get(key) if len(key) == len(inputs) else None
-        if head is not None:
-            return [head, *[_to_bytes(value, "") for value in inputs.values()]], len(head)
+        if head is not None:  # native numeric arrays (see _numeric_blobs): their memory is the blob
+            try:
+                return [head, *[memoryview(value).cast("B") for value in inputs.values()]], len(head)
+            except TypeError:  # an array that is not one C-contiguous block
+                return [head, *[_to_bytes(value, "") for value in inputs.values()]], len(head)
     header: dict[str, Any] = {"inputs": [], "parameters": {"binary_data_output": binary}}
     if request_id is not None:
         header["id"] = request_id
@@ -237,7 +240,7 @@ def encode_response(
                *[(name, array.dtype, array.shape) for name, array in results.items() if type(array) is np.ndarray])
         cached = _response_heads.get(key) if len(key) == 3 + len(results) else None
         if cached is not None:
-            try:  # a kept header means native dtypes, whose bytes are the wire's: join the arrays as they are
+            try:  # native numeric arrays (see _numeric_blobs): their bytes are the wire's, joined as they are
                 return b"".join([cached, *results.values()]), len(cached)
             except TypeError:  # an output that is not one C-contiguous block
                 return b"".join([cached, *[_to_bytes(array, "") for array in results.values()]]), len(cached)

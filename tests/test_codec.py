@@ -69,6 +69,8 @@ def test_kept_headers_encode_the_same_bytes_as_a_fresh_encoding():
         body, length = codec.encode_request({"x": array})
         header = json.loads(body[:length])
         assert header["inputs"][0]["shape"] == list(shape) and body[length:] == array.tobytes()
+        fortran, fortran_length = codec.encode_request({"x": np.asfortranarray(array)})  # same key, not C-ordered
+        assert fortran[:fortran_length] == body[:length] and fortran[fortran_length:] == array.tobytes()
         response, response_length = codec.encode_response("m", {"y": array, "z": array[:, :1]}, request, "3")
         header = json.loads(response[:response_length])
         assert header["id"] == "r1" and header["model_version"] == "3"
