@@ -133,7 +133,9 @@ class Transport:
         self._fixed = "".join(fixed).encode("latin-1")
         self._heads: dict[str, bytes] = {}
 
-    def post(self, path: str, body: list[bytes | memoryview], headers: bytes = b"") -> tuple[int, dict[bytes, bytes], bytes]:
+    def post(
+        self, path: str, body: list[bytes | memoryview], headers: bytes = b""
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
         """Send one request whose body is the pieces `body` (sent gathered, not joined); `headers`
         are extra header lines, CRLF-terminated bytes. Returns (status, headers by lower-case
         name, body), header names and values as bytes."""

@@ -128,13 +128,14 @@ def _raw_request(port: int, request: bytes):
 def _tiny_vs_empty(remote, x, port: int, quick: bool) -> list[dict]:
     """The target: the whole remote call against the cheapest request the server answers (a fixed
     GET). Beside it, the same infer request written on a raw socket: the server's share."""
-    empty, empty_sock = _raw_request(port, f"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    host = f"Host: 127.0.0.1:{port}\r\n"
+    empty, empty_sock = _raw_request(port, f"GET /v2/health/live HTTP/1.1\r\n{host}\r\n".encode())
     body, header_length = codec.encode_request({remote.input_specs[0].name: x})
-    head = (f"POST /v2/models/{remote.model_name}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    head = (f"POST /v2/models/{remote.model_name}/infer HTTP/1.1\r\n{host}"
             f"Content-Length: {len(body)}\r\n{codec.HEADER_LENGTH}: {header_length}\r\n\r\n")
     raw_infer, infer_sock = _raw_request(port, head.encode() + body)
-    series = interleaved({"empty request": empty, "infer on a raw socket": raw_infer, "remote tiny run": _call(remote, x)},
-                         rounds=5 if quick else 30, number=5 if quick else 100)
+    candidates = {"empty request": empty, "infer on a raw socket": raw_infer, "remote tiny run": _call(remote, x)}
+    series = interleaved(candidates, rounds=5 if quick else 30, number=5 if quick else 100)
     empty_sock.close()
     infer_sock.close()
     result = row("remote", "tiny/onnx round trip", series["empty request"], series["remote tiny run"])
