@@ -302,6 +302,8 @@ def test_inference_series_add_up(client, deployed):
     assert grew[("arachne_inference_latency_seconds_count", None)] == 3
     assert grew[("arachne_inference_latency_seconds_bucket", "+Inf")] == 3
     assert grew[("arachne_inference_errors_total", None)] == 0
+    assert all(("arachne_inference_" + name, None) in after  # as prometheus_client's own metrics write them
+               for name in ("requests_created", "errors_created", "latency_seconds_created"))
     assert after[("arachne_inference_requests_total", None)] == (
         after[("arachne_inference_latency_seconds_count", None)] + after[("arachne_inference_errors_total", None)]
     )

@@ -15,10 +15,11 @@ import time
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
+_LATENCY_HELP = "Inference request latency on the server (decode, run, encode)"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -79,14 +80,14 @@ class _InferenceCollector:
         errors = CounterMetricFamily(
             "arachne_inference_errors", "Inference requests that failed, per model", labels=["model"]
         )
-        latency = HistogramMetricFamily(
-            "arachne_inference_latency_seconds", "Inference request latency on the server (decode, run, encode)",
-            labels=["model"],
-        )
+        latency = HistogramMetricFamily("arachne_inference_latency_seconds", _LATENCY_HELP, labels=["model"])
+        # (prometheus_client's own Histogram writes this series too)
+        latency_created = GaugeMetricFamily("arachne_inference_latency_seconds_created", _LATENCY_HELP, labels=["model"])
         bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
         for name, series in list(self._models.items()):
             requests.add_metric([name], series.requests, created=series.created)
             errors.add_metric([name], series.errors, created=series.created)
             cumulative = itertools.accumulate(series.latency_counts)
             latency.add_metric([name], list(zip(bounds, cumulative)), sum_value=series.latency_sum)
-        yield from (requests, errors, latency)
+            latency_created.add_metric([name], series.created)
+        yield from (requests, errors, latency, latency_created)
