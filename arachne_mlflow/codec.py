@@ -128,13 +128,9 @@ def split_message(body: bytes, header_length: str | bytes | None) -> tuple[dict[
     return header, binary
 
 
-def join_message(header: Mapping[str, Any], blobs: Sequence[bytes | memoryview]) -> tuple[bytes, int | None]:
-    """The body of a V2 message and the header length to send (None when there are no blobs)."""
-    parts, header_length = _message_parts(header, blobs)
-    return parts[0] if len(parts) == 1 else b"".join(parts), header_length
-
-
 def _message_parts(header: Mapping[str, Any], blobs: Sequence[bytes | memoryview]) -> tuple[list, int | None]:
+    """The pieces of a V2 message (JSON header, then blobs) and the header length to send (None
+    when there are no blobs)."""
     head = _dumps(header)
     if not blobs:
         return [head], None
@@ -147,7 +143,7 @@ def encode_request(
 ) -> tuple[bytes, int | None]:
     """An infer request body: inputs by name, outputs asked for in binary when `binary`."""
     parts, header_length = request_parts(inputs, binary, outputs, request_id)
-    return parts[0] if len(parts) == 1 else b"".join(parts), header_length
+    return b"".join(parts), header_length
 
 
 def request_parts(
@@ -256,10 +252,10 @@ def encode_response(
         header["outputs"].append(entry)
         if blob is not None:
             blobs.append(blob)
-    body, header_length = join_message(header, blobs)
+    parts, header_length = _message_parts(header, blobs)
     if key is not None and _numeric_blobs(key[3:], results):
-        _remember(_response_heads, key, body[:header_length])
-    return body, header_length
+        _remember(_response_heads, key, parts[0])
+    return b"".join(parts), header_length
 
 
 def decode_response(body: bytes, header_length: str | bytes | None) -> dict[str, np.ndarray]:
