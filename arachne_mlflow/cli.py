@@ -30,8 +30,12 @@ def _benchmark(args: argparse.Namespace) -> int:
 def _import_legacy(args: argparse.Namespace) -> int:
     from arachne_mlflow.flavors.legacy import log_legacy_model, save_legacy_model
 
-    source = {"package_tar": args.package_tar, "model_file": args.model_file, "env_file": args.env_file,
-              "runtime": args.runtime}
+    source = {
+        "package_tar": args.package_tar,
+        "model_file": args.model_file,
+        "env_file": args.env_file,
+        "runtime": args.runtime,
+    }
     if args.params_file:
         source["params_file"] = args.params_file
     if args.output:
@@ -63,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("runtime")
     bench.add_argument("model_file")
     bench.add_argument("--env-file")
-    bench.add_argument("--options", help='backend options as JSON, e.g. \'{"num_threads": 2}\'')
+    bench.add_argument("--options", help="backend options as JSON, e.g. '{\"num_threads\": 2}'")
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--repeat", type=int, default=10)
     bench.add_argument("--number", type=int, default=1)

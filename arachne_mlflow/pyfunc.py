@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from arachne_mlflow import runtime
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.model_dir import read_model_dir
+from arachne_mlflow.model.directory import read_model_dir
 
 
-def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> "ArachneModelWrapper":
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> ArachneModelWrapper:
     """Load the model at `path`; `model_config` (from `mlflow.pyfunc.load_model`) overrides runtime options."""
-    return ArachneModelWrapper(read_model_dir(path).load(**(model_config or {})))
+    return ArachneModelWrapper(runtime.load(read_model_dir(path), **(model_config or {})))
 
 
 class ArachneModelWrapper:
@@ -51,7 +52,9 @@ class ArachneModelWrapper:
                 try:
                     inputs = [data[name] for name in self._input_names]
                 except KeyError as err:
-                    raise InvalidInputError(f"missing input {err.args[0]!r}: the model takes {self._input_names}") from err
+                    raise InvalidInputError(
+                        f"missing input {err.args[0]!r}: the model takes {self._input_names}"
+                    ) from err
             else:
                 inputs = self._convert(data)
             chunked = self._batch is not None and getattr(inputs[0], "shape", ())[:1] != self._batch_shape
@@ -88,13 +91,15 @@ class ArachneModelWrapper:
         arrays = [np.asarray(x) for x in inputs]
         rows = {_rows(x) for x in arrays}
         if len(rows) != 1 or None in rows:
-            raise InvalidInputError(f"inputs {self._input_names} must have the same number of rows, got {sorted(rows, key=str)}")
+            raise InvalidInputError(
+                f"inputs {self._input_names} must have the same number of rows, got {sorted(rows, key=str)}"
+            )
         n, size = rows.pop(), self._batch
         if n == 0:
             raise InvalidInputError("an empty batch has nothing to predict")
         chunks = []
         for start in range(0, n, size):
-            part = [x[start:start + size] for x in arrays]
+            part = [x[start : start + size] for x in arrays]
             if part[0].shape[0] < size:  # pad the last chunk with zeros, drop its extra rows after
                 part = [np.concatenate([p, np.zeros((size - p.shape[0], *p.shape[1:]), p.dtype)]) for p in part]
             chunks.append(self._infer(part))
@@ -133,5 +138,7 @@ def _reshape(values: np.ndarray, spec: Any) -> np.ndarray:
         try:
             return values.reshape((-1, *tail))
         except ValueError as err:
-            raise InvalidInputError(f"input {spec.name!r}: cannot reshape {list(values.shape)} to {list(spec.shape)}") from err
+            raise InvalidInputError(
+                f"input {spec.name!r}: cannot reshape {list(values.shape)} to {list(spec.shape)}"
+            ) from err
     return values

@@ -23,8 +23,11 @@ def tiny_onnx(path: Path) -> Path:
         w = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "W")
         b = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "B")
         graph = helper.make_graph(
-            [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["xwb"]),
-             helper.make_node("Relu", ["xwb"], ["y"])],
+            [
+                helper.make_node("MatMul", ["x", "W"], ["xw"]),
+                helper.make_node("Add", ["xw", "B"], ["xwb"]),
+                helper.make_node("Relu", ["xwb"], ["y"]),
+            ],
             "tiny",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],

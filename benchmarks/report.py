@@ -47,7 +47,8 @@ def _number(value: Any) -> str:
 
 def _comparisons(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| suite | case | baseline | candidate | baseline median (min–max) | candidate median (min–max) | ratio | Δ per call | target | met |",
+        "| suite | case | baseline | candidate | baseline median (min–max) | candidate median (min–max) "
+        "| ratio | Δ per call | target | met |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

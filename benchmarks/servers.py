@@ -7,9 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import requests
 
@@ -49,9 +49,20 @@ def device_server(store: Path, extra: tuple[str, ...] = ()) -> Iterator[tuple[in
     """`python -m arachne_mlflow.server` on a free port; yields (port, process, seconds to ready)."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "arachne_mlflow.server", "--port", str(port), "--model-store", str(store),
-         "--log-level", "warning", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "arachne_mlflow.server",
+            "--port",
+            str(port),
+            "--model-store",
+            str(store),
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         ready = wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", process)
@@ -67,9 +78,24 @@ def mlflow_scoring_server(model_dir: Path) -> Iterator[int]:
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local",
-         "-p", str(port), "-h", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            str(model_dir),
+            "--env-manager",
+            "local",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
     )
     try:
         wait_ready(f"http://127.0.0.1:{port}/ping", process, timeout=180)

@@ -2,8 +2,8 @@
 
 A round times `number` calls of each candidate back to back, rotating the order from one
 round to the next so each candidate runs in each position equally often (a library's worker
-threads still spinning from the call before slow whoever comes next); ratios are taken per round (candidate / baseline) and summarized by their
-median, which is what the targets are stated in.
+threads still spinning from the call before slow whoever comes next); ratios are taken per round
+(candidate / baseline) and summarized by their median, which is what the targets are stated in.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -74,8 +75,15 @@ def compare(baseline: Series, candidate: Series) -> dict[str, float]:
     }
 
 
-def row(suite: str, case: str, baseline: Series, candidate: Series, target: str | None = None,
-        met: bool | None = None, **extra: Any) -> dict[str, Any]:
+def row(
+    suite: str,
+    case: str,
+    baseline: Series,
+    candidate: Series,
+    target: str | None = None,
+    met: bool | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """One result row for the report."""
     return {
         "suite": suite,

@@ -26,16 +26,16 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import tritonclient.http as httpclient  # noqa: E402
-from mlflow.deployments import get_deploy_client  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+import mlflow
+import numpy as np
+import tritonclient.http as httpclient
+from mlflow.deployments import get_deploy_client
+from onnx import TensorProto, helper, numpy_helper
 
-from arachne_mlflow.client import DeviceClient  # noqa: E402
-from arachne_mlflow.flavors import onnx as arachne_onnx  # noqa: E402
-from arachne_mlflow.flavors import tflite as arachne_tflite  # noqa: E402
-from arachne_mlflow.flavors import tvm as arachne_tvm  # noqa: E402
+from arachne_mlflow.client import DeviceClient
+from arachne_mlflow.flavors import onnx as arachne_onnx
+from arachne_mlflow.flavors import tflite as arachne_tflite
+from arachne_mlflow.flavors import tvm as arachne_tvm
 
 PREFIX = "arachne-quickstart"
 RNG = np.random.default_rng(0)
@@ -46,8 +46,11 @@ TOLERANCE = 1e-5  # the three libraries order float operations differently
 
 def build_onnx():
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["xwb"]),
-         helper.make_node("Relu", ["xwb"], ["y"])],
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "B"], ["xwb"]),
+            helper.make_node("Relu", ["xwb"], ["y"]),
+        ],
         "quickstart",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
@@ -76,8 +79,11 @@ def build_tvm(onnx_model):
 def log_and_register(x: np.ndarray) -> dict[str, str]:
     """Log each flavor in one run, register it as `<PREFIX>-<runtime>`, alias `champion`."""
     onnx_model = build_onnx()
-    builders = {"tflite": (arachne_tflite, build_tflite), "onnx": (arachne_onnx, lambda: onnx_model),
-                "tvm": (arachne_tvm, lambda: build_tvm(onnx_model))}
+    builders = {
+        "tflite": (arachne_tflite, build_tflite),
+        "onnx": (arachne_onnx, lambda: onnx_model),
+        "tvm": (arachne_tvm, lambda: build_tvm(onnx_model)),
+    }
     client = mlflow.MlflowClient()
     uris = {}
     mlflow.set_experiment(PREFIX)
@@ -98,8 +104,22 @@ def device_server(token: str):
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="arachne-quickstart-") as store:
         process = subprocess.Popen(
-            [sys.executable, "-m", "arachne_mlflow.server", "--port", str(port), "--model-store", store,
-             "--token", token, "--log-level", "warning", "--graceful-timeout", "1"])
+            [
+                sys.executable,
+                "-m",
+                "arachne_mlflow.server",
+                "--port",
+                str(port),
+                "--model-store",
+                store,
+                "--token",
+                token,
+                "--log-level",
+                "warning",
+                "--graceful-timeout",
+                "1",
+            ]
+        )
         try:
             with DeviceClient("127.0.0.1", port, token=token) as device:
                 deadline = time.monotonic() + 60

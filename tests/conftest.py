@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests import models
+from tests.helpers import models
+from tests.helpers.model_dirs import runtime_details, write_model_dir
 
 
 @pytest.fixture(scope="session")
@@ -129,13 +130,69 @@ def flavor_case(request) -> FlavorCase:
     rng = np.random.default_rng(1)
     if request.param == "tflite":
         path = request.getfixturevalue("tflite_cnn_file")
-        return FlavorCase("tflite", tflite, str(path), {}, {"model_file": str(path)},
-                          rng.standard_normal((2, 8, 8, 3)).astype(np.float32))
+        return FlavorCase(
+            "tflite",
+            tflite,
+            str(path),
+            {},
+            {"model_file": str(path)},
+            rng.standard_normal((2, 8, 8, 3)).astype(np.float32),
+        )
     if request.param == "onnx":
         path = request.getfixturevalue("onnx_dynamic_file")
-        return FlavorCase("onnx", onnx, str(path), {}, {"model_file": str(path)},
-                          rng.standard_normal((3, 4)).astype(np.float32))
+        return FlavorCase(
+            "onnx", onnx, str(path), {}, {"model_file": str(path)}, rng.standard_normal((3, 4)).astype(np.float32)
+        )
     built = request.getfixturevalue("tvm_linear")
     files = {"params_file": str(built["params_file"]), "env_file": str(built["env_file"])}
-    return FlavorCase("tvm", tvm, str(built["model_file"]), files, {"model_file": str(built["model_file"]), **files},
-                      rng.standard_normal((1, 4)).astype(np.float32))
+    return FlavorCase(
+        "tvm",
+        tvm,
+        str(built["model_file"]),
+        files,
+        {"model_file": str(built["model_file"]), **files},
+        rng.standard_normal((1, 4)).astype(np.float32),
+    )
+
+
+@pytest.fixture(scope="session")
+def mlflow_models(
+    tmp_path_factory,
+    onnx_linear_file,
+    onnx_two_io_file,
+    tflite_cnn_file,
+    tflite_two_inputs_file,
+    tvm_linear,
+    tvm_two_io,
+):
+    """Hand-written MLflow model dirs of every test model, by short name (all three runtimes)."""
+    root = tmp_path_factory.mktemp("mlflow-models")
+    return {
+        "onnx_linear": write_model_dir(
+            root / "onnx_linear", "onnx", onnx_linear_file, runtime_details("onnx", onnx_linear_file)
+        ),
+        "onnx_two_io": write_model_dir(
+            root / "onnx_two_io", "onnx", onnx_two_io_file, runtime_details("onnx", onnx_two_io_file)
+        ),
+        "tflite_cnn": write_model_dir(
+            root / "tflite_cnn",
+            "tflite",
+            tflite_cnn_file,
+            runtime_details("tflite", tflite_cnn_file),
+            runtime_options={"num_threads": 1},
+        ),
+        "tflite_two_inputs": write_model_dir(
+            root / "tflite_two_inputs",
+            "tflite",
+            tflite_two_inputs_file,
+            runtime_details("tflite", tflite_two_inputs_file),
+        ),
+        "tvm_linear": write_model_dir(
+            root / "tvm_linear",
+            "tvm",
+            tvm_linear["model_file"],
+            tvm_linear["model_spec"],
+            params_file=tvm_linear["params_file"],
+        ),
+        "tvm_two_io": write_model_dir(root / "tvm_two_io", "tvm", tvm_two_io["model_file"], tvm_two_io["model_spec"]),
+    }

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 
 import numpy as np
@@ -11,7 +9,8 @@ import pytest
 
 from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError, ModelNotFoundError
-from tests.model_dirs import ServerProcess, free_port, mlflow_models  # noqa: F401  (fixture)
+from tests.helpers.servers import ServerProcess, free_port
+from tests.helpers.tls import self_signed_cert
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +34,18 @@ def test_infer_times_out_on_a_server_that_never_answers():
     with socket.create_server(("127.0.0.1", 0)) as silent:
         port = silent.getsockname()[1]
         with DeviceClient("127.0.0.1", port, timeout=0.3) as device:
-            with pytest.raises(DeviceUnreachableError, match=r"127.0.0.1:\d+ is unreachable \(TimeoutError\): timed out"):
+            with pytest.raises(
+                DeviceUnreachableError, match=r"127.0.0.1:\d+ is unreachable \(TimeoutError\): timed out"
+            ):
                 device.infer("tiny", {"x": np.ones((1, 16), np.float32)})
             assert not device._transport._idle
 
 
-def test_client_api(server, mlflow_models, capsys):  # noqa: F811
+def test_client_api(server, mlflow_models, capsys):
     with DeviceClient("127.0.0.1", server.port) as device:
-        assert device.upload_model("two", mlflow_models["tflite_two_inputs"], info={"run_id": "abc"}, progress=True)
+        assert device.upload_model(
+            "two", mlflow_models["tflite_two_inputs"], provenance={"run_id": "abc"}, progress=True
+        )
         assert "upload two" in capsys.readouterr().err
         assert device.model_ready("two") and not device.model_ready("absent")
         meta = device.model_metadata("two")["inputs"]
@@ -62,9 +65,9 @@ def test_client_api(server, mlflow_models, capsys):  # noqa: F811
         with pytest.raises(ModelNotFoundError, match="no model 'absent'"):
             device.infer("absent", [a])
         device.unload_model("two")
-        assert device.model_info("two")["state"] == "UNAVAILABLE"
+        assert device.model_record("two")["state"] == "UNAVAILABLE"
         device.load_model("two")
-        assert device.model_info("two") | {"state": "READY"} == device.model_info("two")
+        assert device.model_record("two") | {"state": "READY"} == device.model_record("two")
         device.delete_model("two")
         with pytest.raises(ModelNotFoundError):
             device.delete_model("two")
@@ -73,37 +76,14 @@ def test_client_api(server, mlflow_models, capsys):  # noqa: F811
                 device.upload_model(bad, mlflow_models["onnx_linear"])
 
 
-def _self_signed(directory):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "arachne-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert_file, key_file
-
-
-def test_tls_with_a_certificate_the_client_verifies(tmp_path, mlflow_models):  # noqa: F811
-    cert, key = _self_signed(tmp_path)
-    secured = ServerProcess(tmp_path / "store", token="t", ca_cert=str(cert),
-                            extra_args=["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]).start()
+def test_tls_with_a_certificate_the_client_verifies(tmp_path, mlflow_models):
+    cert, key = self_signed_cert(tmp_path)
+    secured = ServerProcess(
+        tmp_path / "store",
+        token="t",
+        ca_cert=str(cert),
+        extra_args=["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)],
+    ).start()
     try:
         with DeviceClient("127.0.0.1", secured.port, token="t", tls=True, ca_cert=cert) as device:
             assert device.upload_model("linear", mlflow_models["onnx_linear"])
@@ -115,7 +95,7 @@ def test_tls_with_a_certificate_the_client_verifies(tmp_path, mlflow_models):  #
         secured.stop()
 
 
-def test_infer_survives_a_closed_keep_alive_connection_and_large_tensors(server, mlflow_models):  # noqa: F811
+def test_infer_survives_a_closed_keep_alive_connection_and_large_tensors(server, mlflow_models):
     """The pooled infer connections: a connection the server closed is replaced, and a
     multi-megabyte body goes out in pieces yet arrives whole."""
     with DeviceClient("127.0.0.1", server.port) as device:

@@ -10,11 +10,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from arachne_mlflow import codec
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.protocol import codec, datatypes
 
-NUMERIC = ["bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
-           "float16", "float32", "float64"]
+NUMERIC = [
+    "bool",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "float16",
+    "float32",
+    "float64",
+]
 
 
 def _round_trip(arrays, binary):
@@ -30,7 +42,7 @@ def test_every_datatype_round_trips(dtype, binary):
     got = _round_trip({"t": array}, binary).inputs["t"]
     assert got.dtype == array.dtype
     np.testing.assert_equal(got, array)
-    assert codec.from_datatype(codec.to_datatype(dtype)) == np.dtype(dtype)
+    assert datatypes.from_datatype(datatypes.to_datatype(dtype)) == np.dtype(dtype)
 
 
 def test_binary_inputs_are_views_on_the_body():
@@ -112,34 +124,46 @@ def _entry(**kw):
     return {"name": "x", "datatype": "FP32", "shape": [2], **kw}
 
 
-@pytest.mark.parametrize("header, blob, match", [
-    ({"inputs": [_entry(data=[1.0])]}, b"", "needs 2 elements"),
-    ({"inputs": [_entry(data=[1.0, "2"])]}, b"", "not FP32"),
-    ({"inputs": [_entry(data=[True, False])]}, b"", "not FP32"),
-    ({"inputs": [_entry(shape=[2, -1], data=[])]}, b"", "non-negative"),
-    ({"inputs": [_entry(shape=[1 << 30, 1 << 30], parameters={"binary_data_size": 8})]}, b"\0" * 8, "more than"),
-    ({"inputs": [_entry(parameters={"binary_data_size": 4})]}, b"\0" * 4, "needs 8 bytes"),
-    ({"inputs": [_entry(parameters={"binary_data_size": 16})]}, b"\0" * 8, "runs past"),
-    ({"inputs": [_entry(parameters={"binary_data_size": 8})]}, b"\0" * 12, "not claimed"),
-    ({"inputs": [_entry(data=[1, 2]), _entry(data=[1, 2])]}, b"", "appears twice"),
-    ({"inputs": [_entry(datatype="FP8", data=[1, 2])]}, b"", "unknown datatype"),
-    ({"inputs": [_entry(datatype="INT8", data=[1, 300])]}, b"", "does not fit"),
-    ({"inputs": [_entry(datatype="BYTES", shape=[1 << 28], parameters={"binary_data_size": 4})]}, b"\0" * 4,
-     "cannot hold"),
-    ({"inputs": {"x": 1}}, b"", "must be a list"),
-    ({"inputs": [_entry(data=[1, 2])], "outputs": [{"name": "y", "parameters": [1]}]}, b"", "must be an object"),
-    ({"inputs": [_entry()]}, b"", "needs 'data'"),
-])
+@pytest.mark.parametrize(
+    "header, blob, match",
+    [
+        ({"inputs": [_entry(data=[1.0])]}, b"", "needs 2 elements"),
+        ({"inputs": [_entry(data=[1.0, "2"])]}, b"", "not FP32"),
+        ({"inputs": [_entry(data=[True, False])]}, b"", "not FP32"),
+        ({"inputs": [_entry(shape=[2, -1], data=[])]}, b"", "non-negative"),
+        ({"inputs": [_entry(shape=[1 << 30, 1 << 30], parameters={"binary_data_size": 8})]}, b"\0" * 8, "more than"),
+        ({"inputs": [_entry(parameters={"binary_data_size": 4})]}, b"\0" * 4, "needs 8 bytes"),
+        ({"inputs": [_entry(parameters={"binary_data_size": 16})]}, b"\0" * 8, "runs past"),
+        ({"inputs": [_entry(parameters={"binary_data_size": 8})]}, b"\0" * 12, "not claimed"),
+        ({"inputs": [_entry(data=[1, 2]), _entry(data=[1, 2])]}, b"", "appears twice"),
+        ({"inputs": [_entry(datatype="FP8", data=[1, 2])]}, b"", "unknown datatype"),
+        ({"inputs": [_entry(datatype="INT8", data=[1, 300])]}, b"", "does not fit"),
+        (
+            {"inputs": [_entry(datatype="BYTES", shape=[1 << 28], parameters={"binary_data_size": 4})]},
+            b"\0" * 4,
+            "cannot hold",
+        ),
+        ({"inputs": {"x": 1}}, b"", "must be a list"),
+        ({"inputs": [_entry(data=[1, 2])], "outputs": [{"name": "y", "parameters": [1]}]}, b"", "must be an object"),
+        ({"inputs": [_entry()]}, b"", "needs 'data'"),
+    ],
+)
 def test_inconsistent_messages_are_refused(header, blob, match):
     head = json.dumps(header).encode()
     with pytest.raises(InvalidInputError, match=match):
         codec.decode_request(head + blob, str(len(head)))
 
 
-@pytest.mark.parametrize("body, length, match", [
-    (b"{", None, "not valid JSON"), (b"[1]", None, "JSON object"), (b"{}", "3", "outside the body"),
-    (b"{}", "-1", "outside the body"), (b"{}", "x", "not a number"),
-])
+@pytest.mark.parametrize(
+    "body, length, match",
+    [
+        (b"{", None, "not valid JSON"),
+        (b"[1]", None, "JSON object"),
+        (b"{}", "3", "outside the body"),
+        (b"{}", "-1", "outside the body"),
+        (b"{}", "x", "not a number"),
+    ],
+)
 def test_message_framing_is_checked(body, length, match):
     with pytest.raises(InvalidInputError, match=match):
         codec.split_message(body, length)
@@ -147,8 +171,13 @@ def test_message_framing_is_checked(body, length, match):
 
 @pytest.mark.parametrize("depth", [5_000, 100_000])
 def test_deeply_nested_data_is_refused(depth):
-    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ' + b"[" * depth + b"1" + \
-        b"]" * depth + b"}]}"
+    body = (
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": '
+        + b"[" * depth
+        + b"1"
+        + b"]" * depth
+        + b"}]}"
+    )
     with pytest.raises(InvalidInputError):
         codec.decode_request(body, None)
 
@@ -160,8 +189,10 @@ def test_nan_and_inf_pass_through_json():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    array=hnp.arrays(st.sampled_from([np.float32, np.int64, np.uint8, np.float16, np.bool_]),
-                     hnp.array_shapes(min_dims=0, max_dims=4, max_side=5)),
+    array=hnp.arrays(
+        st.sampled_from([np.float32, np.int64, np.uint8, np.float16, np.bool_]),
+        hnp.array_shapes(min_dims=0, max_dims=4, max_side=5),
+    ),
     binary=st.booleans(),
 )
 def test_any_array_round_trips_exactly(array, binary):

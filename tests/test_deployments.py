@@ -29,9 +29,10 @@ from arachne_mlflow.deployments.targets import Device, parse_devices
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.flavors import onnx as arachne_onnx
 from arachne_mlflow.flavors import tflite as arachne_tflite
-from tests import models
-from tests.model_dirs import ServerProcess, free_port, write_model_dir
-from tests.test_client import _self_signed
+from tests.helpers import models
+from tests.helpers.model_dirs import write_model_dir
+from tests.helpers.servers import ServerProcess, free_port
+from tests.helpers.tls import self_signed_cert
 
 TOKEN = "deploy-token"
 X = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
@@ -71,8 +72,15 @@ def registry(mlflow_store, tflite_two_inputs_file):
     client.set_registered_model_alias("dep-linear", "champion", v1.registered_model_version)
     two = arachne_tflite.log_model(str(tflite_two_inputs_file), name="two", registered_model_name="dep-two")
     plain = mlflow.onnx.log_model(models.onnx_linear(1), name="plain")
-    return {"run_id": run.info.run_id, "v1": v1, "v2": v2, "two": two, "plain": plain,
-            "out1": _expected(_scaled_linear(1.0)), "out2": _expected(_scaled_linear(-2.0))}
+    return {
+        "run_id": run.info.run_id,
+        "v1": v1,
+        "v2": v2,
+        "two": two,
+        "plain": plain,
+        "out1": _expected(_scaled_linear(1.0)),
+        "out2": _expected(_scaled_linear(-2.0)),
+    }
 
 
 @pytest.fixture
@@ -103,7 +111,10 @@ def test_target_uris(monkeypatch):
     assert parse_devices("arachne-jetson") == [Device("jetson-1", 6000)]
     assert parse_devices("arachne-jetson://j1:5052") == parse_devices("arachne-jetson:/j1:5052") == [Device("j1", 5052)]
     assert parse_devices("arachne-jetson://j1:5052,j2,[::1]:7000") == [
-        Device("j1", 5052), Device("j2", 5051), Device("::1", 7000)]
+        Device("j1", 5052),
+        Device("j2", 5051),
+        Device("::1", 7000),
+    ]
     for bad in ("arachne-jetson://j1:99999", "arachne-jetson://a b", "other://j1"):
         with pytest.raises(InvalidInputError):
             parse_devices(bad)
@@ -118,8 +129,9 @@ def test_cli_help_explains_uris_and_config():
 # -- the CLI, every sub-command -----------------------------------------------------------------
 def test_cli_every_command(servers, registry, token_env, tmp_path, monkeypatch):
     target = _target(servers[0])
-    out = _cli("create", "-t", target, "--name", "cli-linear", "-m", "models:/dep-linear@champion",
-               "-C", f"token={TOKEN}")
+    out = _cli(
+        "create", "-t", target, "--name", "cli-linear", "-m", "models:/dep-linear@champion", "-C", f"token={TOKEN}"
+    )
     assert "arachne deployment cli-linear is created" in out
 
     listed = _cli("list", "-t", target)
@@ -135,26 +147,69 @@ def test_cli_every_command(servers, registry, token_env, tmp_path, monkeypatch):
     printed = _cli("predict", "-t", target, "--name", "cli-linear", "--input-path", tmp_path / "in.json")
     np.testing.assert_allclose(json.loads(printed)["predictions"], registry["out1"], rtol=1e-6)
 
-    result = CliRunner().invoke(commands, ["update", "-t", target, "--name", "cli-linear", "-m", "models:/dep-linear/2",
-                                           "-C", f"token={TOKEN}", "-C", "progress=true"])
+    result = CliRunner().invoke(
+        commands,
+        [
+            "update",
+            "-t",
+            target,
+            "--name",
+            "cli-linear",
+            "-m",
+            "models:/dep-linear/2",
+            "-C",
+            f"token={TOKEN}",
+            "-C",
+            "progress=true",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "Deployment cli-linear is updated (with flavor arachne)" in result.stdout
     assert "upload cli-linear" in result.stderr  # the progress bar
-    _cli("predict", "-t", target, "--name", "cli-linear", "--input-path", tmp_path / "in.json",
-         "-O", tmp_path / "out.json")
+    _cli(
+        "predict",
+        "-t",
+        target,
+        "--name",
+        "cli-linear",
+        "--input-path",
+        tmp_path / "in.json",
+        "-O",
+        tmp_path / "out.json",
+    )
     predictions = json.loads((tmp_path / "out.json").read_text())["predictions"]
     np.testing.assert_allclose(predictions, registry["out2"], rtol=1e-6)
 
     assert "Deployment cli-linear is deleted" in _cli("delete", "-t", target, "--name", "cli-linear")
     assert "cli-linear" not in _cli("list", "-t", target)
+    # idempotent, as MLflow's BaseDeploymentClient contract asks
+    assert "Deployment cli-linear is deleted" in _cli("delete", "-t", target, "--name", "cli-linear")
 
 
 def test_cli_run_local(registry, mlflow_store, tmp_path):
     """`mlflow deployments run-local` as a real process: a device server in the foreground with the model."""
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "deployments", "run-local", "-t", "arachne-jetson", "--name", "local",
-               "-m", "models:/dep-linear/1", "-C", f"port={port}", "-C", f"model_store={tmp_path / 'store'}",
-               "-C", f"token={TOKEN}", "-C", "log_level=warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "deployments",
+        "run-local",
+        "-t",
+        "arachne-jetson",
+        "--name",
+        "local",
+        "-m",
+        "models:/dep-linear/1",
+        "-C",
+        f"port={port}",
+        "-C",
+        f"model_store={tmp_path / 'store'}",
+        "-C",
+        f"token={TOKEN}",
+        "-C",
+        "log_level=warning",
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "TF_CPP_MIN_LOG_LEVEL": "3"}
     with open(tmp_path / "run-local.log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -169,7 +224,7 @@ def test_cli_run_local(registry, mlflow_store, tmp_path):
                     except Exception:  # noqa: BLE001  (not listening yet)
                         time.sleep(0.2)
                 np.testing.assert_allclose(device.infer("local", {"x": X})["y"], registry["out1"], rtol=1e-6)
-                assert device.model_info("local")["info"]["registered_model"] == "dep-linear"
+                assert device.model_record("local")["provenance"]["registered_model"] == "dep-linear"
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -286,16 +341,20 @@ def test_registry_uris(servers, registry, token_env, tmp_path):
     assert details[2]["model_id"] == registry["v1"].model_id and "registered_model" not in details[2]
     assert details[3]["model_uri"] == local
     with _device(servers[0]) as device:
-        stored = device.model_info("uri-0")
-        assert stored["info"]["model_uri"] == "models:/dep-linear@champion"
+        stored = device.model_record("uri-0")
+        assert stored["provenance"]["model_uri"] == "models:/dep-linear@champion"
     for i in range(4):
         client.delete_deployment(f"uri-{i}")
 
 
 def test_https_from_config_and_environment(registry, tmp_path, monkeypatch):
-    cert, key = _self_signed(tmp_path)
-    secured = ServerProcess(tmp_path / "store", token=TOKEN, ca_cert=str(cert),
-                            extra_args=["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]).start()
+    cert, key = self_signed_cert(tmp_path)
+    secured = ServerProcess(
+        tmp_path / "store",
+        token=TOKEN,
+        ca_cert=str(cert),
+        extra_args=["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)],
+    ).start()
     try:
         client = get_deploy_client(_target(secured))
         config = {"token": TOKEN, "tls": "true", "ca_cert": str(cert)}
@@ -322,18 +381,24 @@ def test_refuses_model_without_arachne_flavor(servers, registry, token_env):
     assert client.list_deployments() == []
 
 
-def test_refuses_device_that_cannot_run_the_model(servers, registry, token_env, tmp_path, onnx_linear_file,
-                                                   tvm_linear):
+def test_refuses_device_that_cannot_run_the_model(servers, registry, token_env, tmp_path, onnx_linear_file, tvm_linear):
     """Checked before anything is pushed: the runtime, and for TVM the CPU architecture and device."""
     client = get_deploy_client(_target(servers[0]))
     unknown = write_model_dir(tmp_path / "unknown", "no-such-runtime", onnx_linear_file, tvm_linear["model_spec"])
     with pytest.raises(MlflowException, match="has no 'no-such-runtime' runtime"):
         client.create_deployment("cannot", str(unknown))
     other_arch = "x86_64" if platform.machine() == "aarch64" else "aarch64"
-    for key, value, message in (("arch", other_arch, f"TVM model was compiled for {other_arch}"),
-                                ("device", "metal", "has no TVM device 'metal' \\(it has \\['cpu'")):
-        model_dir = write_model_dir(tmp_path / key, "tvm", tvm_linear["model_file"], tvm_linear["model_spec"],
-                                    params_file=tvm_linear["params_file"])
+    for key, value, message in (
+        ("arch", other_arch, f"TVM model was compiled for {other_arch}"),
+        ("device", "metal", "has no TVM device 'metal' \\(it has \\['cpu'"),
+    ):
+        model_dir = write_model_dir(
+            tmp_path / key,
+            "tvm",
+            tvm_linear["model_file"],
+            tvm_linear["model_spec"],
+            params_file=tvm_linear["params_file"],
+        )
         mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
         mlmodel["flavors"]["arachne"]["tvm"][key] = value
         (model_dir / "MLmodel").write_text(yaml.safe_dump(mlmodel))

@@ -17,8 +17,8 @@ from arachne_mlflow.flavors import onnx as arachne_onnx
 from arachne_mlflow.flavors import tflite as arachne_tflite
 from arachne_mlflow.flavors import tvm as arachne_tvm
 from arachne_mlflow.flavors.legacy import save_legacy_model, split_dependencies
-from arachne_mlflow.model_dir import read_model_dir
-from tests import models
+from arachne_mlflow.model.directory import read_model_dir
+from tests.helpers import models
 
 X = np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4)
 
@@ -77,7 +77,9 @@ def test_onnx_runtime_options_are_stored_and_used(onnx_linear_file, tmp_path):
 
 # -- TFLite -------------------------------------------------------------------------------
 def test_tflite_bytes_with_interpreter_options(tflite_two_inputs_file, tmp_path):
-    arachne_tflite.save_model(tflite_two_inputs_file.read_bytes(), tmp_path / "model", runtime_options={"num_threads": 1})
+    arachne_tflite.save_model(
+        tflite_two_inputs_file.read_bytes(), tmp_path / "model", runtime_options={"num_threads": 1}
+    )
     assert read_model_dir(tmp_path / "model").runtime_options == {"num_threads": 1}
     mlmodel = Model.load(tmp_path / "model")
     assert len(mlmodel.signature.inputs.inputs) == 2 and len(mlmodel.signature.outputs.inputs) == 2
@@ -95,7 +97,7 @@ def relax_linear():
     mod = from_onnx(models.onnx_linear(1), keep_params_in_input=True)
     mod, params = relax.frontend.detach_params(mod)
     func = mod["main"]
-    names = [p.name for p in func.params[int(func.attrs["num_input"]):]]
+    names = [p.name for p in func.params[int(func.attrs["num_input"]) :]]
     return mod, {name: value.numpy() for name, value in zip(names, params["main"])}
 
 
@@ -105,8 +107,10 @@ def test_tvm_irmodule_compiled_here_with_spec_from_relax(relax_linear, onnx_line
     model = read_model_dir(tmp_path / "model")
     assert model.tvm["device"] == "cpu" and model.tvm["params_file"] == "params.bin"
     assert '"kind":"llvm"' in model.tvm["target"] and model.tvm["arch"]
-    assert model.model_spec == {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
-                                "outputs": [{"name": "output_0", "dtype": "float32", "shape": [1, 3]}]}
+    assert model.model_spec == {
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
+        "outputs": [{"name": "output_0", "dtype": "float32", "shape": [1, 3]}],
+    }
     prediction = mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(X)
     np.testing.assert_allclose(prediction, _expected(onnx_linear_file), rtol=1e-5, atol=1e-6)
     with pytest.raises(InvalidInputError, match=r"takes weights \['W', 'B'\]: pass params="):
@@ -115,12 +119,20 @@ def test_tvm_irmodule_compiled_here_with_spec_from_relax(relax_linear, onnx_line
 
 def test_tvm_library_needs_a_spec_and_a_given_one_is_checked(tvm_linear, tmp_path):
     with pytest.raises(InvalidInputError, match="a TVM library carries no tensor spec"):
-        arachne_tvm.save_model(str(tvm_linear["model_file"]), tmp_path / "model", params_file=str(tvm_linear["params_file"]))
-    spec = {"inputs": [*tvm_linear["model_spec"]["inputs"], {"name": "z", "dtype": "float32", "shape": [1]}],
-            "outputs": tvm_linear["model_spec"]["outputs"]}
+        arachne_tvm.save_model(
+            str(tvm_linear["model_file"]), tmp_path / "model", params_file=str(tvm_linear["params_file"])
+        )
+    spec = {
+        "inputs": [*tvm_linear["model_spec"]["inputs"], {"name": "z", "dtype": "float32", "shape": [1]}],
+        "outputs": tvm_linear["model_spec"]["outputs"],
+    }
     with pytest.raises(InvalidInputError, match="model_spec lists 2 inputs"):
-        arachne_tvm.save_model(str(tvm_linear["model_file"]), tmp_path / "model", params_file=str(tvm_linear["params_file"]),
-                               model_spec=spec)
+        arachne_tvm.save_model(
+            str(tvm_linear["model_file"]),
+            tmp_path / "model",
+            params_file=str(tvm_linear["params_file"]),
+            model_spec=spec,
+        )
 
 
 def test_tvm_executable_tar_and_cuda_device(tvm_two_io, tmp_path):
@@ -130,20 +142,28 @@ def test_tvm_executable_tar_and_cuda_device(tvm_two_io, tmp_path):
     result = mlflow.pyfunc.load_model(str(tmp_path / "tar")).predict({"a": a, "b": b})
     np.testing.assert_allclose(result["sum"], a + b)
     # a model for a device this machine lacks saves (its spec was given) but refuses to load, saying why
-    arachne_tvm.save_model(str(tvm_two_io["model_file"]), tmp_path / "cuda", model_spec=tvm_two_io["model_spec"],
-                           tvm_device="cuda")
+    arachne_tvm.save_model(
+        str(tvm_two_io["model_file"]), tmp_path / "cuda", model_spec=tvm_two_io["model_spec"], tvm_device="cuda"
+    )
     with pytest.raises(IncompatibleModelError, match="needs TVM device 'cuda'"):
         arachne_tvm.load_model(str(tmp_path / "cuda"))
-    arachne_tvm.save_model(str(tvm_two_io["model_file"]), tmp_path / "arm", model_spec=tvm_two_io["model_spec"],
-                           arch="aarch64", target="llvm -mtriple=aarch64-linux-gnu")
+    arachne_tvm.save_model(
+        str(tvm_two_io["model_file"]),
+        tmp_path / "arm",
+        model_spec=tvm_two_io["model_spec"],
+        arch="aarch64",
+        target="llvm -mtriple=aarch64-linux-gnu",
+    )
     with pytest.raises(IncompatibleModelError, match="compiled by TVM for aarch64"):
         mlflow.pyfunc.load_model(str(tmp_path / "arm"))
 
 
 # -- legacy -------------------------------------------------------------------------------
 ENV = {
-    "model_spec": {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
-                   "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 3]}]},
+    "model_spec": {
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 3]}],
+    },
     "dependencies": [{"pip": [{"onnx": "1.10.0"}, {"onnxruntime": "1.9.0"}, {"pillow": "9.0.0"}]}, {"cuda": "11.1"}],
 }
 
@@ -166,20 +186,48 @@ def test_legacy_package_tar_becomes_an_mlflow_model(onnx_linear_file, tmp_path):
 
 
 def test_legacy_tvm_model_file_and_env_yaml(tvm_linear, tmp_path):
-    save_legacy_model(tmp_path / "model", model_file=str(tvm_linear["model_file"]), env_file=str(tvm_linear["env_file"]),
-                      params_file=str(tvm_linear["params_file"]))
+    save_legacy_model(
+        tmp_path / "model",
+        model_file=str(tvm_linear["model_file"]),
+        env_file=str(tvm_linear["env_file"]),
+        params_file=str(tvm_linear["params_file"]),
+    )
     model = read_model_dir(tmp_path / "model")
     assert (model.runtime, model.tvm["device"], model.model_spec) == ("tvm", "cpu", tvm_linear["model_spec"])
 
 
 def test_cli_import_legacy_saves_and_logs(mlflow_store, onnx_linear_file, tmp_path, capsys, monkeypatch):
     (tmp_path / "env.yaml").write_text(yaml.safe_dump(ENV))
-    assert cli_main(["import-legacy", "--model-file", str(onnx_linear_file), "--env-file", str(tmp_path / "env.yaml"),
-                     "--output", str(tmp_path / "model")]) == 0
+    assert (
+        cli_main(
+            [
+                "import-legacy",
+                "--model-file",
+                str(onnx_linear_file),
+                "--env-file",
+                str(tmp_path / "env.yaml"),
+                "--output",
+                str(tmp_path / "model"),
+            ]
+        )
+        == 0
+    )
     assert read_model_dir(tmp_path / "model").runtime == "onnx"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-    assert cli_main(["import-legacy", "--model-file", str(onnx_linear_file), "--name", "legacy",
-                     "--registered-model-name", "legacy-cli"]) == 0
+    assert (
+        cli_main(
+            [
+                "import-legacy",
+                "--model-file",
+                str(onnx_linear_file),
+                "--name",
+                "legacy",
+                "--registered-model-name",
+                "legacy-cli",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.split()
     assert lines[-1] == "models:/legacy-cli/1" and lines[-2].startswith("models:/m-")
     np.testing.assert_equal(mlflow.pyfunc.load_model("models:/legacy-cli/1").predict(X), _expected(onnx_linear_file))
@@ -207,5 +255,6 @@ def test_legacy_tvm_graph_executor_package_is_refused(tmp_path):
 
 def test_tvm_unknown_device_name(tvm_two_io, tmp_path):
     with pytest.raises(InvalidInputError, match="unknown tvm_device 'tpu9'"):
-        arachne_tvm.save_model(str(tvm_two_io["model_file"]), tmp_path / "model", model_spec=tvm_two_io["model_spec"],
-                               tvm_device="tpu9")
+        arachne_tvm.save_model(
+            str(tvm_two_io["model_file"]), tmp_path / "model", model_spec=tvm_two_io["model_spec"], tvm_device="tpu9"
+        )

@@ -16,7 +16,7 @@ from mlflow.types import Schema, TensorSpec
 from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
 from arachne_mlflow.flavors import onnx as arachne_onnx
 from arachne_mlflow.flavors import tflite as arachne_tflite
-from arachne_mlflow.model_dir import read_model_dir
+from arachne_mlflow.model.directory import read_model_dir
 
 
 def _signature(inputs, outputs=()):
@@ -41,7 +41,9 @@ def test_save_load_round_trip(flavor_case, tmp_path):
         assert loaded.get_output_details() == direct.get_output_details()
         np.testing.assert_equal(loaded.infer([flavor_case.example]), direct.infer([flavor_case.example]))
         inferred = mlmodel.signature.inputs.inputs[0]
-        assert (inferred.name, inferred.type.name, list(inferred.shape)) == tuple(direct.get_input_details()[0].values())
+        assert (inferred.name, inferred.type.name, list(inferred.shape)) == tuple(
+            direct.get_input_details()[0].values()
+        )
 
 
 @pytest.mark.parametrize("with_signature", [True, False])
@@ -50,8 +52,9 @@ def test_signature_and_input_example_matrix(onnx_dynamic_file, tmp_path, with_si
     example = np.arange(8, dtype=np.float32).reshape(2, 4)
     signature = _signature([("x", "float32", (2, 4))], [("y", "float32", (-1, 3))]) if with_signature else None
     path = tmp_path / "model"
-    arachne_onnx.save_model(str(onnx_dynamic_file), path, signature=signature,
-                            input_example=example if with_example else None)
+    arachne_onnx.save_model(
+        str(onnx_dynamic_file), path, signature=signature, input_example=example if with_example else None
+    )
     mlmodel = Model.load(path)
     assert mlmodel.signature == (signature or LINEAR_SIGNATURE)
     if with_example:
@@ -126,7 +129,11 @@ def test_requirements_defaults_lists_files_constraints_and_extras(onnx_linear_fi
 
 
 def test_conda_env_as_dict_and_file(onnx_linear_file, tmp_path):
-    conda_env = {"name": "env", "channels": ["conda-forge"], "dependencies": ["python=3.11", {"pip": ["onnxruntime", "six"]}]}
+    conda_env = {
+        "name": "env",
+        "channels": ["conda-forge"],
+        "dependencies": ["python=3.11", {"pip": ["onnxruntime", "six"]}],
+    }
     pip = [f"mlflow=={mlflow.__version__}", "onnxruntime", "six"]  # MLflow adds its own pin
     written = {**conda_env, "dependencies": ["python=3.11", {"pip": pip}]}
     arachne_onnx.save_model(str(onnx_linear_file), tmp_path / "dict", conda_env=conda_env)
@@ -191,7 +198,9 @@ def test_log_model_registers_a_version(mlflow_store, tflite_cnn_file):
 
 def test_loading_with_the_wrong_flavor_names_the_right_one(onnx_linear_file, tmp_path):
     arachne_onnx.save_model(str(onnx_linear_file), tmp_path / "model")
-    with pytest.raises(InvalidInputError, match=r"is a 'onnx' model: load it with arachne_mlflow.flavors.onnx.load_model"):
+    with pytest.raises(
+        InvalidInputError, match=r"is a 'onnx' model: load it with arachne_mlflow.flavors.onnx.load_model"
+    ):
         arachne_tflite.load_model(str(tmp_path / "model"))
 
 
@@ -199,5 +208,8 @@ def test_runtime_init_loads_a_saved_model_dir(flavor_case, tmp_path):
     from arachne_mlflow import runtime as arachne_runtime
 
     flavor_case.flavor.save_model(flavor_case.model, tmp_path / "model", **flavor_case.kwargs)
-    with arachne_runtime.init(flavor_case.name, model_dir=str(tmp_path / "model")) as module, flavor_case.direct() as direct:
+    with (
+        arachne_runtime.init(flavor_case.name, model_dir=str(tmp_path / "model")) as module,
+        flavor_case.direct() as direct,
+    ):
         np.testing.assert_equal(module.infer([flavor_case.example]), direct.infer([flavor_case.example]))

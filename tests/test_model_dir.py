@@ -11,7 +11,7 @@ import yaml
 
 from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError, ModelNotFoundError
-from arachne_mlflow.model_dir import read_model_dir
+from arachne_mlflow.model.directory import read_model_dir
 
 
 def _write_mlmodel(directory, arachne, signature=None, flavors_extra=None):
@@ -36,11 +36,13 @@ def test_reads_tvm_model_and_loads_it(tmp_path, tvm_linear, rng):
         {"inputs": [_tensor("x", [1, 4])], "outputs": [_tensor("y", [1, 3])]},
     )
     model = read_model_dir(tmp_path)
-    assert model.model_spec == {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
-                                "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 3]}]}
+    assert model.model_spec == {
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 3]}],
+    }
     assert model.files() == ["MLmodel", "model.so", "params.bin", "requirements.txt"]
     x = rng.standard_normal((1, 4)).astype(np.float32)
-    with model.load() as m, arachne_runtime.init("tvm", model_dir=str(tmp_path)) as same:
+    with arachne_runtime.load(model) as m, arachne_runtime.init("tvm", model_dir=str(tmp_path)) as same:
         np.testing.assert_equal(m.infer([x])[0], same.infer([x])[0])
 
 
@@ -48,7 +50,7 @@ def test_tvm_for_another_arch_is_refused(tmp_path, tvm_linear):
     shutil.copy(tvm_linear["model_file"], tmp_path / "model.so")
     _write_mlmodel(tmp_path, {"runtime": "tvm", "model_file": "model.so", "tvm": {"arch": "riscv64", "target": "llvm"}})
     with pytest.raises(IncompatibleModelError, match="compiled by TVM for riscv64"):
-        read_model_dir(tmp_path).load()
+        arachne_runtime.load(read_model_dir(tmp_path))
 
 
 def test_errors_name_the_problem(tmp_path, onnx_linear_file):
@@ -58,7 +60,9 @@ def test_errors_name_the_problem(tmp_path, onnx_linear_file):
     with pytest.raises(InvalidInputError, match="leaves the model directory"):
         read_model_dir(tmp_path)
     (tmp_path / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": {}, "sklearn": {}}}))
-    with pytest.raises(InvalidInputError, match=r"no 'arachne' flavor \(its flavors: \['python_function', 'sklearn'\]\)"):
+    with pytest.raises(
+        InvalidInputError, match=r"no 'arachne' flavor \(its flavors: \['python_function', 'sklearn'\]\)"
+    ):
         read_model_dir(tmp_path)
     _write_mlmodel(tmp_path, {"runtime": "onnx", "model_file": "model.onnx"})
     with pytest.raises(ModelNotFoundError, match="'model.onnx' named in"):
@@ -68,18 +72,24 @@ def test_errors_name_the_problem(tmp_path, onnx_linear_file):
         arachne_runtime.init("tflite", model_dir=str(tmp_path))
 
 
-@pytest.mark.parametrize("mlmodel, match", [
-    (b"\xff\xfe\x00 not text", "not valid YAML"),
-    (b"flavors:\n  arachne: [1, 2]\n", "must be a mapping"),
-    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, runtime_options: fast}\n", "runtime_options"),
-    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, tvm: 5}\n", "'arachne.tvm'"),
-    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, extra_files: 5}\n", "extra_files"),
-    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, extra_files: [5]}\n", "not a string"),
-    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx}\nsignature: {inputs: '{not json'}\n", "signature"),
-    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx}\nsignature: {inputs: '[1]'}\n", "signature"),
-    (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx}\nsignature: {inputs: '[{\"type\": \"tensor\"}]'}\n",
-     "signature"),
-])
+@pytest.mark.parametrize(
+    "mlmodel, match",
+    [
+        (b"\xff\xfe\x00 not text", "not valid YAML"),
+        (b"flavors:\n  arachne: [1, 2]\n", "must be a mapping"),
+        (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, runtime_options: fast}\n", "runtime_options"),
+        (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, tvm: 5}\n", "'arachne.tvm'"),
+        (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, extra_files: 5}\n", "extra_files"),
+        (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx, extra_files: [5]}\n", "not a string"),
+        (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx}\nsignature: {inputs: '{not json'}\n", "signature"),
+        (b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx}\nsignature: {inputs: '[1]'}\n", "signature"),
+        (
+            b"flavors:\n  arachne: {runtime: onnx, model_file: m.onnx}\n"
+            b'signature: {inputs: \'[{"type": "tensor"}]\'}\n',
+            "signature",
+        ),
+    ],
+)
 def test_malformed_mlmodel_is_invalid_input(tmp_path, mlmodel, match):
     """A hostile upload's MLmodel must give a clear InvalidInputError (HTTP 400), never a crash (500)."""
     (tmp_path / "m.onnx").write_bytes(b"x")

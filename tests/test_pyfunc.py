@@ -72,7 +72,9 @@ def test_dataframe_columns_feed_named_inputs(saved, tflite_two_inputs_file, rng)
 
 def test_bad_inputs_say_what_the_model_takes(saved):
     model = _load_pyfunc(str(saved / "two_io"))
-    with pytest.raises(InvalidInputError, match=r"an ndarray can only feed a single-input model; this one takes \['a', 'b'\]"):
+    with pytest.raises(
+        InvalidInputError, match=r"an ndarray can only feed a single-input model; this one takes \['a', 'b'\]"
+    ):
         model.predict(np.ones((1, 4), np.float32))
     with pytest.raises(InvalidInputError, match=r"missing input 'b'"):
         model.predict({"a": np.ones((1, 4), np.float32)})
@@ -90,8 +92,9 @@ def test_a_larger_batch_runs_in_chunks_of_the_fixed_batch(saved, onnx_linear_fil
 
 def test_chunking_through_mlflow_with_a_batch_free_signature(onnx_linear_file, tmp_path, rng):
     """A signature may free the fixed batch dimension (-1): MLflow then lets any batch through."""
-    signature = ModelSignature(Schema([TensorSpec(np.dtype("float32"), (-1, 4), "x")]),
-                               Schema([TensorSpec(np.dtype("float32"), (-1, 3), "y")]))
+    signature = ModelSignature(
+        Schema([TensorSpec(np.dtype("float32"), (-1, 4), "x")]), Schema([TensorSpec(np.dtype("float32"), (-1, 3), "y")])
+    )
     arachne_onnx.save_model(str(onnx_linear_file), tmp_path / "model", signature=signature)
     x = rng.standard_normal((7, 4)).astype(np.float32)
     with arachne_runtime.init("onnx", model_file=str(onnx_linear_file)) as direct:
@@ -122,6 +125,9 @@ def test_model_config_overrides_runtime_options(saved):
 
 
 def test_importing_the_loader_stays_light():
-    code = "import sys, arachne_mlflow.pyfunc; print(sorted({'mlflow', 'pandas', 'onnxruntime', 'tvm'} & set(sys.modules)))"
+    code = (
+        "import sys, arachne_mlflow.pyfunc; "
+        "print(sorted({'mlflow', 'pandas', 'onnxruntime', 'tvm'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -16,8 +16,13 @@ from mlflow import MlflowClient
 
 
 def _register(flavor_case, name):
-    info = flavor_case.flavor.log_model(flavor_case.model, name="model", registered_model_name=name,
-                                        input_example=flavor_case.example, **flavor_case.kwargs)
+    info = flavor_case.flavor.log_model(
+        flavor_case.model,
+        name="model",
+        registered_model_name=name,
+        input_example=flavor_case.example,
+        **flavor_case.kwargs,
+    )
     MlflowClient().set_registered_model_alias(name, "champion", info.registered_model_version)
     return info
 
@@ -71,14 +76,42 @@ def test_mlflow_models_serve_and_predict(mlflow_store, flavor_case, tmp_path):
     (tmp_path / "input.json").write_text(json.dumps(payload))
     port = _free_port()
     server = subprocess.Popen(
-        [*mlflow_cli, "serve", "-m", f"models:/{name}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            *mlflow_cli,
+            "serve",
+            "-m",
+            f"models:/{name}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     # `mlflow models predict` runs meanwhile: both spend their time starting up
     predict = subprocess.Popen(
-        [*mlflow_cli, "predict", "-m", f"models:/{name}/1", "-i", str(tmp_path / "input.json"), "-t", "json",
-         "-o", str(tmp_path / "output.json"), "--env-manager", "local"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            *mlflow_cli,
+            "predict",
+            "-m",
+            f"models:/{name}/1",
+            "-i",
+            str(tmp_path / "input.json"),
+            "-t",
+            "json",
+            "-o",
+            str(tmp_path / "output.json"),
+            "--env-manager",
+            "local",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         _wait_until_ready(server, f"http://127.0.0.1:{port}/ping")

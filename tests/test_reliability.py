@@ -27,16 +27,17 @@ from hypothesis import strategies as st
 from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError
-from tests import models
-from tests.model_dirs import ServerProcess, runtime_details, write_model_dir, mlflow_models  # noqa: F401
-from tests.test_security import app_routes
-from tests.test_server import BAD_REQUESTS, _binary_body, _inputs, _local, _member, _tar
+from tests.helpers import models
+from tests.helpers.archives import tar_bytes, tar_member
+from tests.helpers.model_dirs import runtime_details, write_model_dir
+from tests.helpers.servers import ServerProcess
+from tests.helpers.v2 import BAD_REQUESTS, app_routes, binary_body, local_outputs, model_inputs
 
 SERVED = ["onnx_linear", "tvm_linear", "tflite_cnn", "onnx_two_io"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, mlflow_models):  # noqa: F811
+def server(tmp_path_factory, mlflow_models):
     process = ServerProcess(tmp_path_factory.mktemp("reliability") / "store").start()
     with DeviceClient("127.0.0.1", process.port) as device:
         for name in SERVED:
@@ -46,12 +47,12 @@ def server(tmp_path_factory, mlflow_models):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def expected(mlflow_models):  # noqa: F811
+def expected(mlflow_models):
     """A fixed input per served model and its local result: what the server must keep answering."""
     cases = {}
     for name in SERVED:
-        x = _inputs(mlflow_models[name], batch=1)
-        cases[name] = (x, _local(mlflow_models[name], x))
+        x = model_inputs(mlflow_models[name], batch=1)
+        cases[name] = (x, local_outputs(mlflow_models[name], x))
     return cases
 
 
@@ -102,29 +103,38 @@ MORE_BAD_REQUESTS = {  # beyond test_server's BAD_REQUESTS (which run here too, 
     "33 dimensions": _json(_with(shape=[1] * 33, data=[0])),
     "terabyte json shape": _json(_with(shape=[1 << 20, 1 << 20], data=[0])),
     "exabyte shape": _json(_with(shape=[1 << 62, 1 << 62], data=[0])),
-    "terabyte bytes shape": _binary_body(
-        {"inputs": [{**X, "datatype": "BYTES", "shape": [1 << 40], "parameters": {"binary_data_size": 8}}]},
-        bytes(8)),
+    "terabyte bytes shape": binary_body(
+        {"inputs": [{**X, "datatype": "BYTES", "shape": [1 << 40], "parameters": {"binary_data_size": 8}}]}, bytes(8)
+    ),
     "data not a list": _json(_with(data=7)),
     "data of objects": _json(_with(data=[{}, {}, {}, {}])),
     "data of nulls": _json(_with(data=[None] * 4)),
-    "nested too deep": (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": '
-                        + b"[" * 50_000 + b"1" + b"]" * 50_000 + b"}]}", {}),
+    "nested too deep": (
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": '
+        + b"[" * 50_000
+        + b"1"
+        + b"]" * 50_000
+        + b"}]}",
+        {},
+    ),
     "number too big for FP32": _json(_with(data=[10**400, 1, 2, 3])),
-    "binary size too small": _binary_body(_with(data=None, parameters={"binary_data_size": 8}), bytes(8)),
-    "binary size too large": _binary_body(_with(data=None, parameters={"binary_data_size": 32}), bytes(32)),
-    "binary size negative": _binary_body(_with(data=None, parameters={"binary_data_size": -16}), bytes(16)),
-    "binary size a string": _binary_body(_with(data=None, parameters={"binary_data_size": "16"}), bytes(16)),
-    "binary size a float": _binary_body(_with(data=None, parameters={"binary_data_size": 16.0}), bytes(16)),
-    "binary bytes unclaimed": _binary_body({"inputs": [X]}, bytes(16)),
-    "binary without header length": (json.dumps(_with(data=None, parameters={"binary_data_size": 16})).encode()
-                                     + bytes(16), {}),
+    "binary size too small": binary_body(_with(data=None, parameters={"binary_data_size": 8}), bytes(8)),
+    "binary size too large": binary_body(_with(data=None, parameters={"binary_data_size": 32}), bytes(32)),
+    "binary size negative": binary_body(_with(data=None, parameters={"binary_data_size": -16}), bytes(16)),
+    "binary size a string": binary_body(_with(data=None, parameters={"binary_data_size": "16"}), bytes(16)),
+    "binary size a float": binary_body(_with(data=None, parameters={"binary_data_size": 16.0}), bytes(16)),
+    "binary bytes unclaimed": binary_body({"inputs": [X]}, bytes(16)),
+    "binary without header length": (
+        json.dumps(_with(data=None, parameters={"binary_data_size": 16})).encode() + bytes(16),
+        {},
+    ),
     "header length zero": (json.dumps({"inputs": [X]}).encode(), {"Inference-Header-Content-Length": "0"}),
     "header length huge": (json.dumps({"inputs": [X]}).encode(), {"Inference-Header-Content-Length": "9" * 40}),
     "header length hex": (json.dumps({"inputs": [X]}).encode(), {"Inference-Header-Content-Length": "0x10"}),
-    "BYTES binary for numeric": _binary_body(
+    "BYTES binary for numeric": binary_body(
         {"inputs": [{**X, "datatype": "BYTES", "data": None, "parameters": {"binary_data_size": 20}}]},
-        b"".join(len(b"ab").to_bytes(4, "little") + b"ab" for _ in range(4)) + bytes(4)),
+        b"".join(len(b"ab").to_bytes(4, "little") + b"ab" for _ in range(4)) + bytes(4),
+    ),
     "INT64 for FP32": _json(_with(datatype="INT64")),
     "BOOL for FP32": _json(_with(datatype="BOOL", data=[True, False, True, False])),
     "parameters not an object": _json({"inputs": [X], "parameters": [1]}),
@@ -151,14 +161,14 @@ def test_every_bad_request_is_4xx_and_every_model_still_serves(server, expected,
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_nan_and_inf_pass_through_every_runtime(server, mlflow_models, binary):  # noqa: F811
+def test_nan_and_inf_pass_through_every_runtime(server, mlflow_models, binary):
     with DeviceClient("127.0.0.1", server.port) as device:
         for name in ("onnx_linear", "tvm_linear", "tflite_cnn"):
-            x = _inputs(mlflow_models[name], batch=1)
+            x = model_inputs(mlflow_models[name], batch=1)
             key = next(iter(x))
             flat = x[key].reshape(-1)
             flat[:3] = [np.nan, np.inf, -np.inf]
-            want = _local(mlflow_models[name], x)
+            want = local_outputs(mlflow_models[name], x)
             got = device.infer(name, x, binary=binary)
             for out in want:
                 np.testing.assert_array_equal(got[out], want[out])  # NaN equals NaN here
@@ -166,23 +176,25 @@ def test_nan_and_inf_pass_through_every_runtime(server, mlflow_models, binary): 
                 assert np.isnan(got["y"]).any()
 
 
-def _corrupt_model_dirs(mlflow_models, root):  # noqa: F811
+def _corrupt_model_dirs(mlflow_models, root):
     """Model dirs whose MLmodel is fine but whose model file is not: every runtime, garbage and truncated."""
     cases = {}
     for name, file in (("onnx_linear", "model.onnx"), ("tflite_cnn", "model.tflite"), ("tvm_linear", "model.so")):
         original = (mlflow_models[name] / file).read_bytes()
-        for kind, content in (("garbage", bytes(range(256)) * 16), ("truncated", original[: len(original) // 2]),
-                              ("empty", b"")):
+        for kind, content in (
+            ("garbage", bytes(range(256)) * 16),
+            ("truncated", original[: len(original) // 2]),
+            ("empty", b""),
+        ):
             directory = shutil.copytree(mlflow_models[name], root / f"{name}-{kind}")
             (directory / file).write_bytes(content)
             cases[f"{name}-{kind}"] = directory
     return cases
 
 
-def test_corrupt_model_files_are_refused_and_the_old_version_keeps_serving(server, mlflow_models, expected,
-                                                                            tmp_path):  # noqa: F811
+def test_corrupt_model_files_are_refused_and_the_old_version_keeps_serving(server, mlflow_models, expected, tmp_path):
     with DeviceClient("127.0.0.1", server.port) as device:
-        before = {name: device.model_info(name)["digest"] for name in SERVED}
+        before = {name: device.model_record(name)["digest"] for name in SERVED}
         for case, directory in _corrupt_model_dirs(mlflow_models, tmp_path).items():
             target = case.rsplit("-", 1)[0]
             for name in (target, "fresh"):  # a replace and a first upload
@@ -190,8 +202,8 @@ def test_corrupt_model_files_are_refused_and_the_old_version_keeps_serving(serve
                     device.upload_model(name, directory, force=True)
                 assert 400 <= caught.value.status_code < 500, case
             assert_serves_everything(server.port, expected)
-        assert device.model_info("fresh") is None
-        assert {name: device.model_info(name)["digest"] for name in SERVED} == before
+        assert device.model_record("fresh") is None
+        assert {name: device.model_record(name)["digest"] for name in SERVED} == before
 
 
 # -- property-based fuzzing of the HTTP API ----------------------------------------------------
@@ -210,28 +222,46 @@ _tensor = st.fixed_dictionaries(
         "shape": st.lists(_dims, max_size=4) | _json_values,
         "data": st.lists(st.integers(-300, 300) | st.floats() | st.booleans() | st.text(max_size=2), max_size=6)
         | _json_values,
-        "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-8, 64) | _json_values,
-                                                          "binary_data": _json_values}) | _json_values,
+        "parameters": st.fixed_dictionaries(
+            {}, optional={"binary_data_size": st.integers(-8, 64) | _json_values, "binary_data": _json_values}
+        )
+        | _json_values,
     },
 )
 _request = st.fixed_dictionaries(
     {"inputs": st.lists(_tensor, max_size=3) | _json_values},
     optional={
-        "outputs": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["y", "z"]) | _json_values},
-                                                  optional={"parameters": _json_values}), max_size=2) | _json_values,
+        "outputs": st.lists(
+            st.fixed_dictionaries(
+                {"name": st.sampled_from(["y", "z"]) | _json_values}, optional={"parameters": _json_values}
+            ),
+            max_size=2,
+        )
+        | _json_values,
         "parameters": st.fixed_dictionaries({}, optional={"binary_data_output": _json_values}) | _json_values,
         "id": _json_values,
     },
 )
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 fuzzed = {"infer": 0, "routes": 0, "uploads": 0}
 
 
 @FUZZ
-@given(request=_request, blob=st.binary(max_size=64), model=st.sampled_from(["onnx_linear", "tvm_linear", "tflite_cnn"]),
-       header_length=st.none() | st.just("auto") | st.integers(-2, 200).map(str)
-       | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=4))
+@given(
+    request=_request,
+    blob=st.binary(max_size=64),
+    model=st.sampled_from(["onnx_linear", "tvm_linear", "tflite_cnn"]),
+    header_length=st.none()
+    | st.just("auto")
+    | st.integers(-2, 200).map(str)
+    | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=4),
+)
 def test_fuzzed_infer_requests_never_5xx(server, request, blob, model, header_length):
     head = json.dumps(request).encode()
     headers = {}
@@ -255,11 +285,24 @@ def routes(tmp_path_factory):
 
 
 @FUZZ
-@given(data=st.data(), body=st.binary(max_size=256) | _json_values.map(lambda v: json.dumps(v).encode()),
-       name=st.sampled_from(SERVED + ["nope"]) | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=12),
-       headers=st.dictionaries(st.sampled_from(["Content-Encoding", "Inference-Header-Content-Length",
-                                                "Arachne-Model-Info", "Content-Type", "Authorization"]),
-                               _header_values, max_size=3))
+@given(
+    data=st.data(),
+    body=st.binary(max_size=256) | _json_values.map(lambda v: json.dumps(v).encode()),
+    name=st.sampled_from(SERVED + ["nope"]) | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=12),
+    headers=st.dictionaries(
+        st.sampled_from(
+            [
+                "Content-Encoding",
+                "Inference-Header-Content-Length",
+                "Arachne-Provenance",
+                "Content-Type",
+                "Authorization",
+            ]
+        ),
+        _header_values,
+        max_size=3,
+    ),
+)
 def test_fuzzed_calls_to_every_route_never_5xx(server, routes, data, body, name, headers):
     method, path = data.draw(st.sampled_from(routes))
     if method in ("PUT", "DELETE") or path.endswith(("/load", "/unload")):
@@ -272,9 +315,9 @@ def test_fuzzed_calls_to_every_route_never_5xx(server, routes, data, body, name,
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(cut=st.integers(0, 4000), flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(1, 255)), max_size=6))
-def test_fuzzed_archives_are_4xx_or_a_valid_model(server, mlflow_models, cut, flips):  # noqa: F811
+def test_fuzzed_archives_are_4xx_or_a_valid_model(server, mlflow_models, cut, flips):
     source = mlflow_models["onnx_linear"]
-    raw = bytearray(_tar([_member(n, (source / n).read_bytes()) for n in ("MLmodel", "model.onnx")]))
+    raw = bytearray(tar_bytes([tar_member(n, (source / n).read_bytes()) for n in ("MLmodel", "model.onnx")]))
     for where, value in flips:
         raw[where % len(raw)] ^= value
     body = bytes(raw[: len(raw) - cut])
@@ -318,8 +361,8 @@ def _scaled_linear(root: Path, scale: float, padding: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def two_versions(tmp_path_factory):
     """Two versions of one model (same input, different outputs), each with its digest and expected output."""
-    from arachne_mlflow.digest import files_digest
-    from arachne_mlflow.model_dir import read_model_dir
+    from arachne_mlflow.model.digest import files_digest
+    from arachne_mlflow.model.directory import read_model_dir
 
     root = tmp_path_factory.mktemp("versions")
     x = {"x": np.array([[0.5, 1.0, 1.5, 2.0]], np.float32)}
@@ -327,7 +370,9 @@ def two_versions(tmp_path_factory):
     for scale in (1.0, -3.0):
         directory = _scaled_linear(root, scale, padding=2 * 1024**2)
         files = read_model_dir(directory).files()
-        versions.append({"dir": directory, "digest": files_digest(directory, files), "y": _local(directory, x)["y"]})
+        versions.append(
+            {"dir": directory, "digest": files_digest(directory, files), "y": local_outputs(directory, x)["y"]}
+        )
     assert not np.array_equal(versions[0]["y"], versions[1]["y"])
     return x, versions
 
@@ -424,12 +469,12 @@ def _check_after_restart(device, x, versions, known_new):
     digests = {v["digest"]: v for v in versions}
     index = {m["name"]: m for m in device.repository_index()}
     assert all(m["state"] == "READY" for m in index.values()), index
-    info = device.model_info("swap")
+    info = device.model_record("swap")
     assert info["digest"] in digests
     np.testing.assert_equal(device.infer("swap", x)["y"], digests[info["digest"]]["y"])
     for name in set(index) - {"swap"}:
         assert name in known_new or name.startswith("new-")
-        assert device.model_info(name)["digest"] == versions[0]["digest"]
+        assert device.model_record(name)["digest"] == versions[0]["digest"]
         np.testing.assert_equal(device.infer(name, x)["y"], versions[0]["y"])
 
 
@@ -450,20 +495,20 @@ def _foreign_library(original: Path, path: Path) -> Path:
     return path
 
 
-def test_loading_failures_leave_the_server_up(server, mlflow_models, expected, tmp_path):  # noqa: F811
+def test_loading_failures_leave_the_server_up(server, mlflow_models, expected, tmp_path):
     foreign = shutil.copytree(mlflow_models["tvm_linear"], tmp_path / "foreign")
     _foreign_library(mlflow_models["tvm_linear"] / "model.so", foreign / "model.so")
     with DeviceClient("127.0.0.1", server.port) as device:
-        before = device.model_info("tvm_linear")
+        before = device.model_record("tvm_linear")
         for name in ("tvm_linear", "foreign"):
             with pytest.raises(Exception, match="cannot load") as caught:
                 device.upload_model(name, foreign, force=True)
             assert caught.value.status_code == 400
-        assert device.model_info("tvm_linear") == before and device.model_info("foreign") is None
+        assert device.model_record("tvm_linear") == before and device.model_record("foreign") is None
     assert_serves_everything(server.port, expected)
 
 
-def test_a_library_that_crashes_while_loading_is_refused_and_the_server_stays_up(tmp_path, mlflow_models, expected):  # noqa: F811
+def test_a_library_that_crashes_while_loading_is_refused_and_the_server_stays_up(tmp_path, mlflow_models, expected):
     """An upload is first loaded in a child process: native code that aborts there is a refused upload
     (400), not a dead server, and every model keeps serving its last version."""
     crashing = shutil.copytree(mlflow_models["tvm_linear"], tmp_path / "crashing")
@@ -474,14 +519,14 @@ def test_a_library_that_crashes_while_loading_is_refused_and_the_server_stays_up
         with DeviceClient("127.0.0.1", process.port) as device:
             for served in SERVED:
                 device.upload_model(served, mlflow_models[served])
-            before = {served: device.model_info(served) for served in SERVED}
+            before = {served: device.model_record(served) for served in SERVED}
             for name in ("tvm_linear", "crash-new"):  # a replace, then a first upload
                 with pytest.raises(InvalidInputError, match=r"crashed the runtime while loading \(SIGABRT\)") as caught:
                     device.upload_model(name, crashing, force=True)
                 assert caught.value.status_code == 400
             assert process.process.poll() is None
-            assert {served: device.model_info(served) for served in SERVED} == before
-            assert device.model_info("crash-new") is None
+            assert {served: device.model_record(served) for served in SERVED} == before
+            assert device.model_record("crash-new") is None
         assert_serves_everything(process.port, expected)
     finally:
         process.stop()
@@ -540,26 +585,33 @@ def _finishes(call, seconds=30.0):
 
 
 @pytest.mark.parametrize("hang_up", [False, True], ids=["never-answers", "hangs-up"])
-def test_a_silent_or_hanging_up_server_gives_an_error_naming_it(hang_up, mlflow_models, onnx_linear_file):  # noqa: F811
+def test_a_silent_or_hanging_up_server_gives_an_error_naming_it(hang_up, mlflow_models, onnx_linear_file):
     listener = _Listener(hang_up)
     where = f"127.0.0.1:{listener.port}"
     try:
         with DeviceClient("127.0.0.1", listener.port, timeout=0.5, upload_timeout=0.5) as device:
-            calls = [device.ready, device.repository_index,
-                     lambda: device.infer("m", {"x": np.ones((1, 4), np.float32)}),
-                     lambda: device.upload_model("m", mlflow_models["onnx_linear"], force=True)]
+            calls = [
+                device.ready,
+                device.repository_index,
+                lambda: device.infer("m", {"x": np.ones((1, 4), np.float32)}),
+                lambda: device.upload_model("m", mlflow_models["onnx_linear"], force=True),
+            ]
             for call in calls:
                 error = _finishes(call)
                 assert isinstance(error, DeviceUnreachableError) and where in str(error), repr(error)
-        error = _finishes(lambda: arachne_runtime.init(
-            "onnx", model_file=str(onnx_linear_file), rpc_info={"host": "127.0.0.1", "port": listener.port,
-                                                                 "timeout": 0.5}))
+        error = _finishes(
+            lambda: arachne_runtime.init(
+                "onnx",
+                model_file=str(onnx_linear_file),
+                rpc_info={"host": "127.0.0.1", "port": listener.port, "timeout": 0.5},
+            )
+        )
         assert isinstance(error, DeviceUnreachableError) and where in str(error), repr(error)
     finally:
         listener.close()
 
 
-def test_a_server_that_dies_mid_session_gives_an_error_naming_it(tmp_path, mlflow_models):  # noqa: F811
+def test_a_server_that_dies_mid_session_gives_an_error_naming_it(tmp_path, mlflow_models):
     process = ServerProcess(tmp_path / "store").start()
     with DeviceClient("127.0.0.1", process.port, timeout=5) as device:
         device.upload_model("linear", mlflow_models["onnx_linear"])
@@ -595,8 +647,7 @@ def _load_phase(port, seconds, cases, swap_versions):
                 x, accepted = cases[name]
                 try:
                     got = own.infer(name, x)
-                    if not any(all(np.array_equal(got[k], want[k], equal_nan=True) for k in want)
-                               for want in accepted):
+                    if not any(all(np.array_equal(got[k], want[k], equal_nan=True) for k in want) for want in accepted):
                         failures.append(f"{name}: wrong answer {got}")
                 except Exception as err:  # noqa: BLE001 (a failed request is reported)
                     failures.append(f"{name}: {err!r}")
@@ -617,11 +668,13 @@ def _load_phase(port, seconds, cases, swap_versions):
     return sum(counts), failures, replaces
 
 
-def test_sixteen_clients_while_a_model_is_replaced(tmp_path, mlflow_models, two_versions):  # noqa: F811
+def test_sixteen_clients_while_a_model_is_replaced(tmp_path, mlflow_models, two_versions):
     x, versions = two_versions
-    steady_x = _inputs(mlflow_models["tflite_cnn"], batch=1)
-    cases = {"swap": (x, [{"y": v["y"]} for v in versions]),
-             "steady": (steady_x, [_local(mlflow_models["tflite_cnn"], steady_x)])}
+    steady_x = model_inputs(mlflow_models["tflite_cnn"], batch=1)
+    cases = {
+        "swap": (x, [{"y": v["y"]} for v in versions]),
+        "steady": (steady_x, [local_outputs(mlflow_models["tflite_cnn"], steady_x)]),
+    }
     process = ServerProcess(tmp_path / "store").start()
     try:
         with DeviceClient("127.0.0.1", process.port) as owner:
@@ -634,8 +687,10 @@ def test_sixteen_clients_while_a_model_is_replaced(tmp_path, mlflow_models, two_
         assert warm_failures == [] and failures == [], (warm_failures + failures)[:5]
         assert replaces >= 3 and requests_done >= 100
         growth = rss_after - rss_before
-        print(f"\nload: {requests_done} requests, 0 failed, {replaces} replaces, server RSS "
-              f"{rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB ({growth / 2**20:+.1f} MiB)")
+        print(
+            f"\nload: {requests_done} requests, 0 failed, {replaces} replaces, server RSS "
+            f"{rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB ({growth / 2**20:+.1f} MiB)"
+        )
         assert growth < 64 * 1024**2
         _assert_store_is_clean(tmp_path / "store")
     finally:

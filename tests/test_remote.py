@@ -10,7 +10,7 @@ import pytest
 from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError
-from tests.model_dirs import ServerProcess, free_port, mlflow_models  # noqa: F401  (fixture)
+from tests.helpers.servers import ServerProcess, free_port
 
 
 @pytest.fixture(scope="module")
@@ -33,25 +33,36 @@ def device(server):
 
 def _feed(module, batch=1, seed=0):
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(tuple(batch if d == -1 else d for d in detail["shape"])).astype(detail["dtype"])
-            for detail in module.get_input_details()]
+    return [
+        rng.standard_normal(tuple(batch if d == -1 else d for d in detail["shape"])).astype(detail["dtype"])
+        for detail in module.get_input_details()
+    ]
 
 
-def _cases(onnx_two_io_file, tflite_two_inputs_file, tvm_linear, mlflow_models):  # noqa: F811
+def _cases(onnx_two_io_file, tflite_two_inputs_file, tvm_linear, mlflow_models):
     return {
         "onnx": dict(runtime="onnx", model_file=str(onnx_two_io_file)),
         "tflite": dict(runtime="tflite", model_file=str(tflite_two_inputs_file), num_threads=1),
-        "tvm": dict(runtime="tvm", model_file=str(tvm_linear["model_file"]), params_file=str(tvm_linear["params_file"]),
-                    model_spec=tvm_linear["model_spec"]),
-        "tvm-env-file": dict(runtime="tvm", model_file=str(tvm_linear["model_file"]),
-                             params_file=str(tvm_linear["params_file"]), env_file=str(tvm_linear["env_file"])),
+        "tvm": dict(
+            runtime="tvm",
+            model_file=str(tvm_linear["model_file"]),
+            params_file=str(tvm_linear["params_file"]),
+            model_spec=tvm_linear["model_spec"],
+        ),
+        "tvm-env-file": dict(
+            runtime="tvm",
+            model_file=str(tvm_linear["model_file"]),
+            params_file=str(tvm_linear["params_file"]),
+            env_file=str(tvm_linear["env_file"]),
+        ),
         "mlflow-dir": dict(runtime="tflite", model_dir=str(mlflow_models["tflite_cnn"])),
     }
 
 
 @pytest.mark.parametrize("case", ["onnx", "tflite", "tvm", "tvm-env-file", "mlflow-dir"])
-def test_remote_equals_local(case, rpc_info, device, onnx_two_io_file, tflite_two_inputs_file, tvm_linear,
-                             mlflow_models):  # noqa: F811
+def test_remote_equals_local(
+    case, rpc_info, device, onnx_two_io_file, tflite_two_inputs_file, tvm_linear, mlflow_models
+):
     kwargs = _cases(onnx_two_io_file, tflite_two_inputs_file, tvm_linear, mlflow_models)[case]
     with arachne_runtime.init(**kwargs) as local, arachne_runtime.init(**kwargs, rpc_info=rpc_info) as remote:
         assert remote.get_input_details() == local.get_input_details()
@@ -74,29 +85,31 @@ def test_remote_equals_local(case, rpc_info, device, onnx_two_io_file, tflite_tw
 
 def test_uploads_once_and_benchmarks_on_the_server(rpc_info, device, onnx_two_io_file):
     first = arachne_runtime.init("onnx", model_file=str(onnx_two_io_file), rpc_info=rpc_info)
-    uploaded_at = device.model_info(first.model_name)["uploaded_at"]
+    uploaded_at = device.model_record(first.model_name)["uploaded_at"]
     with arachne_runtime.init("onnx", model_file=str(onnx_two_io_file), rpc_info=rpc_info) as second:
         assert second.model_name == first.model_name
-        assert device.model_info(first.model_name)["version"] == 1
-        assert device.model_info(first.model_name)["uploaded_at"] == uploaded_at
+        assert device.model_record(first.model_name)["revision"] == 1
+        assert device.model_record(first.model_name)["uploaded_at"] == uploaded_at
         result = second.benchmark(warmup=0, repeat=4)
         assert result["repeat"] == 4 and 0 < result["min"] <= result["max"]
         name = first.model_name
         x = _feed(second)
         expected = first.infer(x)
         first.done()  # removes the shared model: the second module uploads it again when next used
-        assert device.model_info(name) is None
+        assert device.model_record(name) is None
         for got, want in zip(second.infer(x), expected):
             np.testing.assert_equal(got, want)
-        assert device.model_info(name)["state"] == "READY"
-    assert device.model_info(name) is None
+        assert device.model_record(name)["state"] == "READY"
+    assert device.model_record(name) is None
     with pytest.raises(InvalidInputError, match="is done"):
         second.infer(x)
 
 
 def test_many_threads_share_one_remote_module(rpc_info, tflite_two_inputs_file):
-    with arachne_runtime.init("tflite", model_file=str(tflite_two_inputs_file), rpc_info=rpc_info) as remote, \
-            arachne_runtime.init("tflite", model_file=str(tflite_two_inputs_file)) as local:
+    with (
+        arachne_runtime.init("tflite", model_file=str(tflite_two_inputs_file), rpc_info=rpc_info) as remote,
+        arachne_runtime.init("tflite", model_file=str(tflite_two_inputs_file)) as local,
+    ):
         feeds = [_feed(local, batch=b, seed=b) for b in range(1, 5)]
         expected = [local.infer(f) for f in feeds]
         errors = []
@@ -144,8 +157,10 @@ def test_remote_legacy_package(tmp_path, rpc_info, device, tvm_linear):
         tar.add(tmp_path / "env.yaml", "env.yaml")
     kwargs = dict(package_tar=str(package), params_file=str(tvm_linear["params_file"]))
     x = [np.arange(4, dtype=np.float32).reshape(1, 4)]
-    with arachne_runtime.init("tvm", **kwargs) as local, \
-            arachne_runtime.init("tvm", rpc_info=rpc_info, **kwargs) as remote:
+    with (
+        arachne_runtime.init("tvm", **kwargs) as local,
+        arachne_runtime.init("tvm", rpc_info=rpc_info, **kwargs) as remote,
+    ):
         np.testing.assert_equal(remote.infer(x)[0], local.infer(x)[0])
         name = remote.model_name
-    assert device.model_info(name) is None
+    assert device.model_record(name) is None

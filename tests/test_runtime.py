@@ -47,7 +47,7 @@ class Doubler(RuntimeModule):
     def __init__(self, model_file=None, factor=2.0):
         self.factor = np.float32(factor)
         spec = {"name": "x", "dtype": "float32", "shape": [-1, 2]}
-        from arachne_mlflow.tensor_spec import TensorSpec
+        from arachne_mlflow.model.spec import TensorSpec
 
         self._bind_specs([TensorSpec.from_dict(spec)], [TensorSpec.from_dict({**spec, "name": "y"})])
 
@@ -113,8 +113,12 @@ def test_outputs_depend_on_inputs(onnx_linear_file, tflite_cnn_file, tvm_linear,
     modules = [
         arachne_runtime.init("onnx", model_file=str(onnx_linear_file)),
         arachne_runtime.init("tflite", model_file=str(tflite_cnn_file)),
-        arachne_runtime.init("tvm", model_file=str(tvm_linear["model_file"]), env_file=str(tvm_linear["env_file"]),
-                             params_file=str(tvm_linear["params_file"])),
+        arachne_runtime.init(
+            "tvm",
+            model_file=str(tvm_linear["model_file"]),
+            env_file=str(tvm_linear["env_file"]),
+            params_file=str(tvm_linear["params_file"]),
+        ),
     ]
     for m in modules:
         spec = m.input_specs[0]
@@ -129,8 +133,11 @@ def test_benchmark_reports_milliseconds(runtime_name, onnx_dynamic_file, tflite_
     kwargs = {
         "onnx": {"model_file": str(onnx_dynamic_file)},
         "tflite": {"model_file": str(tflite_cnn_file)},
-        "tvm": {"model_file": str(tvm_linear["model_file"]), "env_file": str(tvm_linear["env_file"]),
-                "params_file": str(tvm_linear["params_file"])},
+        "tvm": {
+            "model_file": str(tvm_linear["model_file"]),
+            "env_file": str(tvm_linear["env_file"]),
+            "params_file": str(tvm_linear["params_file"]),
+        },
     }[runtime_name]
     with arachne_runtime.init(runtime_name, **kwargs) as m:
         result = m.benchmark(warmup=1, repeat=5, number=2)
@@ -153,10 +160,13 @@ def _package(tmp_path, files: dict[str, bytes], name="pkg.tar"):
 def test_legacy_package_tar_extracts_privately(tmp_path, tvm_linear, rng, monkeypatch):
     monkeypatch.chdir(tmp_path)
     env = {"model_spec": tvm_linear["model_spec"], "tvm_device": "cpu"}
-    pkg = _package(tmp_path, {
-        "model.so": tvm_linear["model_file"].read_bytes(),
-        "env.yaml": yaml.safe_dump(env).encode(),
-    })
+    pkg = _package(
+        tmp_path,
+        {
+            "model.so": tvm_linear["model_file"].read_bytes(),
+            "env.yaml": yaml.safe_dump(env).encode(),
+        },
+    )
     before = set(os.listdir(tmp_path))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -170,8 +180,12 @@ def test_legacy_package_tar_extracts_privately(tmp_path, tvm_linear, rng, monkey
     assert not extracted.exists()
     before.add("scratch")
     assert set(os.listdir(tmp_path)) == before  # nothing written to the working directory
-    with arachne_runtime.init("tvm", model_file=str(tvm_linear["model_file"]), env_file=str(tvm_linear["env_file"]),
-                              params_file=str(tvm_linear["params_file"])) as local:
+    with arachne_runtime.init(
+        "tvm",
+        model_file=str(tvm_linear["model_file"]),
+        env_file=str(tvm_linear["env_file"]),
+        params_file=str(tvm_linear["params_file"]),
+    ) as local:
         np.testing.assert_equal(out, local.infer([x])[0])
 
 
@@ -229,7 +243,9 @@ def test_seed_readme_usage_works(tflite_cnn_file, onnx_linear_file, tvm_linear, 
     assert runtime_module.get_output(0).shape == (1, 3)
 
     runtime_module = arachne_runtime.init(
-        runtime="tvm", model_file=str(tvm_linear["model_file"]), env_file=str(tvm_linear["env_file"]),
+        runtime="tvm",
+        model_file=str(tvm_linear["model_file"]),
+        env_file=str(tvm_linear["env_file"]),
         params_file=str(tvm_linear["params_file"]),
     )
     runtime_module.set_input(0, input_data.reshape(-1)[:4].reshape(1, 4))

@@ -28,7 +28,9 @@ def test_tflite_equals_litert(tflite_cnn_file, rng):
         m.set_input(0, x)
         m.run()
         np.testing.assert_equal(m.get_output(0), expected)
-        assert m.get_input_details() == [{"name": "serving_default_image:0", "dtype": "float32", "shape": [-1, 8, 8, 3]}]
+        assert m.get_input_details() == [
+            {"name": "serving_default_image:0", "dtype": "float32", "shape": [-1, 8, 8, 3]}
+        ]
         assert m.get_output_details()[0]["shape"] == [-1, 5]
 
 
@@ -93,7 +95,9 @@ def test_onnx_equals_onnxruntime(onnx_two_io_file, rng):
 
     a = rng.standard_normal((1, 4)).astype(np.float32)
     b = rng.standard_normal((1, 4)).astype(np.float32)
-    expected = ort.InferenceSession(str(onnx_two_io_file), providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})
+    expected = ort.InferenceSession(str(onnx_two_io_file), providers=["CPUExecutionProvider"]).run(
+        None, {"a": a, "b": b}
+    )
     with arachne_runtime.init("onnx", model_file=str(onnx_two_io_file), providers=["CPUExecutionProvider"]) as m:
         m.set_input("a", a)
         m.set_input(1, b)
@@ -114,13 +118,19 @@ def test_onnx_dynamic_batch_reported_and_run(onnx_dynamic_file, rng):
 
 def test_onnx_unavailable_provider_falls_back_with_warning(onnx_linear_file):
     with pytest.warns(RuntimeWarning, match=r"\['CUDAExecutionProvider'\].*using \['CPUExecutionProvider'\]"):
-        m = arachne_runtime.init("onnx", model_file=str(onnx_linear_file), providers=[("CUDAExecutionProvider", {"device_id": 0})])
+        m = arachne_runtime.init(
+            "onnx", model_file=str(onnx_linear_file), providers=[("CUDAExecutionProvider", {"device_id": 0})]
+        )
     assert m.providers == ["CPUExecutionProvider"]
 
 
 def test_onnx_session_options_dict(onnx_linear_file, rng):
     x = rng.standard_normal((1, 4)).astype(np.float32)
-    options = {"intra_op_num_threads": 1, "graph_optimization_level": "ORT_ENABLE_BASIC", "session.intra_op.allow_spinning": "0"}
+    options = {
+        "intra_op_num_threads": 1,
+        "graph_optimization_level": "ORT_ENABLE_BASIC",
+        "session.intra_op.allow_spinning": "0",
+    }
     with arachne_runtime.init("onnx", model_file=str(onnx_linear_file), sess_options=options) as m:
         m.set_input(0, x)
         m.run()
@@ -150,7 +160,9 @@ def test_tvm_equals_relax_vm(tvm_linear, rng):
     x = rng.standard_normal((1, 4)).astype(np.float32)
     expected = _raw_tvm(tvm_linear["model_file"], [x], tvm_linear["params_file"])
     with arachne_runtime.init(
-        "tvm", model_file=str(tvm_linear["model_file"]), env_file=str(tvm_linear["env_file"]),
+        "tvm",
+        model_file=str(tvm_linear["model_file"]),
+        env_file=str(tvm_linear["env_file"]),
         params_file=str(tvm_linear["params_file"]),
     ) as m:
         m.set_input("x", x)
@@ -163,7 +175,9 @@ def test_tvm_tar_two_outputs(tvm_two_io, rng):
     a = rng.standard_normal((1, 4)).astype(np.float32)
     b = rng.standard_normal((1, 4)).astype(np.float32)
     expected = _raw_tvm(tvm_two_io["model_file"], [a, b])
-    with arachne_runtime.init("tvm", model_file=str(tvm_two_io["model_file"]), model_spec=tvm_two_io["model_spec"]) as m:
+    with arachne_runtime.init(
+        "tvm", model_file=str(tvm_two_io["model_file"]), model_spec=tvm_two_io["model_spec"]
+    ) as m:
         m.set_input(0, a)
         m.set_input(1, b)
         m.run()
@@ -177,15 +191,24 @@ def test_tvm_params_as_dict(tvm_linear, rng):
     params = dict(tvm.runtime.load_param_dict_from_file(str(tvm_linear["params_file"])))
     x = rng.standard_normal((1, 4)).astype(np.float32)
     expected = _raw_tvm(tvm_linear["model_file"], [x], tvm_linear["params_file"])
-    with arachne_runtime.init("tvm", model_file=str(tvm_linear["model_file"]), model_spec=tvm_linear["model_spec"], params=params) as m:
+    with arachne_runtime.init(
+        "tvm", model_file=str(tvm_linear["model_file"]), model_spec=tvm_linear["model_spec"], params=params
+    ) as m:
         np.testing.assert_equal(m.infer([x])[0], expected[0])
 
 
 def test_tvm_without_spec_names_its_inputs(tvm_linear):
     with pytest.raises(InvalidInputError, match=r"carries no dtypes.*\['x'\]"):
-        arachne_runtime.init("tvm", model_file=str(tvm_linear["model_file"]), params_file=str(tvm_linear["params_file"]))
+        arachne_runtime.init(
+            "tvm", model_file=str(tvm_linear["model_file"]), params_file=str(tvm_linear["params_file"])
+        )
 
 
 def test_tvm_missing_params_named(tvm_linear):
     with pytest.raises(InvalidInputError, match="params do not match"):
-        arachne_runtime.init("tvm", model_file=str(tvm_linear["model_file"]), model_spec=tvm_linear["model_spec"], params={"nope": np.zeros(1)})
+        arachne_runtime.init(
+            "tvm",
+            model_file=str(tvm_linear["model_file"]),
+            model_spec=tvm_linear["model_spec"],
+            params={"nope": np.zeros(1)},
+        )

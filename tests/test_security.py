@@ -20,29 +20,38 @@ import numpy as np
 import pytest
 import requests
 
-from arachne_mlflow.archive import safe_extract
 from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.errors import DeviceUnreachableError, UnsafeArchiveError
-from arachne_mlflow.server.app import create_app
-from tests.model_dirs import ServerProcess, mlflow_models  # noqa: F401  (fixture)
-from tests.test_client import _self_signed
-from tests.test_server import BAD_REQUESTS, ROUTES, _hostile_archives, _member, _tar
+from arachne_mlflow.model.archive import safe_extract
+from tests.helpers.archives import hostile_archives, tar_bytes, tar_member
+from tests.helpers.servers import ServerProcess
+from tests.helpers.tls import self_signed_cert
+from tests.helpers.v2 import BAD_REQUESTS, ROUTES, app_routes
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Names no route may accept; each is sent raw (http.client), so nothing normalizes `..` first.
-HOSTILE_NAMES = ["..", ".", "a..b", "%2e%2e", "%2E%2E%2Fetc", "a%2Fb", "..%2F..%2Fetc", ".hidden", "-dash",
-                 "x" * 129, "x" * 5000, "%00", "a%00b", "a%20b", "%C3%BC", "a%5Cb", "con:1", "a*b", "%252e%252e"]
-
-
-def app_routes(tmp_path: Path) -> list[tuple[str, str]]:
-    """(method, path) of every route the app serves, path parameters filled in."""
-    auth = create_app(str(tmp_path / "enumerated-store"), token=TOKEN)
-    front = auth.app  # bearer auth -> InferRoute -> Starlette
-    routes = list(front.routes)
-    for route in front.app.routes:
-        routes += [(method, route.path) for method in sorted(route.methods - {"HEAD"})]
-    return [(method, path.replace("{model}", "m").replace("{version}", "1")) for method, path in routes]
+HOSTILE_NAMES = [
+    "..",
+    ".",
+    "a..b",
+    "%2e%2e",
+    "%2E%2E%2Fetc",
+    "a%2Fb",
+    "..%2F..%2Fetc",
+    ".hidden",
+    "-dash",
+    "x" * 129,
+    "x" * 5000,
+    "%00",
+    "a%00b",
+    "a%20b",
+    "%C3%BC",
+    "a%5Cb",
+    "con:1",
+    "a*b",
+    "%252e%252e",
+]
 
 
 def _raw(port, method, path, body=b"", headers=None, timeout=10):
@@ -57,7 +66,7 @@ def _raw(port, method, path, body=b"", headers=None, timeout=10):
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory, mlflow_models):  # noqa: F811
+def secured(tmp_path_factory, mlflow_models):
     root = tmp_path_factory.mktemp("secured")
     process = ServerProcess(root / "store", token=TOKEN, extra_args=["--max-upload-mb", "1"]).start()
     with DeviceClient("127.0.0.1", process.port, token=TOKEN) as owner:
@@ -81,9 +90,15 @@ def test_every_registered_route_needs_the_token(secured, tmp_path):
     assert sorted(public) == [("GET", "/v2/health/live"), ("GET", "/v2/health/ready")]
     for method, path in routes:
         url = secured.url + path
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                        {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": f"Basic {TOKEN}"},
-                        {"Authorization": f"Bearer {TOKEN[:-1]}"}, {"X-Token": TOKEN}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": TOKEN},
+            {"Authorization": f"Bearer {TOKEN}x"},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": f"Bearer {TOKEN[:-1]}"},
+            {"X-Token": TOKEN},
+        ):
             response = requests.request(method, url, headers=headers, data=b"{}", timeout=10)
             if (method, path) in public:
                 assert response.status_code == 200, (method, path)
@@ -96,10 +111,20 @@ def test_every_registered_route_needs_the_token(secured, tmp_path):
     assert _serves(secured)
 
 
-@pytest.mark.parametrize("path", [
-    "/v2/health/../repository/index", "/v2/health/live/../../repository/index", "/v2/health/..%2F..%2Fv2",
-    "/v2/health%2F..%2F..%2Fv2", "//v2", "/v2/", "/V2", "/v2/health/../../metrics", "/v2/health/./../../v2",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/health/../repository/index",
+        "/v2/health/live/../../repository/index",
+        "/v2/health/..%2F..%2Fv2",
+        "/v2/health%2F..%2F..%2Fv2",
+        "//v2",
+        "/v2/",
+        "/V2",
+        "/v2/health/../../metrics",
+        "/v2/health/./../../v2",
+    ],
+)
 def test_paths_that_look_public_do_not_bypass_the_token(secured, path):
     for method in ("GET", "POST", "PUT", "DELETE"):
         status, body = _raw(secured.port, method, path, b"{}")
@@ -130,22 +155,22 @@ def test_hostile_model_names_on_every_model_route(secured, tmp_path):
 
 
 def _symlink(name, target):
-    return _member(name, kind=tarfile.SYMTYPE, linkname=target)
+    return tar_member(name, kind=tarfile.SYMTYPE, linkname=target)
 
 
 def test_safe_extract_refuses_links_that_escape_through_later_links(tmp_path):
     """`a -> x/y/../..` points inside until `x -> .` and `y -> .` arrive; then it points two levels up."""
-    archive = _tar([_symlink("a", "x/y/../.."), _symlink("x", "."), _symlink("y", ".")])
+    archive = tar_bytes([_symlink("a", "x/y/../.."), _symlink("x", "."), _symlink("y", ".")])
     with pytest.raises(UnsafeArchiveError, match="'a' links outside"):
         safe_extract(io.BytesIO(archive), tmp_path / "dest")
-    inside = _tar([_symlink("a", "x/y/.."), _symlink("x", "sub"), _member("sub/y/f", b"ok")])
+    inside = tar_bytes([_symlink("a", "x/y/.."), _symlink("x", "sub"), tar_member("sub/y/f", b"ok")])
     assert "a" in safe_extract(io.BytesIO(inside), tmp_path / "ok")  # x/y/.. = sub: still inside
 
 
 def _more_hostile_archives(good: dict[str, bytes]) -> dict[str, bytes]:
     """Cases beyond test_server's eight (which this file runs too)."""
     mlmodel, model = good["MLmodel"], good["model.onnx"]
-    whole = [_member("MLmodel", mlmodel), _member("model.onnx", model)]
+    whole = [tar_member("MLmodel", mlmodel), tar_member("model.onnx", model)]
     gz = io.BytesIO()
     with tarfile.open(fileobj=gz, mode="w:gz") as tar:  # 8 MiB of zeros in a few KiB
         info = tarfile.TarInfo("model.onnx")
@@ -154,24 +179,33 @@ def _more_hostile_archives(good: dict[str, bytes]) -> dict[str, bytes]:
     huge = tarfile.TarInfo("model.onnx")
     huge.size = 1024**4  # declares a terabyte: refused at its header, before any byte is written
     return {
-        "link chain escape": _tar([_symlink("a", "x/y/../.."), _symlink("x", "."), _symlink("y", "."), *whole]),
-        "symlink to dir then write through": _tar([_symlink("d", "/tmp"), _member("d/arachne-escape", b"bad")]),
-        "write through an inner link": _tar([_symlink("d", "."), _member("d/../arachne-escape", b"bad")]),
-        "hardlink absolute": _tar([_member("h", kind=tarfile.LNKTYPE, linkname="/etc/passwd"), *whole]),
-        "fifo": _tar([*whole, _member("pipe", kind=tarfile.FIFOTYPE)]),
-        "block device": _tar([*whole, _member("disk", kind=tarfile.BLKTYPE)]),
-        "absolute windows": _tar([_member("C:/escape", b"bad"), *whole]),
+        "link chain escape": tar_bytes([_symlink("a", "x/y/../.."), _symlink("x", "."), _symlink("y", "."), *whole]),
+        "symlink to dir then write through": tar_bytes([_symlink("d", "/tmp"), tar_member("d/arachne-escape", b"bad")]),
+        "write through an inner link": tar_bytes([_symlink("d", "."), tar_member("d/../arachne-escape", b"bad")]),
+        "hardlink absolute": tar_bytes([tar_member("h", kind=tarfile.LNKTYPE, linkname="/etc/passwd"), *whole]),
+        "fifo": tar_bytes([*whole, tar_member("pipe", kind=tarfile.FIFOTYPE)]),
+        "block device": tar_bytes([*whole, tar_member("disk", kind=tarfile.BLKTYPE)]),
+        "absolute windows": tar_bytes([tar_member("C:/escape", b"bad"), *whole]),
         "gzip bomb": gz.getvalue(),
-        "terabyte member": _tar([(huge, None)])[:1024],
+        "terabyte member": tar_bytes([(huge, None)])[:1024],
         "empty body": b"",
         "zeros": bytes(10240),
-        "mlmodel not yaml": _tar([_member("MLmodel", b"\xff\xfe{{{"), _member("model.onnx", model)]),
-        "mlmodel bad signature": _tar([_member("MLmodel", mlmodel.replace(b"signature:", b"signature: {inputs: '{'}\nx:")),
-                                       _member("model.onnx", model)]),
-        "model file outside": _tar([_member("MLmodel", mlmodel.replace(b"model_file: model.onnx",
-                                                                       b"model_file: ../../etc/passwd")),
-                                    _member("model.onnx", model)]),
-        "corrupt model file": _tar([_member("MLmodel", mlmodel), _member("model.onnx", b"\x08\x01garbage" * 64)]),
+        "mlmodel not yaml": tar_bytes([tar_member("MLmodel", b"\xff\xfe{{{"), tar_member("model.onnx", model)]),
+        "mlmodel bad signature": tar_bytes(
+            [
+                tar_member("MLmodel", mlmodel.replace(b"signature:", b"signature: {inputs: '{'}\nx:")),
+                tar_member("model.onnx", model),
+            ]
+        ),
+        "model file outside": tar_bytes(
+            [
+                tar_member("MLmodel", mlmodel.replace(b"model_file: model.onnx", b"model_file: ../../etc/passwd")),
+                tar_member("model.onnx", model),
+            ]
+        ),
+        "corrupt model file": tar_bytes(
+            [tar_member("MLmodel", mlmodel), tar_member("model.onnx", b"\x08\x01garbage" * 64)]
+        ),
     }
 
 
@@ -186,7 +220,7 @@ def _tree(root: Path, skip: set[Path]) -> dict[str, tuple[int, int]]:
     return result
 
 
-def test_hostile_uploads_write_nothing_outside_the_store(tmp_path, mlflow_models, monkeypatch):  # noqa: F811
+def test_hostile_uploads_write_nothing_outside_the_store(tmp_path, mlflow_models, monkeypatch):
     sandbox, scratch = tmp_path / "sandbox", tmp_path / "tmpdir"
     sandbox.mkdir()
     scratch.mkdir()
@@ -202,17 +236,19 @@ def test_hostile_uploads_write_nothing_outside_the_store(tmp_path, mlflow_models
         escapes = [Path("/tmp/arachne-escape"), sandbox / "escape", sandbox / "store" / "escape"]
         assert not any(p.exists() for p in escapes)
         before = _tree(sandbox, {sandbox / "store", log}), _tree(scratch, {scratch / ".ses"})
-        cases = {**_hostile_archives(mlflow_models), **_more_hostile_archives(good)}
+        cases = {**hostile_archives(mlflow_models), **_more_hostile_archives(good)}
         for case, body in cases.items():
             for name in ("linear", "fresh"):
-                response = requests.put(f"{process.url}/v2/repository/models/{name}", data=body, headers=AUTH,
-                                        timeout=30)
+                response = requests.put(
+                    f"{process.url}/v2/repository/models/{name}", data=body, headers=AUTH, timeout=30
+                )
                 assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
                 assert response.json()["error"], case
                 assert _serves(process), case
         for case, (body, headers) in BAD_REQUESTS.items():
-            response = requests.post(f"{process.url}/v2/models/linear/infer", data=body, timeout=30,
-                                     headers={**headers, **AUTH})
+            response = requests.post(
+                f"{process.url}/v2/models/linear/infer", data=body, timeout=30, headers={**headers, **AUTH}
+            )
             assert response.status_code == 400, case
         # onnxruntime keeps a session id in $TMPDIR/.ses when it tries to load a model; nothing else may appear
         after = _tree(sandbox, {sandbox / "store", log}), _tree(scratch, {scratch / ".ses"})
@@ -224,7 +260,10 @@ def test_hostile_uploads_write_nothing_outside_the_store(tmp_path, mlflow_models
         current = json.loads((store / "linear" / "CURRENT.json").read_text())["version_dir"]
         assert sorted(p.name for p in (store / "linear").iterdir()) == ["CURRENT.json", current]
         assert sorted(p.name for p in (store / "linear" / current).iterdir()) == [
-            "MLmodel", "model.onnx", "requirements.txt"]
+            "MLmodel",
+            "model.onnx",
+            "requirements.txt",
+        ]
     finally:
         process.stop()
     assert len(cases) >= 23
@@ -259,8 +298,12 @@ def test_upload_over_the_cap_is_refused_while_it_streams(secured):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
     sent, answer = 0, b""
     try:
-        sock.sendall((f"PUT /v2/repository/models/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                      f"Content-Length: {announced}\r\n\r\n").encode())
+        sock.sendall(
+            (
+                f"PUT /v2/repository/models/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Length: {announced}\r\n\r\n"
+            ).encode()
+        )
         for chunk in _tar_stream(64 * 1024 - 512):
             readable, _, _ = select.select([sock], [], [], 0)
             if readable:
@@ -283,7 +326,7 @@ def test_upload_over_the_cap_is_refused_while_it_streams(secured):
         assert answer.split(b" ")[1] in (b"400", b"413"), answer[:300]
         assert b"exceeds the limit" in answer
     with DeviceClient("127.0.0.1", secured.port, token=TOKEN) as owner:
-        assert owner.model_info("big") is None
+        assert owner.model_record("big") is None
     assert not (secured.store / "big").exists()
     assert _serves(secured)
 
@@ -291,14 +334,18 @@ def test_upload_over_the_cap_is_refused_while_it_streams(secured):
 # -- TLS ---------------------------------------------------------------------------------------
 
 
-def test_tls_refuses_the_wrong_ca_and_plain_http(tmp_path, mlflow_models):  # noqa: F811
+def test_tls_refuses_the_wrong_ca_and_plain_http(tmp_path, mlflow_models):
     """test_client checks the right CA and the system CAs; here: another CA, and HTTP to the HTTPS port."""
     (tmp_path / "server").mkdir()
     (tmp_path / "other").mkdir()
-    cert, key = _self_signed(tmp_path / "server")
-    other_ca, _ = _self_signed(tmp_path / "other")
-    process = ServerProcess(tmp_path / "store", token=TOKEN, ca_cert=str(cert),
-                            extra_args=["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]).start()
+    cert, key = self_signed_cert(tmp_path / "server")
+    other_ca, _ = self_signed_cert(tmp_path / "other")
+    process = ServerProcess(
+        tmp_path / "store",
+        token=TOKEN,
+        ca_cert=str(cert),
+        extra_args=["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)],
+    ).start()
     try:
         with DeviceClient("127.0.0.1", process.port, token=TOKEN, tls=True, ca_cert=other_ca) as wrong:
             with pytest.raises(DeviceUnreachableError, match=f"TLS with the device server at 127.0.0.1:{process.port}"):
@@ -316,13 +363,17 @@ def test_tls_refuses_the_wrong_ca_and_plain_http(tmp_path, mlflow_models):  # no
         process.stop()
 
 
-@pytest.mark.parametrize("options", [
-    {"sess_options": {"optimized_model_filepath": "{out}/written.onnx"}},
-    {"sess_options": {"enable_profiling": True, "profile_file_prefix": "{out}/profile"}},
-    {"sess_options": {"session.optimized_model_external_initializers_file_name": "{out}/weights.bin"}},
-    {"provider_options": [{"trt_engine_cache_path": "{out}"}]},
-], ids=["optimized-model", "profiling", "config-entry", "provider-cache"])
-def test_runtime_options_cannot_make_the_server_write_files(secured, mlflow_models, tmp_path, options):  # noqa: F811
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sess_options": {"optimized_model_filepath": "{out}/written.onnx"}},
+        {"sess_options": {"enable_profiling": True, "profile_file_prefix": "{out}/profile"}},
+        {"sess_options": {"session.optimized_model_external_initializers_file_name": "{out}/weights.bin"}},
+        {"provider_options": [{"trt_engine_cache_path": "{out}"}]},
+    ],
+    ids=["optimized-model", "profiling", "config-entry", "provider-cache"],
+)
+def test_runtime_options_cannot_make_the_server_write_files(secured, mlflow_models, tmp_path, options):
     """onnxruntime writes where `optimized_model_filepath` or `profile_file_prefix` say: an upload may not set them."""
     import shutil
 
@@ -339,6 +390,6 @@ def test_runtime_options_cannot_make_the_server_write_files(secured, mlflow_mode
             with pytest.raises(Exception, match="may not set options that name files") as caught:
                 owner.upload_model(name, model, force=True)
             assert caught.value.status_code == 400
-        assert owner.model_info("fresh") is None
+        assert owner.model_record("fresh") is None
     assert list(out.iterdir()) == []
     assert _serves(secured)

@@ -17,8 +17,9 @@ import requests
 
 from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.model_dir import read_model_dir
-from tests.model_dirs import ServerProcess, mlflow_models  # noqa: F401  (fixture)
+from tests.helpers.archives import hostile_archives
+from tests.helpers.servers import ServerProcess
+from tests.helpers.v2 import BAD_REQUESTS, ROUTES, local_outputs, model_inputs
 
 MODELS = ["onnx_linear", "onnx_two_io", "tflite_cnn", "tflite_two_inputs", "tvm_linear", "tvm_two_io"]
 
@@ -37,23 +38,10 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def deployed(client, mlflow_models):  # noqa: F811
+def deployed(client, mlflow_models):
     for name in MODELS:
-        assert client.upload_model(name, mlflow_models[name], info={"registered_model": name, "version": "3"})
+        assert client.upload_model(name, mlflow_models[name], provenance={"registered_model": name, "version": "3"})
     return mlflow_models
-
-
-def _inputs(model_dir, batch=2, seed=0):
-    rng = np.random.default_rng(seed)
-    specs = read_model_dir(model_dir).inputs
-    return {s.name: rng.standard_normal(s.example_shape(batch)).astype(s.dtype) for s in specs}
-
-
-def _local(model_dir, inputs):
-    model = read_model_dir(model_dir)
-    with model.load() as module:
-        outputs = module.infer([inputs[s.name] for s in model.inputs])
-    return {spec.name: out for spec, out in zip(module.output_specs, outputs)}
 
 
 def _post_infer(server, name, body, headers=None):
@@ -72,8 +60,8 @@ def test_health_and_server_metadata(client, server):
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_infer_equals_local(client, deployed, name, binary):
-    inputs = _inputs(deployed[name], batch=3 if name.startswith("tflite") else 1)
-    expected = _local(deployed[name], inputs)
+    inputs = model_inputs(deployed[name], batch=3 if name.startswith("tflite") else 1)
+    expected = local_outputs(deployed[name], inputs)
     got = client.infer(name, inputs, binary=binary)
     assert list(got) == list(expected)
     for key in expected:
@@ -88,10 +76,10 @@ def test_model_metadata_and_info(client, deployed):
     assert meta["platform"] == "arachne_onnx"
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]
     assert client.model_metadata("tflite_cnn")["inputs"][0]["shape"] == [-1, 8, 8, 3]
-    info = client.model_info("tvm_linear")
+    info = client.model_record("tvm_linear")
     assert info["runtime"] == "tvm" and info["state"] == "READY" and info["digest"].startswith("sha256:")
-    assert info["info"] == {"registered_model": "tvm_linear", "version": "3"}
-    assert client.model_info("nope") is None
+    assert info["provenance"] == {"registered_model": "tvm_linear", "version": "3"}
+    assert client.model_record("nope") is None
     assert {m["name"] for m in client.repository_index()} >= set(MODELS)
 
 
@@ -104,8 +92,8 @@ def test_tritonclient(server, deployed):
     assert triton.is_model_ready("onnx_two_io")
     meta = triton.get_model_metadata("onnx_two_io")
     assert [t["name"] for t in meta["inputs"]] == ["a", "b"]
-    feed = _inputs(deployed["onnx_two_io"])
-    expected = _local(deployed["onnx_two_io"], feed)
+    feed = model_inputs(deployed["onnx_two_io"])
+    expected = local_outputs(deployed["onnx_two_io"], feed)
     for binary in (True, False):
         inputs = []
         for name, array in feed.items():
@@ -117,8 +105,13 @@ def test_tritonclient(server, deployed):
         for name in ("sum", "scaled"):
             np.testing.assert_array_equal(result.as_numpy(name), expected[name])
     for compression in ("gzip", "deflate"):
-        result = triton.infer("onnx_two_io", inputs, model_version="1", request_compression_algorithm=compression,
-                              response_compression_algorithm=compression)
+        result = triton.infer(
+            "onnx_two_io",
+            inputs,
+            model_version="1",
+            request_compression_algorithm=compression,
+            response_compression_algorithm=compression,
+        )
         np.testing.assert_array_equal(result.as_numpy("sum"), expected["sum"])
     assert triton.is_model_ready("onnx_two_io", model_version="1")
     assert triton.get_model_metadata("onnx_two_io", model_version="1")["versions"] == ["1"]
@@ -138,17 +131,17 @@ def test_tritonclient(server, deployed):
 
 
 def test_upload_skip_replace_and_failed_replace(client, deployed, onnx_dynamic_file, tmp_path):
-    from tests.model_dirs import runtime_details, write_model_dir
+    from tests.helpers.model_dirs import runtime_details, write_model_dir
 
     assert not client.upload_model("onnx_linear", deployed["onnx_linear"])  # identical: skipped
     assert client.upload_model("swap", deployed["onnx_linear"])
-    before = client.model_info("swap")
-    x = _inputs(deployed["onnx_linear"])
+    before = client.model_record("swap")
+    x = model_inputs(deployed["onnx_linear"])
     first = client.infer("swap", x)["y"]
     dynamic = write_model_dir(tmp_path / "dyn", "onnx", onnx_dynamic_file, runtime_details("onnx", onnx_dynamic_file))
     assert client.upload_model("swap", dynamic)
-    after = client.model_info("swap")
-    assert after["version"] == before["version"] + 1 and after["digest"] != before["digest"]
+    after = client.model_record("swap")
+    assert after["revision"] == before["revision"] + 1 and after["digest"] != before["digest"]
     assert client.model_metadata("swap")["inputs"][0]["shape"] == [-1, 4]
     np.testing.assert_equal(client.infer("swap", {"x": np.tile(x["x"], (5, 1))})["y"], np.tile(first, (5, 1)))
     # a broken model file under the same name is refused and the served version stays
@@ -159,16 +152,16 @@ def test_upload_skip_replace_and_failed_replace(client, deployed, onnx_dynamic_f
     with pytest.raises(Exception, match="cannot load") as caught:
         client.upload_model("swap", broken)
     assert caught.value.status_code == 400
-    assert client.model_info("swap")["digest"] == after["digest"]
+    assert client.model_record("swap")["digest"] == after["digest"]
     np.testing.assert_equal(client.infer("swap", x)["y"], first)
     client.delete_model("swap")
-    assert client.model_info("swap") is None
+    assert client.model_record("swap") is None
 
 
 def test_replace_while_serving_loses_no_request(client, deployed):
     client.upload_model("busy", deployed["onnx_linear"])
-    x = _inputs(deployed["onnx_linear"])
-    expected = _local(deployed["onnx_linear"], x)["y"]
+    x = model_inputs(deployed["onnx_linear"])
+    expected = local_outputs(deployed["onnx_linear"], x)["y"]
     failures, stop = [], threading.Event()
 
     def hammer():
@@ -192,8 +185,8 @@ def test_replace_while_serving_loses_no_request(client, deployed):
 
 def test_several_clients_at_once(server, deployed):
     names = ["onnx_two_io", "tflite_two_inputs", "tvm_linear", "tflite_cnn"]
-    cases = {n: [_inputs(deployed[n], batch=1, seed=s) for s in range(3)] for n in names}
-    expected = {n: [_local(deployed[n], x) for x in xs] for n, xs in cases.items()}
+    cases = {n: [model_inputs(deployed[n], batch=1, seed=s) for s in range(3)] for n in names}
+    expected = {n: [local_outputs(deployed[n], x) for x in xs] for n, xs in cases.items()}
     errors = []
 
     def worker(index):
@@ -219,47 +212,12 @@ def test_several_clients_at_once(server, deployed):
 def test_benchmark_and_metrics(client, deployed):
     result = client.benchmark("tflite_cnn", warmup=1, repeat=3)
     assert result["repeat"] == 3 and result["min"] <= result["mean"] <= result["max"]
-    client.infer("onnx_linear", _inputs(deployed["onnx_linear"]))
+    client.infer("onnx_linear", model_inputs(deployed["onnx_linear"]))
     text = client.metrics()
     assert 'arachne_inference_requests_total{model="onnx_linear"}' in text
     assert 'arachne_model_load_seconds{model="tvm_linear"}' in text
     with pytest.raises(Exception, match="repeat"):
         client.benchmark("tflite_cnn", repeat=0)
-
-
-def _binary_body(header, blob=b""):
-    head = json.dumps(header).encode()
-    return head + blob, {"Inference-Header-Content-Length": str(len(head))}
-
-
-BAD_REQUESTS = {
-    "malformed json": (b'{"inputs": [', {}),
-    "truncated binary": _binary_body(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": 16}}]},
-        b"\0" * 8),
-    "header length too large": (b'{"inputs": []}', {"Inference-Header-Content-Length": "9999"}),
-    "header length negative": (b'{"inputs": []}', {"Inference-Header-Content-Length": "-1"}),
-    "header length not a number": (b'{"inputs": []}', {"Inference-Header-Content-Length": "ten"}),
-    "wrong dtype": (json.dumps({"inputs": [{"name": "x", "datatype": "FP64", "shape": [1, 4], "data": [0.0] * 4}]})
-                    .encode(), {}),
-    "wrong shape": (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [0.0] * 4}]})
-                    .encode(), {}),
-    "count mismatch": (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.0]}]})
-                       .encode(), {}),
-    "terabyte shape": _binary_body(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1 << 20, 1 << 20],
-                     "parameters": {"binary_data_size": 16}}]}, b"\0" * 16),
-    "unknown datatype": (json.dumps({"inputs": [{"name": "x", "datatype": "FP8", "shape": [1], "data": [0]}]})
-                         .encode(), {}),
-    "bytes for numeric": (json.dumps({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1, 4],
-                                                  "data": ["a", "b", "c", "d"]}]}).encode(), {}),
-    "unknown input": (json.dumps({"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 4], "data": [0] * 4}]})
-                      .encode(), {}),
-    "bad gzip": (b"not gzip at all", {"Content-Encoding": "gzip"}),
-    "unknown encoding": (b"{}", {"Content-Encoding": "br"}),
-    "string data": (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
-                                            "data": ["1", "2", "3", "4"]}]}).encode(), {}),
-}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
@@ -268,8 +226,11 @@ def test_bad_infer_requests_are_4xx(server, deployed, case):
     response = _post_infer(server, "onnx_linear", body, headers)
     assert response.status_code == 400, response.text
     assert response.json()["error"]
-    ok = _post_infer(server, "onnx_linear", json.dumps(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).encode())
+    ok = _post_infer(
+        server,
+        "onnx_linear",
+        json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).encode(),
+    )
     assert ok.status_code == 200
 
 
@@ -295,26 +256,33 @@ def test_inference_series_add_up(client, deployed):
 
     before = series()
     for _ in range(3):
-        client.infer("onnx_linear", _inputs(deployed["onnx_linear"]))
+        client.infer("onnx_linear", model_inputs(deployed["onnx_linear"]))
     after = series()
     grew = {key: after[key] - before.get(key, 0.0) for key in after}
     assert grew[("arachne_inference_requests_total", None)] == 3
     assert grew[("arachne_inference_latency_seconds_count", None)] == 3
     assert grew[("arachne_inference_latency_seconds_bucket", "+Inf")] == 3
     assert grew[("arachne_inference_errors_total", None)] == 0
-    assert all(("arachne_inference_" + name, None) in after  # as prometheus_client's own metrics write them
-               for name in ("requests_created", "errors_created", "latency_seconds_created"))
+    assert all(
+        ("arachne_inference_" + name, None) in after  # as prometheus_client's own metrics write them
+        for name in ("requests_created", "errors_created", "latency_seconds_created")
+    )
     assert after[("arachne_inference_requests_total", None)] == (
         after[("arachne_inference_latency_seconds_count", None)] + after[("arachne_inference_errors_total", None)]
     )
-    buckets = [value for (name, le), value in sorted(after.items(), key=lambda kv: float(kv[0][1] or 0))
-               if name.endswith("_bucket")]
+    buckets = [
+        value
+        for (name, le), value in sorted(after.items(), key=lambda kv: float(kv[0][1] or 0))
+        if name.endswith("_bucket")
+    ]
     assert buckets == sorted(buckets) and 0 < after[("arachne_inference_latency_seconds_sum", None)] < 60
 
 
 def test_nan_and_inf_pass_through(client, deployed):
     x = np.array([[np.nan, np.inf, -np.inf, 1.0]], dtype=np.float32)
-    np.testing.assert_equal(client.infer("onnx_linear", {"x": x})["y"], _local(deployed["onnx_linear"], {"x": x})["y"])
+    np.testing.assert_equal(
+        client.infer("onnx_linear", {"x": x})["y"], local_outputs(deployed["onnx_linear"], {"x": x})["y"]
+    )
 
 
 def test_infer_paths_answer_like_every_route(server, deployed):
@@ -342,64 +310,26 @@ def test_unknown_model_and_bad_names(server, deployed):
     assert requests.get(f"{server.url}/no/such/route", timeout=10).json()["error"]
 
 
-def _tar(entries):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for info, data in entries:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buffer.getvalue()
-
-
-def _member(name, data=b"x", kind=tarfile.REGTYPE, linkname=""):
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = kind, linkname
-    info.size = len(data) if kind == tarfile.REGTYPE else 0
-    return info, data if kind == tarfile.REGTYPE else None
-
-
-def _hostile_archives(deployed):
-    mlmodel = (deployed["onnx_linear"] / "MLmodel").read_bytes()
-    model = (deployed["onnx_linear"] / "model.onnx").read_bytes()
-    whole = _tar([_member("MLmodel", mlmodel), _member("model.onnx", model)])
-    return {
-        "dot-dot": _tar([_member("../escape", b"bad"), _member("MLmodel", mlmodel)]),
-        "absolute": _tar([_member("/tmp/arachne-escape", b"bad")]),
-        "symlink out": _tar([_member("link", kind=tarfile.SYMTYPE, linkname="/etc/passwd")]),
-        "hardlink out": _tar([_member("hard", kind=tarfile.LNKTYPE, linkname="../../outside")]),
-        "device file": _tar([_member("dev", kind=tarfile.CHRTYPE)]),
-        "not a tar": b"hello, this is not a tar archive at all" * 20,
-        "no MLmodel": _tar([_member("model.onnx", model)]),
-        "truncated": whole[: whole.index(model) + len(model) // 2],
-    }
-
-
 def test_hostile_archives_are_refused(server, client, deployed, tmp_path):
-    before = client.model_info("onnx_linear")
-    for case, body in _hostile_archives(deployed).items():
+    before = client.model_record("onnx_linear")
+    for case, body in hostile_archives(deployed).items():
         for name in ("onnx_linear", "fresh-name"):
             response = requests.put(f"{server.url}/v2/repository/models/{name}", data=body, timeout=30)
             assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
             assert response.json()["error"], case
-    assert client.model_info("fresh-name") is None
-    assert client.model_info("onnx_linear")["digest"] == before["digest"]
+    assert client.model_record("fresh-name") is None
+    assert client.model_record("onnx_linear")["digest"] == before["digest"]
     assert not (server.store.parent / "escape").exists()
     assert sorted(p.name for p in (server.store / "onnx_linear").iterdir()) == sorted(
         ["CURRENT.json", json.loads((server.store / "onnx_linear" / "CURRENT.json").read_text())["version_dir"]]
     )
-    client.infer("onnx_linear", _inputs(deployed["onnx_linear"]))
+    client.infer("onnx_linear", model_inputs(deployed["onnx_linear"]))
 
 
-ROUTES = [
-    ("GET", "/v2"), ("GET", "/v2/models/m"), ("GET", "/v2/models/m/ready"), ("POST", "/v2/models/m/infer"),
-    ("POST", "/v2/models/m/benchmark"), ("POST", "/v2/repository/index"), ("POST", "/v2/repository/models/m/load"),
-    ("POST", "/v2/repository/models/m/unload"), ("GET", "/v2/repository/models/m"),
-    ("PUT", "/v2/repository/models/m"), ("DELETE", "/v2/repository/models/m"), ("GET", "/metrics"),
-]
-
-
-def test_token_guards_every_route_but_health_and_caps_uploads(tmp_path, mlflow_models):  # noqa: F811
-    secured = ServerProcess(tmp_path / "store", token="s3cret",
-                            extra_args=["--max-upload-mb", "1", "--max-request-mb", "1"]).start()
+def test_token_guards_every_route_but_health_and_caps_uploads(tmp_path, mlflow_models):
+    secured = ServerProcess(
+        tmp_path / "store", token="s3cret", extra_args=["--max-upload-mb", "1", "--max-request-mb", "1"]
+    ).start()
     try:
         for method, path in ROUTES:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
@@ -424,10 +354,20 @@ def test_token_guards_every_route_but_health_and_caps_uploads(tmp_path, mlflow_m
             assert owner.infer("linear", [np.ones((1, 4), np.float32)])["y"].shape == (1, 3)
             with pytest.raises(InvalidInputError, match="exceeds the limit of 1048576"):  # --max-request-mb
                 owner.infer("linear", [np.ones((70_000, 4), np.float32)])
-            zeros = gzip.compress(json.dumps({"inputs": [
-                {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.0] * 4}], "pad": " " * 2**21}).encode())
-            response = requests.post(f"{secured.url}/v2/models/linear/infer", data=zeros, timeout=30,
-                                     headers={"Authorization": "Bearer s3cret", "Content-Encoding": "gzip"})
+            zeros = gzip.compress(
+                json.dumps(
+                    {
+                        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.0] * 4}],
+                        "pad": " " * 2**21,
+                    }
+                ).encode()
+            )
+            response = requests.post(
+                f"{secured.url}/v2/models/linear/infer",
+                data=zeros,
+                timeout=30,
+                headers={"Authorization": "Bearer s3cret", "Content-Encoding": "gzip"},
+            )
             assert len(zeros) < 64 * 1024 and response.status_code == 413
             assert "decompressed request body exceeds" in response.json()["error"]
             big = tmp_path / "big"
@@ -437,13 +377,17 @@ def test_token_guards_every_route_but_health_and_caps_uploads(tmp_path, mlflow_m
             (big / "padding.bin").write_bytes(bytes(3 * 1024**2))
             with pytest.raises(Exception, match="exceeds the limit"):
                 owner.upload_model("huge", big, files=["MLmodel", "model.onnx", "padding.bin"])
-            assert owner.model_info("huge") is None
+            assert owner.model_record("huge") is None
             bomb = io.BytesIO()  # 3 MiB of zeros in a few KiB of gzip
             with tarfile.open(fileobj=bomb, mode="w:gz") as tar:
                 tar.add(big / "MLmodel", "MLmodel")
                 tar.add(big / "padding.bin", "model.onnx")
-            response = requests.put(f"{secured.url}/v2/repository/models/bomb", data=bomb.getvalue(), timeout=30,
-                                    headers={"Authorization": "Bearer s3cret"})
+            response = requests.put(
+                f"{secured.url}/v2/repository/models/bomb",
+                data=bomb.getvalue(),
+                timeout=30,
+                headers={"Authorization": "Bearer s3cret"},
+            )
             assert len(bomb.getvalue()) < 64 * 1024 and response.status_code == 400
             assert "exceeds the limit" in response.json()["error"]
             assert [m["name"] for m in owner.repository_index()] == ["linear"]
@@ -451,7 +395,7 @@ def test_token_guards_every_route_but_health_and_caps_uploads(tmp_path, mlflow_m
         secured.stop()
 
 
-def test_models_come_back_after_a_restart(tmp_path, mlflow_models):  # noqa: F811
+def test_models_come_back_after_a_restart(tmp_path, mlflow_models):
     store = tmp_path / "store"
     first = ServerProcess(store).start()
     names = ["onnx_two_io", "tflite_cnn", "tvm_linear"]
@@ -459,9 +403,9 @@ def test_models_come_back_after_a_restart(tmp_path, mlflow_models):  # noqa: F81
         with DeviceClient("127.0.0.1", first.port) as device:
             for name in names:
                 device.upload_model(name, mlflow_models[name])
-            device.upload_model("tvm_linear", mlflow_models["tvm_linear"], force=True, info={"run_id": "r2"})
-            before = {name: device.model_info(name) for name in names}
-            x = _inputs(mlflow_models["tflite_cnn"])
+            device.upload_model("tvm_linear", mlflow_models["tvm_linear"], force=True, provenance={"run_id": "r2"})
+            before = {name: device.model_record(name) for name in names}
+            x = model_inputs(mlflow_models["tflite_cnn"])
             expected = device.infer("tflite_cnn", x)
     finally:
         first.stop()
@@ -472,8 +416,8 @@ def test_models_come_back_after_a_restart(tmp_path, mlflow_models):  # noqa: F81
         with DeviceClient("127.0.0.1", second.port) as device:
             assert {m["name"]: m["state"] for m in device.repository_index()} == dict.fromkeys(names, "READY")
             for name in names:
-                assert device.model_info(name) == before[name]
-            assert before["tvm_linear"]["version"] == 2 and before["tvm_linear"]["info"] == {"run_id": "r2"}
+                assert device.model_record(name) == before[name]
+            assert before["tvm_linear"]["revision"] == 2 and before["tvm_linear"]["provenance"] == {"run_id": "r2"}
             got = device.infer("tflite_cnn", x)
             for key in expected:
                 np.testing.assert_equal(got[key], expected[key])
@@ -487,29 +431,35 @@ def test_models_come_back_after_a_restart(tmp_path, mlflow_models):  # noqa: F81
 def test_refuses_a_directory_that_is_not_a_model_store(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep me")
-    done = subprocess.run([sys.executable, "-m", "arachne_mlflow.server", "--model-store", str(tmp_path),
-                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "arachne_mlflow.server", "--model-store", str(tmp_path), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0 and "is not a model store" in done.stderr
     assert "WITHOUT A TOKEN" in done.stderr  # the loud warning for a non-loopback bind without a token
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
 
 
 def test_server_client_and_remote_runtime_import_no_mlflow():
-    code = ("import sys, arachne_mlflow.server.app, arachne_mlflow.server.main, arachne_mlflow.client, "
-            "arachne_mlflow.runtime.remote; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))")
+    code = (
+        "import sys, arachne_mlflow.server.app, arachne_mlflow.server.main, arachne_mlflow.client, "
+        "arachne_mlflow.runtime.remote; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
-def test_kill_during_an_upload_keeps_the_last_complete_version(tmp_path, mlflow_models):  # noqa: F811
-    from arachne_mlflow.archive import stream_tar
+def test_kill_during_an_upload_keeps_the_last_complete_version(tmp_path, mlflow_models):
+    from arachne_mlflow.model.archive import stream_tar
 
     store = tmp_path / "store"
     server = ServerProcess(store).start()
     source = mlflow_models["tflite_cnn"]
     with DeviceClient("127.0.0.1", server.port) as device:
         device.upload_model("m", mlflow_models["onnx_linear"])
-        before = device.model_info("m")
+        before = device.model_record("m")
     sending, killed, outcome = threading.Event(), threading.Event(), []
 
     def body():
@@ -517,7 +467,7 @@ def test_kill_during_an_upload_keeps_the_last_complete_version(tmp_path, mlflow_
             yield chunk[: len(chunk) // 2]
             sending.set()
             killed.wait(30)  # the rest is sent only once the server is gone
-            yield chunk[len(chunk) // 2:]
+            yield chunk[len(chunk) // 2 :]
 
     def upload():
         try:
@@ -541,7 +491,7 @@ def test_kill_during_an_upload_keeps_the_last_complete_version(tmp_path, mlflow_
     restarted = ServerProcess(store).start()
     try:
         with DeviceClient("127.0.0.1", restarted.port) as device:
-            assert device.model_info("m") == before
+            assert device.model_record("m") == before
             assert device.infer("m", [np.ones((1, 4), np.float32)])["y"].shape == (1, 3)
         assert not list((store / "m").glob(".incoming-*"))
     finally:
@@ -565,13 +515,14 @@ def test_models_this_machine_cannot_run_are_refused(client, deployed, tmp_path):
     with pytest.raises(Exception, match="cannot load") as caught:
         client.upload_model("garbage", garbage)
     assert caught.value.status_code == 400
-    assert client.model_info("foreign") is None and client.model_info("garbage") is None
-    assert client.ready() and client.infer("tvm_linear", _inputs(deployed["tvm_linear"]))["y"].shape == (1, 3)
+    assert client.model_record("foreign") is None and client.model_record("garbage") is None
+    assert client.ready() and client.infer("tvm_linear", model_inputs(deployed["tvm_linear"]))["y"].shape == (1, 3)
 
 
 @pytest.mark.parametrize("info", ["[1, 2]", "{not json", '{"k": "' + "v" * 20_000 + '"}'])
 def test_bad_model_info_header_is_refused(server, deployed, info):
     body = (deployed["onnx_linear"] / "MLmodel").read_bytes()
-    response = requests.put(f"{server.url}/v2/repository/models/info-test", data=body, timeout=10,
-                            headers={"Arachne-Model-Info": info})
-    assert response.status_code == 400 and "Arachne-Model-Info" in response.json()["error"]
+    response = requests.put(
+        f"{server.url}/v2/repository/models/info-test", data=body, timeout=10, headers={"Arachne-Provenance": info}
+    )
+    assert response.status_code == 400 and "Arachne-Provenance" in response.json()["error"]

@@ -7,12 +7,13 @@ arrives as a one-column DataFrame of rows (float64 or int64) and `{"inputs": {"a
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from arachne_mlflow import codec
+from arachne_mlflow.protocol.datatypes import from_datatype
 
 
 def to_arrays(inputs: Any, specs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -33,7 +34,7 @@ def to_arrays(inputs: Any, specs: Sequence[Mapping[str, Any]]) -> dict[str, np.n
         arrays = {names[0]: inputs}
     else:
         raise MlflowException(f"the model takes several inputs {names}: pass a dict name -> array")
-    dtypes = {spec["name"]: codec.from_datatype(spec["datatype"]) for spec in specs}
+    dtypes = {spec["name"]: from_datatype(spec["datatype"]) for spec in specs}
     return {str(name): _cast(np.asarray(value), dtypes.get(str(name))) for name, value in arrays.items()}
 
 
@@ -50,9 +51,7 @@ def _from_frame(frame: Any, specs: Sequence[Mapping[str, Any]]) -> dict[str, Any
         values = frame.to_numpy()
         shape = list(specs[0]["shape"])[1:]
         return {names[0]: values.reshape(len(frame), *shape) if shape and min(shape) > 0 else values}
-    raise MlflowException(
-        f"the DataFrame's columns {list(map(str, frame.columns))} are not the model's inputs {names}"
-    )
+    raise MlflowException(f"the DataFrame's columns {list(map(str, frame.columns))} are not the model's inputs {names}")
 
 
 def _stack(column: Any) -> np.ndarray:

@@ -14,10 +14,10 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from arachne_mlflow.archive import stream_tar
 from arachne_mlflow.deployments.source import resolve
 from arachne_mlflow.errors import ArachneError
-from arachne_mlflow.model_dir import FLAVOR_NAME
+from arachne_mlflow.model.archive import stream_tar
+from arachne_mlflow.model.directory import FLAVOR_NAME
 
 
 def run_local(name: str, model_uri: str, flavor: str | None = None, config: dict[str, Any] | None = None) -> None:
@@ -62,6 +62,6 @@ def _install(name: str, source: Any, store_dir: Path, archive: Path) -> None:
     try:
         store.open()
         with open(archive, "rb") as file:
-            store.put(name, file, source.info)
+            store.put(name, file, source.provenance)
     finally:
         store.close()

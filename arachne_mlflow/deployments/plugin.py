@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
@@ -27,7 +28,7 @@ from arachne_mlflow.errors import (
     InvalidInputError,
     ModelNotFoundError,
 )
-from arachne_mlflow.model_dir import FLAVOR_NAME
+from arachne_mlflow.model.directory import FLAVOR_NAME
 
 # Models at least this large get a progress bar when stderr is a terminal (`-C progress=...` decides otherwise).
 PROGRESS_MIN_BYTES = 1 << 20
@@ -59,14 +60,10 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         return self._push(name, model_uri, flavor, config, replace=True)
 
     def delete_deployment(self, name, config=None, endpoint=None):
-        """Remove `name` from every device; a device that never had it is not an error."""
+        """Remove `name` from every device. Idempotent, as MLflow's contract asks: a device that does
+        not have it (any more) is not an error, so deleting twice succeeds."""
         results = self._each(config, lambda device, client: client.delete_model(name))
-        failed = _failures(results)
-        missing = {d for d, r in failed.items() if isinstance(r, ModelNotFoundError)}
-        if len(missing) == len(self.devices):
-            raise MlflowException(f"no deployment {name!r} on {_names(self.devices)}",
-                                  error_code=RESOURCE_DOES_NOT_EXIST)
-        failed = {d: r for d, r in failed.items() if d not in missing}
+        failed = {d: r for d, r in _failures(results).items() if not isinstance(r, ModelNotFoundError)}
         if len(failed) == len(self.devices):
             raise MlflowException(f"could not delete deployment {name!r}: {_report(failed)}")
         if failed:
@@ -89,8 +86,9 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
 
     def get_deployment(self, name, endpoint=None):
         """Provenance, runtime and signature of the newest copy, and the state on each device."""
+
         def describe(device: Device, client: Any) -> dict[str, Any] | None:
-            record = client.model_info(name)
+            record = client.model_record(name)
             if record is not None:
                 record["metadata"] = client.model_metadata(name)
             return record
@@ -99,15 +97,17 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         records = {d: r for d, r in results.items() if isinstance(r, dict)}
         if not records:
             failed = _failures(results)
-            raise MlflowException(f"no deployment {name!r} on {_names(self.devices)}"
-                                  + (f" ({_report(failed)})" if failed else ""), error_code=RESOURCE_DOES_NOT_EXIST)
+            raise MlflowException(
+                f"no deployment {name!r} on {_names(self.devices)}" + (f" ({_report(failed)})" if failed else ""),
+                error_code=RESOURCE_DOES_NOT_EXIST,
+            )
         latest = max(records.values(), key=lambda r: r["uploaded_at"])
         metadata = latest["metadata"]
         return {
             "name": name,
             "flavor": FLAVOR_NAME,
             "runtime": latest["runtime"],
-            **latest["info"],
+            **latest["provenance"],
             "signature": {"inputs": metadata["inputs"], "outputs": metadata["outputs"]},
             "deployed_at": latest["uploaded_at"],
             "devices": [_device_state(d, results[d]) for d in self.devices],
@@ -148,30 +148,38 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
                 progress = flag("progress", progress, sys.stderr.isatty() and source.size >= PROGRESS_MIN_BYTES)
             except ArachneError as err:
                 raise MlflowException(f"cannot deploy {model_uri}: {err}") from err
-            results = self._each(config, lambda device, client: _push_one(device, client, name, source, replace,
-                                                                          progress))
+            results = self._each(
+                config, lambda device, client: _push_one(device, client, name, source, replace, progress)
+            )
         failed = _failures(results)
         if len(failed) == len(self.devices):
             raise MlflowException(f"{action} of deployment {name!r} failed: {_report(failed)}")
         if failed:
             done = ", ".join(f"{d} ({r})" for d, r in results.items() if d not in failed)
-            warnings.warn(f"{action} of deployment {name!r} failed on {_report(failed)}; "
-                          f"the new version is on {done}", stacklevel=3)
+            warnings.warn(
+                f"{action} of deployment {name!r} failed on {_report(failed)}; the new version is on {done}",
+                stacklevel=3,
+            )
         return {
             "name": name,
             "flavor": FLAVOR_NAME,
             "runtime": source.model.runtime,
-            **source.info,
-            "devices": [{"device": str(d), "state": "failed", "error": str(r)} if d in failed
-                        else {"device": str(d), "state": r} for d, r in results.items()],
+            **source.provenance,
+            "devices": [
+                {"device": str(d), "state": "failed", "error": str(r)}
+                if d in failed
+                else {"device": str(d), "state": r}
+                for d, r in results.items()
+            ],
         }
 
     def _client(self, device: Device, config: dict | None):
         from arachne_mlflow.client import DeviceClient
 
         conn = connection(config)
-        return DeviceClient(device.host, device.port, token=conn.token, tls=conn.tls, ca_cert=conn.ca_cert,
-                            timeout=conn.timeout)
+        return DeviceClient(
+            device.host, device.port, token=conn.token, tls=conn.tls, ca_cert=conn.ca_cert, timeout=conn.timeout
+        )
 
     def _each(self, config: dict | None, action: Callable[[Device, Any], Any]) -> dict[Device, Any]:
         """`action(device, client)` on every device in parallel; an `ArachneError` comes back as the result."""
@@ -191,14 +199,16 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
 def _push_one(device: Device, client: Any, name: str, source: ModelSource, replace: bool, progress: bool) -> str:
     """Check that the device can run the model and may take it, then stream its files; the device's new state."""
     check_device_can_run(client.server_metadata(), source, device)
-    stored = client.model_info(name)
+    stored = client.model_record(name)
     if replace and stored is None:
         raise ModelNotFoundError(f"device {device} has no deployment {name!r} to update: create it")
     if not replace and stored is not None:
         raise InvalidInputError(f"device {device} already has a deployment {name!r}: update it")
-    if stored is not None and stored["digest"] == source.digest and stored["info"] == source.info:
+    if stored is not None and stored["digest"] == source.digest and stored["provenance"] == source.provenance:
         return "unchanged"
-    client.upload_model(name, source.model.path, files=source.files, info=source.info, progress=progress, force=True)
+    client.upload_model(
+        name, source.model.path, files=source.files, provenance=source.provenance, progress=progress, force=True
+    )
     return "deployed"
 
 
@@ -237,10 +247,16 @@ def _device_state(device: Device, result: Any) -> dict[str, Any]:
         return {"device": str(device), "state": state, "error": str(result)}
     if result is None:
         return {"device": str(device), "state": "absent"}
-    provenance = {k: v for k, v in result["info"].items() if k in ("model_uri", "registered_model", "version")}
-    return {"device": str(device), "state": result["state"], **provenance, "revision": result["version"],
-            "deployed_at": result["uploaded_at"], "digest": result["digest"],
-            **({"reason": result["reason"]} if result.get("reason") else {})}
+    provenance = {k: v for k, v in result["provenance"].items() if k in ("model_uri", "registered_model", "version")}
+    return {
+        "device": str(device),
+        "state": result["state"],
+        **provenance,
+        "revision": result["revision"],
+        "deployed_at": result["uploaded_at"],
+        "digest": result["digest"],
+        **({"reason": result["reason"]} if result.get("reason") else {}),
+    }
 
 
 def _failures(results: dict[Device, Any]) -> dict[Device, Exception]:

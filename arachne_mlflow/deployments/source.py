@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from arachne_mlflow.archive import tar_size
-from arachne_mlflow.digest import files_digest
-from arachne_mlflow.model_dir import ArachneModel, read_model_dir
+from arachne_mlflow.model.archive import tar_size
+from arachne_mlflow.model.digest import files_digest
+from arachne_mlflow.model.directory import ArachneModel, read_model_dir
 
 
 @dataclass
@@ -18,7 +18,7 @@ class ModelSource:
     files: list[str]
     digest: str
     size: int
-    info: dict[str, Any]
+    provenance: dict[str, Any]
 
 
 def resolve(model_uri: str, dst_path: str) -> ModelSource:
@@ -33,15 +33,20 @@ def resolve(model_uri: str, dst_path: str) -> ModelSource:
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path)
     model = read_model_dir(local)
     files = sorted(set(model.files()))
-    info: dict[str, Any] = {
+    provenance: dict[str, Any] = {
         "model_uri": model_uri,
         "run_id": model.mlmodel.get("run_id"),
         "model_id": model.mlmodel.get("model_id"),
     }
     if model_uri.startswith("models:/"):
-        info.update(_registry_provenance(model_uri))
-    return ModelSource(model, files, files_digest(model.path, files), tar_size(model.path, files),
-                       {k: v for k, v in info.items() if v is not None})
+        provenance.update(_registry_provenance(model_uri))
+    return ModelSource(
+        model,
+        files,
+        files_digest(model.path, files),
+        tar_size(model.path, files),
+        {k: v for k, v in provenance.items() if v is not None},
+    )
 
 
 def _registry_provenance(model_uri: str) -> dict[str, Any]:
@@ -55,7 +60,7 @@ def _registry_provenance(model_uri: str) -> dict[str, Any]:
         return {}
     name, version = resolved
     result: dict[str, Any] = {"registered_model": name, "version": str(version)}
-    path = model_uri[len("models:/"):]
+    path = model_uri[len("models:/") :]
     if "@" in path and "/" not in path:
         result["alias"] = path.rsplit("@", 1)[1]
     run_id = client.get_model_version(name, str(version)).run_id

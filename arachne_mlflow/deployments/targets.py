@@ -1,17 +1,18 @@
 """Target URIs and config of the `arachne-jetson` deployments target: which devices, how to reach them.
 
-    arachne-jetson                               ARACHNE_DEVICE, default localhost:5051
-    arachne-jetson://jetson-1:5051               one device
-    arachne-jetson:/jetson-1:5051                the form `mlflow deployments` also accepts
-    arachne-jetson://jetson-1:5051,jetson-2      a fleet (the port defaults to 5051)
+arachne-jetson                               ARACHNE_DEVICE, default localhost:5051
+arachne-jetson://jetson-1:5051               one device
+arachne-jetson:/jetson-1:5051                the form `mlflow deployments` also accepts
+arachne-jetson://jetson-1:5051,jetson-2      a fleet (the port defaults to 5051)
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from arachne_mlflow.errors import InvalidInputError
 
@@ -48,7 +49,7 @@ def parse_devices(target_uri: str) -> list[Device]:
     """The devices a target URI names, in order, without duplicates."""
     if target_uri != SCHEME and not target_uri.startswith(SCHEME + ":"):
         raise InvalidInputError(f"target {target_uri!r} is not an {SCHEME} target")
-    rest = target_uri[len(SCHEME):].lstrip(":").lstrip("/")
+    rest = target_uri[len(SCHEME) :].lstrip(":").lstrip("/")
     if not rest:
         rest = os.environ.get("ARACHNE_DEVICE") or DEFAULT_DEVICE
     devices: list[Device] = []

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from mlflow import pyfunc
@@ -38,9 +39,10 @@ from mlflow.utils.model_utils import _add_code_from_conf_to_system_path, _valida
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from arachne_mlflow import __version__
+from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.model_dir import FLAVOR_NAME, ArachneModel, parse_signature, read_model_dir
-from arachne_mlflow.tensor_spec import TensorSpec
+from arachne_mlflow.model.directory import FLAVOR_NAME, ArachneModel, parse_signature, read_model_dir
+from arachne_mlflow.model.spec import TensorSpec
 
 _logger = logging.getLogger(__name__)
 
@@ -105,7 +107,9 @@ def from_mlflow_signature(signature: ModelSignature) -> Specs:
         raise InvalidInputError(f"signature must be an mlflow.models.ModelSignature, got {type(signature).__name__}")
     if signature.inputs is None:
         raise InvalidInputError("signature has no inputs")
-    if not signature.inputs.is_tensor_spec() or (signature.outputs is not None and not signature.outputs.is_tensor_spec()):
+    if not signature.inputs.is_tensor_spec() or (
+        signature.outputs is not None and not signature.outputs.is_tensor_spec()
+    ):
         raise InvalidInputError("signature must be tensor-based (mlflow.types.TensorSpec), not column-based")
     inputs, outputs = parse_signature(signature.to_dict())
     if any(not s.name for s in signature.inputs.inputs):
@@ -153,9 +157,16 @@ def _resolve_signature(runtime: str, path: Path, files: ModelFiles, signature: M
     """The given signature checked against the model, or one inferred from it."""
     specs = files.specs
     if files.loadable:
-        model = ArachneModel(path=path, runtime=runtime, model_file=files.model_file, runtime_options=files.runtime_options,
-                             tvm=files.tvm, inputs=list(specs[0]) if specs else [], outputs=list(specs[1]) if specs else [])
-        with model.load() as module:
+        model = ArachneModel(
+            path=path,
+            runtime=runtime,
+            model_file=files.model_file,
+            runtime_options=files.runtime_options,
+            tvm=files.tvm,
+            inputs=list(specs[0]) if specs else [],
+            outputs=list(specs[1]) if specs else [],
+        )
+        with arachne_runtime.load(model) as module:
             loaded = (module.input_specs, module.output_specs)
     elif specs is not None:
         _logger.info("model %s is for another machine: its tensor spec is taken as given", files.model_file)
@@ -200,10 +211,18 @@ def save_model(
             _save_example(mlflow_model, input_example, str(path))
         if metadata is not None:
             mlflow_model.metadata = metadata
-        pyfunc.add_to_model(mlflow_model, loader_module=PYFUNC_LOADER_MODULE, code=code_dir,
-                            conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME)
-        block: dict[str, Any] = {"runtime": runtime, "model_file": files.model_file,
-                                 "runtime_options": files.runtime_options}
+        pyfunc.add_to_model(
+            mlflow_model,
+            loader_module=PYFUNC_LOADER_MODULE,
+            code=code_dir,
+            conda_env=_CONDA_ENV_FILE_NAME,
+            python_env=_PYTHON_ENV_FILE_NAME,
+        )
+        block: dict[str, Any] = {
+            "runtime": runtime,
+            "model_file": files.model_file,
+            "runtime_options": files.runtime_options,
+        }
         if files.tvm:
             block["tvm"] = files.tvm
         if files.extra_files:
@@ -237,7 +256,7 @@ def load_model(runtime: str, model_uri: str, dst_path: str | None = None, **runt
             f"{model_uri} is a {model.runtime!r} model: load it with arachne_mlflow.flavors.{model.runtime}.load_model"
         )
     _add_code_from_conf_to_system_path(local_path, model.mlmodel["flavors"][FLAVOR_NAME])
-    return model.load(**runtime_options)
+    return arachne_runtime.load(model, **runtime_options)
 
 
 def load_pyfunc(path: str, model_config: dict[str, Any] | None = None):

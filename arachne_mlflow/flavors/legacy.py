@@ -12,26 +12,29 @@ import contextlib
 import importlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.legacy import LegacyEnv, extract_package, read_env_file
+from arachne_mlflow.model.legacy import LegacyEnv, extract_package, read_env_file
 
 RUNTIME_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx", ".so": "tvm", ".tar": "tvm"}
 # Old pip packages that the flavors' default requirements supersede.
 SUPERSEDED = {"tvm", "apache-tvm", "tensorflow", "tensorflow-cpu", "tflite-runtime", "onnx", "onnxruntime"}
 
 
-def save_legacy_model(path: str | os.PathLike, package_tar=None, model_file=None, env_file=None,
-                      runtime: str | None = None, **kwargs: Any) -> None:
+def save_legacy_model(
+    path: str | os.PathLike, package_tar=None, model_file=None, env_file=None, runtime: str | None = None, **kwargs: Any
+) -> None:
     """Save the old model as an MLflow model at `path`; `kwargs` go to the flavor's `save_model`."""
     with _legacy_arguments(package_tar, model_file, env_file, runtime, kwargs) as (flavor, model, arguments):
         flavor.save_model(model, path, **arguments)
 
 
-def log_legacy_model(name: str | None = None, package_tar=None, model_file=None, env_file=None,
-                     runtime: str | None = None, **kwargs: Any):
+def log_legacy_model(
+    name: str | None = None, package_tar=None, model_file=None, env_file=None, runtime: str | None = None, **kwargs: Any
+):
     """Log the old model (see `save_legacy_model`); returns MLflow's `ModelInfo`."""
     with _legacy_arguments(package_tar, model_file, env_file, runtime, kwargs) as (flavor, model, arguments):
         return flavor.log_model(model, name=name, **arguments)
@@ -49,8 +52,14 @@ def _legacy_arguments(package_tar, model_file, env_file, runtime, kwargs) -> Ite
         env = read_env_file(env_file) if env_file is not None else LegacyEnv()
         runtime = runtime or RUNTIME_BY_SUFFIX.get(Path(model_file).suffix)
         if runtime not in ("tflite", "onnx", "tvm"):
-            raise InvalidInputError(f"cannot tell the runtime of {Path(model_file).name}: pass runtime= (tflite, onnx or tvm)")
-        yield importlib.import_module(f"arachne_mlflow.flavors.{runtime}"), os.fspath(model_file), _arguments(runtime, env, kwargs)
+            raise InvalidInputError(
+                f"cannot tell the runtime of {Path(model_file).name}: pass runtime= (tflite, onnx or tvm)"
+            )
+        yield (
+            importlib.import_module(f"arachne_mlflow.flavors.{runtime}"),
+            os.fspath(model_file),
+            _arguments(runtime, env, kwargs),
+        )
 
 
 def _arguments(runtime: str, env: LegacyEnv, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +74,9 @@ def _arguments(runtime: str, env: LegacyEnv, kwargs: dict[str, Any]) -> dict[str
     if runtime == "tvm" and env.tvm_device:
         arguments.setdefault("tvm_device", env.tvm_device)
     pip, other = split_dependencies(env.dependencies)
-    if pip and not any(arguments.get(k) is not None for k in ("pip_requirements", "extra_pip_requirements", "conda_env")):
+    if pip and not any(
+        arguments.get(k) is not None for k in ("pip_requirements", "extra_pip_requirements", "conda_env")
+    ):
         arguments["extra_pip_requirements"] = pip
     if other:
         arguments["metadata"] = {"legacy_dependencies": other, **(arguments.get("metadata") or {})}

@@ -20,13 +20,20 @@ from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 
 from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
 from arachne_mlflow.flavors import _common
-from arachne_mlflow.model_dir import FLAVOR_NAME
+from arachne_mlflow.model.directory import FLAVOR_NAME
 
 RUNTIME = "onnx"
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
 _PROTOBUF_LIMIT = 2**31 - 1  # a larger model cannot be one protobuf: its weights go to external data
-__all__ = ["FLAVOR_NAME", "get_default_pip_requirements", "get_default_conda_env", "save_model", "log_model", "load_model"]
+__all__ = [
+    "FLAVOR_NAME",
+    "get_default_pip_requirements",
+    "get_default_conda_env",
+    "save_model",
+    "log_model",
+    "load_model",
+]
 
 
 def get_default_pip_requirements() -> list[str]:
@@ -68,13 +75,23 @@ def save_model(
         extra_files = [EXTERNAL_DATA_FILE] if (directory / EXTERNAL_DATA_FILE).is_file() else []
         providers = [p if isinstance(p, str) else p[0] for p in options.get("providers", ["CPUExecutionProvider"])]
         mlflow_onnx = {"onnx_version": onnx.__version__, "data": MODEL_FILE, "providers": providers}
-        return _common.ModelFiles(MODEL_FILE, runtime_options=options, extra_files=extra_files,
-                                  extra_flavors={"onnx": mlflow_onnx})
+        return _common.ModelFiles(
+            MODEL_FILE, runtime_options=options, extra_files=extra_files, extra_flavors={"onnx": mlflow_onnx}
+        )
 
     _common.save_model(
-        RUNTIME, path, write, get_default_pip_requirements, conda_env=conda_env, code_paths=code_paths,
-        mlflow_model=mlflow_model, signature=signature, input_example=input_example,
-        pip_requirements=pip_requirements, extra_pip_requirements=extra_pip_requirements, metadata=metadata,
+        RUNTIME,
+        path,
+        write,
+        get_default_pip_requirements,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        mlflow_model=mlflow_model,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        metadata=metadata,
     )
 
 
@@ -96,11 +113,21 @@ def log_model(
 ):
     """Log an ONNX model to the active run (or none); returns MLflow's `ModelInfo`."""
     return _common.log_model(
-        sys.modules[__name__], model, name, registered_model_name=registered_model_name,
-        await_registration_for=await_registration_for, signature=signature, input_example=input_example,
-        pip_requirements=pip_requirements, extra_pip_requirements=extra_pip_requirements, conda_env=conda_env,
-        code_paths=code_paths, metadata=metadata, runtime_options=runtime_options,
-        save_as_external_data=save_as_external_data, **kwargs,
+        sys.modules[__name__],
+        model,
+        name,
+        registered_model_name=registered_model_name,
+        await_registration_for=await_registration_for,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        metadata=metadata,
+        runtime_options=runtime_options,
+        save_as_external_data=save_as_external_data,
+        **kwargs,
     )
 
 
@@ -118,9 +145,13 @@ def _check_runtime_options(runtime_options: dict[str, Any] | None) -> dict[str, 
     options = dict(runtime_options or {})
     unknown = set(options) - {"providers", "provider_options", "sess_options"}
     if unknown:
-        raise InvalidInputError(f"unknown onnx runtime_options {sorted(unknown)}: use providers, provider_options, sess_options")
+        raise InvalidInputError(
+            f"unknown onnx runtime_options {sorted(unknown)}: use providers, provider_options, sess_options"
+        )
     if "sess_options" in options and not isinstance(options["sess_options"], dict):
-        raise InvalidInputError("runtime_options['sess_options'] must be a dict (attributes and config entries) to be stored")
+        raise InvalidInputError(
+            "runtime_options['sess_options'] must be a dict (attributes and config entries) to be stored"
+        )
     if "providers" in options:
         providers = options["providers"]
         providers = [providers] if isinstance(providers, str) else providers
@@ -145,9 +176,17 @@ def _write_model(model: Any, target: Path, external: bool) -> None:
         copy.CopyFrom(model)  # onnx.save_model with external data rewrites the proto it is given
         model = copy
     else:
-        raise InvalidInputError(f"an ONNX model is an onnx.ModelProto, a .onnx path or bytes, got {type(model).__name__}")
+        raise InvalidInputError(
+            f"an ONNX model is an onnx.ModelProto, a .onnx path or bytes, got {type(model).__name__}"
+        )
     if external or model.ByteSize() > _PROTOBUF_LIMIT:
-        onnx.save_model(model, os.fspath(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=0)
+        onnx.save_model(
+            model,
+            os.fspath(target),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_FILE,
+            size_threshold=0,
+        )
     else:
         target.write_bytes(model.SerializeToString())

@@ -1,9 +1,9 @@
 """MLflow flavor for TFLite models, run by LiteRT (`ai-edge-litert`, not full TensorFlow).
 
-    from arachne_mlflow.flavors import tflite
-    info = tflite.log_model("model.tflite", name="model", registered_model_name="cnn")
-    module = tflite.load_model(info.model_uri)            # a RuntimeModule
-    mlflow.pyfunc.load_model(info.model_uri).predict(x)   # through arachne_mlflow.pyfunc
+from arachne_mlflow.flavors import tflite
+info = tflite.log_model("model.tflite", name="model", registered_model_name="cnn")
+module = tflite.load_model(info.model_uri)            # a RuntimeModule
+mlflow.pyfunc.load_model(info.model_uri).predict(x)   # through arachne_mlflow.pyfunc
 """
 
 from __future__ import annotations
@@ -18,11 +18,18 @@ from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 
 from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
 from arachne_mlflow.flavors import _common
-from arachne_mlflow.model_dir import FLAVOR_NAME
+from arachne_mlflow.model.directory import FLAVOR_NAME
 
 RUNTIME = "tflite"
 MODEL_FILE = "model.tflite"
-__all__ = ["FLAVOR_NAME", "get_default_pip_requirements", "get_default_conda_env", "save_model", "log_model", "load_model"]
+__all__ = [
+    "FLAVOR_NAME",
+    "get_default_pip_requirements",
+    "get_default_conda_env",
+    "save_model",
+    "log_model",
+    "load_model",
+]
 
 
 def get_default_pip_requirements() -> list[str]:
@@ -57,9 +64,18 @@ def save_model(
         return _common.ModelFiles(MODEL_FILE, runtime_options=dict(runtime_options or {}))
 
     _common.save_model(
-        RUNTIME, path, write, get_default_pip_requirements, conda_env=conda_env, code_paths=code_paths,
-        mlflow_model=mlflow_model, signature=signature, input_example=input_example,
-        pip_requirements=pip_requirements, extra_pip_requirements=extra_pip_requirements, metadata=metadata,
+        RUNTIME,
+        path,
+        write,
+        get_default_pip_requirements,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        mlflow_model=mlflow_model,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        metadata=metadata,
     )
 
 
@@ -80,10 +96,20 @@ def log_model(
 ):
     """Log a TFLite model to the active run (or none); returns MLflow's `ModelInfo`."""
     return _common.log_model(
-        sys.modules[__name__], model, name, registered_model_name=registered_model_name,
-        await_registration_for=await_registration_for, signature=signature, input_example=input_example,
-        pip_requirements=pip_requirements, extra_pip_requirements=extra_pip_requirements, conda_env=conda_env,
-        code_paths=code_paths, metadata=metadata, runtime_options=runtime_options, **kwargs,
+        sys.modules[__name__],
+        model,
+        name,
+        registered_model_name=registered_model_name,
+        await_registration_for=await_registration_for,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        metadata=metadata,
+        runtime_options=runtime_options,
+        **kwargs,
     )
 
 

@@ -15,8 +15,9 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from mlflow.models import ModelSignature
@@ -24,13 +25,20 @@ from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 
 from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
 from arachne_mlflow.flavors import _common
-from arachne_mlflow.model_dir import FLAVOR_NAME
-from arachne_mlflow.tensor_spec import TensorSpec, specs_from_dicts
+from arachne_mlflow.model.directory import FLAVOR_NAME
+from arachne_mlflow.model.spec import TensorSpec, specs_from_dicts
 
 RUNTIME = "tvm"
 PARAMS_FILE = "params.bin"
 DEFAULT_TARGET = "llvm"
-__all__ = ["FLAVOR_NAME", "get_default_pip_requirements", "get_default_conda_env", "save_model", "log_model", "load_model"]
+__all__ = [
+    "FLAVOR_NAME",
+    "get_default_pip_requirements",
+    "get_default_conda_env",
+    "save_model",
+    "log_model",
+    "load_model",
+]
 
 
 def get_default_pip_requirements() -> list[str]:
@@ -72,7 +80,7 @@ def save_model(
     """
     env = None
     if env_file is not None:
-        from arachne_mlflow.legacy import read_env_file
+        from arachne_mlflow.model.legacy import read_env_file
 
         env = read_env_file(env_file)
         model_spec = model_spec or (env.model_spec if env.inputs else None)
@@ -80,8 +88,10 @@ def save_model(
         raise InvalidInputError("pass params or params_file, not both")
 
     def write(directory: Path) -> _common.ModelFiles:
-        tvm_conf: dict[str, Any] = {"device": tvm_device or (env.tvm_device if env else None) or "cpu",
-                                    "arch": arch or platform.machine()}
+        tvm_conf: dict[str, Any] = {
+            "device": tvm_device or (env.tvm_device if env else None) or "cpu",
+            "arch": arch or platform.machine(),
+        }
         if _is_path(model):
             model_file, ir_specs = _copy_library(model, directory), None
             if target:
@@ -103,14 +113,28 @@ def save_model(
             _save_params(params, directory / PARAMS_FILE)
         if (directory / PARAMS_FILE).is_file():
             tvm_conf["params_file"] = PARAMS_FILE
-        return _common.ModelFiles(model_file, runtime_options=dict(runtime_options or {}), tvm=tvm_conf,
-                                  specs=specs, output_names_known=ir_specs is None,
-                                  loadable=_runs_here(tvm_conf))
+        return _common.ModelFiles(
+            model_file,
+            runtime_options=dict(runtime_options or {}),
+            tvm=tvm_conf,
+            specs=specs,
+            output_names_known=ir_specs is None,
+            loadable=_runs_here(tvm_conf),
+        )
 
     _common.save_model(
-        RUNTIME, path, write, get_default_pip_requirements, conda_env=conda_env, code_paths=code_paths,
-        mlflow_model=mlflow_model, signature=signature, input_example=input_example,
-        pip_requirements=pip_requirements, extra_pip_requirements=extra_pip_requirements, metadata=metadata,
+        RUNTIME,
+        path,
+        write,
+        get_default_pip_requirements,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        mlflow_model=mlflow_model,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        metadata=metadata,
     )
 
 
@@ -138,12 +162,27 @@ def log_model(
 ):
     """Log a TVM model to the active run (or none); returns MLflow's `ModelInfo`."""
     return _common.log_model(
-        sys.modules[__name__], model, name, registered_model_name=registered_model_name,
-        await_registration_for=await_registration_for, signature=signature, input_example=input_example,
-        pip_requirements=pip_requirements, extra_pip_requirements=extra_pip_requirements, conda_env=conda_env,
-        code_paths=code_paths, metadata=metadata, runtime_options=runtime_options, params=params,
-        params_file=params_file, model_spec=model_spec, env_file=env_file, tvm_device=tvm_device, target=target,
-        arch=arch, **kwargs,
+        sys.modules[__name__],
+        model,
+        name,
+        registered_model_name=registered_model_name,
+        await_registration_for=await_registration_for,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        metadata=metadata,
+        runtime_options=runtime_options,
+        params=params,
+        params_file=params_file,
+        model_spec=model_spec,
+        env_file=env_file,
+        tvm_device=tvm_device,
+        target=target,
+        arch=arch,
+        **kwargs,
     )
 
 
@@ -169,7 +208,9 @@ def _runs_here(tvm_conf: dict[str, Any]) -> bool:
     try:
         return bool(import_tvm().runtime.device(tvm_conf["device"]).exist)
     except Exception as err:  # TVM raises ValueError/TVMError for a device name it does not know
-        raise InvalidInputError(f"unknown tvm_device {tvm_conf['device']!r}: use cpu, cuda, opencl, vulkan, ...") from err
+        raise InvalidInputError(
+            f"unknown tvm_device {tvm_conf['device']!r}: use cpu, cuda, opencl, vulkan, ..."
+        ) from err
 
 
 def _given_specs(signature: ModelSignature | None, model_spec: Mapping[str, Any] | None):
@@ -202,7 +243,9 @@ def _export(model: Any, directory: Path, params: Mapping[str, Any] | None, targe
         if weight_names:
             missing = [n for n in weight_names if n not in (params or {})]
             if missing:
-                raise InvalidInputError(f"the IRModule's main takes weights {weight_names}: pass params= (missing {missing})")
+                raise InvalidInputError(
+                    f"the IRModule's main takes weights {weight_names}: pass params= (missing {missing})"
+                )
             _save_params({n: params[n] for n in weight_names}, directory / PARAMS_FILE)
         try:
             model = tvm.compile(model, target=target)
@@ -238,5 +281,8 @@ def _save_params(params: Mapping[str, Any], file: Path) -> None:
     from arachne_mlflow.runtime.tvm import import_tvm
 
     tvm = import_tvm()
-    tensors = {name: value if hasattr(value, "numpy") else tvm.runtime.tensor(np.asarray(value)) for name, value in params.items()}
+    tensors = {
+        name: value if hasattr(value, "numpy") else tvm.runtime.tensor(np.asarray(value))
+        for name, value in params.items()
+    }
     tvm.runtime.save_param_dict_to_file(tensors, str(file))

@@ -1,8 +1,8 @@
 """The unified runtime: one API over TFLite, ONNX and TVM (call-compatible with Arachne Runtime).
 
-    from arachne_mlflow import runtime
-    m = runtime.init(runtime="onnx", model_file="m.onnx")
-    m.set_input(0, x); m.run(); y = m.get_output(0)
+from arachne_mlflow import runtime
+m = runtime.init(runtime="onnx", model_file="m.onnx")
+m.set_input(0, x); m.run(); y = m.get_output(0)
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
+from arachne_mlflow.model.directory import ArachneModel, read_model_dir
 from arachne_mlflow.runtime.base import RuntimeModule, random_tensor
 from arachne_mlflow.runtime.registry import (
     ENTRY_POINT_GROUP,
@@ -27,6 +28,7 @@ __all__ = [
     "RuntimeModule",
     "get_runtime_class",
     "init",
+    "load",
     "list_runtimes",
     "random_tensor",
     "register_runtime",
@@ -48,20 +50,21 @@ def init(
     `tvm_device` become options); `package_tar` an old Arachne package (model + env.yaml),
     extracted into a private temporary directory; `model_dir` an MLflow model directory with
     the `arachne` flavor, or a directory holding one model file and its env.yaml. Other keyword
-    arguments go to the backend (`num_threads`, `providers`, `tvm_device`, ...). With `rpc_info={"host", "port"[, "token"]}` the model runs
-    on that device server instead (`RemoteRuntimeModule`, the same methods).
+    arguments go to the backend (`num_threads`, `providers`, `tvm_device`, ...). With
+    `rpc_info={"host", "port"[, "token"]}` the model runs on that device server instead
+    (`RemoteRuntimeModule`, the same methods).
     """
     cls = get_runtime_class(runtime)
     workdir = None
     try:
         if package_tar is not None:
-            from arachne_mlflow.legacy import extract_package
+            from arachne_mlflow.model.legacy import extract_package
 
             workdir = tempfile.mkdtemp(prefix="arachne-package-")
             model_file, found_env = extract_package(package_tar, workdir)
             env_file = env_file or found_env
         elif model_dir is not None:
-            from arachne_mlflow.legacy import find_model_in_dir
+            from arachne_mlflow.model.legacy import find_model_in_dir
 
             if not Path(model_dir).is_dir():
                 raise ModelNotFoundError(f"model directory not found: {model_dir}")
@@ -96,8 +99,6 @@ def _init_mlflow_model_dir(
     runtime: str, model_dir: str | os.PathLike, rpc_info: dict[str, Any] | None, options: dict[str, Any]
 ) -> RuntimeModule:
     """An MLflow model directory with the `arachne` flavor loads as its MLmodel says."""
-    from arachne_mlflow.model_dir import read_model_dir
-
     model = read_model_dir(model_dir)
     if model.runtime != runtime:
         raise InvalidInputError(f"{model_dir} holds a {model.runtime!r} model, not {runtime!r}")
@@ -107,12 +108,19 @@ def _init_mlflow_model_dir(
         kwargs = model.init_kwargs(**options)
         kwargs.pop("runtime")
         return RemoteRuntimeModule(runtime, rpc_info, **kwargs)
-    return model.load(**options)
+    return load(model, **options)
+
+
+def load(model: ArachneModel, **overrides: Any) -> RuntimeModule:
+    """Load an MLflow model directory's `arachne` model as its MLmodel says; `overrides` replace
+    stored runtime options. A model built for another machine raises `IncompatibleModelError`."""
+    model.check_compatible()
+    return init(**model.init_kwargs(**overrides))
 
 
 def _apply_env_file(env_file: str | os.PathLike, options: dict[str, Any]) -> None:
     """An old env.yaml gives TVM its tensor spec and device, unless passed explicitly."""
-    from arachne_mlflow.legacy import read_env_file
+    from arachne_mlflow.model.legacy import read_env_file
 
     env = read_env_file(env_file)
     if env.inputs or env.outputs:

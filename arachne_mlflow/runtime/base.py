@@ -13,12 +13,13 @@ import statistics
 import threading
 import time
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.tensor_spec import TensorSpec
+from arachne_mlflow.model.spec import TensorSpec
 
 
 class RuntimeModule(abc.ABC):
@@ -134,7 +135,7 @@ class RuntimeModule(abc.ABC):
             self._finalizers: list[weakref.finalize] = []
         self._finalizers.append(weakref.finalize(self, fn, *args))
 
-    def __enter__(self) -> "RuntimeModule":
+    def __enter__(self) -> RuntimeModule:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from arachne_mlflow.errors import InvalidInputError, MissingDependencyError
+from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.runtime.base import RuntimeModule
-from arachne_mlflow.tensor_spec import TensorSpec
 
 _logger = logging.getLogger(__name__)
 
@@ -69,12 +70,11 @@ class ONNXRuntimeModule(RuntimeModule):
         outputs = [_spec(arg) for arg in self._session.get_outputs()]
         self._input_names = [s.name for s in inputs]
         self._output_names = [s.name for s in outputs]
-        # The C++ session's run, past the Python wrapper's input checks, which _bind_specs's
-        # checks already make (saves ~5 µs a call); the public run where it is missing.
-        native = getattr(self._session, "_sess", None)
-        self._run = native.run if native is not None else self._session.run
-        # One RunOptions for every call: passing None has onnxruntime build a default one per call
-        # (~4 µs). Run only reads it, so threads can share it.
+        # The public run, not the C++ session's: it retries on the CPU provider when an execution
+        # provider fails at run time (a flaky CUDA/TensorRT provider on a Jetson).
+        self._run = self._session.run
+        # One RunOptions for every call: passing None has onnxruntime build a default one per
+        # call. Run only reads it, so threads can share it.
         self._run_options = ort.RunOptions()
         self._bind_specs(inputs, outputs)
 
@@ -115,7 +115,12 @@ def normalize_providers(
     for i, entry in enumerate(providers):
         if isinstance(entry, str):
             name, opts = entry, {}
-        elif isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], dict):
+        elif (
+            isinstance(entry, (tuple, list))
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], dict)
+        ):
             name, opts = entry
         else:
             raise InvalidInputError(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from arachne_mlflow.errors import DuplicateRuntimeError, UnknownRuntimeError
 from arachne_mlflow.runtime.base import RuntimeModule
@@ -99,7 +100,9 @@ def _scan_entry_points() -> None:
             if taken and taken != ep.value:
                 _logger.error(
                     "runtime plugin %r from entry point %s is ignored: the name is already taken by %s",
-                    ep.name, ep.value, taken,
+                    ep.name,
+                    ep.value,
+                    taken,
                 )
                 continue
             _lazy.setdefault(ep.name, ep.value)

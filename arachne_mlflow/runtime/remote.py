@@ -12,18 +12,19 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import yaml
 
-from arachne_mlflow import codec
-from arachne_mlflow.digest import files_digest
 from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
-from arachne_mlflow.model_dir import ArachneModel, read_model_dir
+from arachne_mlflow.model.digest import files_digest
+from arachne_mlflow.model.directory import ArachneModel, read_model_dir
+from arachne_mlflow.model.spec import TensorSpec
+from arachne_mlflow.protocol.datatypes import from_datatype
 from arachne_mlflow.runtime.base import RuntimeModule
-from arachne_mlflow.tensor_spec import TensorSpec
 
 _RPC_KEYS = {"host", "port", "token", "tls", "ca_cert", "verify", "timeout", "trust_env"}
 
@@ -140,10 +141,13 @@ def _pack(workdir: Path, runtime: str, model_file: str | None, options: dict[str
 
 def _signature(specs: Any) -> str:
     items = [TensorSpec.from_dict(s).to_dict() for s in specs or ()]
-    return json.dumps([
-        {"name": s["name"], "type": "tensor", "tensor-spec": {"dtype": s["dtype"], "shape": s["shape"]}} for s in items
-    ])
+    return json.dumps(
+        [
+            {"name": s["name"], "type": "tensor", "tensor-spec": {"dtype": s["dtype"], "shape": s["shape"]}}
+            for s in items
+        ]
+    )
 
 
 def _specs(tensors: list[dict[str, Any]]) -> list[TensorSpec]:
-    return [TensorSpec.create(t["name"], codec.from_datatype(t["datatype"]), t["shape"]) for t in tensors]
+    return [TensorSpec.create(t["name"], from_datatype(t["datatype"]), t["shape"]) for t in tensors]

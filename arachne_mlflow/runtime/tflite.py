@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from arachne_mlflow.errors import InvalidInputError, MissingDependencyError
+from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.runtime.base import RuntimeModule
-from arachne_mlflow.tensor_spec import TensorSpec
 
 _INTERPRETER_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite")
 
@@ -43,7 +43,9 @@ class TFLiteRuntimeModule(RuntimeModule):
         try:
             self._interpreter = interpreter_class(model_path=model_file, model_content=model_content, **options)
         except TypeError as err:
-            raise InvalidInputError(f"tflite runtime: unsupported interpreter option in {sorted(options)}: {err}") from err
+            raise InvalidInputError(
+                f"tflite runtime: unsupported interpreter option in {sorted(options)}: {err}"
+            ) from err
         except ValueError as err:
             raise InvalidInputError(f"tflite runtime: cannot load model {model_file or '<bytes>'}: {err}") from err
         self._interpreter.allocate_tensors()
@@ -55,7 +57,9 @@ class TFLiteRuntimeModule(RuntimeModule):
         self._calls = _calls(self._interpreter)
         # bound once: attribute lookups are a visible share of a tiny model's call
         self._set_tensor, self._invoke, self._get_tensor = (
-            self._calls.SetTensor, self._calls.Invoke, self._calls.GetTensor
+            self._calls.SetTensor,
+            self._calls.Invoke,
+            self._calls.GetTensor,
         )
         if len(self._input_indices) == 1 and len(self._output_indices) == 1:
             self._infer = self._infer_one  # the common case, without the loops

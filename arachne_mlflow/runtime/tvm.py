@@ -11,13 +11,14 @@ import os
 import platform
 import struct
 import tarfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError, MissingDependencyError
+from arachne_mlflow.model.spec import specs_from_dicts
 from arachne_mlflow.runtime.base import RuntimeModule
-from arachne_mlflow.tensor_spec import specs_from_dicts
 
 
 def import_tvm():
@@ -67,7 +68,9 @@ class TVMRuntimeModule(RuntimeModule):
                 f"tvm runtime: the params do not match {entry}()'s parameters {param_names} "
                 f"(params given: {sorted(weights)})"
             )
-        self._weights = [tvm.runtime.tensor(np.asarray(_numpy(weights[name])), self._device) for name in param_names[n_inputs:]]
+        self._weights = [
+            tvm.runtime.tensor(np.asarray(_numpy(weights[name])), self._device) for name in param_names[n_inputs:]
+        ]
         if model_spec is None:
             raise InvalidInputError(
                 f"tvm runtime: a TVM library carries no dtypes or shapes (its inputs are {param_names[:n_inputs]}); "
@@ -77,15 +80,15 @@ class TVMRuntimeModule(RuntimeModule):
         outputs = specs_from_dicts(model_spec.get("outputs"))
         if len(inputs) != n_inputs:
             raise InvalidInputError(
-                f"tvm runtime: model_spec lists {len(inputs)} inputs but {entry}() takes {n_inputs}: {param_names[:n_inputs]}"
+                f"tvm runtime: model_spec lists {len(inputs)} inputs but {entry}() takes {n_inputs}: "
+                f"{param_names[:n_inputs]}"
             )
         self._function = self._vm[entry]
         self._tensor = tvm.runtime.tensor
         # Inputs of a fixed shape are copied into tensors allocated once: allocating a TVM tensor
         # per call costs more than a small model's whole run. (Calls are serialized by the lock.)
         self._buffers = [
-            tvm.runtime.empty(spec.shape, spec.dtype.name, self._device) if spec.is_static else None
-            for spec in inputs
+            tvm.runtime.empty(spec.shape, spec.dtype.name, self._device) if spec.is_static else None for spec in inputs
         ]
         self._bind_specs(inputs, outputs)
         if len(inputs) == 1 and len(outputs) == 1 and not self._weights and self._buffers[0] is not None:
@@ -162,8 +165,10 @@ def _refuse_truncated_library(model_file: str) -> None:
         wide, order = head[4:5] == b"\x02", "<" if head[5:6] == b"\x01" else ">"
         problem = _elf_extent_problem(file, head, size, wide, order)
     if problem:
-        raise IncompatibleModelError(f"tvm runtime: cannot load {model_file}: the library is truncated or corrupt "
-                                     f"({problem}; the file has {size} bytes)")
+        raise IncompatibleModelError(
+            f"tvm runtime: cannot load {model_file}: the library is truncated or corrupt "
+            f"({problem}; the file has {size} bytes)"
+        )
 
 
 def _elf_extent_problem(file: Any, head: bytes, size: int, wide: bool, order: str) -> str:

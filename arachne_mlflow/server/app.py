@@ -12,7 +12,8 @@ import contextlib
 import hmac
 import json
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,8 +29,8 @@ from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
 
 _logger = logging.getLogger(__name__)
 
-INFO_HEADER = "Arachne-Model-Info"
-MAX_INFO_BYTES = 16 * 1024
+PROVENANCE_HEADER = "Arachne-Provenance"
+MAX_PROVENANCE_BYTES = 16 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 1024**3
 _PUBLIC_PREFIX = "/v2/health/"
 
@@ -59,7 +60,9 @@ def create_app(
         routes=routes.table(),
         lifespan=lifespan,
         exception_handlers={
-            ArachneError: routes.on_error, HTTPException: routes.on_http_error, Exception: routes.on_crash,
+            ArachneError: routes.on_error,
+            HTTPException: routes.on_http_error,
+            Exception: routes.on_crash,
         },
     )
     app.state.dataplane = dataplane
@@ -90,7 +93,7 @@ class _Routes:
             Route("/v2/repository/index", self.index, methods=["POST"]),
             Route(r + "/load", self.load, methods=["POST"]),
             Route(r + "/unload", self.unload, methods=["POST"]),
-            Route(r, self.model_info, methods=["GET"]),
+            Route(r, self.model_record, methods=["GET"]),
             Route(r, self.upload, methods=["PUT"]),
             Route(r, self.delete, methods=["DELETE"]),
             Route("/metrics", self.metrics),
@@ -125,12 +128,12 @@ class _Routes:
         return JSONResponse({})
 
     # -- extensions ------------------------------------------------------------------------
-    async def model_info(self, request: Request) -> Response:
-        return JSONResponse(self.dp.info(request.path_params["model"]))
+    async def model_record(self, request: Request) -> Response:
+        return JSONResponse(self.dp.record(request.path_params["model"]))
 
     async def upload(self, request: Request) -> Response:
-        info = _parse_info(request.headers.get(INFO_HEADER))
-        return JSONResponse(await self.dp.upload(request.path_params["model"], _stream(request), info))
+        provenance = _parse_provenance(request.headers.get(PROVENANCE_HEADER))
+        return JSONResponse(await self.dp.upload(request.path_params["model"], _stream(request), provenance))
 
     async def delete(self, request: Request) -> Response:
         await self.dp.delete(request.path_params["model"])
@@ -175,8 +178,9 @@ class _Routes:
         return name
 
     async def _body(self, request: Request) -> bytes:
-        return await read_body(request.receive, request.headers.get("content-length", "").encode("latin-1") or None,
-                               self.max_request_bytes)
+        return await read_body(
+            request.receive, request.headers.get("content-length", "").encode("latin-1") or None, self.max_request_bytes
+        )
 
     async def _json(self, request: Request) -> dict[str, Any]:
         """An optional JSON object body (tritonclient sends none, or `{}`)."""
@@ -201,19 +205,19 @@ async def _stream(request: Request) -> AsyncIterator[bytes]:
         raise InvalidInputError("the client disconnected before sending the whole body") from err
 
 
-def _parse_info(text: str | None) -> dict[str, Any] | None:
-    """The client's deployment info (registered model name, version, run id): a small JSON object."""
+def _parse_provenance(text: str | None) -> dict[str, Any] | None:
+    """Where the model came from (model URI, registered model name, version, run id): a small JSON object."""
     if text is None:
         return None
-    if len(text) > MAX_INFO_BYTES:
-        raise InvalidInputError(f"{INFO_HEADER} is longer than {MAX_INFO_BYTES} bytes")
+    if len(text) > MAX_PROVENANCE_BYTES:
+        raise InvalidInputError(f"{PROVENANCE_HEADER} is longer than {MAX_PROVENANCE_BYTES} bytes")
     try:
-        info = json.loads(text)
+        provenance = json.loads(text)
     except (ValueError, RecursionError) as err:
-        raise InvalidInputError(f"{INFO_HEADER} is not valid JSON: {err}") from err
-    if not isinstance(info, dict):
-        raise InvalidInputError(f"{INFO_HEADER} must be a JSON object")
-    return info
+        raise InvalidInputError(f"{PROVENANCE_HEADER} is not valid JSON: {err}") from err
+    if not isinstance(provenance, dict):
+        raise InvalidInputError(f"{PROVENANCE_HEADER} must be a JSON object")
+    return provenance
 
 
 class _BearerAuth:
@@ -232,7 +236,8 @@ class _BearerAuth:
                 self._dataplane.metrics.http_errors.labels("401").inc()
                 response = JSONResponse(
                     {"error": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"},
-                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
                 )
                 await response(scope, receive, send)
                 return

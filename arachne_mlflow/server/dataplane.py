@@ -15,13 +15,16 @@ import functools
 import io
 import platform
 import time
+from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
-from arachne_mlflow import __version__, codec
+from arachne_mlflow import __version__
 from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, UnsafeArchiveError
+from arachne_mlflow.protocol import codec
+from arachne_mlflow.protocol.datatypes import to_datatype
 from arachne_mlflow.server.metrics import Metrics, ModelSeries
 from arachne_mlflow.server.store import ModelStore
 
@@ -89,7 +92,7 @@ class Dataplane:
         record, inputs, outputs = self.store.spec(name)
         return {
             "name": name,
-            "versions": [str(record["version"])],
+            "versions": [str(record["revision"])],
             "platform": f"arachne_{record['runtime']}",
             "inputs": [_tensor_metadata(spec) for spec in inputs],
             "outputs": [_tensor_metadata(spec) for spec in outputs],
@@ -97,7 +100,7 @@ class Dataplane:
 
     def check_version(self, name: str, version: str) -> None:
         """Only the served version of a model exists (V2 paths may name one)."""
-        served = str(self.store.info(name)["version"])
+        served = str(self.store.record(name)["revision"])
         if version != served:
             raise ModelNotFoundError(f"model {name!r} has no version {version!r}; the served version is {served}")
 
@@ -132,7 +135,7 @@ class Dataplane:
         try:
             request = codec.decode_request(body, header_length)
             outputs = loaded.module.infer(_ordered_inputs(loaded.input_names, request.inputs))
-            return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.version)
+            return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
         finally:
             loaded.release()
 
@@ -159,8 +162,8 @@ class Dataplane:
         entries = self.store.index()
         return [e for e in entries if e["state"] == "READY"] if ready_only else entries
 
-    def info(self, name: str) -> dict[str, Any]:
-        return self.store.info(name)
+    def record(self, name: str) -> dict[str, Any]:
+        return self.store.record(name)
 
     async def load(self, name: str) -> None:
         loaded = await self.run_blocking(self.store.load, name)
@@ -172,12 +175,14 @@ class Dataplane:
     async def delete(self, name: str) -> None:
         await self.run_blocking(self.store.delete, name)
 
-    async def upload(self, name: str, chunks: AsyncIterator[bytes], info: dict[str, Any] | None) -> dict[str, Any]:
+    async def upload(
+        self, name: str, chunks: AsyncIterator[bytes], provenance: dict[str, Any] | None
+    ) -> dict[str, Any]:
         """Extract the tar arriving in `chunks` into the store as it streams in, then load it."""
         reader = _StreamReader(chunks, asyncio.get_running_loop(), self.store.max_upload_bytes)
         try:
             async with self._uploads:
-                record = await self.run_blocking(self.store.put, name, io.BufferedReader(reader, 1 << 16), info)
+                record = await self.run_blocking(self.store.put, name, io.BufferedReader(reader, 1 << 16), provenance)
         finally:
             if not reader.overflowed:
                 async for _ in chunks:  # let the client finish sending, so it reads our answer
@@ -241,7 +246,7 @@ def _ordered_inputs(names: list[str], inputs: dict[str, np.ndarray]) -> list[np.
 
 
 def _tensor_metadata(spec: Any) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": codec.to_datatype(spec.dtype), "shape": list(spec.shape)}
+    return {"name": spec.name, "datatype": to_datatype(spec.dtype), "shape": list(spec.shape)}
 
 
 def available_runtimes() -> list[dict[str, Any]]:
@@ -276,4 +281,3 @@ def tvm_devices() -> tuple[str, ...]:
     except ImportError:
         return ()
     return tuple(kind for kind in _TVM_DEVICE_KINDS if tvm.runtime.device(kind).exist)
-

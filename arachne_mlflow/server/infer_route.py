@@ -10,13 +10,14 @@ become the app's JSON error responses through the same handler as every other ro
 from __future__ import annotations
 
 import zlib
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from arachne_mlflow import codec
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.protocol import codec
 from arachne_mlflow.server.dataplane import Dataplane
 
 _PREFIX = "/v2/models/"
@@ -41,8 +42,13 @@ class InferRoute:
     #: (method, path) of the routes served here, in Starlette's path syntax.
     routes = [("POST", _PREFIX + "{model}" + _SUFFIX), ("POST", _PREFIX + "{model}/versions/{version}" + _SUFFIX)]
 
-    def __init__(self, app: Any, dataplane: Dataplane, max_request_bytes: int,
-                 error_response: Callable[[Request, Exception], Awaitable[Response]]):
+    def __init__(
+        self,
+        app: Any,
+        dataplane: Dataplane,
+        max_request_bytes: int,
+        error_response: Callable[[Request, Exception], Awaitable[Response]],
+    ):
         self.app = app
         self.state = app.state
         self.dp = dataplane
@@ -52,7 +58,7 @@ class InferRoute:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not (path := scope["path"]).startswith(_PREFIX) or not path.endswith(_SUFFIX):
             return await self.app(scope, receive, send)
-        parts = path[len(_PREFIX):-len(_SUFFIX)].split("/")
+        parts = path[len(_PREFIX) : -len(_SUFFIX)].split("/")
         if len(parts) == 1 and parts[0]:
             version = None
         elif len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
@@ -63,7 +69,7 @@ class InferRoute:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['method']} is not allowed on {path}: use POST")
             result, header_length = await self._infer(scope, receive, parts[0], version)
-        except Exception as err:  # the app's JSON error answer, as for every route
+        except Exception as err:  # noqa: BLE001 (the app's JSON error answer, as for every route)
             response = await self._error_response(Request(scope), err)
             return await response(scope, receive, send)
         headers = [(b"content-length", b"%d" % len(result))]

@@ -17,23 +17,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=5051)
     parser.add_argument(
-        "--model-store", default=os.environ.get("ARACHNE_MODEL_STORE", str(DEFAULT_STORE)),
+        "--model-store",
+        default=os.environ.get("ARACHNE_MODEL_STORE", str(DEFAULT_STORE)),
         help=f"directory that keeps the models (default $ARACHNE_MODEL_STORE or {DEFAULT_STORE})",
     )
     parser.add_argument(
-        "--token", default=os.environ.get("ARACHNE_TOKEN"),
+        "--token",
+        default=os.environ.get("ARACHNE_TOKEN"),
         help="bearer token every route but health requires (default $ARACHNE_TOKEN; none: no auth)",
     )
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--max-upload-mb", type=int, default=4096, help="largest model upload, unpacked (MiB)")
     parser.add_argument(
-        "--max-request-mb", type=int, default=1024,
+        "--max-request-mb",
+        type=int,
+        default=1024,
         help="largest request body, decompressed (MiB): an infer request holds its tensors in memory",
     )
     parser.add_argument("--workers", type=int, default=None, help="inference threads (default: Python's choice)")
     parser.add_argument(
-        "--graceful-timeout", type=float, default=5.0,
+        "--graceful-timeout",
+        type=float,
+        default=5.0,
         help="seconds to let open connections finish at shut-down before closing them",
     )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -52,19 +58,27 @@ def serve(args: argparse.Namespace) -> int:
     if not args.token and not _is_loopback(args.host):
         _logger.warning(
             "!!! The device server binds %s WITHOUT A TOKEN: anyone who can reach this port can upload and "
-            "run code on this machine. Pass --token (or set ARACHNE_TOKEN) and preferably TLS. !!!", args.host,
+            "run code on this machine. Pass --token (or set ARACHNE_TOKEN) and preferably TLS. !!!",
+            args.host,
         )
     try:
         app = create_app(
-            str(Path(args.model_store).expanduser()), token=args.token,
-            max_upload_bytes=args.max_upload_mb * 1024**2, max_request_bytes=args.max_request_mb * 1024**2,
+            str(Path(args.model_store).expanduser()),
+            token=args.token,
+            max_upload_bytes=args.max_upload_mb * 1024**2,
+            max_request_bytes=args.max_request_mb * 1024**2,
             max_workers=args.workers,
         )
     except ArachneError as err:
         raise SystemExit(f"arachne-mlflow serve: error: {err}") from err
     uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level,
-        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, timeout_graceful_shutdown=args.graceful_timeout,
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        timeout_graceful_shutdown=args.graceful_timeout,
         server_header=False,  # no software banner; one header less to write and parse per request
     )
     return 0

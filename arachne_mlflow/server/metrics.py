@@ -12,7 +12,7 @@ import bisect
 import itertools
 import math
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -82,7 +82,9 @@ class _InferenceCollector:
         )
         latency = HistogramMetricFamily("arachne_inference_latency_seconds", _LATENCY_HELP, labels=["model"])
         # (prometheus_client's own Histogram writes this series too)
-        latency_created = GaugeMetricFamily("arachne_inference_latency_seconds_created", _LATENCY_HELP, labels=["model"])
+        latency_created = GaugeMetricFamily(
+            "arachne_inference_latency_seconds_created", _LATENCY_HELP, labels=["model"]
+        )
         bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
         for name, series in list(self._models.items()):
             requests.add_metric([name], series.requests, created=series.created)

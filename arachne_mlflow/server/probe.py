@@ -26,7 +26,10 @@ def probe_load(path: Path, name: str, timeout: float = PROBE_TIMEOUT) -> None:
     try:
         result = subprocess.run(
             [sys.executable, "-m", "arachne_mlflow.server.probe", str(path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
         )
     except subprocess.TimeoutExpired as err:
@@ -36,17 +39,16 @@ def probe_load(path: Path, name: str, timeout: float = PROBE_TIMEOUT) -> None:
             how = signal.Signals(-result.returncode).name
         except ValueError:
             how = f"signal {-result.returncode}"
-        raise InvalidInputError(
-            f"model {name!r} crashed the runtime while loading ({how}); it was not installed"
-        )
+        raise InvalidInputError(f"model {name!r} crashed the runtime while loading ({how}); it was not installed")
 
 
 def _main(path: str) -> int:
-    from arachne_mlflow.model_dir import read_model_dir
+    from arachne_mlflow import runtime
+    from arachne_mlflow.model.directory import read_model_dir
 
     try:
-        read_model_dir(path).load().done()
-    except Exception:  # the parent's own load reports it; only crashes matter here
+        runtime.load(read_model_dir(path)).done()
+    except Exception:  # noqa: BLE001 (the parent's own load reports it; only crashes matter here)
         return 1
     return 0
 

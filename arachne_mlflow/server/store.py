@@ -8,8 +8,9 @@ Layout, chosen so that a crash at any moment leaves every model at its last comp
     <root>/<name>/.incoming-<id> an upload being extracted (removed at start-up)
 
 An upload is extracted beside the served version, loaded, synced to disk, and only then made
-current by replacing CURRENT.json (a pointer file, so the swap is one atomic rename); until that moment the old version keeps serving, and if anything fails
-the new files are removed and nothing else changes. Calls are blocking: the dataplane runs
+current by replacing CURRENT.json (a pointer file, so the swap is one atomic rename); until that
+moment the old version keeps serving, and if anything fails the new files are removed and nothing
+else changes. Calls are blocking: the dataplane runs
 them in its thread pool. Operations on one name are serialized; other names are not held up.
 """
 
@@ -23,17 +24,19 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
-from arachne_mlflow.archive import safe_extract
-from arachne_mlflow.digest import files_digest, tree_files
+from arachne_mlflow import runtime
 from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
-from arachne_mlflow.model_dir import ArachneModel, read_model_dir
-from arachne_mlflow.names import NAME_PATTERN, check_name
+from arachne_mlflow.model.archive import safe_extract
+from arachne_mlflow.model.digest import files_digest, tree_files
+from arachne_mlflow.model.directory import ArachneModel, read_model_dir
+from arachne_mlflow.protocol.names import NAME_PATTERN, check_name
 from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.server.probe import probe_load
 
@@ -43,6 +46,8 @@ CURRENT = "CURRENT.json"
 MARKER = ".arachne-model-store"
 DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
 # Option names that point a DNN library at files (paths, profiles, caches): refused in uploaded models.
+# Record keys an earlier release wrote under other names.
+_RENAMED_KEYS = (("version", "revision"), ("info", "provenance"))
 _FILE_OPTION = re.compile(r"file|path|dir|prefix|profil|cache|dump", re.IGNORECASE)
 
 
@@ -53,7 +58,7 @@ class LoadedModel:
         self.module = module
         self.record = record
         self.load_seconds = load_seconds
-        self.version = str(record["version"])
+        self.revision = str(record["revision"])
         self.input_names = [spec.name for spec in module.input_specs]
         self.output_names = [spec.name for spec in module.output_specs]
         self._users = 0
@@ -180,8 +185,8 @@ class ModelStore:
         finally:
             loaded.release()
 
-    def info(self, name: str) -> dict[str, Any]:
-        """The stored record of `name` with its state."""
+    def record(self, name: str) -> dict[str, Any]:
+        """The stored record of `name` (revision, runtime, digest, provenance...) with its state."""
         entry = self._entry(name)
         record = {k: v for k, v in entry.record.items() if k != "version_dir"}
         record["state"] = "READY" if entry.loaded is not None else "UNAVAILABLE"
@@ -196,11 +201,17 @@ class ModelStore:
         result = []
         for name in names:
             try:
-                info = self.info(name)
+                record = self.record(name)
             except ModelNotFoundError:
                 continue
-            result.append({"name": name, "version": str(info["version"]), "state": info["state"],
-                           "reason": info.get("reason", "")})
+            result.append(
+                {
+                    "name": name,
+                    "version": str(record["revision"]),
+                    "state": record["state"],
+                    "reason": record.get("reason", ""),
+                }
+            )
         return result
 
     def spec(self, name: str) -> tuple[dict[str, Any], list, list]:
@@ -213,7 +224,7 @@ class ModelStore:
         return entry.record, model.inputs, model.outputs
 
     # -- changes ---------------------------------------------------------------------------
-    def put(self, name: str, stream: BinaryIO, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    def put(self, name: str, stream: BinaryIO, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
         """Store the tar `stream` of an MLflow model dir as `name`, load it, then make it current."""
         check_name(name)
         with self._name_lock(name):
@@ -228,12 +239,12 @@ class ModelStore:
                 previous = self._entries.get(name)
                 record = {
                     "name": name,
-                    "version": (previous.record["version"] + 1) if previous else 1,
+                    "revision": (previous.record["revision"] + 1) if previous else 1,
                     "version_dir": version_dir,
                     "runtime": model.runtime,
                     "digest": files_digest(directory / version_dir, tree_files(directory / version_dir)),
                     "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "info": info or {},
+                    "provenance": provenance or {},
                 }
                 probe_load(directory / version_dir, name)
                 loaded = self._load(model, record)
@@ -252,7 +263,7 @@ class ModelStore:
                 if old.loaded is not None:
                     old.loaded.retire()
                 shutil.rmtree(directory / old.record["version_dir"], ignore_errors=True)
-            return self.info(name)
+            return self.record(name)
 
     def delete(self, name: str) -> None:
         with self._name_lock(name):
@@ -306,7 +317,7 @@ class ModelStore:
     def _load(model: ArachneModel, record: dict[str, Any]) -> LoadedModel:
         start = time.perf_counter()
         try:
-            module = model.load()
+            module = runtime.load(model)
         except ArachneError:
             raise
         except Exception as err:  # a DNN library's own error for a corrupt or foreign model file
@@ -344,6 +355,9 @@ def _read_record(directory: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict) or not (directory / str(record.get("version_dir"))).is_dir():
         return None
+    for old, new in _RENAMED_KEYS:  # a record written by 0.1.0
+        if old in record and new not in record:
+            record[new] = record.pop(old)
     return record
 
 

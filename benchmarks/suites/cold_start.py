@@ -38,21 +38,43 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
     rows = []
     bare = statistics.median(_python("pass")[0] for _ in range(repeat))
     ours = statistics.median(_python("import arachne_mlflow.runtime")[0] for _ in range(repeat))
-    rows.append({"suite": "cold start", "case": "import arachne_mlflow.runtime", "seconds": ours - bare,
-                 "python_startup_s": bare, "target": None, "met": None})
+    rows.append(
+        {
+            "suite": "cold start",
+            "case": "import arachne_mlflow.runtime",
+            "seconds": ours - bare,
+            "python_startup_s": bare,
+            "target": None,
+            "met": None,
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "tiny_tflite"
         arachne_tflite.save_model(models["tiny/tflite"]["model_file"], str(model_dir))
         results = [_python(_PYFUNC, str(model_dir))[1].split() for _ in range(repeat)]
         seconds = statistics.median(float(r[0]) for r in results)
         imported_tf = any(r[1] == "True" for r in results)
-        rows.append({"suite": "cold start", "case": "load + predict a TFLite pyfunc model (mlflow import included)",
-                     "seconds": seconds, "imported_tensorflow": imported_tf,
-                     "target": "TensorFlow not imported", "met": not imported_tf})
+        rows.append(
+            {
+                "suite": "cold start",
+                "case": "load + predict a TFLite pyfunc model (mlflow import included)",
+                "seconds": seconds,
+                "imported_tensorflow": imported_tf,
+                "target": "TensorFlow not imported",
+                "met": not imported_tf,
+            }
+        )
         ready = []
         for i in range(repeat):
             with device_server(Path(tmp) / f"store{i}") as (_, _, seconds_to_ready):
                 ready.append(seconds_to_ready)
-        rows.append({"suite": "cold start", "case": "device server ready (empty store)",
-                     "seconds": statistics.median(ready), "target": None, "met": None})
+        rows.append(
+            {
+                "suite": "cold start",
+                "case": "device server ready (empty store)",
+                "seconds": statistics.median(ready),
+                "target": None,
+                "met": None,
+            }
+        )
     return rows

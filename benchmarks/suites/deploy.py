@@ -7,7 +7,6 @@ streamed to disk, it stays small (target <= 64 MB); buffered, it would be >= 100
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 import time
@@ -35,8 +34,11 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "big"
-        arachne_tflite.save_model(str(big_tflite(CACHE / "big_100mb.tflite")), str(model_dir),
-                                  runtime_options={"experimental_op_resolver_type": "BUILTIN_WITHOUT_DEFAULT_DELEGATES"})
+        arachne_tflite.save_model(
+            str(big_tflite(CACHE / "big_100mb.tflite")),
+            str(model_dir),
+            runtime_options={"experimental_op_resolver_type": "BUILTIN_WITHOUT_DEFAULT_DELEGATES"},
+        )
         size_mb = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()) / 1e6
         with device_server(Path(tmp) / "store") as (port, process, _):
             with DeviceClient("127.0.0.1", port, upload_timeout=600) as client:
@@ -59,10 +61,16 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
                     done.set()
                     sampler.join()
                     growth = peak[0] - before
-                    rows.append({
-                        "suite": "deploy", "case": f"push {size_mb:.0f} MB model (replace #{attempt + 1})",
-                        "seconds": seconds, "mb_per_s": size_mb / seconds, "server_rss_before_mb": before,
-                        "server_peak_growth_mb": growth, "target": f"peak growth <= {TARGET_GROWTH_MB} MB",
-                        "met": growth <= TARGET_GROWTH_MB,
-                    })
+                    rows.append(
+                        {
+                            "suite": "deploy",
+                            "case": f"push {size_mb:.0f} MB model (replace #{attempt + 1})",
+                            "seconds": seconds,
+                            "mb_per_s": size_mb / seconds,
+                            "server_rss_before_mb": before,
+                            "server_peak_growth_mb": growth,
+                            "target": f"peak growth <= {TARGET_GROWTH_MB} MB",
+                            "met": growth <= TARGET_GROWTH_MB,
+                        }
+                    )
     return rows

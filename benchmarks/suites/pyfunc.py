@@ -39,8 +39,9 @@ def _save_models(onnx_file: str, root: Path):
     theirs = root / "mlflow_onnx"
     mlflow.onnx.save_model(onnx.load(onnx_file), str(theirs), signature=signature)
     floor = root / "noop"
-    mlflow.pyfunc.save_model(str(floor), loader_module="benchmarks.noop_loader", data_path=onnx_file,
-                             signature=signature, code_paths=None)
+    mlflow.pyfunc.save_model(
+        str(floor), loader_module="benchmarks.noop_loader", data_path=onnx_file, signature=signature, code_paths=None
+    )
     return ours, theirs, floor
 
 
@@ -86,15 +87,22 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
                 interference = _interference_us(session, out, feed, lambda: floor.predict(x), 200 if quick else 20000)
                 mine.update(
                     target=f"own cost <= {TARGET_OWN_COST_US} µs: direct {direct:+.1f} µs (above the {floor_us:.0f} µs "
-                           f"floor {above:+.1f} µs, of which native call and MLflow slowing each other {interference:+.1f} µs)",
-                    met=direct <= TARGET_OWN_COST_US, floor_us=floor_us, own_cost_us=direct,
-                    own_cost_above_floor_us=above, interference_us=interference,
+                    f"floor {above:+.1f} µs, of which native call and MLflow slowing each other "
+                    f"{interference:+.1f} µs)",
+                    met=direct <= TARGET_OWN_COST_US,
+                    floor_us=floor_us,
+                    own_cost_us=direct,
+                    own_cost_above_floor_us=above,
+                    interference_us=interference,
                 )
             else:
                 mine.update(target=f"ratio <= {TARGET_RATIO}", met=mine["ratio_median"] <= TARGET_RATIO)
             versus = compare(series["mlflow onnx pyfunc"], series["arachne pyfunc"])
-            other.update(target="arachne faster than this", met=versus["ratio_median"] < 1.0,
-                         arachne_vs_this=versus["ratio_median"])
+            other.update(
+                target="arachne faster than this",
+                met=versus["ratio_median"] < 1.0,
+                arachne_vs_this=versus["ratio_median"],
+            )
             rows += [mine, other]
     return rows
 
@@ -102,6 +110,7 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
 def _interference_us(session, out, feed, mlflow_predict, n: int) -> float:
     """How much slower the native call runs right after MLflow's predict than back to back, plus
     how much slower MLflow's predict runs right after the native call than back to back."""
+
     def native():
         session.run(out, feed)
 

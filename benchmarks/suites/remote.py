@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from arachne_mlflow import codec, runtime
+from arachne_mlflow import runtime
+from arachne_mlflow.protocol import codec
 from arachne_mlflow.runtime import random_tensor
 from benchmarks.servers import device_server, mlflow_scoring_server
 from benchmarks.timing import interleaved, row
@@ -59,17 +60,21 @@ def _call(module, x):
 
 
 def _remote_vs_local(local, remote, x, quick: bool) -> dict:
-    series = interleaved({"local onnx": _call(local, x), "remote onnx": _call(remote, x)},
-                         rounds=5 if quick else 30, number=2 if quick else 10)
+    series = interleaved(
+        {"local onnx": _call(local, x), "remote onnx": _call(remote, x)},
+        rounds=5 if quick else 30,
+        number=2 if quick else 10,
+    )
     result = row("remote", f"mobilenet/onnx ({x.nbytes // 1000} KB input)", series["local onnx"], series["remote onnx"])
-    result.update(target=f"ratio <= {TARGET_REMOTE_RATIO} (old gRPC: 1.79x)",
-                  met=result["ratio_median"] <= TARGET_REMOTE_RATIO)
+    result.update(
+        target=f"ratio <= {TARGET_REMOTE_RATIO} (old gRPC: 1.79x)", met=result["ratio_median"] <= TARGET_REMOTE_RATIO
+    )
     return result
 
 
 def _remote_vs_mlflow_serve(onnx_file: str, remote, x, tmp: Path, quick: bool) -> dict:
-    import onnx
     import mlflow.onnx
+    import onnx
 
     model_dir = tmp / "mlflow_onnx"
     mlflow.onnx.save_model(onnx.load(onnx_file), str(model_dir))
@@ -89,13 +94,21 @@ def _remote_vs_mlflow_serve(onnx_file: str, remote, x, tmp: Path, quick: bool) -
             [predictions] = predictions.values()
         got = np.asarray(predictions, dtype=np.float32)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-        series = interleaved({"mlflow models serve (JSON)": mlflow_call, "arachne remote": _call(remote, x)},
-                             rounds=3 if quick else 10, number=1, warmup=1)
-    result = row("remote", "mobilenet/onnx vs mlflow models serve", series["mlflow models serve (JSON)"],
-                 series["arachne remote"], json_request_mb=round(len(body) / 1e6, 2))
+        series = interleaved(
+            {"mlflow models serve (JSON)": mlflow_call, "arachne remote": _call(remote, x)},
+            rounds=3 if quick else 10,
+            number=1,
+            warmup=1,
+        )
+    result = row(
+        "remote",
+        "mobilenet/onnx vs mlflow models serve",
+        series["mlflow models serve (JSON)"],
+        series["arachne remote"],
+        json_request_mb=round(len(body) / 1e6, 2),
+    )
     speedup = 1 / result["ratio_median"]
-    result.update(target=f"at least {TARGET_VS_MLFLOW:.0f}x faster", met=speedup >= TARGET_VS_MLFLOW,
-                  speedup=speedup)
+    result.update(target=f"at least {TARGET_VS_MLFLOW:.0f}x faster", met=speedup >= TARGET_VS_MLFLOW, speedup=speedup)
     return result
 
 
@@ -131,8 +144,10 @@ def _tiny_vs_empty(remote, x, port: int, quick: bool) -> list[dict]:
     host = f"Host: 127.0.0.1:{port}\r\n"
     empty, empty_sock = _raw_request(port, f"GET /v2/health/live HTTP/1.1\r\n{host}\r\n".encode())
     body, header_length = codec.encode_request({remote.input_specs[0].name: x})
-    head = (f"POST /v2/models/{remote.model_name}/infer HTTP/1.1\r\n{host}"
-            f"Content-Length: {len(body)}\r\n{codec.HEADER_LENGTH}: {header_length}\r\n\r\n")
+    head = (
+        f"POST /v2/models/{remote.model_name}/infer HTTP/1.1\r\n{host}"
+        f"Content-Length: {len(body)}\r\n{codec.HEADER_LENGTH}: {header_length}\r\n\r\n"
+    )
     raw_infer, infer_sock = _raw_request(port, head.encode() + body)
     candidates = {"empty request": empty, "infer on a raw socket": raw_infer, "remote tiny run": _call(remote, x)}
     series = interleaved(candidates, rounds=5 if quick else 30, number=5 if quick else 100)
@@ -140,6 +155,10 @@ def _tiny_vs_empty(remote, x, port: int, quick: bool) -> list[dict]:
     infer_sock.close()
     result = row("remote", "tiny/onnx round trip", series["empty request"], series["remote tiny run"])
     result.update(target=f"ratio <= {TARGET_EMPTY_RATIO}", met=result["ratio_median"] <= TARGET_EMPTY_RATIO)
-    server_share = row("remote", "tiny/onnx round trip, server's share (no client library)", series["empty request"],
-                       series["infer on a raw socket"])
+    server_share = row(
+        "remote",
+        "tiny/onnx round trip, server's share (no client library)",
+        series["empty request"],
+        series["infer on a raw socket"],
+    )
     return [result, server_share]

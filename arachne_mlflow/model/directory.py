@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError, ModelNotFoundError
-from arachne_mlflow.tensor_spec import TensorSpec
+from arachne_mlflow.model.spec import TensorSpec
 
 FLAVOR_NAME = "arachne"
 MLMODEL = "MLmodel"
@@ -83,13 +83,6 @@ class ArachneModel:
                 f"model {self.path.name!r} was compiled by TVM for {arch} (target {self.tvm.get('target')!r}); "
                 f"this machine is {platform.machine()}: compile it for this machine's CPU"
             )
-
-    def load(self, **overrides: Any):
-        """Load the model with the unified runtime; `overrides` replace stored runtime options."""
-        from arachne_mlflow import runtime
-
-        self.check_compatible()
-        return runtime.init(**self.init_kwargs(**overrides))
 
 
 def read_model_dir(path: str | os.PathLike) -> ArachneModel:

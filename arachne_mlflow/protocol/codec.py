@@ -19,13 +19,15 @@ from __future__ import annotations
 import json
 import struct
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
 
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.protocol.datatypes import DATATYPES, from_datatype, to_datatype
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -33,24 +35,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_ELEMENTS = 2**31
 _ALIGN = 8
 
-_DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(np.object_),
-}
-_NAMES = {dtype: name for name, dtype in _DATATYPES.items()}
 # The wire is little-endian; on a little-endian machine these equal the native dtypes.
-_WIRE = {dtype: dtype.newbyteorder("<") for dtype in _DATATYPES.values()}
+_WIRE = {dtype: dtype.newbyteorder("<") for dtype in DATATYPES.values()}
 _NATIVE_IS_WIRE = sys.byteorder == "little"
 # Layouts of binary messages and the JSON headers written, by what determines them (see above).
 _CACHE_ENTRIES = 256
@@ -59,28 +45,6 @@ _request_layouts: dict[bytes, tuple] = {}
 _response_layouts: dict[bytes, tuple] = {}
 _request_heads: dict[tuple, bytes] = {}
 _response_heads: dict[tuple, tuple] = {}
-
-
-def to_datatype(dtype: Any) -> str:
-    """The V2 datatype name of a numpy dtype (strings and bytes are BYTES)."""
-    name = _NAMES.get(dtype)
-    if name is not None:
-        return name
-    dtype = np.dtype(dtype)
-    if dtype.kind in "OSU":
-        return "BYTES"
-    try:
-        return _NAMES[dtype.newbyteorder("=")]
-    except KeyError as err:
-        raise InvalidInputError(f"dtype {dtype.name} has no V2 datatype") from err
-
-
-def from_datatype(name: Any) -> np.dtype:
-    """The numpy dtype of a V2 datatype name."""
-    try:
-        return _DATATYPES[name]
-    except (KeyError, TypeError) as err:
-        raise InvalidInputError(f"unknown datatype {name!r}; known: {sorted(_DATATYPES)}") from err
 
 
 # -- messages --------------------------------------------------------------------------
@@ -108,12 +72,11 @@ def _dumps(header: Mapping[str, Any]) -> bytes:
     return data
 
 
-
 def split_message(body: bytes, header_length: str | bytes | None) -> tuple[dict[str, Any], memoryview]:
     """The JSON header and the binary part of a V2 message (a view: nothing is copied)."""
     view = memoryview(body)
     if header_length is None:
-        json_part, binary = view, view[len(view):]
+        json_part, binary = view, view[len(view) :]
     else:
         try:
             size = int(header_length)
@@ -232,8 +195,12 @@ def encode_response(
     """The infer response for `request`: the outputs it asked for, binary where it asked so."""
     key = None
     if request.outputs is None and request.binary_output:  # every output, binary: the usual request
-        key = (model_name, model_version, request.id,
-               *[(name, array.dtype, array.shape) for name, array in results.items() if type(array) is np.ndarray])
+        key = (
+            model_name,
+            model_version,
+            request.id,
+            *[(name, array.dtype, array.shape) for name, array in results.items() if type(array) is np.ndarray],
+        )
         cached = _response_heads.get(key) if len(key) == 3 + len(results) else None
         if cached is not None:
             try:  # native numeric arrays (see _numeric_blobs): their bytes are the wire's, joined as they are
@@ -284,8 +251,10 @@ def _remember(cache: dict, key: Any, value: Any) -> None:
 def _numeric_blobs(key: tuple, tensors: Mapping[str, Any]) -> bool:
     """Whether `key` describes every tensor, each a numeric array of the wire's byte order sent as a
     blob (a header worth keeping)."""
-    return _NATIVE_IS_WIRE and len(key) == len(tensors) > 0 and all(
-        dtype.kind in "biuf" and dtype.isnative for _, dtype, _ in key
+    return (
+        _NATIVE_IS_WIRE
+        and len(key) == len(tensors) > 0
+        and all(dtype.kind in "biuf" and dtype.isnative for _, dtype, _ in key)
     )
 
 
@@ -385,7 +354,7 @@ def decode_tensors(entries: Any, binary: memoryview) -> dict[str, np.ndarray]:
             raise InvalidInputError(f"tensor {name!r}: binary_data_size must be a non-negative integer")
         if size > left:
             raise InvalidInputError(f"tensor {name!r}: binary_data_size {size} runs past the {left} bytes left")
-        arrays[name] = _from_bytes(name, binary[offset:offset + size], dtype, shape, count)
+        arrays[name] = _from_bytes(name, binary[offset : offset + size], dtype, shape, count)
         offset += size
         left -= size
     if left:
@@ -501,7 +470,7 @@ def _bytes_elements(name: str, blob: memoryview, count: int) -> np.ndarray:
         offset += 4
         if offset + size > len(blob):
             raise InvalidInputError(f"tensor {name!r}: BYTES element {i} runs past the end of its data")
-        items[i] = bytes(blob[offset:offset + size])
+        items[i] = bytes(blob[offset : offset + size])
         offset += size
     if offset != len(blob):
         raise InvalidInputError(f"tensor {name!r}: {len(blob) - offset} bytes after its {count} BYTES elements")

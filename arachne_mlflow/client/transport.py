@@ -124,8 +124,14 @@ class Transport:
     `headers` go with every request (the bearer token).
     """
 
-    def __init__(self, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        ssl_context: ssl.SSLContext | None,
+        headers: dict[str, str] | None = None,
+    ):
         self.host, self.port, self.timeout = host, port, timeout
         self._ssl_context = ssl_context
         self._idle: deque[_Connection] = deque()  # append/pop are atomic

@@ -6,8 +6,9 @@ converts at its own edge and the checks on user input live in one place.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @classmethod
-    def create(cls, name: str, dtype: Any, shape: Iterable[Any]) -> "TensorSpec":
+    def create(cls, name: str, dtype: Any, shape: Iterable[Any]) -> TensorSpec:
         try:
             dt = np.dtype(dtype)
         except TypeError as err:
@@ -40,7 +41,7 @@ class TensorSpec:
         return cls(str(name), dt, tuple(_dim(d) for d in shape))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TensorSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
         """From `{"name", "dtype", "shape"}` (the runtime details and the old env.yaml entries)."""
         missing = {"name", "dtype", "shape"} - set(data)
         if missing:
@@ -74,11 +75,11 @@ class TensorSpec:
                 try:
                     value = np.asarray(value, dtype=self.dtype)
                 except (TypeError, ValueError) as err:
-                    raise InvalidInputError(f"{what} {self.name!r}: cannot convert to {self.dtype.name}: {err}") from err
+                    raise InvalidInputError(
+                        f"{what} {self.name!r}: cannot convert to {self.dtype.name}: {err}"
+                    ) from err
         if value.dtype is not self.dtype and value.dtype != self.dtype:  # (numpy's own dtypes are singletons)
-            raise InvalidInputError(
-                f"{what} {self.name!r}: expected dtype {self.dtype.name}, got {value.dtype.name}"
-            )
+            raise InvalidInputError(f"{what} {self.name!r}: expected dtype {self.dtype.name}, got {value.dtype.name}")
         if value.shape != self.shape and not self.accepts_shape(value.shape):
             raise InvalidInputError(
                 f"{what} {self.name!r}: expected shape {list(self.shape)} (-1 = any), got {list(value.shape)}"

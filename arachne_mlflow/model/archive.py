@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO
 
 from arachne_mlflow.errors import UnsafeArchiveError
 

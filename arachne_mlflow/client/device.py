@@ -5,9 +5,10 @@
         device.upload_model("mobilenet", "path/to/mlflow/model")     # skipped if already there
         outputs = device.infer("mobilenet", {"input": x})            # dict name -> ndarray
 
-One keep-alive `requests.Session`, and for `infer` a leaner keep-alive connection per thread
-(`transport.py`); tensors travel as Triton binary data; uploads stream a tar built on the fly. Every failure is an `ArachneError`: `DeviceUnreachableError` (naming host
-and port) when the server cannot be reached, otherwise the error type of the server's status.
+One keep-alive `requests.Session` for control calls, and for `infer` a pool of leaner keep-alive
+connections (`transport.py`); tensors travel as Triton binary data; uploads stream a tar built on
+the fly. Every failure is an `ArachneError`: `DeviceUnreachableError` (naming host and port) when
+the server cannot be reached, otherwise the error type of the server's status.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ from __future__ import annotations
 import json
 import os
 import ssl
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 
-from arachne_mlflow import codec
-from arachne_mlflow.archive import stream_tar, tar_size
-from arachne_mlflow.digest import files_digest
+from arachne_mlflow.client.transport import Transport
 from arachne_mlflow.errors import (
     ArachneError,
     DeviceUnreachableError,
@@ -32,15 +32,22 @@ from arachne_mlflow.errors import (
     ModelNotReadyError,
     UnauthorizedError,
 )
-from arachne_mlflow.names import check_name
-from arachne_mlflow.transport import Transport
+from arachne_mlflow.model.archive import stream_tar, tar_size
+from arachne_mlflow.model.digest import files_digest
+from arachne_mlflow.protocol import codec
+from arachne_mlflow.protocol.names import check_name
 
-INFO_HEADER = "Arachne-Model-Info"
+PROVENANCE_HEADER = "Arachne-Provenance"
 _HEADER_LENGTH_KEY = codec.HEADER_LENGTH.lower().encode()
 _JSON_HEADERS = b"Content-Type: application/json\r\n"
 _BINARY_HEADERS = f"{codec.HEADER_LENGTH}: %d\r\n".encode()  # (tritonclient sends no Content-Type either)
-_ERRORS = {400: InvalidInputError, 401: UnauthorizedError, 404: ModelNotFoundError, 413: InvalidInputError,
-           503: ModelNotReadyError}
+_ERRORS = {
+    400: InvalidInputError,
+    401: UnauthorizedError,
+    404: ModelNotFoundError,
+    413: InvalidInputError,
+    503: ModelNotReadyError,
+}
 
 
 class DeviceClient:
@@ -108,8 +115,9 @@ class DeviceClient:
         """Every model on the server: `name`, `version`, `state` (READY/UNAVAILABLE), `reason`."""
         return self._send("POST", "/v2/repository/index", data=b"{}").json()
 
-    def model_info(self, name: str) -> dict[str, Any] | None:
-        """The stored record of a model (`runtime`, `digest`, `uploaded_at`, `info`, `state`), or None."""
+    def model_record(self, name: str) -> dict[str, Any] | None:
+        """The stored record of a model (`revision`, `runtime`, `digest`, `uploaded_at`, `provenance`,
+        `state`), or None when the server has no such model."""
         try:
             return self._send("GET", f"/v2/repository/models/{_quote(name)}").json()
         except ModelNotFoundError:
@@ -120,36 +128,38 @@ class DeviceClient:
         name: str,
         model_dir: str | os.PathLike,
         files: Sequence[str] | None = None,
-        info: Mapping[str, Any] | None = None,
+        provenance: Mapping[str, Any] | None = None,
         progress: bool = False,
         force: bool = False,
     ) -> bool:
         """Upload the MLflow model directory `model_dir` as `name` and have the server load it.
 
         Only `files` are sent (default: what MLmodel names, `ArachneModel.files()`), as a tar
-        streamed from disk. `info` (a small JSON object: registered model name, version, run
-        id) is stored beside the model. Returns False, sending nothing, when the server already
+        streamed from disk. `provenance` (a small JSON object: model URI, registered model name,
+        version, run id) is stored beside the model. Returns False, sending nothing, when the server already
         holds the same files under `name` (unless `force`). A replaced model keeps serving on
         the server until the new one has loaded.
         """
         model_dir = Path(model_dir)
         if files is None:
-            from arachne_mlflow.model_dir import read_model_dir
+            from arachne_mlflow.model.directory import read_model_dir
 
             files = read_model_dir(model_dir).files()
         files = sorted(set(files))
         if not force:
-            stored = self.model_info(name)
+            stored = self.model_record(name)
             if stored is not None and stored.get("digest") == files_digest(model_dir, files):
                 return False
         body: Iterator[bytes] = stream_tar(model_dir, files)
         if progress:
             body = _with_progress(body, tar_size(model_dir, files), f"upload {name}")
         headers = {"Content-Type": "application/x-tar"}
-        if info is not None:
-            headers[INFO_HEADER] = json.dumps(dict(info))
+        if provenance is not None:
+            headers[PROVENANCE_HEADER] = json.dumps(dict(provenance))
         self._input_names.pop(name, None)
-        self._send("PUT", f"/v2/repository/models/{_quote(name)}", data=body, headers=headers, timeout=self.upload_timeout)
+        self._send(
+            "PUT", f"/v2/repository/models/{_quote(name)}", data=body, headers=headers, timeout=self.upload_timeout
+        )
         return True
 
     def delete_model(self, name: str) -> None:
@@ -193,8 +203,12 @@ class DeviceClient:
     def benchmark(self, name: str, warmup: int = 1, repeat: int = 10, number: int = 1) -> dict[str, Any]:
         """Time the model on the server: `{"mean", "median", "std", "max", "min"}` in ms per run."""
         options = {"warmup": warmup, "repeat": repeat, "number": number}
-        return self._send("POST", f"/v2/models/{_quote(name)}/benchmark", data=json.dumps(options).encode(),
-                          timeout=self.upload_timeout).json()
+        return self._send(
+            "POST",
+            f"/v2/models/{_quote(name)}/benchmark",
+            data=json.dumps(options).encode(),
+            timeout=self.upload_timeout,
+        ).json()
 
     def metrics(self) -> str:
         """The server's Prometheus metrics, as text."""
@@ -205,7 +219,7 @@ class DeviceClient:
         self._session.close()
         self._transport.close()
 
-    def __enter__(self) -> "DeviceClient":
+    def __enter__(self) -> DeviceClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

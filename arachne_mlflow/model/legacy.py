@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from arachne_mlflow.archive import safe_extract
 from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
-from arachne_mlflow.tensor_spec import TensorSpec, specs_from_dicts
+from arachne_mlflow.model.archive import safe_extract
+from arachne_mlflow.model.spec import TensorSpec, specs_from_dicts
 
 ENV_FILE_NAME = "env.yaml"
 
@@ -74,7 +74,5 @@ def find_model_in_dir(directory: str | os.PathLike) -> tuple[Path, Path | None]:
     candidates = sorted(p for p in directory.iterdir() if p.is_file() and p.name != ENV_FILE_NAME)
     if len(candidates) != 1:
         names = [p.name for p in candidates]
-        raise InvalidInputError(
-            f"{directory}: expected one model file beside {ENV_FILE_NAME}, found {names or 'none'}"
-        )
+        raise InvalidInputError(f"{directory}: expected one model file beside {ENV_FILE_NAME}, found {names or 'none'}")
     return candidates[0], (env if env.is_file() else None)

@@ -1,0 +1,50 @@
+"""MLflow-format model directories written by hand (no MLflow).
+
+The MLmodel written here is what `arachne_mlflow.model.directory` reads: an `arachne` flavor block
+and a tensor-based signature.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+
+def _signature(specs):
+    return json.dumps(
+        [
+            {"name": s["name"], "type": "tensor", "tensor-spec": {"dtype": s["dtype"], "shape": list(s["shape"])}}
+            for s in specs
+        ]
+    )
+
+
+def write_model_dir(directory, runtime, model_file, spec, params_file=None, runtime_options=None):
+    """Copy `model_file` (and `params_file`) into `directory` and write its MLmodel; return the dir."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model_name = f"model{Path(model_file).suffix}"
+    shutil.copy(model_file, directory / model_name)
+    arachne = {"runtime": runtime, "model_file": model_name, "runtime_options": runtime_options or {}}
+    if runtime == "tvm":
+        arachne["tvm"] = {"device": "cpu"}
+        if params_file:
+            shutil.copy(params_file, directory / "params.bin")
+            arachne["tvm"]["params_file"] = "params.bin"
+    mlmodel = {
+        "flavors": {"arachne": arachne, "python_function": {"loader_module": "arachne_mlflow.pyfunc"}},
+        "signature": {"inputs": _signature(spec["inputs"]), "outputs": _signature(spec["outputs"])},
+    }
+    (directory / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    (directory / "requirements.txt").write_text("arachne-mlflow\n")
+    return directory
+
+
+def runtime_details(runtime, model_file):
+    from arachne_mlflow import runtime as arachne_runtime
+
+    with arachne_runtime.init(runtime, model_file=str(model_file)) as module:
+        return {"inputs": module.get_input_details(), "outputs": module.get_output_details()}
