@@ -1,9 +1,10 @@
-# The two set-up commands of the README: `make quickstart` (main job) and `make test`.
+# The two set-up commands of the README: `make quickstart` (main job) and `make test` (lint, then every test,
+# in random order; CI runs it). `make test-fast` skips the tests marked slow.
 # Each creates .venv and installs the package with every extra on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test benchmark
+.PHONY: quickstart test test-fast lint benchmark
 
 $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,8 +15,15 @@ $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 quickstart: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
-test: $(VENV)/.installed
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow"
 
 benchmark: $(VENV)/.installed
 	$(PY) -m benchmarks

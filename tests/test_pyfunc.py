@@ -119,9 +119,16 @@ def test_concurrent_calls_equal_sequential_ones(saved, name):
             np.testing.assert_equal(output, sequential[(offset + i) % 50])
 
 
-def test_model_config_overrides_runtime_options(saved):
-    model = mlflow.pyfunc.load_model(str(saved / "linear"), model_config={"sess_options": {"intra_op_num_threads": 1}})
-    assert model.predict(np.ones((1, 4), np.float32)).shape == (1, 3)
+def test_model_config_overrides_stored_runtime_options(onnx_linear_file, tmp_path):
+    x = np.ones((1, 4), np.float32)
+    arachne_onnx.save_model(
+        str(onnx_linear_file), tmp_path / "m", runtime_options={"sess_options": {"intra_op_num_threads": 2}}
+    )
+    stored = mlflow.pyfunc.load_model(str(tmp_path / "m"))
+    model = mlflow.pyfunc.load_model(str(tmp_path / "m"), model_config={"sess_options": {"intra_op_num_threads": 1}})
+    threads = [m.get_raw_model()._session.get_session_options().intra_op_num_threads for m in (stored, model)]
+    assert threads == [2, 1]
+    np.testing.assert_array_equal(model.predict(x), stored.predict(x))
 
 
 def test_importing_the_loader_stays_light():

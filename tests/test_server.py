@@ -162,25 +162,34 @@ def test_replace_while_serving_loses_no_request(client, deployed):
     client.upload_model("busy", deployed["onnx_linear"])
     x = model_inputs(deployed["onnx_linear"])
     expected = local_outputs(deployed["onnx_linear"], x)["y"]
-    failures, stop = [], threading.Event()
+    failures, answered, stop = [], [], threading.Event()
 
     def hammer():
         with DeviceClient("127.0.0.1", client.port) as own:
             while not stop.is_set():
                 try:
                     np.testing.assert_equal(own.infer("busy", x)["y"], expected)
+                    answered.append(time.monotonic())
                 except Exception as err:  # noqa: BLE001 (collected and reported below)
                     failures.append(err)
 
     threads = [threading.Thread(target=hammer) for _ in range(3)]
     for t in threads:
         t.start()
+    while not answered:
+        time.sleep(0.01)
+    replaces = []
     for _ in range(3):
+        start = time.monotonic()
         client.upload_model("busy", deployed["onnx_linear"], force=True)
+        replaces.append((start, time.monotonic()))
     stop.set()
     for t in threads:
         t.join(timeout=30)
     assert failures == []
+    assert client.model_record("busy")["revision"] == 4
+    # requests were answered while each replace was under way, not only between them
+    assert all(any(start < at < end for at in answered) for start, end in replaces)
 
 
 def test_several_clients_at_once(server, deployed):
@@ -234,12 +243,22 @@ def test_bad_infer_requests_are_4xx(server, deployed, case):
     assert ok.status_code == 200
 
 
-def test_errors_are_counted(client):
-    text = client.metrics()
-    prefix = 'arachne_inference_errors_total{model="onnx_linear"}'
-    errors = [line for line in text.splitlines() if line.startswith(prefix)]
-    assert errors and float(errors[0].split()[-1]) >= len(BAD_REQUESTS) - 2  # 2 bad encodings never reach it
-    assert 'arachne_http_errors_total{status="400"}' in text
+def _metric(text, prefix):
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix)]
+    return values[0] if values else 0.0
+
+
+def test_errors_are_counted(server, client, deployed):
+    errors = 'arachne_inference_errors_total{model="onnx_linear"}'
+    http_400 = 'arachne_http_errors_total{status="400"}'
+    client.infer("onnx_linear", model_inputs(deployed["onnx_linear"], batch=1))  # the model has a series
+    before = client.metrics()
+    for body, headers in BAD_REQUESTS.values():
+        assert _post_infer(server, "onnx_linear", body, headers).status_code == 400
+    after = client.metrics()
+    # the two bad encodings are refused before the request reaches the model
+    assert _metric(after, errors) - _metric(before, errors) == len(BAD_REQUESTS) - 2
+    assert _metric(after, http_400) - _metric(before, http_400) == len(BAD_REQUESTS)
 
 
 def test_inference_series_add_up(client, deployed):

@@ -217,6 +217,8 @@ def save_model(
             code=code_dir,
             conda_env=_CONDA_ENV_FILE_NAME,
             python_env=_PYTHON_ENV_FILE_NAME,
+            # MLflow lets `load_model(model_config=...)` override only the keys stored here
+            model_config=dict(files.runtime_options) or None,
         )
         block: dict[str, Any] = {
             "runtime": runtime,
