@@ -100,8 +100,8 @@ _WRAPPER_CALLS = ("SetTensor", "Invoke", "GetTensor", "ResizeInputTensor", "Allo
 def _calls(interpreter: Any) -> Any:
     """The interpreter's C++ wrapper, which LiteRT, tflite-runtime and TensorFlow all keep as
     `_interpreter`: its calls skip the Python methods' frames and their check that no numpy view
-    of the interpreter's buffers is alive (this module makes none); measured, a tiny model's
-    overhead over the raw calls fell from ~3 µs to ~2 µs. All calls go through it, since holding
+    of the interpreter's buffers is alive (this module makes none), a third of a tiny model's
+    overhead over the raw calls (docs/performance.md). All calls go through it, since holding
     it is what that check refuses. The public methods under the same names where an interpreter
     has no such wrapper."""
     wrapper = getattr(interpreter, "_interpreter", None)
