@@ -60,7 +60,7 @@ class DeviceClient:
     answer (seconds); `upload_timeout` bounds uploads, which include loading the model on the
     server. `host` may be a name, an IPv4 or an IPv6 literal (`::1` or `[::1]`).
     `trust_env` lets requests read proxies and .netrc from the environment; it is off because a
-    device is usually on the local network, and those look-ups cost about 0.5 ms a call.
+    device is usually on the local network, and those look-ups cost time on every call.
     """
 
     def __init__(
