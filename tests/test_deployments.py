@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -437,4 +438,7 @@ def test_quickstart_end_to_end(tmp_path):
     done = subprocess.run([sys.executable, script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all results agree (within 1e-05): True" in done.stdout
+    # two devices in the fleet file's group, and `arachne-mlflow fleet status` on them
+    assert re.search(r"quickstart-onnx: models:/arachne-quickstart-onnx@champion -> v1 on @lab", done.stdout)
+    assert len(re.findall(r"\ncam-2 +v1 +v1 +READY +yes\n", done.stdout)) == 3 and "drift" not in done.stdout
     assert (tmp_path / "mlflow.db").is_file()

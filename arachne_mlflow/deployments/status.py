@@ -161,15 +161,15 @@ def to_text(statuses: Sequence[DeploymentStatus]) -> str:
     parts = []
     for s in statuses:
         wanted = f" -> v{s.desired_version}" if s.desired_version else ""
-        head = f"{s.deployment}: {s.model_uri}{wanted} on {s.target or '?'} ({s.status or 'unknown'})"
-        rows = [
-            (d.device, d.desired, d.actual, d.state, "yes" if d.in_sync else "no", d.error or "") for d in s.devices
-        ]
-        text = (
-            head
-            + "\n"
-            + (report.table(("device", "desired", "actual", "state", "in sync", "error"), rows) if rows else "")
-        )
+        text = f"{s.deployment}: {s.model_uri}{wanted} on {s.target or '?'} ({s.status or 'unknown'})\n"
+        if s.devices:
+            headers = ["device", "desired", "actual", "state", "in sync"]
+            rows = [[d.device, d.desired, d.actual, d.state, "yes" if d.in_sync else "no"] for d in s.devices]
+            if any(d.error for d in s.devices):
+                headers.append("error")
+                for row, d in zip(rows, s.devices):
+                    row.append(d.error or "")
+            text += report.table(headers, rows)
         text += ("drift: " + "; ".join(s.drift) if s.drift else "in sync") + "\n"
         parts.append(text)
     return "\n".join(parts)
