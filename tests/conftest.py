@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from tests.helpers import models
+from tests.helpers.mlflow_server import QUIET_ENV, MlflowServer
 from tests.helpers.model_dirs import runtime_details, write_model_dir
-from tests.helpers.servers import MlflowServer
 
-# MLflow decides at import whether to send usage telemetry (a thread that calls out): never from tests.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+for _name, _value in QUIET_ENV.items():  # before anything imports mlflow (its telemetry checks at import)
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(scope="session")

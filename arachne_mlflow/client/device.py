@@ -109,9 +109,10 @@ class DeviceClient:
         """True when the server has loaded its store and takes requests."""
         return self._send("GET", "/v2/health/ready", check=False).status_code == 200
 
-    def server_metadata(self) -> dict[str, Any]:
-        """Name, version, extensions, platform, CPU arch and available runtimes of the server."""
-        return self._send("GET", "/v2").json()
+    def server_metadata(self, timeout: float | None = None) -> dict[str, Any]:
+        """Name, version, extensions, platform, CPU arch and available runtimes of the server
+        (`timeout`: wait longer than for other calls, as a device may look its runtimes up first)."""
+        return self._send("GET", "/v2", timeout=timeout).json()
 
     def model_metadata(self, name: str) -> dict[str, Any]:
         """The model's inputs and outputs (`name`, V2 `datatype`, `shape` with -1 for dynamic)."""

@@ -66,7 +66,8 @@ def push_device(
             before = version_label(stored, registered)
             if stored is not None and stored["digest"] == source.digest and stored["provenance"] == source.provenance:
                 return DeviceResult(device, UNCHANGED, before, before, _since(start), revision=stored["revision"])
-            check_device_can_run(client.server_metadata(), source, device)
+            # an answering device may take long to list its runtimes the first time: the upload's wait
+            check_device_can_run(client.server_metadata(timeout=connection.upload_timeout), source, device)
             client.upload_model(
                 name, source.model.path, files=source.files, provenance=source.provenance, progress=progress, force=True
             )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -88,72 +87,3 @@ class ServerProcess:
 
     def read_log(self) -> str:
         return (self.store.parent / f"server-{self.port}.log").read_text(errors="replace")[-3000:]
-
-
-class MlflowServer:
-    """A real `mlflow server` (sqlite backend, artifacts proxied with --serve-artifacts) on loopback.
-
-    One worker, no job runner, no telemetry; started in its own session so that stopping it stops
-    its children too.
-    """
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = None
-
-    def start(self, timeout: float = 120.0) -> MlflowServer:
-        env = {
-            **os.environ,
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        }
-        env.pop("MLFLOW_TRACKING_URI", None)
-        args = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{self.root / 'mlflow.db'}",
-            "--serve-artifacts",
-            "--artifacts-destination",
-            str(self.root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-        ]
-        self.log = open(self.root / "mlflow-server.log", "ab")
-        self.process = subprocess.Popen(
-            args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.root, start_new_session=True
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:  # polling a starting process: there is no event to wait on
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.process.returncode}: {self.read_log()}")
-            try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"mlflow server not ready after {timeout}s: {self.read_log()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.process = None
-        self.log.close()
-
-    def read_log(self) -> str:
-        return (self.root / "mlflow-server.log").read_text(errors="replace")[-3000:]
