@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from arachne_mlflow.deployments.source import ModelSource
+from arachne_mlflow.deployments.source import ModelSource, RegistryVersion
 from arachne_mlflow.deployments.targets import Connection, Device
 from arachne_mlflow.errors import ArachneError, IncompatibleModelError, ModelNotFoundError
 
@@ -34,6 +34,8 @@ class DeviceResult:
     seconds: float = 0.0
     error: str | None = None
     revision: int | None = None
+    runtime: str | None = None  # of the model on the device, when it was asked
+    provenance: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -76,6 +78,32 @@ def push_device(
         return DeviceResult(device, FAILED, before, before, _since(start), error=str(err))
     revision = record["revision"] if record else None
     return DeviceResult(device, DEPLOYED, before, version_label(record, registered), _since(start), revision=revision)
+
+
+def unchanged_device(
+    device: Device, connection: Connection, name: str, model_uri: str, pinned: RegistryVersion
+) -> DeviceResult | None:
+    """An `unchanged` result when `device` already serves registered version `pinned` from
+    `model_uri` as `name` (a version's files never change); None when it does not, or cannot say."""
+    start = time.perf_counter()
+    record = read_device(device, connection, name)
+    if not isinstance(record, dict):
+        return None
+    provenance = record.get("provenance") or {}
+    held = (provenance.get("model_uri"), provenance.get("registered_model"), str(provenance.get("version")))
+    if held != (model_uri, pinned.registered_model, pinned.version):
+        return None
+    label = version_label(record, pinned.registered_model)
+    return DeviceResult(
+        device,
+        UNCHANGED,
+        label,
+        label,
+        _since(start),
+        revision=record.get("revision"),
+        runtime=record.get("runtime"),
+        provenance=provenance,
+    )
 
 
 def delete_device(device: Device, connection: Connection, name: str) -> DeviceResult:

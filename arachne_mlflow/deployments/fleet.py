@@ -11,15 +11,15 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from mlflow.exceptions import MlflowException
 
 from arachne_mlflow.deployments import report
-from arachne_mlflow.deployments.converge import DeviceResult, converge, delete_device, on_devices
+from arachne_mlflow.deployments.converge import DeviceResult, converge, delete_device, on_devices, unchanged_device
 from arachne_mlflow.deployments.desired_state import DELETING, HALTED, ROLLED_OUT, ROLLING, Desired, DesiredState
 from arachne_mlflow.deployments.inventory import resolve_target
-from arachne_mlflow.deployments.source import ModelSource, resolve
+from arachne_mlflow.deployments.source import RegistryVersion, registry_version, resolve
 from arachne_mlflow.deployments.targets import SCHEME, Device, Settings
 from arachne_mlflow.errors import ArachneError
 
@@ -35,7 +35,9 @@ class Outcome:
     deployment: str
     results: list[DeviceResult] = field(default_factory=list)
     required: int = 0
-    source: ModelSource | None = None
+    registry: RegistryVersion | None = None  # the registered version pushed (None: not a registry model)
+    provenance: dict[str, Any] = field(default_factory=dict)  # what each device records with the model
+    runtime: str | None = None
     desired: Desired | None = None  # what the registry records now (None: nothing recorded)
     error: str | None = None  # the deployment as a whole failed (no device was tried)
     note: str = ""
@@ -61,12 +63,9 @@ class Outcome:
         return line
 
     def wanted(self) -> str:
-        if self.source is None:
-            return "it"
-        if self.source.registry is not None:
-            registry = self.source.registry
-            return f"{registry.registered_model} v{registry.version}"
-        return self.source.provenance.get("model_uri", "the model")
+        if self.registry is not None:
+            return f"{self.registry.registered_model} v{self.registry.version}"
+        return self.provenance.get("model_uri", "the model")
 
     def summary(self) -> str:
         """The headline and the failed devices with their errors (what an exception says)."""
@@ -96,20 +95,44 @@ def push(
     desired state `existing` held for the same deployment: `fleet sync` would undo it otherwise.
     """
     outcome = Outcome(action, name, required=settings.required(len(devices)))
-    with tempfile.TemporaryDirectory(prefix="arachne-deploy-") as tmp:
-        outcome.source = source = resolve(model_uri, tmp, client=state.client if state else None)
-        progress = settings.progress
-        if progress is None:
-            progress = sys.stderr.isatty() and source.size >= PROGRESS_MIN_BYTES
-        parallel = settings.workers(len(devices))
-        outcome.results = converge(devices, settings.connection, name, source, parallel, progress)
-    if source.registry is not None and state is not None:
-        outcome.desired = _desired(name, model_uri, target, source, outcome.results)
+    pinned = registry_version(model_uri, state.client if state else None)
+    parallel = settings.workers(len(devices))
+    outcome.results = _everywhere_already(name, model_uri, pinned, devices, settings) if pinned else None
+    if outcome.results is not None:  # nothing to push: not even a download
+        outcome.registry, outcome.runtime = pinned, outcome.results[0].runtime
+        outcome.provenance = outcome.results[0].provenance or {}
+    else:
+        with tempfile.TemporaryDirectory(prefix="arachne-deploy-") as tmp:
+            source = resolve(model_uri, tmp, client=state.client if state else None, pinned=pinned)
+            progress = settings.progress
+            if progress is None:
+                progress = sys.stderr.isatty() and source.size >= PROGRESS_MIN_BYTES
+            outcome.results = converge(devices, settings.connection, name, source, parallel, progress)
+        outcome.registry, outcome.provenance, outcome.runtime = source.registry, source.provenance, source.model.runtime
+    if outcome.registry is not None and state is not None:
+        outcome.desired = _desired(name, model_uri, target, outcome.registry, outcome.results)
         state.save(outcome.desired)
-        state.record_devices(outcome.desired, source.registry.version, outcome.results)
+        state.record_devices(outcome.desired, outcome.registry.version, outcome.results)
     elif existing is not None and state is not None:
         state.remove(existing)
     return outcome
+
+
+def _everywhere_already(
+    name: str, model_uri: str, pinned: RegistryVersion, devices: Sequence[Device], settings: Settings
+) -> list[DeviceResult] | None:
+    """Every device's result when all of them already run `pinned` from `model_uri`, else None.
+
+    A registered version's files never change, so its number and the URI it came from say what
+    a device holds: a converged fleet costs one question per device and no download.
+    """
+    if not devices:
+        return None
+    connection = settings.connection
+    results = on_devices(
+        devices, lambda d: unchanged_device(d, connection, name, model_uri, pinned), settings.workers(len(devices))
+    )
+    return None if any(r is None for r in results) else results
 
 
 def delete(
@@ -175,8 +198,7 @@ def _sync_one(desired: Desired, settings: Settings, state: DesiredState) -> Outc
         return Outcome("sync", desired.deployment, error=str(err))
 
 
-def _desired(name: str, model_uri: str, target: str, source: ModelSource, results: list[DeviceResult]) -> Desired:
-    registry = source.registry
+def _desired(name: str, model_uri: str, target: str, registry: RegistryVersion, results: list[DeviceResult]) -> Desired:
     failed = [r for r in results if not r.ok]
     reason = ""
     if failed:

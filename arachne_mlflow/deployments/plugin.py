@@ -9,6 +9,7 @@ devices, unless `-C min_success=N` (or `P%`) allows it.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
@@ -115,7 +116,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         state = _registry(None)
         desired = state.find(name) if state else None
         if desired is not None:
-            described["desired"] = {"registered_model": desired.registered_model, **desired.__dict__}
+            described["desired"] = asdict(desired)
         return described
 
     def predict(self, deployment_name=None, inputs=None, endpoint=None):
@@ -165,12 +166,11 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         except ArachneError as err:
             raise MlflowException(f"cannot deploy {model_uri}: {err}") from err
         self._finish(outcome, options)
-        source = outcome.source
         return {
             "name": name,
             "flavor": FLAVOR_NAME,
-            "runtime": source.model.runtime,
-            **source.provenance,
+            "runtime": outcome.runtime,
+            **outcome.provenance,
             "devices": [
                 {
                     "device": str(r.device),

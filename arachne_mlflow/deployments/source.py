@@ -77,8 +77,9 @@ def registry_version(model_uri: str, client: Any = None) -> RegistryVersion | No
     return RegistryVersion(version.name, str(version.version), alias, version.run_id or None)
 
 
-def resolve(model_uri: str, dst_path: str, client: Any = None) -> ModelSource:
-    """Download `model_uri` (runs:/, models:/name/1, models:/name@alias, models:/m-<id>, a path).
+def resolve(model_uri: str, dst_path: str, client: Any = None, pinned: RegistryVersion | None = None) -> ModelSource:
+    """Download `model_uri` (runs:/, models:/name/1, models:/name@alias, models:/m-<id>, a path),
+    the registered version `pinned` when the caller has resolved it already.
 
     Raises `InvalidInputError` when the model has no `arachne` flavor, naming the ones it has.
     Only the files MLmodel names are pushed: a registry download holds others
@@ -86,7 +87,7 @@ def resolve(model_uri: str, dst_path: str, client: Any = None) -> ModelSource:
     """
     import mlflow
 
-    registry = registry_version(model_uri, client)
+    registry = pinned or registry_version(model_uri, client)
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=registry.pinned_uri if registry else model_uri, dst_path=dst_path
     )

@@ -103,7 +103,8 @@ def _deployment(desired: Desired, settings: Settings, state: DesiredState) -> tu
 def _device_status(found: DeploymentStatus, device: Device, answer: Any, recorded: dict[str, dict]) -> DeviceStatus:
     wanted = "-" if found.status == DELETING else f"v{found.desired_version}"
     if isinstance(answer, ArachneError):
-        known = "; ".join(f"v{v} {e.get('state')}" for v, e in sorted(recorded.items()))
+        versions = sorted(recorded.items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0)
+        known = "; ".join(f"v{v} {e.get('state')}" for v, e in versions)
         kind = "unreachable" if isinstance(answer, DeviceUnreachableError) else "error"
         return DeviceStatus(str(device), device.address, wanted, UNKNOWN, kind, False, None, known or None, str(answer))
     actual = version_label(answer, found.registered_model)
