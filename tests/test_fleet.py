@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import mlflow
@@ -356,7 +359,19 @@ def test_sync_brings_a_restarted_device_up_to_date(
     assert code == 0 and {row[2] for row in _rows(err).values()} == {"unchanged"}
     assert _tags(name) == tags  # nothing written, not even a time stamp
     assert [_version_on(s, name) for s in devices] == [("2", 2), ("2", 2), ("2", 2)]
-    client.delete_deployment(name, config={"report": "false"})
+
+    devices[1].stop()  # a delete that cannot reach every device: sync finishes it when the device is back
+    try:
+        with pytest.raises(MlflowException, match="2 of 3 devices without it; failed on cam-1"):
+            client.delete_deployment(name, config={"report": "false"})
+        assert json.loads(_tags(name)[0][f"arachne.deploy.{name}"])["status"] == "deleting"
+        assert set(_tags(name)[1]["2"]) == {"cam-1"}  # the devices that dropped it are off the tag
+    finally:
+        devices[1].start()
+    code, _, err = _fleet(capsys, "sync", name)
+    assert code == 0 and _rows(err)["cam-1"][:3] == ["v2", "-", "deleted"]
+    assert [_version_on(s, name) for s in devices] == [None, None, None]
+    assert f"arachne.deploy.{name}" not in _tags(name)[0] and _tags(name)[1] == {}
 
 
 @pytest.mark.slow
@@ -415,6 +430,31 @@ def test_device_added_to_a_group_gets_the_model(
     assert [_rows(err)[f"cam-{i}"][2] for i in range(3)] == ["unchanged", "unchanged", "deployed"]
     assert [_version_on(s, name) for s in devices] == [("1", 1), ("1", 1), ("1", 1)]
     _deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name)
+
+
+@pytest.mark.slow
+def test_sync_watch_is_the_controller(devices, registered, mlflow_server, tracking_server, token_env, tmp_path):
+    fleet = tmp_path / "fleet.yaml"
+    _fleet_file(fleet, devices, labels={0: {"site": "lyon"}})
+    name = "watched"
+    _deploy(
+        "create", "-t", "arachne-jetson://@lyon", "--name", name, "-m", f"models:/{MODEL}/1", "-C", f"fleet={fleet}"
+    )
+    _fleet_file(fleet, devices, labels={0: {"site": "lyon"}, 2: {"site": "lyon"}})  # cam-2 joins
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "ARACHNE_FLEET": str(fleet)}
+    command = [sys.executable, "-m", "arachne_mlflow.cli", "fleet", "sync", name, "--watch", "0.5"]
+    with open(tmp_path / "watch.log", "wb") as log:
+        watcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while _version_on(devices[2], name) is None:  # a controller's work shows on the device: poll it
+                assert watcher.poll() is None and time.monotonic() < deadline, (tmp_path / "watch.log").read_text()
+                time.sleep(0.5)
+        finally:
+            watcher.send_signal(signal.SIGINT)
+            assert watcher.wait(timeout=30) == 0
+    assert _version_on(devices[2], name) == ("1", 1) and _version_on(devices[1], name) is None
+    _deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name, "-C", f"fleet={fleet}")
 
 
 @pytest.mark.slow
