@@ -40,6 +40,7 @@ class Outcome:
     runtime: str | None = None
     desired: Desired | None = None  # what the registry records now (None: nothing recorded)
     error: str | None = None  # the deployment as a whole failed (no device was tried)
+    registry_error: str | None = None  # the devices were dealt with, but the registry could not record it
     note: str = ""
 
     @property
@@ -48,7 +49,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.succeeded >= self.required
+        return self.error is None and self.registry_error is None and self.succeeded >= self.required
 
     def headline(self) -> str:
         what = f"{self.action} of deployment {self.deployment!r}"
@@ -60,6 +61,8 @@ class Outcome:
         line = f"{what}: {self.succeeded} of {len(self.results)} devices {wanted}"
         if self.required < len(self.results):
             line += f" ({self.required} required)"
+        if self.registry_error:
+            line += f"; the registry could not record it: {self.registry_error}"
         return line
 
     def wanted(self) -> str:
@@ -109,12 +112,17 @@ def push(
                 progress = sys.stderr.isatty() and source.size >= PROGRESS_MIN_BYTES
             outcome.results = converge(devices, settings.connection, name, source, parallel, progress)
         outcome.registry, outcome.provenance, outcome.runtime = source.registry, source.provenance, source.model.runtime
-    if outcome.registry is not None and state is not None:
-        outcome.desired = _desired(name, model_uri, target, outcome.registry, outcome.results)
-        state.save(outcome.desired)
-        state.record_devices(outcome.desired, outcome.registry.version, outcome.results)
-    elif existing is not None and state is not None:
-        state.remove(existing)
+    if state is None:
+        return outcome
+    try:
+        if outcome.registry is not None:
+            outcome.desired = _desired(name, model_uri, target, outcome.registry, outcome.results)
+            state.save(outcome.desired)
+            state.record_devices(outcome.desired, outcome.registry.version, outcome.results)
+        elif existing is not None:
+            state.remove(existing)
+    except MlflowException as err:  # (a user who may read the registry but not write it: 403)
+        outcome.registry_error = str(err)
     return outcome
 
 
@@ -152,15 +160,18 @@ def delete(
     outcome = Outcome("delete", name, results, required=settings.required(len(devices)))
     if existing is None or state is None:
         return outcome
-    if all(r.ok for r in results):
-        state.remove(existing)
-        return outcome
-    existing.status = DELETING
-    existing.reason = f"{len(results) - outcome.succeeded} devices still have it: {report.failures(results)}"
-    existing.devices = _counts(results, "deleted")
-    state.save(existing)
-    state.forget_devices(existing, [str(r.device) for r in results if r.ok])
-    outcome.desired = existing
+    try:
+        if all(r.ok for r in results):
+            state.remove(existing)
+            return outcome
+        existing.status = DELETING
+        existing.reason = f"{len(results) - outcome.succeeded} devices still have it: {report.failures(results)}"
+        existing.devices = _counts(results, "deleted")
+        state.save(existing)
+        state.forget_devices(existing, [str(r.device) for r in results if r.ok])
+        outcome.desired = existing
+    except MlflowException as err:
+        outcome.registry_error = str(err)
     return outcome
 
 
