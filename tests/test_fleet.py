@@ -204,6 +204,7 @@ groups:
         ("devices:\n  cam-1:\n    labels: {a: b}\n", 3, "devices.cam-1", "needs an address"),
         ("devices:\n  cam-1: {address: 'a b'}\n", 2, "devices.cam-1.address", "is not host"),
         ("devices:\n  cam-1: {address: 'a:1', port: 2}\n", 2, "devices.cam-1.port", "has a port already"),
+        ("devices:\n  cam-1: 'a:5051'\n  cam-2: a\n", 3, "devices.cam-2", "has the address of cam-1 (a:5051)"),
         ("devices:\n  cam-1: a\ngroups:\n  g: [cam-1, cam-9]\n", 4, "groups.g", "no device 'cam-9'"),
         ("devices:\n  cam-1: a\ngroups:\n  all: [cam-1]\n", 4, "groups.all", "every device already"),
         ("devices:\n  cam-1: a\ngroups:\n  g: {labels: {}}\n", 4, "groups.g.labels", "at least one label"),

@@ -147,7 +147,11 @@ class _Reader:
         for name, key_node, value in self.mapping(sections["devices"], "devices"):
             if not _NAME.match(name):
                 raise self.error(key_node, f"devices.{name}", "a device name is letters, digits, '.', '_', '-'")
-            devices[name] = self.device(name, value, defaults)
+            device = self.device(name, value, defaults)
+            twin = next((d for d in devices.values() if (d.host, d.port) == (device.host, device.port)), None)
+            if twin is not None:
+                raise self.error(key_node, f"devices.{name}", f"has the address of {twin.name} ({device.address})")
+            devices[name] = device
         groups: dict[str, list[str]] = {}
         for name, key_node, value in self.mapping(sections["groups"], "groups"):
             if not _NAME.match(name) or name == ALL:
