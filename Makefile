@@ -1,7 +1,7 @@
 # The two set-up commands of the README: `make quickstart` (main job) and `make test` (lint, then every test,
 # in random order; CI runs it). `make test-fast` skips the tests marked slow.
-# Each creates .venv and installs the package with every extra on first use, and the system packages the
-# tests need (`make system-deps`: Debian's aarch64 cross compiler, for the cross-compiled TVM tests).
+# Each creates .venv and installs the package with every extra on first use; `make test` also installs the
+# system packages the tests need (`make system-deps`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -13,15 +13,20 @@ $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 	$(PY) -m pip install --quiet -e ".[all,test]" -e examples/runtime_plugin
 	touch $@
 
-# Installed only when the cross compiler cannot link a shared library yet; as root (sudo otherwise), quietly.
+# System packages the tests need, installed only when missing (as root, sudo otherwise; quietly): Debian's
+# aarch64 cross compiler (tests/test_tvm_cross.py) and systemd-analyze (checks the unit in SECURITY.md).
 CROSS_CC := aarch64-linux-gnu-gcc
-CROSS_PACKAGES := gcc-aarch64-linux-gnu libc6-dev-arm64-cross
-APT_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CROSS_PACKAGES)
+APT_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 system-deps:
-	@echo 'int f(void) { return 0; }' | $(CROSS_CC) -shared -x c - -o /dev/null 2>/dev/null || { \
-	  command -v apt-get >/dev/null || { echo "install a cross compiler that provides $(CROSS_CC)" >&2; exit 1; }; \
+	@missing=""; \
+	echo 'int f(void) { return 0; }' | $(CROSS_CC) -shared -x c - -o /dev/null 2>/dev/null \
+	  || missing="gcc-aarch64-linux-gnu libc6-dev-arm64-cross"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	[ -z "$$missing" ] || { \
+	  command -v apt-get >/dev/null || { echo "install these (Debian's names): $$missing" >&2; exit 1; }; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO $(APT_INSTALL) >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO $(APT_INSTALL) >/dev/null; }; }
+	  $$SUDO $(APT_INSTALL) $$missing >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -qq && $$SUDO $(APT_INSTALL) $$missing >/dev/null; }; }
 
 quickstart: $(VENV)/.installed
 	$(PY) examples/quickstart.py
