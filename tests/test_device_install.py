@@ -159,6 +159,27 @@ def test_device_extras_install_no_host_packages_and_serve(source, tmp_path, mlfl
     )
     assert entry["library"] == "onnxruntime" and "CPUExecutionProvider" in entry["providers"]
     assert "conflict" not in entry
+    # a build whose native library cannot load (as when a GPU build misses a CUDA library) is reported, not fatal
+    site_packages = Path(
+        subprocess.check_output(
+            [str(python), "-c", "import numpy, os; print(os.path.dirname(numpy.__path__[0]))"],
+            text=True,
+            env=_clean_env(),
+        ).strip()
+    )
+    for library in (site_packages / "onnxruntime" / "capi").glob("onnxruntime_pybind11_state*"):
+        library.unlink()
+    server = ServerProcess(
+        tmp_path / "store", command=("arachne_mlflow.cli", "serve"), python=str(python), env=_clean_env()
+    )
+    server.start()
+    try:
+        with DeviceClient("127.0.0.1", server.port) as device:
+            broken = _onnx_entry(device)
+    finally:
+        server.stop()
+    assert broken["library"] == "onnxruntime" and broken["providers"] is None
+    assert broken["error"].startswith("onnxruntime cannot be imported: ") and "Error" in broken["error"]
 
 
 # -- the systemd unit in SECURITY.md -------------------------------------------------------------
