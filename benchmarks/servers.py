@@ -56,15 +56,18 @@ def device_server(store: Path, extra: tuple[str, ...] = ()) -> Iterator[tuple[in
 
 
 @contextmanager
-def device_servers(stores: list[Path], extra: tuple[str, ...] = (), batch: int = 16) -> Iterator[list[int]]:
-    """Many device servers at once (`batch` starting at a time, so that a small machine keeps up);
-    yields their ports. Every one is stopped at the end, whatever happened."""
+def device_servers(
+    stores: list[Path], extra: tuple[str, ...] = (), batch: int = 16, python: str | None = None
+) -> Iterator[list[int]]:
+    """Many device servers at once (`batch` starting at a time, so that a small machine keeps up),
+    run by `python` (another environment's interpreter; default this one); yields their ports.
+    Every one is stopped at the end, whatever happened."""
     processes: list[subprocess.Popen] = []
     ports: list[int] = []
     try:
         for first in range(0, len(stores), batch):
             chunk = stores[first : first + batch]
-            started = [_start_device(store, extra) for store in chunk]
+            started = [_start_device(store, extra, python) for store in chunk]
             processes += [process for _, process in started]
             for store, (port, process) in zip(chunk, started):
                 for attempt in range(3):  # another process may take a free port before the server binds it
@@ -74,7 +77,7 @@ def device_servers(stores: list[Path], extra: tuple[str, ...] = (), batch: int =
                     except RuntimeError:
                         if process.poll() is None or attempt == 2:
                             raise
-                        port, process = _start_device(store, extra)
+                        port, process = _start_device(store, extra, python)
                         processes.append(process)
                 ports.append(port)
         yield ports
@@ -86,11 +89,11 @@ def device_servers(stores: list[Path], extra: tuple[str, ...] = (), batch: int =
             _stop(process)
 
 
-def _start_device(store: Path, extra: tuple[str, ...]) -> tuple[int, subprocess.Popen]:
+def _start_device(store: Path, extra: tuple[str, ...], python: str | None = None) -> tuple[int, subprocess.Popen]:
     port = free_port()
     process = subprocess.Popen(
         [
-            sys.executable,
+            python or sys.executable,
             "-m",
             "arachne_mlflow.server",
             "--port",

@@ -10,6 +10,10 @@ file (group @bench), with the tiny ONNX model (two versions, other weights) in a
 Each row has the client's wall time, its CPU seconds per device (this process, all its threads:
 on a 2-core machine the devices' own CPU dominates wall time) and the growth of its resident
 memory at the peak. Targets: update-unchanged of 100 devices <= 5 s, status of 100 <= 2 s.
+
+`ARACHNE_BENCH_DEVICE_PYTHON` names the interpreter of an environment with what a device installs
+(`pip install "arachne-mlflow[device-onnx]"`) to run the device servers with; by default they run
+with this interpreter and everything installed here.
 """
 
 from __future__ import annotations
@@ -37,7 +41,12 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
         root = Path(tmp)
         stores = [root / f"device-{i}" / "store" for i in range(max(sizes))]
         versions = [models["tiny/onnx"]["model_file"], str(tiny_onnx(CACHE / "tiny_seed2.onnx", seed=2))]
-        with _registry(root, versions) as registry, device_servers(stores, extra=("--workers", "1")) as ports:
+        with (
+            _registry(root, versions) as registry,
+            device_servers(
+                stores, extra=("--workers", "1"), python=os.environ.get("ARACHNE_BENCH_DEVICE_PYTHON")
+            ) as ports,
+        ):
             for n in sizes:
                 rows += _round(root, registry, ports[:n])
     return rows
