@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test test-fast lint benchmark
+.PHONY: quickstart test test-fast lint benchmark benchmark-peers
 
 $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,3 +27,8 @@ test-fast: $(VENV)/.installed
 
 benchmark: $(VENV)/.installed
 	$(PY) -m benchmarks
+
+# MLServer, KServe and `mlflow models serve` under the same load as ours (installs the first two
+# into venvs of their own under benchmarks/.cache/peers on first use).
+benchmark-peers: $(VENV)/.installed
+	$(PY) -m benchmarks --only peers
