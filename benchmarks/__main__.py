@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks import models, report
 
-SUITES = ["runtime", "pyfunc", "remote", "throughput", "batching", "deploy", "cold_start"]
+SUITES = ["runtime", "pyfunc", "remote", "throughput", "batching", "deploy", "cold_start", "tricks"]
 OPTIONAL_SUITES = ["peers"]
 
 
