@@ -158,6 +158,10 @@ def test_requests_of_another_shape_or_too_many_rows_run_alone(modules, rng):
         np.testing.assert_array_equal(answer[0], any_shape.infer(request)[0], strict=True)
     # (2,3) and (1,3) share a batch; (1,5) has another width; (9,3) has more rows than max_batch_size
     assert _batches(batcher) == 3 and batcher.stats.rows == 13
+    start = time.perf_counter()
+    [answer], _ = _drive(any_shape, BatchingSettings(8, (), 5_000_000), [requests[3]])
+    assert time.perf_counter() - start < 4.0  # a request that can join no batch does not wait the 5 s delay
+    np.testing.assert_array_equal(answer[0], any_shape.infer(requests[3])[0], strict=True)
 
 
 def test_a_failing_request_in_a_batch_fails_alone(modules):

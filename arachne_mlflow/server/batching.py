@@ -253,6 +253,8 @@ class Batcher:
         settings = self.settings
         while True:
             batch, rows, preferred = self._candidates()
+            if type(batch[0].key) is not tuple:  # joins no one: nothing to wait for
+                return batch
             if rows >= settings.max_batch_size or preferred:
                 return batch[:preferred] if preferred and rows < settings.max_batch_size else batch
             wait = self._queue[0].arrived + self._delay - time.perf_counter()
