@@ -11,7 +11,7 @@ import tarfile
 import threading
 import time
 
-import httpx
+import httpx2
 import numpy as np
 import pytest
 import yaml
@@ -238,8 +238,8 @@ def _serve(store_dir, flags, scenario):
 
     async def main():
         async with app.app.router.lifespan_context(app.app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+            transport = httpx2.ASGITransport(app=app)
+            async with httpx2.AsyncClient(transport=transport, base_url="http://server") as client:
                 return await asyncio.wait_for(scenario(client, app.state.dataplane), HANG)
 
     return asyncio.run(main())
@@ -344,7 +344,7 @@ def test_real_server_with_concurrent_tritonclient_clients(tmp_path, onnx_files, 
             thread.start()
         for thread in threads:
             thread.join(HANG)
-        metrics = httpx.get(f"{server.url}/metrics").text
+        metrics = httpx2.get(f"{server.url}/metrics").text
     finally:
         server.stop()
     assert not errors
@@ -369,8 +369,8 @@ def test_access_log_is_off_by_default():
 def test_access_lines_only_with_the_flag_and_errors_always(tmp_path, flag):
     server = ServerProcess(tmp_path / "store", extra_args=["--log-level", "info", *flag]).start()
     try:
-        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
-        assert httpx.post(f"{server.url}/v2/models/nothing/infer", content=b"{}").status_code == 404
+        assert httpx2.get(f"{server.url}/v2/health/ready").status_code == 200
+        assert httpx2.post(f"{server.url}/v2/models/nothing/infer", content=b"{}").status_code == 404
     finally:
         server.stop()
     log = server.read_log()

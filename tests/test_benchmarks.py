@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.__main__ import SUITES
+
+pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `make test-fast` skips them
 
 ROOT = Path(__file__).resolve().parent.parent
 
