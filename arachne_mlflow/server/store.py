@@ -61,6 +61,10 @@ class LoadedModel:
         self.revision = str(record["revision"])
         self.input_names = [spec.name for spec in module.input_specs]
         self.output_names = [spec.name for spec in module.output_specs]
+        #: The dynamic batcher's settings when it batches this model, else None: an object with
+        #: Triton's `max_batch_size`, `preferred_batch_size` (ints) and `max_queue_delay_microseconds`
+        #: (what the model-configuration and statistics extensions report).
+        self.batching: Any = None
         self._users = 0
         self._retired = False
         self._lock = threading.Lock()
