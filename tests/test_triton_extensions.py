@@ -1,0 +1,174 @@
+"""Triton's model-configuration and statistics extensions, read by tritonclient (HTTP and gRPC)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from types import SimpleNamespace
+
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from arachne_mlflow.client import DeviceClient
+from tests.helpers.servers import ThreadServer
+from tests.helpers.v2 import model_inputs
+
+MODELS = ["onnx_linear", "tflite_cnn"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, mlflow_models):
+    running = ThreadServer(tmp_path_factory.mktemp("triton") / "store").start()
+    with DeviceClient("127.0.0.1", running.port) as device:
+        for name in MODELS:
+            device.upload_model(name, mlflow_models[name])
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def http(server):
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def grpc_client(server):
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    yield client
+    client.close()
+
+
+def _http_inputs(feed, binary=True):
+    tensors = []
+    for name, array in feed.items():
+        tensor = httpclient.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        tensors.append(tensor)
+    return tensors
+
+
+def _grpc_inputs(feed):
+    tensors = []
+    for name, array in feed.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
+def _numbers(value):
+    """gRPC's JSON (protobuf's) writes 64-bit integers as strings; Triton's HTTP JSON as numbers."""
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def test_extensions_are_advertised(http):
+    extensions = http.get_server_metadata()["extensions"]
+    assert "model_configuration" in extensions and "statistics" in extensions
+
+
+def test_model_config_is_tritons_shape(http, grpc_client):
+    config = http.get_model_config("onnx_linear")
+    assert config == {
+        "name": "onnx_linear",
+        "platform": "arachne_onnx",
+        "backend": "onnx",
+        "max_batch_size": 0,  # no batcher: dims are the whole shapes
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1, 4]}],
+        "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1, 3]}],
+    }
+    assert http.get_model_config("onnx_linear", model_version="1") == config
+    assert http.get_model_config("tflite_cnn")["input"][0]["dims"] == [-1, 8, 8, 3]
+    over_grpc = grpc_client.get_model_config("onnx_linear", as_json=True)["config"]
+    assert _numbers(over_grpc) == {k: v for k, v in config.items() if v != 0}  # protobuf's JSON leaves out zeros
+    for call in (lambda: http.get_model_config("nope"), lambda: http.get_model_config("onnx_linear", "9")):
+        with pytest.raises(InferenceServerException, match="no model 'nope'|no version '9'"):
+            call()
+    with pytest.raises(InferenceServerException, match="no model 'nope'") as caught:
+        grpc_client.get_model_config("nope")
+    assert caught.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_statistics_count_the_requests_made(server, http, grpc_client, mlflow_models):
+    name = f"counted_{uuid.uuid4().hex[:8]}"  # a model only this test sends requests to
+    with DeviceClient("127.0.0.1", server.port) as device:
+        device.upload_model(name, mlflow_models["onnx_linear"])
+    empty = http.get_inference_statistics(name)["model_stats"][0]
+    assert (empty["inference_count"], empty["execution_count"], empty["last_inference"]) == (0, 0, 0)
+    feed = model_inputs(mlflow_models["onnx_linear"])
+    before = time.time_ns() // 1_000_000
+    for binary in (True, False, True):
+        http.infer(name, _http_inputs(feed, binary))
+    for _ in range(2):
+        grpc_client.infer(name, _grpc_inputs(feed))
+    bad = {"x": feed["x"].reshape(4, 1)}
+    for call in (lambda: http.infer(name, _http_inputs(bad)), lambda: grpc_client.infer(name, _grpc_inputs(bad))):
+        with pytest.raises(InferenceServerException):
+            call()
+    after = time.time_ns() // 1_000_000
+
+    stats = http.get_inference_statistics(name)
+    assert [s["name"] for s in stats["model_stats"]] == [name]
+    model = stats["model_stats"][0]
+    assert model["version"] == "1" and before <= model["last_inference"] <= after
+    assert model["inference_count"] == model["execution_count"] == 5
+    inference = model["inference_stats"]
+    assert inference["success"]["count"] == 5 and inference["fail"]["count"] == 2
+    for key in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert inference[key]["count"] == 5 and inference[key]["ns"] >= 0
+    assert inference["compute_infer"]["ns"] > 0 and inference["fail"]["ns"] > 0
+    parts = sum(inference[k]["ns"] for k in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert parts <= inference["success"]["ns"]  # the parts of each request's time, within its whole
+    [batch] = model["batch_stats"]
+    assert batch["batch_size"] == 1 and batch["compute_infer"] == inference["compute_infer"]
+    # the same numbers through gRPC and through the every-model route
+    over_grpc = _numbers(grpc_client.get_inference_statistics(name, as_json=True))["model_stats"][0]
+    assert over_grpc["inference_count"] == 5 and over_grpc["inference_stats"]["fail"] == inference["fail"]
+    assert over_grpc["inference_stats"]["success"] == inference["success"]
+    every = {s["name"]: s for s in http.get_inference_statistics()["model_stats"]}
+    assert set(MODELS) | {name} <= set(every) and every[name]["inference_count"] == 5
+    assert requests.get(f"{server.url}/v2/models/{name}/versions/1/stats", timeout=10).json() == stats
+    with pytest.raises(InferenceServerException, match="no model 'nope'"):
+        http.get_inference_statistics("nope")
+
+
+def test_batching_is_reported_from_the_loaded_model(server, http, grpc_client, mlflow_models):
+    """The dynamic batcher fills `LoadedModel.batching`; config, metadata and counts follow it."""
+    loaded = server.dataplane.store.get("tflite_cnn")
+    loaded.batching = SimpleNamespace(max_batch_size=8, preferred_batch_size=[4, 8], max_queue_delay_microseconds=100)
+    try:
+        config = http.get_model_config("tflite_cnn")
+        assert config["max_batch_size"] == 8
+        assert config["dynamic_batching"] == {"preferred_batch_size": [4, 8], "max_queue_delay_microseconds": 100}
+        assert config["input"][0]["dims"] == [8, 8, 3]  # the batch dimension left out
+        assert http.get_model_metadata("tflite_cnn")["inputs"][0]["shape"] == [-1, 8, 8, 3]
+        over_grpc = _numbers(grpc_client.get_model_config("tflite_cnn", as_json=True))["config"]
+        assert over_grpc["max_batch_size"] == 8 and over_grpc["dynamic_batching"] == config["dynamic_batching"]
+        start = http.get_inference_statistics("tflite_cnn")["model_stats"][0]["inference_count"]
+        feed = model_inputs(mlflow_models["tflite_cnn"], batch=3)
+        http.infer("tflite_cnn", _http_inputs(feed))
+        model = http.get_inference_statistics("tflite_cnn")["model_stats"][0]
+        assert model["inference_count"] - start == 3  # samples, not requests
+        assert any(b["batch_size"] == 3 for b in model["batch_stats"])
+    finally:
+        loaded.batching = None
+    assert http.get_model_config("tflite_cnn")["max_batch_size"] == 0
+
+
+def test_load_with_a_new_config_is_refused(http):
+    with pytest.raises(InferenceServerException, match="not supported"):
+        http.load_model("onnx_linear", config='{"max_batch_size": 4}')
+    with pytest.raises(InferenceServerException, match="not supported"):
+        http.load_model("onnx_linear", files={"file:1/model.onnx": b"\0"})
+    http.load_model("onnx_linear")
+    assert http.is_model_ready("onnx_linear")
