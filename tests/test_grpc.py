@@ -62,7 +62,8 @@ def _inputs(feed: dict[str, np.ndarray], module=grpcclient) -> list:
 
 
 def _rest(server, method: str, path: str, **kwargs) -> requests.Response:
-    return requests.request(method, server.url + path, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30, **kwargs)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    return requests.request(method, server.url + path, headers=headers, timeout=30, **kwargs)
 
 
 def test_health_and_metadata_are_those_of_rest(server, triton):
@@ -250,6 +251,20 @@ def test_raw_contents_must_match_the_inputs(server, mlflow_models):
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_what_is_not_served_is_unimplemented(server, triton):
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        for method in ("SystemSharedMemoryStatus", "TraceSetting", "LogSettings"):
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+            with pytest.raises(grpc.RpcError) as caught:
+                call(b"", metadata=tuple(AUTH.items()))
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    errors = []
+    triton.start_stream(callback=lambda result, error: errors.append(error), headers=AUTH)
+    triton.async_stream_infer("onnx_linear", [])
+    triton.stop_stream()  # waits for the stream to end
+    assert errors and "UNIMPLEMENTED" in str(errors[0])
+
+
 def test_shared_memory_is_refused_clearly(triton, mlflow_models):
     tensor = grpcclient.InferInput("x", [1, 4], "FP32")
     tensor.set_shared_memory("region", 16)
@@ -344,9 +359,7 @@ def test_serve_command_with_grpc_port_token_and_tls(tmp_path, mlflow_models):
         with DeviceClient("127.0.0.1", process.port, token=TOKEN, tls=True, ca_cert=cert) as device:
             device.upload_model("onnx_linear", mlflow_models["onnx_linear"])
         feed = model_inputs(mlflow_models["onnx_linear"])
-        secure = grpcclient.InferenceServerClient(
-            f"127.0.0.1:{grpc_port}", ssl=True, root_certificates=str(cert)
-        )
+        secure = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}", ssl=True, root_certificates=str(cert))
         result = secure.infer("onnx_linear", _inputs(feed), headers=AUTH)
         np.testing.assert_array_equal(result.as_numpy("y"), local_outputs(mlflow_models["onnx_linear"], feed)["y"])
         secure.close()

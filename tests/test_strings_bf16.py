@@ -236,7 +236,9 @@ def test_bfloat16_onnx_model_saves_with_a_signature_mlflow_reads_back(tmp_path):
     arachne_onnx.save_model(models.onnx_bfloat16(), tmp_path / "inferred")
     given = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(BF16), (-1, 3), "x")]),
-        outputs=Schema([TensorSpec(np.dtype(BF16), (-1, 3), "twice"), TensorSpec(np.dtype(np.float32), (-1, 3), "wide")]),
+        outputs=Schema(
+            [TensorSpec(np.dtype(BF16), (-1, 3), "twice"), TensorSpec(np.dtype(np.float32), (-1, 3), "wide")]
+        ),
     )
     arachne_onnx.save_model(models.onnx_bfloat16(), tmp_path / "given", signature=given)
     for name in ("inferred", "given"):

@@ -77,41 +77,48 @@ class ModelSeries:
 
 
 class InferenceStatistics:
-    """Triton's statistics of one model: counts, and durations as [count, nanoseconds] pairs.
+    """Triton's statistics of one model, as plain sums (a request costs a few additions).
 
     As Triton counts them: `inference_count` adds each successful request's samples,
-    `execution_count` the model's executions (a merged batch is one); queue and compute durations
-    are summed per successful request, and per execution by batch size in `batches`.
+    `execution_count` the model's executions (a merged batch is one); queue and compute
+    nanoseconds are summed per successful request (their counts are the success count), and per
+    execution by batch size in `batches`.
     """
 
-    __slots__ = ("inference_count", "execution_count", "last_inference", "durations", "batches")
-    _DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+    __slots__ = (
+        "inference_count",
+        "execution_count",
+        "last_inference_ns",
+        "success_count",
+        "success_ns",
+        "fail_count",
+        "fail_ns",
+        "queue_ns",
+        "input_ns",
+        "infer_ns",
+        "output_ns",
+        "batches",
+    )
 
     def __init__(self) -> None:
-        self.inference_count = self.execution_count = 0
-        self.last_inference = 0  # milliseconds since the epoch
-        self.durations = {key: [0, 0] for key in self._DURATIONS}
+        self.inference_count = self.execution_count = self.last_inference_ns = 0
+        self.success_count = self.success_ns = self.fail_count = self.fail_ns = 0
+        self.queue_ns = self.input_ns = self.infer_ns = self.output_ns = 0
         self.batches: dict[int, list[int]] = {}  # batch size -> [count, input ns, infer ns, output ns]
 
     def succeeded(self, times: RequestTimes, total_ns: int) -> None:
         self.inference_count += times.samples
-        self.last_inference = time.time_ns() // 1_000_000
-        durations = self.durations
-        for key, ns in (
-            ("success", total_ns),
-            ("queue", times.queue),
-            ("compute_input", times.compute_input),
-            ("compute_infer", times.compute_infer),
-            ("compute_output", times.compute_output),
-        ):
-            pair = durations[key]
-            pair[0] += 1
-            pair[1] += ns
+        self.success_count += 1
+        self.success_ns += total_ns
+        self.queue_ns += times.queue
+        self.input_ns += times.compute_input
+        self.infer_ns += times.compute_infer
+        self.output_ns += times.compute_output
+        self.last_inference_ns = time.time_ns()
 
     def failed(self, total_ns: int) -> None:
-        pair = self.durations["fail"]
-        pair[0] += 1
-        pair[1] += total_ns
+        self.fail_count += 1
+        self.fail_ns += total_ns
 
     def executed(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One execution of the model on a batch of `batch_size` samples."""
@@ -126,25 +133,36 @@ class InferenceStatistics:
 
     def to_dict(self, name: str, version: str) -> dict:
         """Triton's `ModelStatistics` JSON (numbers as numbers, the version as a string)."""
-        stats = {key: {"count": count, "ns": ns} for key, (count, ns) in self.durations.items()}
-        stats["cache_hit"] = {"count": 0, "ns": 0}
-        stats["cache_miss"] = {"count": 0, "ns": 0}
+        successes = self.success_count
+
+        def duration(count: int, ns: int) -> dict[str, int]:
+            return {"count": count, "ns": ns}
+
         batch_stats = [
             {
                 "batch_size": size,
-                "compute_input": {"count": count, "ns": input_ns},
-                "compute_infer": {"count": count, "ns": infer_ns},
-                "compute_output": {"count": count, "ns": output_ns},
+                "compute_input": duration(count, input_ns),
+                "compute_infer": duration(count, infer_ns),
+                "compute_output": duration(count, output_ns),
             }
             for size, (count, input_ns, infer_ns, output_ns) in sorted(self.batches.items())
         ]
         return {
             "name": name,
             "version": version,
-            "last_inference": self.last_inference,
+            "last_inference": self.last_inference_ns // 1_000_000,
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
-            "inference_stats": stats,
+            "inference_stats": {
+                "success": duration(successes, self.success_ns),
+                "fail": duration(self.fail_count, self.fail_ns),
+                "queue": duration(successes, self.queue_ns),
+                "compute_input": duration(successes, self.input_ns),
+                "compute_infer": duration(successes, self.infer_ns),
+                "compute_output": duration(successes, self.output_ns),
+                "cache_hit": duration(0, 0),
+                "cache_miss": duration(0, 0),
+            },
             "batch_stats": batch_stats,
             "memory_usage": [],
             "response_stats": {},
