@@ -111,10 +111,7 @@ def test_codec_refuses_what_json_cannot_carry():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, typed_models):
     running = ThreadServer(tmp_path_factory.mktemp("typed") / "store").start()
-    with DeviceClient("127.0.0.1", running.port) as device:
-        for name, model_dir in typed_models.items():
-            device.upload_model(name, model_dir)
-    yield running
+    yield running.deploy(typed_models)
     running.stop()
 
 

@@ -12,7 +12,6 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from arachne_mlflow.client import DeviceClient
 from tests.helpers.servers import ThreadServer
 from tests.helpers.v2 import model_inputs
 
@@ -22,10 +21,7 @@ MODELS = ["onnx_linear", "tflite_cnn"]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mlflow_models):
     running = ThreadServer(tmp_path_factory.mktemp("triton") / "store").start()
-    with DeviceClient("127.0.0.1", running.port) as device:
-        for name in MODELS:
-            device.upload_model(name, mlflow_models[name])
-    yield running
+    yield running.deploy({name: mlflow_models[name] for name in MODELS})
     running.stop()
 
 
@@ -101,8 +97,7 @@ def test_model_config_is_tritons_shape(http, grpc_client):
 
 def test_statistics_count_the_requests_made(server, http, grpc_client, mlflow_models):
     name = f"counted_{uuid.uuid4().hex[:8]}"  # a model only this test sends requests to
-    with DeviceClient("127.0.0.1", server.port) as device:
-        device.upload_model(name, mlflow_models["onnx_linear"])
+    server.deploy({name: mlflow_models["onnx_linear"]})
     empty = http.get_inference_statistics(name)["model_stats"][0]
     assert (empty["inference_count"], empty["execution_count"], empty["last_inference"]) == (0, 0, 0)
     feed = model_inputs(mlflow_models["onnx_linear"])

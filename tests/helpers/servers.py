@@ -125,6 +125,15 @@ class ThreadServer:
         self.grpc_port = getattr(self.app.state, "grpc_port", None)
         return self
 
+    def deploy(self, model_dirs: dict) -> ThreadServer:
+        """Upload each model directory under its name."""
+        from arachne_mlflow.client import DeviceClient
+
+        with DeviceClient("127.0.0.1", self.port, token=self.token) as device:
+            for name, model_dir in model_dirs.items():
+                device.upload_model(name, model_dir)
+        return self
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
