@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gzip
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,11 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from arachne_mlflow.client import DeviceClient
+from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.protocol.grpc import inference_pb2
+from arachne_mlflow.server.dataplane import Dataplane
+from arachne_mlflow.server.grpc_service import GrpcServer
+from arachne_mlflow.server.store import ModelStore
 from tests.helpers.servers import ServerProcess, ThreadServer, free_port
 from tests.helpers.tls import self_signed_cert
 from tests.helpers.v2 import local_outputs, model_inputs
@@ -332,6 +337,15 @@ def test_committed_messages_match_the_proto():
     assert generated == declared
     source = Path(inference_pb2.__file__).read_text()
     assert "_runtime_version.Domain.PUBLIC,\n    6,\n    31,\n    1," in source  # grpcio-tools 1.80.0's gencode
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        dataplane = Dataplane(ModelStore(tmp_path / "store"))
+        with pytest.raises(InvalidInputError, match=f"cannot serve gRPC on 127.0.0.1:{taken.getsockname()[1]}"):
+            asyncio.run(GrpcServer.start(dataplane, "127.0.0.1", taken.getsockname()[1]))
 
 
 def test_grpc_loads_only_with_a_grpc_port(tmp_path):
