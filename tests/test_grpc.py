@@ -34,6 +34,8 @@ from tests.helpers.servers import ServerProcess, ThreadServer, free_port
 from tests.helpers.tls import self_signed_cert
 from tests.helpers.v2 import local_outputs, model_inputs
 
+pytestmark = pytest.mark.slow  # real sockets and uploads (each probed in a child process)
+
 TOKEN = "grpc-secret"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 MAX_REQUEST = 1 << 20
@@ -357,7 +359,6 @@ def test_grpc_loads_only_with_a_grpc_port(tmp_path):
     assert out.split() == ["False", "False"]
 
 
-@pytest.mark.slow
 def test_serve_command_with_grpc_port_token_and_tls(tmp_path, mlflow_models):
     cert, key = self_signed_cert(tmp_path)
     grpc_port = free_port()

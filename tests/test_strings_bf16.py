@@ -107,7 +107,7 @@ def test_codec_refuses_what_json_cannot_carry():
         codec.encode_response("m", {"y": np.array([b"ok", b"\xff"], dtype=object)}, request)
 
 
-# -- the server's three wires -------------------------------------------------------------
+# -- the server's three wires (slow: real sockets, uploads probed in a child process) ------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, typed_models):
     running = ThreadServer(tmp_path_factory.mktemp("typed") / "store").start()
@@ -146,12 +146,14 @@ def _as_bytes(array: np.ndarray) -> list[bytes]:
     return [item.encode() if isinstance(item, str) else item for item in array.tolist()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wire", WIRES)
 def test_utf8_round_trips_through_an_onnx_string_model(server, wire):
     text = np.array([s.encode() for s in UTF8], dtype=object)
     assert _as_bytes(_infer(server, "onnx_strings", {"text": text}, wire)["same"]) == list(text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wire", ["binary", "grpc"])
 def test_bytes_that_are_not_utf8_are_refused_by_an_onnx_string_model(server, wire):
     text = np.array([b"fine", b"caf\xe9"], dtype=object)
@@ -160,6 +162,7 @@ def test_bytes_that_are_not_utf8_are_refused_by_an_onnx_string_model(server, wir
     assert caught.value.status() in ("400", "StatusCode.INVALID_ARGUMENT")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wire", ["binary", "grpc"])
 def test_any_bytes_round_trip_through_a_tflite_string_model(server, wire):
     count, reversed_ = _infer(server, "tflite_strings", {"text": np.array(ARBITRARY, dtype=object)}, wire).values()
@@ -167,6 +170,7 @@ def test_any_bytes_round_trip_through_a_tflite_string_model(server, wire):
     assert _as_bytes(reversed_) == ARBITRARY[::-1]
 
 
+@pytest.mark.slow
 def test_json_refuses_bytes_it_cannot_carry(server):
     client = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
     text = httpclient.InferInput("text", [len(ARBITRARY)], "BYTES")
@@ -181,6 +185,7 @@ def test_json_refuses_bytes_it_cannot_carry(server):
     assert response.status_code == 400 and "not valid Unicode" in response.json()["error"]
 
 
+@pytest.mark.slow
 def test_a_model_giving_text_onnxruntime_cannot_return_is_a_500_that_says_why(server):
     for wire in ("binary", "grpc"):
         with pytest.raises(InferenceServerException, match="string output that is not UTF-8") as caught:
@@ -188,6 +193,7 @@ def test_a_model_giving_text_onnxruntime_cannot_return_is_a_500_that_says_why(se
         assert caught.value.status() in ("500", "StatusCode.INTERNAL")
 
 
+@pytest.mark.slow
 def test_grpc_typed_bytes_contents(server):
     """KServe's client sends BYTES list data in `contents.bytes_contents`."""
     request = service_pb2.ModelInferRequest(model_name="onnx_strings")
@@ -201,6 +207,7 @@ def test_grpc_typed_bytes_contents(server):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wire", ["binary", "grpc"])  # (tritonclient refuses BF16 as JSON itself)
 def test_bfloat16_through_tritonclient(server, wire):
     x = np.array([[1.5, -2.0, 3.25], [0.0, 100.0, -0.125]], BF16)
@@ -210,6 +217,7 @@ def test_bfloat16_through_tritonclient(server, wire):
     np.testing.assert_array_equal(outputs["wide"], x.astype(np.float32))
 
 
+@pytest.mark.slow
 def test_bfloat16_as_json_through_the_device_client(server):
     x = np.array([[1.5, -2.0, 3.25]], BF16)
     with DeviceClient("127.0.0.1", server.port) as device:
@@ -224,6 +232,7 @@ def test_bfloat16_as_json_through_the_device_client(server):
 
 
 # -- the flavor ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bfloat16_onnx_model_saves_with_a_signature_mlflow_reads_back(tmp_path):
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec

@@ -1,4 +1,5 @@
-"""Triton's model-configuration and statistics extensions, read by tritonclient (HTTP and gRPC)."""
+"""Triton's model-configuration and statistics extensions: the routes in this process, then read by
+tritonclient over HTTP and gRPC from a server on loopback (slow: uploads probe in a child process)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,61 @@ from tests.helpers.servers import ThreadServer
 from tests.helpers.v2 import model_inputs
 
 MODELS = ["onnx_linear", "tflite_cnn"]
+LINEAR_CONFIG = {
+    "name": "onnx_linear",
+    "platform": "arachne_onnx",
+    "backend": "onnx",
+    "max_batch_size": 0,  # no batcher: dims are the whole shapes
+    "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1, 4]}],
+    "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1, 3]}],
+}
+X = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+
+
+# -- in this process ----------------------------------------------------------------------
+def test_extensions_are_advertised(app_client):
+    extensions = app_client.get("/v2").json()["extensions"]
+    assert "model_configuration" in extensions and "statistics" in extensions
+
+
+def test_config_route(app_client):
+    assert app_client.get("/v2/models/onnx_linear/config").json() == LINEAR_CONFIG
+    assert app_client.get("/v2/models/onnx_linear/versions/1/config").json() == LINEAR_CONFIG
+    for path, status in (("/v2/models/nope/config", 404), ("/v2/models/onnx_linear/versions/9/config", 404)):
+        response = app_client.get(path)
+        assert response.status_code == status and response.json()["error"]
+
+
+def test_statistics_routes_count_this_tests_requests(app_client):
+    def stats():
+        [model] = app_client.get("/v2/models/onnx_linear/stats").json()["model_stats"]
+        return model
+
+    before = stats()
+    for _ in range(3):
+        assert app_client.post("/v2/models/onnx_linear/infer", json=X).status_code == 200
+    bad = {"inputs": [{**X["inputs"][0], "shape": [4, 1]}]}
+    assert app_client.post("/v2/models/onnx_linear/infer", json=bad).status_code == 400
+    after = stats()
+    assert after["inference_count"] - before["inference_count"] == 3
+    assert after["execution_count"] - before["execution_count"] == 3
+    for key, added in (("success", 3), ("fail", 1), ("queue", 3), ("compute_infer", 3)):
+        assert after["inference_stats"][key]["count"] - before["inference_stats"][key]["count"] == added
+    assert after["inference_stats"]["compute_infer"]["ns"] > before["inference_stats"]["compute_infer"]["ns"]
+    every = app_client.get("/v2/models/stats").json()["model_stats"]
+    assert [m["name"] for m in every] == ["onnx_linear"]
+    assert app_client.get("/v2/models/nope/stats").status_code == 404
+
+
+def test_load_with_a_new_config_is_refused(app_client):
+    for parameters in ({"config": '{"max_batch_size": 4}'}, {"file:1/model.onnx": "AA=="}):
+        response = app_client.post("/v2/repository/models/onnx_linear/load", json={"parameters": parameters})
+        assert response.status_code == 400 and "not supported" in response.json()["error"]
+    assert app_client.post("/v2/repository/models/onnx_linear/load", json={"parameters": {}}).status_code == 200
+    assert app_client.get("/v2/models/onnx_linear/ready").status_code == 200
+
+
+# -- tritonclient on loopback -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -68,21 +124,10 @@ def _numbers(value):
     return value
 
 
-def test_extensions_are_advertised(http):
-    extensions = http.get_server_metadata()["extensions"]
-    assert "model_configuration" in extensions and "statistics" in extensions
-
-
-def test_model_config_is_tritons_shape(http, grpc_client):
+@pytest.mark.slow
+def test_model_config_through_tritonclient(http, grpc_client):
     config = http.get_model_config("onnx_linear")
-    assert config == {
-        "name": "onnx_linear",
-        "platform": "arachne_onnx",
-        "backend": "onnx",
-        "max_batch_size": 0,  # no batcher: dims are the whole shapes
-        "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1, 4]}],
-        "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1, 3]}],
-    }
+    assert config == LINEAR_CONFIG
     assert http.get_model_config("onnx_linear", model_version="1") == config
     assert http.get_model_config("tflite_cnn")["input"][0]["dims"] == [-1, 8, 8, 3]
     over_grpc = grpc_client.get_model_config("onnx_linear", as_json=True)["config"]
@@ -95,7 +140,8 @@ def test_model_config_is_tritons_shape(http, grpc_client):
     assert caught.value.status() == "StatusCode.NOT_FOUND"
 
 
-def test_statistics_count_the_requests_made(server, http, grpc_client, mlflow_models):
+@pytest.mark.slow
+def test_statistics_through_tritonclient_count_the_requests_made(server, http, grpc_client, mlflow_models):
     name = f"counted_{uuid.uuid4().hex[:8]}"  # a model only this test sends requests to
     server.deploy({name: mlflow_models["onnx_linear"]})
     empty = http.get_inference_statistics(name)["model_stats"][0]
@@ -137,6 +183,7 @@ def test_statistics_count_the_requests_made(server, http, grpc_client, mlflow_mo
         http.get_inference_statistics("nope")
 
 
+@pytest.mark.slow
 def test_batching_is_reported_from_the_loaded_model(server, http, grpc_client, mlflow_models):
     """The dynamic batcher fills `LoadedModel.batching`; config, metadata and counts follow it."""
     loaded = server.dataplane.store.get("tflite_cnn")
@@ -160,10 +207,9 @@ def test_batching_is_reported_from_the_loaded_model(server, http, grpc_client, m
     assert http.get_model_config("tflite_cnn")["max_batch_size"] == 0
 
 
-def test_load_with_a_new_config_is_refused(http):
+@pytest.mark.slow
+def test_load_with_a_new_config_is_refused_through_tritonclient(http):
     with pytest.raises(InferenceServerException, match="not supported"):
         http.load_model("onnx_linear", config='{"max_batch_size": 4}')
-    with pytest.raises(InferenceServerException, match="not supported"):
-        http.load_model("onnx_linear", files={"file:1/model.onnx": b"\0"})
     http.load_model("onnx_linear")
     assert http.is_model_ready("onnx_linear")
