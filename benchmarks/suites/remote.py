@@ -200,17 +200,24 @@ def _grpc_vs_rest(model: str, local, remote, x, port: int, grpc_port: int, quick
         calls[label] = _triton_call(client, name, [tensor])
         np.testing.assert_equal(calls[label]().as_numpy(remote.output_specs[0].name), expected)
     big = model == "mobilenet"
+    if not big:  # what gRPC itself costs a call, as the empty request does for REST
+        calls["empty gRPC call (ServerLive)"] = clients[-1].is_server_live
     number = (2 if quick else 10) if big else (5 if quick else 100)
     series = interleaved(calls, rounds=5 if quick else 30, number=number)
     for client in clients:
         client.close()
     case = f"{model}/onnx ({x.nbytes // 1000} KB input)" if big else f"{model}/onnx round trip"
     grpc_series = series["tritonclient.grpc"]
-    return [
+    rows = [
         row("remote", f"{case}, gRPC vs local", series["local onnx"], grpc_series),
         row("remote", f"{case}, gRPC vs REST binary", series["tritonclient.http (binary)"], grpc_series),
         row("remote", f"{case}, gRPC vs the remote runtime", series["remote runtime (REST binary)"], grpc_series),
     ]
+    if not big:
+        rows.append(
+            row("remote", f"{case}, gRPC vs an empty gRPC call", series["empty gRPC call (ServerLive)"], grpc_series)
+        )
+    return rows
 
 
 def _triton_call(client, name: str, inputs: list):
