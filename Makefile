@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test test-fast lint benchmark system-deps grpc-stubs
+.PHONY: quickstart test test-fast lint benchmark benchmark-peers system-deps grpc-stubs
 
 $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,6 +43,11 @@ test-fast: system-deps $(VENV)/.installed
 
 benchmark: $(VENV)/.installed
 	$(PY) -m benchmarks
+
+# MLServer, KServe and `mlflow models serve` under the same load as ours (installs the first two
+# into venvs of their own under benchmarks/.cache/peers on first use).
+benchmark-peers: $(VENV)/.installed
+	$(PY) -m benchmarks --only peers
 
 # The committed gRPC messages (arachne_mlflow/protocol/grpc/inference_pb2.py[i]), made again from the
 # .proto in a throwaway venv. grpcio-tools 1.80.0 writes gencode for protobuf 6.31.1, which every

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from arachne_mlflow.server.batching import BatchingPolicy, BatchingSettings
 from tests.helpers.servers import ThreadServer
-from tests.helpers.v2 import model_inputs
+from tests.helpers.v2 import local_outputs, model_inputs
 
 MODELS = ["onnx_linear", "tflite_cnn"]
 LINEAR_CONFIG = {
@@ -76,8 +77,9 @@ def test_load_with_a_new_config_is_refused(app_client):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mlflow_models):
-    running = ThreadServer(tmp_path_factory.mktemp("triton") / "store").start()
-    yield running.deploy({name: mlflow_models[name] for name in MODELS})
+    batching = BatchingPolicy(per_model={"batched_cnn": BatchingSettings(8, (4, 8), 100_000)})
+    running = ThreadServer(tmp_path_factory.mktemp("triton") / "store", batching=batching).start()
+    yield running.deploy({**{name: mlflow_models[name] for name in MODELS}, "batched_cnn": mlflow_models["tflite_cnn"]})
     running.stop()
 
 
@@ -184,27 +186,38 @@ def test_statistics_through_tritonclient_count_the_requests_made(server, http, g
 
 
 @pytest.mark.slow
-def test_batching_is_reported_from_the_loaded_model(server, http, grpc_client, mlflow_models):
-    """The dynamic batcher fills `LoadedModel.batching`; config, metadata and counts follow it."""
-    loaded = server.dataplane.store.get("tflite_cnn")
-    loaded.batching = SimpleNamespace(max_batch_size=8, preferred_batch_size=[4, 8], max_queue_delay_microseconds=100)
-    try:
-        config = http.get_model_config("tflite_cnn")
-        assert config["max_batch_size"] == 8
-        assert config["dynamic_batching"] == {"preferred_batch_size": [4, 8], "max_queue_delay_microseconds": 100}
-        assert config["input"][0]["dims"] == [8, 8, 3]  # the batch dimension left out
-        assert http.get_model_metadata("tflite_cnn")["inputs"][0]["shape"] == [-1, 8, 8, 3]
-        over_grpc = _numbers(grpc_client.get_model_config("tflite_cnn", as_json=True))["config"]
-        assert over_grpc["max_batch_size"] == 8 and over_grpc["dynamic_batching"] == config["dynamic_batching"]
-        start = http.get_inference_statistics("tflite_cnn")["model_stats"][0]["inference_count"]
-        feed = model_inputs(mlflow_models["tflite_cnn"], batch=3)
-        http.infer("tflite_cnn", _http_inputs(feed))
-        model = http.get_inference_statistics("tflite_cnn")["model_stats"][0]
-        assert model["inference_count"] - start == 3  # samples, not requests
-        assert any(b["batch_size"] == 3 for b in model["batch_stats"])
-    finally:
-        loaded.batching = None
-    assert http.get_model_config("tflite_cnn")["max_batch_size"] == 0
+def test_batching_is_reported_and_counted(server, http, grpc_client, mlflow_models):
+    """A batching model: config and metadata say so; statistics count samples and merged executions."""
+    config = http.get_model_config("batched_cnn")
+    assert config["max_batch_size"] == 8
+    assert config["dynamic_batching"] == {"preferred_batch_size": [4, 8], "max_queue_delay_microseconds": 100_000}
+    assert config["input"][0]["dims"] == [8, 8, 3]  # the batch dimension left out
+    assert http.get_model_metadata("batched_cnn")["inputs"][0]["shape"] == [-1, 8, 8, 3]
+    over_grpc = _numbers(grpc_client.get_model_config("batched_cnn", as_json=True))["config"]
+    assert over_grpc["max_batch_size"] == 8 and over_grpc["dynamic_batching"] == config["dynamic_batching"]
+    assert http.get_model_config("tflite_cnn")["max_batch_size"] == 0  # the same model, not batching
+
+    start = http.get_inference_statistics("batched_cnn")["model_stats"][0]
+    feeds = [model_inputs(mlflow_models["tflite_cnn"], batch=rows, seed=rows) for rows in (1, 3)]
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}", concurrency=2)
+    pending = [client.async_infer("batched_cnn", _http_inputs(feed)) for feed in feeds]  # within the queue delay
+    for request in pending:  # one run of 4 rows (a preferred size)
+        request.get_result()
+    client.close()
+    model = http.get_inference_statistics("batched_cnn")["model_stats"][0]
+    assert model["inference_count"] - start["inference_count"] == 4  # samples, not requests
+    executions = model["execution_count"] - start["execution_count"]
+    assert executions in (1, 2)  # merged (the usual case) or, on a slow machine, one run each
+    batches = {b["batch_size"]: b["compute_infer"]["count"] for b in model["batch_stats"]}
+    assert batches == ({4: 1} if executions == 1 else {1: 1, 3: 1})
+    stats = model["inference_stats"]
+    assert stats["success"]["count"] - start["inference_stats"]["success"]["count"] == 2
+    assert stats["queue"]["ns"] > 0 and stats["compute_infer"]["ns"] > 0
+    # gRPC requests go through the same batcher
+    result = grpc_client.infer("batched_cnn", _grpc_inputs(feeds[1]))
+    expected = local_outputs(mlflow_models["tflite_cnn"], feeds[1])
+    [(output, value)] = expected.items()
+    np.testing.assert_allclose(result.as_numpy(output), value, rtol=1e-6)
 
 
 @pytest.mark.slow

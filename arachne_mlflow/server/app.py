@@ -24,6 +24,7 @@ from starlette.types import ASGIApp
 
 from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.server.auth import HOW_TO_AUTHENTICATE, bearer_matches
+from arachne_mlflow.server.batching import BatchingPolicy
 from arachne_mlflow.server.dataplane import Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
@@ -42,6 +43,7 @@ def create_app(
     max_upload_bytes: int | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_workers: int | None = None,
+    batching: BatchingPolicy | None = None,
     grpc_port: int | None = None,
     grpc_host: str = "127.0.0.1",
     grpc_tls: tuple[str, str] | None = None,
@@ -50,11 +52,12 @@ def create_app(
     """The device server application over the model store directory `model_store`.
 
     Layers, outermost first: bearer auth (with a token), `InferRoute` (the infer paths), Starlette.
+    `batching` says which models batch their requests (`--batching`; default: those whose MLmodel asks).
     With `grpc_port` (0: any free port, then in `app.state.grpc_port`), the gRPC service runs
     beside it on the same event loop, started and stopped by the lifespan; `grpc_tls` is
     (certificate file, key file), `grpc_grace` the seconds calls may take to finish at shut-down.
     """
-    store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
+    store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES, batching)
     dataplane = Dataplane(store, max_workers)
     routes = _Routes(dataplane, max_request_bytes)
     if grpc_port is not None:
@@ -192,6 +195,7 @@ class _Routes:
 
     async def on_error(self, request: Request, err: Exception) -> Response:
         status = getattr(err, "status_code", 500)
+        _logger.info("%s %s: %d %s", request.method, request.url.path, status, err)  # (no access log by default)
         self.dp.metrics.http_errors.labels(str(status)).inc()
         return JSONResponse({"error": str(err)}, status_code=status, headers=getattr(err, "headers", None))
 

@@ -4,6 +4,8 @@ Routes (REST and gRPC) hand messages and names in; the dataplane decodes them wi
 protocol's codec, runs blocking work (decoding, inference, loading, extraction) in one thread
 pool through `run_blocking`, and returns the protocol's answer or plain dicts. Models that are
 not thread-safe are locked by their own RuntimeModule, so a slow model never holds up another.
+A model with batching settings has its requests checked here, then merged with others by its
+`Batcher` (server/batching.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from arachne_mlflow.errors import (
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.protocol.datatypes import config_datatype, to_datatype
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
+from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStats
 from arachne_mlflow.server.metrics import Metrics, ModelSeries, RequestTimes
 from arachne_mlflow.server.store import LoadedModel, ModelStore
 
@@ -74,6 +77,8 @@ class Dataplane:
     def __init__(self, store: ModelStore, max_workers: int | None = None):
         self.store = store
         self.metrics = Metrics()
+        self.batch_stats: dict[str, BatchStats] = {}
+        self.metrics.registry.register(BatchingCollector(self.batch_stats))
         self.ready = False
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="arachne-dataplane")
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
@@ -143,15 +148,12 @@ class Dataplane:
             "name": name,
             "platform": f"arachne_{record['runtime']}",
             "backend": record["runtime"],
-            "max_batch_size": batching.max_batch_size if batching is not None else 0,
+            "max_batch_size": 0,
             "input": [tensor(spec) for spec in inputs],
             "output": [tensor(spec) for spec in outputs],
         }
         if batching is not None:
-            config["dynamic_batching"] = {
-                "preferred_batch_size": list(batching.preferred_batch_size),
-                "max_queue_delay_microseconds": batching.max_queue_delay_microseconds,
-            }
+            config.update(batching.to_config())  # max_batch_size and dynamic_batching
         return config
 
     def statistics(self, name: str | None = None) -> dict[str, Any]:
@@ -183,41 +185,74 @@ class Dataplane:
         """Run one infer request of any protocol: `decode` makes an InferRequest of `message`,
         `encode` the protocol's answer of the outputs.
 
-        Fast models run inline on the event loop; the rest in the thread pool.
+        Batched models go through their batcher; of the rest, fast models run inline on the
+        event loop, others in the thread pool.
         """
         times = RequestTimes(time.perf_counter_ns())
         series = self.metrics.models.get(name)
         if series is None:
             self.store.get(name)  # unknown or unloaded models fail here, before they have a series
             series = self.metrics.models.setdefault(name, ModelSeries())
+        loaded = None
         try:
-            if series.recent_seconds < INLINE_SECONDS:
-                response = self._infer(name, message, decode, encode, times)
+            loaded = self.store.acquire(name)
+            if loaded.batching is not None:
+                response = await self._infer_batched(name, loaded, message, decode, encode, times)
+            elif series.recent_seconds < INLINE_SECONDS:
+                response = self._infer(name, loaded, message, decode, encode, times)
             else:
-                response = await self.run_blocking(self._infer, name, message, decode, encode, times)
+                response = await self.run_blocking(self._infer, name, loaded, message, decode, encode, times)
         except Exception:
             series.failed(times)
             raise
-        series.succeeded(times)
+        finally:
+            if loaded is not None:
+                loaded.release()
+        series.succeeded(times, executed=loaded.batching is None)  # (the batcher records its executions)
         return response
 
-    def _infer(self, name: str, message: Any, decode: Decode, encode: Encode, times: RequestTimes) -> Any:
+    def _infer(
+        self, name: str, loaded: LoadedModel, message: Any, decode: Decode, encode: Encode, times: RequestTimes
+    ) -> Any:
         started = time.perf_counter_ns()
         times.queue = started - times.arrived
-        loaded = self.store.acquire(name)
-        try:
-            request = decode(message)
-            inputs = _ordered_inputs(loaded.input_names, request.inputs)
-            decoded = time.perf_counter_ns()
-            outputs = loaded.module.infer(inputs)
-            ran = time.perf_counter_ns()
-            response = encode(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
-        finally:
-            loaded.release()
+        request = decode(message)
+        inputs = _ordered_inputs(loaded.input_names, request.inputs)
+        decoded = time.perf_counter_ns()
+        outputs = loaded.module.infer(inputs)
+        ran = time.perf_counter_ns()
+        response = encode(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
         times.compute_input = decoded - started
         times.compute_infer = ran - decoded
         times.compute_output = time.perf_counter_ns() - ran
-        times.samples = _samples(loaded, inputs)
+        return response
+
+    async def _infer_batched(
+        self, name: str, loaded: LoadedModel, message: Any, decode: Decode, encode: Encode, times: RequestTimes
+    ) -> Any:
+        """Decode and check on the event loop (a bad request is refused before it joins a batch), then
+        wait for the batch. Batches run in the thread pool: while one runs, the loop takes in the next."""
+        started = time.perf_counter_ns()
+        request = decode(message)
+        ordered = _ordered_inputs(loaded.input_names, request.inputs)
+        inputs = [spec.check(value) for spec, value in zip(loaded.module.input_specs, ordered)]
+        times.compute_input = time.perf_counter_ns() - started
+        times.samples = inputs[0].shape[0] if inputs and inputs[0].ndim else 1
+        batcher = loaded.batcher
+        if batcher is None:
+            stats = self.batch_stats.setdefault(name, BatchStats())
+            run = functools.partial(self.run_blocking, loaded.module.infer)
+            triton = self.metrics.models[name].triton
+            batcher = loaded.batcher = Batcher(
+                loaded.batching,  # type: ignore[arg-type]
+                run,
+                stats,
+                executed=lambda rows, infer_ns: triton.executed(rows, 0, infer_ns, 0),
+            )
+        outputs = await batcher.submit(inputs, times)
+        encoding = time.perf_counter_ns()
+        response = encode(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+        times.compute_output = time.perf_counter_ns() - encoding
         return response
 
     async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -337,13 +372,6 @@ def _ordered_inputs(names: list[str], inputs: dict[str, np.ndarray]) -> list[np.
 
 def _decode_rest(message: tuple[bytes, str | bytes | None]) -> codec.InferRequest:
     return codec.decode_request(*message)
-
-
-def _samples(loaded: LoadedModel, inputs: list[np.ndarray]) -> int:
-    """What a request adds to Triton's inference count: its batch size where the model batches, else 1."""
-    if loaded.batching is None or not inputs or not inputs[0].ndim:
-        return 1
-    return inputs[0].shape[0]
 
 
 def _tensor_metadata(spec: Any, batches: bool = False) -> dict[str, Any]:
