@@ -12,7 +12,6 @@ device, the target and the CPU architecture, so a machine that cannot run the mo
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import sys
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 
 from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
 from arachne_mlflow.flavors import _common
+from arachne_mlflow.model.arch import machine_arch, normalize_arch
 from arachne_mlflow.model.directory import FLAVOR_NAME
 from arachne_mlflow.model.spec import TensorSpec, specs_from_dicts
 
@@ -90,7 +90,7 @@ def save_model(
     def write(directory: Path) -> _common.ModelFiles:
         tvm_conf: dict[str, Any] = {
             "device": tvm_device or (env.tvm_device if env else None) or "cpu",
-            "arch": arch or platform.machine(),
+            "arch": normalize_arch(arch) if arch else machine_arch(),
         }
         if _is_path(model):
             model_file, ir_specs = _copy_library(model, directory), None
@@ -201,7 +201,7 @@ def _is_path(model: Any) -> bool:
 
 def _runs_here(tvm_conf: dict[str, Any]) -> bool:
     """Whether this machine has the CPU architecture and the device the model was built for."""
-    if tvm_conf["arch"] != platform.machine():
+    if tvm_conf["arch"] != machine_arch():
         return False
     from arachne_mlflow.runtime.tvm import import_tvm
 
