@@ -28,7 +28,7 @@ from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError
 from tests.helpers import models
 from tests.helpers.archives import tar_bytes, tar_member
 from tests.helpers.model_dirs import scaled_linear
-from tests.helpers.servers import ServerProcess
+from tests.helpers.servers import ServerProcess, rss_bytes
 from tests.helpers.v2 import BAD_REQUESTS, app_routes, binary_body, local_outputs, model_inputs
 
 SERVED = ["onnx_linear", "tvm_linear", "tflite_cnn", "onnx_two_io"]
@@ -611,13 +611,6 @@ def test_a_server_that_dies_mid_session_gives_an_error_naming_it(tmp_path, mlflo
 # -- load --------------------------------------------------------------------------------------
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def _load_phase(port, seconds, cases, swap_versions):
     """16 client threads for `seconds` against two models while `replacer` replaces one of them."""
     counts, failures, stop = [0] * 16, [], threading.Event()
@@ -663,9 +656,9 @@ def test_sixteen_clients_while_a_model_is_replaced(tmp_path, mlflow_models, two_
             owner.upload_model("steady", mlflow_models["tflite_cnn"])
             owner.upload_model("swap", versions[1]["dir"])
         warm_requests, warm_failures, _ = _load_phase(process.port, 1.5, cases, versions)
-        rss_before = _rss_bytes(process.process.pid)
+        rss_before = rss_bytes(process.process.pid)
         requests_done, failures, replaces = _load_phase(process.port, 4.0, cases, versions)
-        rss_after = _rss_bytes(process.process.pid)
+        rss_after = rss_bytes(process.process.pid)
         assert warm_failures == [] and failures == [], (warm_failures + failures)[:5]
         assert replaces >= 3 and requests_done >= 100
         growth = rss_after - rss_before

@@ -95,47 +95,52 @@ def _probe_group(group: list[tuple[str, Path]], consequence: str, timeout: float
     results: dict[str, ArachneError | None] = {}
     pending = list(group)
     while pending:
-        reports, failure = _run_child([path for _, path in pending], timeout)
+        reports, failure, hung = _run_child([path for _, path in pending], timeout)
         for (name, _), report in zip(pending, reports):
             results[name] = _error(name, report)
         pending = pending[len(reports) :]
-        if pending and not reports:  # the child died on its first model: that model is the cause
+        # A crash of the child's first model, or a hang, is that model's doing; a crash after other
+        # models loaded in the same child is checked again with the model first in a fresh child.
+        if pending and (hung or not reports):
             name, _ = pending.pop(0)
             results[name] = InvalidInputError(f"model {name!r} {failure}; {consequence}")
-        # otherwise a later model killed it: probed again, first in a fresh child, to be sure
     return results
 
 
-def _run_child(paths: list[Path], timeout: float) -> tuple[list[dict], str]:
-    """Reports of a child that probes `paths`, and why it stopped early (empty when it did not)."""
+def _run_child(paths: list[Path], timeout: float) -> tuple[list[dict], str, bool]:
+    """Reports of a child that probes `paths`; why it stopped early (empty when it did not); whether it hung."""
     command = [sys.executable, "-m", "arachne_mlflow.server.probe", *map(str, paths)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.setdefault("TVM_USE_RUNTIME_LIB", "1")  # a child only loads: TVM's compiler library is not needed
     reports: list[dict] = []
-    failure = ""
+    failure, hung = "", False
     with tempfile.TemporaryFile() as stderr:
         pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": stderr}
         with subprocess.Popen(command, env=env, **pipes) as child:
+            out, pending = child.stdout.fileno(), b""
             while True:
                 waiting = timeout if len(reports) < len(paths) else _TRAILING_SECONDS
-                if not select.select([child.stdout], [], [], waiting)[0]:
+                if not select.select([out], [], [], waiting)[0]:
                     child.kill()
-                    if len(reports) < len(paths):
-                        failure = f"did not load within {timeout:.0f} s"
+                    hung = len(reports) < len(paths)
                     break
-                line = child.stdout.readline()
-                if not line:
+                chunk = os.read(out, 1 << 16)
+                if not chunk:
                     break
-                _take(line, reports)
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    _take(line, reports)
             returncode = child.wait()
-        if len(reports) < len(paths) and not failure:
+        if hung:
+            failure = f"did not load within {timeout:.0f} s"
+        elif len(reports) < len(paths):
             failure = f"crashed the runtime while loading ({_how(returncode)})"
         if failure:
             stderr.seek(0, os.SEEK_END)
             stderr.seek(max(0, stderr.tell() - 2000))
             tail = stderr.read().decode("utf-8", "replace").strip()
             _logger.warning("loading %s %s; its output ended with: %s", paths[len(reports)], failure, tail or "-")
-    return reports, failure
+    return reports, failure, hung
 
 
 def _take(line: bytes, reports: list[dict]) -> None:

@@ -61,6 +61,8 @@ _logger = logging.getLogger(__name__)
 
 MARKER = ".arachne-model-store"
 DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
+# Digests of loaded versions remembered so that they load without a child next time (a bound, not a cache size).
+MAX_PROVEN = 1024
 QUARANTINED = "it is quarantined (not loaded): delete it, upload another version or roll it back"
 
 
@@ -127,7 +129,7 @@ class ModelStore:
         self._entries: dict[str, _Entry] = {}
         self._name_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        self._proven: set[str] = set()  # digests of versions that loaded in this process
+        self._proven: dict[str, None] = {}  # digests of versions that loaded in this process, oldest first
 
     # -- start-up and shut-down ------------------------------------------------------------
     def open(self) -> None:
@@ -400,7 +402,10 @@ class ModelStore:
         except Exception as err:  # a DNN library's own error for a corrupt or foreign model file
             raise InvalidInputError(f"model {record['name']!r} cannot be loaded: {err}") from err
         with self._guard:
-            self._proven.add(record["digest"])
+            self._proven.pop(record["digest"], None)
+            self._proven[record["digest"]] = None
+            if len(self._proven) > MAX_PROVEN:
+                del self._proven[next(iter(self._proven))]
         return LoadedModel(module, record, time.perf_counter() - start)
 
 
