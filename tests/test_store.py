@@ -20,19 +20,19 @@ from starlette.testclient import TestClient
 
 from arachne_mlflow.errors import ConflictError, IncompatibleModelError, InvalidInputError, ModelNotReadyError
 from arachne_mlflow.model.arch import machine_arch, normalize_arch
-from arachne_mlflow.model.archive import stream_tar
 from arachne_mlflow.model.directory import read_model_dir
 from arachne_mlflow.runtime import RuntimeModule, get_runtime_class
 from arachne_mlflow.server.app import create_app
 from arachne_mlflow.server.store import ModelStore
 from tests.helpers import models
+from tests.helpers.archives import model_tar
 from tests.helpers.model_dirs import scaled_linear
 
 X = {"x": np.array([[0.5, 1.0, 1.5, 2.0]], np.float32)}
 
 
 def _tar(model_dir: Path) -> io.BytesIO:
-    return io.BytesIO(b"".join(stream_tar(model_dir, read_model_dir(model_dir).files())))
+    return io.BytesIO(model_tar(model_dir))
 
 
 def _with_options(source: Path, target: Path, options: dict) -> Path:

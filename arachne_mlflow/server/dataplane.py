@@ -26,6 +26,7 @@ from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFound
 from arachne_mlflow.model.arch import machine_arch
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.protocol.datatypes import to_datatype
+from arachne_mlflow.runtime.onnx_build import onnxruntime_build
 from arachne_mlflow.server.metrics import Metrics, ModelSeries, StoreCollector
 from arachne_mlflow.server.probe import known_tvm_devices, list_tvm_devices_in_background
 from arachne_mlflow.server.store import ModelStore
@@ -33,10 +34,10 @@ from arachne_mlflow.server.store import ModelStore
 T = TypeVar("T")
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "arachne_upload", "arachne_benchmark", "metrics"]
-# Distributions that provide each built-in runtime's library, in the order the backend tries them.
+# Distributions that provide each built-in runtime's library, in the order the backend tries them
+# (onnxruntime has several builds: `onnxruntime_build` says which one Python imports).
 _LIBRARIES = {
     "tflite": ("ai-edge-litert", "tflite-runtime", "tensorflow", "tensorflow-cpu"),
-    "onnx": ("onnxruntime", "onnxruntime-gpu"),
     "tvm": ("apache-tvm", "tvm"),
 }
 _BENCHMARK_LIMITS = {"warmup": (0, 1000), "repeat": (1, 10_000), "number": (1, 1000)}
@@ -258,15 +259,22 @@ def _tensor_metadata(spec: Any) -> dict[str, Any]:
 
 
 def available_runtimes() -> list[dict[str, Any]]:
-    """Runtimes this server can load, with the library and version that provides each (and TVM's devices).
+    """Runtimes this server can load, with the library and version that provides each (and TVM's devices,
+    onnxruntime's providers).
 
-    Nothing here imports a DNN library: TVM's devices are the ones the last child process that
-    loaded a TVM model found (`probe.py`), and `None` (not known yet) until one has.
+    Nothing here imports a DNN library into the server: TVM's devices are the ones the last child
+    process that imported TVM found (`probe.py`: a model's probe, or the listing at start-up), and
+    `None` while none has; onnxruntime's providers come from a child too until a model loads it.
     """
     from arachne_mlflow.runtime import list_runtimes
 
     result = []
     for name in list_runtimes():
+        if name == "onnx":
+            build = onnxruntime_build()
+            if build is not None:
+                result.append({"name": name, **build})
+            continue
         if name not in _LIBRARIES:
             result.append({"name": name, "library": None, "version": None})
             continue
