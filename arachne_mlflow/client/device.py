@@ -26,6 +26,7 @@ import numpy as np
 from arachne_mlflow.client.transport import Transport
 from arachne_mlflow.errors import (
     ArachneError,
+    ConflictError,
     DeviceUnreachableError,
     InvalidInputError,
     ModelNotFoundError,
@@ -161,6 +162,17 @@ class DeviceClient:
             "PUT", f"/v2/repository/models/{_quote(name)}", data=body, headers=headers, timeout=self.upload_timeout
         )
         return True
+
+    def rollback_model(self, name: str) -> dict[str, Any]:
+        """Serve the version of `name` that its last upload replaced again, from the device's disk
+        (no upload); returns the new record. `ConflictError` when the device keeps no previous version."""
+        self._input_names.pop(name, None)
+        path = f"/v2/repository/models/{_quote(name)}/rollback"
+        response = self._send("POST", path, check=False, data=b"{}", timeout=self.upload_timeout)
+        if response.status_code >= 400:
+            error = _error(response.status_code, response.content, f"{self.host}:{self.port}")
+            raise ConflictError(str(error)) if response.status_code == ConflictError.status_code else error
+        return response.json()
 
     def delete_model(self, name: str) -> None:
         self._input_names.pop(name, None)
