@@ -28,6 +28,7 @@ from arachne_mlflow.errors import (
     ArachneError,
     ConflictError,
     DeviceUnreachableError,
+    InsufficientStorageError,
     InvalidInputError,
     ModelNotFoundError,
     ModelNotReadyError,
@@ -46,8 +47,10 @@ _ERRORS = {
     400: InvalidInputError,
     401: UnauthorizedError,
     404: ModelNotFoundError,
+    409: ConflictError,
     413: InvalidInputError,
     503: ModelNotReadyError,
+    507: InsufficientStorageError,
 }
 
 
@@ -168,11 +171,7 @@ class DeviceClient:
         (no upload); returns the new record. `ConflictError` when the device keeps no previous version."""
         self._input_names.pop(name, None)
         path = f"/v2/repository/models/{_quote(name)}/rollback"
-        response = self._send("POST", path, check=False, data=b"{}", timeout=self.upload_timeout)
-        if response.status_code >= 400:
-            error = _error(response.status_code, response.content, f"{self.host}:{self.port}")
-            raise ConflictError(str(error)) if response.status_code == ConflictError.status_code else error
-        return response.json()
+        return self._send("POST", path, data=b"{}", timeout=self.upload_timeout).json()
 
     def delete_model(self, name: str) -> None:
         self._input_names.pop(name, None)
