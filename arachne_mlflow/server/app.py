@@ -27,12 +27,12 @@ from arachne_mlflow.server.auth import HOW_TO_AUTHENTICATE, bearer_matches
 from arachne_mlflow.server.batching import BatchingPolicy
 from arachne_mlflow.server.dataplane import Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
+from arachne_mlflow.server.records import MAX_PROVENANCE_BYTES, check_provenance
 from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
 
 _logger = logging.getLogger(__name__)
 
 PROVENANCE_HEADER = "Arachne-Provenance"
-MAX_PROVENANCE_BYTES = 16 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 1024**3
 _PUBLIC_PREFIX = "/v2/health/"
 
@@ -120,6 +120,7 @@ class _Routes:
             Route("/v2/repository/index", self.index, methods=["POST"]),
             Route(r + "/load", self.load, methods=["POST"]),
             Route(r + "/unload", self.unload, methods=["POST"]),
+            Route(r + "/rollback", self.rollback, methods=["POST"]),
             Route(r, self.model_record, methods=["GET"]),
             Route(r, self.upload, methods=["PUT"]),
             Route(r, self.delete, methods=["DELETE"]),
@@ -172,6 +173,9 @@ class _Routes:
     async def upload(self, request: Request) -> Response:
         provenance = _parse_provenance(request.headers.get(PROVENANCE_HEADER))
         return JSONResponse(await self.dp.upload(request.path_params["model"], _stream(request), provenance))
+
+    async def rollback(self, request: Request) -> Response:
+        return JSONResponse(await self.dp.rollback(request.path_params["model"]))
 
     async def delete(self, request: Request) -> Response:
         await self.dp.delete(request.path_params["model"])
@@ -245,7 +249,8 @@ async def _stream(request: Request) -> AsyncIterator[bytes]:
 
 
 def _parse_provenance(text: str | None) -> dict[str, Any] | None:
-    """Where the model came from (model URI, registered model name, version, run id): a small JSON object."""
+    """Where the model came from (model URI, registered model name, version, run id): a small JSON object
+    of finite values, checked before anything of the upload is written."""
     if text is None:
         return None
     if len(text) > MAX_PROVENANCE_BYTES:
@@ -254,9 +259,7 @@ def _parse_provenance(text: str | None) -> dict[str, Any] | None:
         provenance = json.loads(text)
     except (ValueError, RecursionError) as err:
         raise InvalidInputError(f"{PROVENANCE_HEADER} is not valid JSON: {err}") from err
-    if not isinstance(provenance, dict):
-        raise InvalidInputError(f"{PROVENANCE_HEADER} must be a JSON object")
-    return provenance
+    return check_provenance(provenance, PROVENANCE_HEADER)
 
 
 class _BearerAuth:

@@ -7,6 +7,7 @@ inputs or two runtimes can fail.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +266,18 @@ def tflite_strings() -> bytes:
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([reverse.get_concrete_function()], reverse)
     return converter.convert()
+
+
+_CRASHES = {
+    "abort": "#include <stdlib.h>\nstatic void crash(void) { abort(); }\n",
+    "segfault": "static void crash(void) { *(volatile int *)0 = 0; }\n",
+}
+
+
+def crashing_library(path: Path, how: str = "abort") -> Path:
+    """A shared library whose constructor kills the process (`abort` or `segfault`) as soon as it is
+    loaded, as a broken native library or a driver mismatch can."""
+    source = path.with_suffix(".c")
+    source.write_text(_CRASHES[how] + "__attribute__((constructor)) static void load(void) { crash(); }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(path), str(source)], check=True)
+    return path
