@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from arachne_mlflow.deployments.source import ModelSource, RegistryVersion
 from arachne_mlflow.deployments.targets import Connection, Device
 from arachne_mlflow.errors import ArachneError, IncompatibleModelError, ModelNotFoundError
+from arachne_mlflow.model.arch import normalize_arch
 
 DEPLOYED, UNCHANGED, FAILED, DELETED, ABSENT = "deployed", "unchanged", "failed", "deleted", "absent"
 UNKNOWN = "?"  # the label of what a device runs when it could not be asked
@@ -168,7 +169,7 @@ def check_device_can_run(metadata: dict[str, Any], source: ModelSource, device: 
     if model.runtime != "tvm":
         return
     arch, kind = model.tvm.get("arch"), model.tvm.get("device", "cpu")
-    if arch and arch != metadata.get("arch"):
+    if arch and normalize_arch(arch) != normalize_arch(metadata.get("arch") or "unknown"):
         raise IncompatibleModelError(
             f"device {device} is {metadata.get('arch')} but the TVM model was compiled for {arch}"
         )
