@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_fleet(commands: argparse._SubParsersAction) -> None:
-    """`fleet status` and `fleet sync` (defined here: importing the plugin would import MLflow)."""
+    """`fleet status`, `fleet sync` and `fleet rollback` (defined here: importing the plugin would import MLflow)."""
     fleet = commands.add_parser("fleet", help="what the MLflow registry wants on the devices, against what they run")
     actions = fleet.add_subparsers(dest="fleet_command", required=True)
     status = actions.add_parser("status", help="desired vs actual version on every device, and the drift")
@@ -116,7 +116,14 @@ def _add_fleet(commands: argparse._SubParsersAction) -> None:
     sync = actions.add_parser("sync", help="bring every device of each deployment to the registry's desired state")
     sync.add_argument("names", nargs="*", metavar="NAME", help="deployments to sync (default: every one)")
     sync.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until interrupted")
-    for action in (status, sync):
+    rollback = actions.add_parser(
+        "rollback", help="every device of a deployment back to its previous version (instant where the device kept it)"
+    )
+    rollback.add_argument("name", metavar="NAME", help="the deployment")
+    rollback.add_argument(
+        "--target", metavar="TARGET", help="devices to roll back: @group, names or host:port (default: the registry's)"
+    )
+    for action in (status, sync, rollback):
         action.add_argument(
             "--fleet", metavar="PATH", help="the fleet file (default $ARACHNE_FLEET or ~/.arachne-mlflow/fleet.yaml)"
         )

@@ -73,3 +73,8 @@ class InsufficientStorageError(ArachneError):
     """The device's disk is full (or its quota spent): nothing of the request was kept."""
 
     status_code = 507
+
+
+class HealthGateError(ArachneError):
+    """A device took a new version but failed its health gate (not ready, a smoke inference that
+    failed, broke the signature or was too slow, errors rising after the switch)."""

@@ -14,6 +14,9 @@ from tests.helpers import models
 from tests.helpers.archives import model_tar
 from tests.helpers.mlflow_server import QUIET_ENV, MlflowServer
 from tests.helpers.model_dirs import runtime_details, write_model_dir
+from tests.helpers.servers import ServerProcess
+
+FLEET_TOKEN = "fleet-token"  # the bearer token of `fleet_devices`
 
 for _name, _value in QUIET_ENV.items():  # before anything imports mlflow (its telemetry checks at import)
     os.environ.setdefault(_name, _value)
@@ -174,6 +177,25 @@ def tracking_server(mlflow_server):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+@pytest.fixture(scope="module")
+def fleet_devices(request, tmp_path_factory):
+    """Device server processes on loopback sharing the token FLEET_TOKEN, for one module: as many as
+    the module's `FLEET_DEVICES` says (3 by default). Tests that stop one start it again."""
+    count = getattr(request.module, "FLEET_DEVICES", 3)
+    started = [
+        ServerProcess(tmp_path_factory.mktemp(f"fleet-{i}") / "store", token=FLEET_TOKEN).start() for i in range(count)
+    ]
+    yield started
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def fleet_token_env(monkeypatch):
+    """ARACHNE_TOKEN set to the fleet devices' token during one test."""
+    monkeypatch.setenv("ARACHNE_TOKEN", FLEET_TOKEN)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`arachne-mlflow fleet status` and `fleet sync`: the command-line side of status.py and fleet.py.
+"""`arachne-mlflow fleet status`, `fleet sync` and `fleet rollback`: the command line of status.py, fleet.py
+and rollback.py.
 
 The registry is MLflow's (`MLFLOW_TRACKING_URI`); connection settings come from the
 environment (`ARACHNE_TOKEN`, `ARACHNE_TLS`, ...) and the fleet file, as for the plugin's
@@ -15,6 +16,7 @@ import time
 from arachne_mlflow.deployments import status as fleet_status
 from arachne_mlflow.deployments.desired_state import DesiredState
 from arachne_mlflow.deployments.fleet import sync
+from arachne_mlflow.deployments.rollback import rollback
 from arachne_mlflow.deployments.targets import settings
 from arachne_mlflow.errors import ArachneError
 
@@ -37,6 +39,11 @@ def _run(args: argparse.Namespace, options, state: DesiredState) -> int:
         found = fleet_status.status(args.names, options, state)
         sys.stdout.write(fleet_status.to_json(found) + "\n" if args.json else fleet_status.to_text(found))
         return 0 if all(s.error is None for s in found) else 1
+    if args.fleet_command == "rollback":
+        outcome = rollback(args.name, args.target, options, state)
+        if options.report:
+            outcome.write()
+        return 0 if outcome.ok else 1
     if args.watch is None:
         return 0 if all(outcome.ok for outcome in sync(args.names, options, state)) else 1
     return _watch(args, options, state)

@@ -1,7 +1,7 @@
 """Bring devices to a desired model: one device at a time (`push_device`), a fleet in parallel (`on_devices`).
 
-`push_device` is the unit that rollout strategies compose (batches, canaries, health gates): it
-never raises for a device's failure, it reports it. A device that already holds the same files
+`push_device` is the unit that rollout strategies compose (rollout.py: batches, canaries, health
+gates): it never raises for a device's failure, it reports it. A device that already holds the same files
 and provenance is left alone, so converging twice changes nothing the second time.
 """
 
@@ -19,6 +19,7 @@ from arachne_mlflow.errors import ArachneError, IncompatibleModelError, ModelNot
 from arachne_mlflow.model.arch import normalize_arch
 
 DEPLOYED, UNCHANGED, FAILED, DELETED, ABSENT = "deployed", "unchanged", "failed", "deleted", "absent"
+ROLLED_BACK, UNTOUCHED = "rolled-back", "untouched"  # (rollout.py, rollback.py)
 UNKNOWN = "?"  # the label of what a device runs when it could not be asked
 T = TypeVar("T")
 D = TypeVar("D")
@@ -37,10 +38,11 @@ class DeviceResult:
     revision: int | None = None
     runtime: str | None = None  # of the model on the device, when it was asked
     provenance: dict[str, Any] | None = None
+    undone: bool = False  # a halted rollout rolled it back: it does not have what the command wanted
 
     @property
     def ok(self) -> bool:
-        return self.state != FAILED
+        return self.state not in (FAILED, UNTOUCHED) and not self.undone
 
 
 def version_label(record: dict[str, Any] | None, registered_model: str | None = None) -> str:
@@ -143,18 +145,6 @@ def on_devices(devices: Sequence[D], action: Callable[[D], T], parallel: int) ->
         return [action(device) for device in devices]
     with ThreadPoolExecutor(max_workers=min(parallel, len(devices)), thread_name_prefix="arachne-fleet") as pool:
         return list(pool.map(action, devices))
-
-
-def converge(
-    devices: Sequence[Device],
-    connection: Connection,
-    name: str,
-    source: ModelSource,
-    parallel: int,
-    progress: bool = False,
-) -> list[DeviceResult]:
-    """Every device of `devices` to `source`, `parallel` at a time."""
-    return on_devices(devices, lambda device: push_device(device, connection, name, source, progress), parallel)
 
 
 def check_device_can_run(metadata: dict[str, Any], source: ModelSource, device: Device) -> None:

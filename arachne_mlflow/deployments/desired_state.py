@@ -1,13 +1,16 @@
 """What should run where, kept as tags in the MLflow model registry (so it shows in MLflow's UI).
 
     registered model tag  arachne.deploy.<deployment>   {"target", "model_uri", "strategy", "status",
-                                                         "reason", "updated_at", "version", "devices"}
+                                                         "reason", "updated_at", "version",
+                                                         "previous_version", "devices"}
     model version tag     arachne.devices.<deployment>  {"<device>": {"state", "revision", "at", "error"}}
     registered model tag  arachne.deployed = "true"     on every model with a deployment
 
 The model URI is kept as the user gave it (an alias stays an alias, so `fleet sync` rolls out an
-alias move); `version` is the version last rolled out. A device is listed on the version it
-runs, or on the version it failed to get. MLflow's tag filters match exact keys only, hence the
+alias move); `version` is the version last rolled out (or tried: a halted rollout), and
+`previous_version` the one the deployment ran before it (what `fleet rollback` goes back to). A
+device is listed on the version it runs, or on the version it failed to get (`failed`) or that a
+halted rollout took back from it (`rolled-back`). MLflow's tag filters match exact keys only, hence the
 fixed `arachne.deployed` marker that `fleet status` searches for. Only MLflow's public client
 API is used, so any tracking server (and its permissions) works.
 """
@@ -19,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from arachne_mlflow.deployments.converge import DeviceResult
+from arachne_mlflow.deployments.converge import ROLLED_BACK, DeviceResult
 from arachne_mlflow.deployments.source import quote_filter
 from arachne_mlflow.errors import InvalidInputError
 
@@ -47,6 +50,7 @@ class Desired:
     status: str = ROLLED_OUT
     reason: str = ""
     version: str | None = None
+    previous_version: str | None = None
     devices: dict[str, int] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "all"})
     updated_at: str = ""
@@ -84,6 +88,7 @@ class Desired:
                 status=str(body.get("status", ROLLED_OUT)),
                 reason=str(body.get("reason", "")),
                 version=body.get("version"),
+                previous_version=body.get("previous_version"),
                 devices=dict(body.get("devices") or {}),
                 strategy=dict(body.get("strategy") or {"name": "all"}),
                 updated_at=str(body.get("updated_at", "")),
@@ -150,7 +155,8 @@ class DesiredState:
 
     def record_devices(self, desired: Desired, version: str, results: list[DeviceResult]) -> None:
         """Each device's state on the version tags: a device that has `version` moves to its tag
-        (off the others'); one that failed to get it is listed there as failed."""
+        (off the others'); one that failed to get it, or that a halted rollout rolled back, is
+        listed there as failed or rolled-back."""
         key = DEVICES_PREFIX + desired.deployment
         tagged = self._tagged_versions(desired)
         current = tagged.get(version, {})
@@ -165,9 +171,10 @@ class DesiredState:
                 same = old.get("state") == "deployed" and old.get("revision") == result.revision
                 entries[device] = old if same else {"state": "deployed", "revision": result.revision, "at": stamp}
             else:
+                state = ROLLED_BACK if result.state == ROLLED_BACK else "failed"
                 error = (result.error or "")[:MAX_ERROR_CHARS]
-                same = old.get("state") == "failed" and old.get("error") == error
-                entries[device] = old if same else {"state": "failed", "at": stamp, "error": error}
+                same = old.get("state") == state and old.get("error") == error
+                entries[device] = old if same else {"state": state, "at": stamp, "error": error}
         if entries != current:
             self._set_version_tag(desired.registered_model, version, key, entries)
         self._drop(desired, tagged, arrived, keep=version)

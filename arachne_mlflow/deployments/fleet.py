@@ -10,16 +10,18 @@ from __future__ import annotations
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from mlflow.exceptions import MlflowException
 
 from arachne_mlflow.deployments import report
-from arachne_mlflow.deployments.converge import DeviceResult, converge, delete_device, on_devices, unchanged_device
+from arachne_mlflow.deployments.converge import UNTOUCHED, DeviceResult, delete_device, on_devices, unchanged_device
 from arachne_mlflow.deployments.desired_state import DELETING, HALTED, ROLLED_OUT, ROLLING, Desired, DesiredState
 from arachne_mlflow.deployments.inventory import resolve_target
+from arachne_mlflow.deployments.rollout import roll_out
 from arachne_mlflow.deployments.source import RegistryVersion, registry_version, resolve
+from arachne_mlflow.deployments.strategy import Strategy
 from arachne_mlflow.deployments.targets import SCHEME, Device, Settings
 from arachne_mlflow.errors import ArachneError
 
@@ -41,6 +43,7 @@ class Outcome:
     desired: Desired | None = None  # what the registry records now (None: nothing recorded)
     error: str | None = None  # the deployment as a whole failed (no device was tried)
     registry_error: str | None = None  # the devices were dealt with, but the registry could not record it
+    halted: str | None = None  # why the rollout stopped and undid itself (rollout.py)
     note: str = ""
 
     @property
@@ -49,7 +52,12 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.registry_error is None and self.succeeded >= self.required
+        return (
+            self.error is None
+            and self.registry_error is None
+            and self.halted is None
+            and self.succeeded >= self.required
+        )
 
     def headline(self) -> str:
         what = f"{self.action} of deployment {self.deployment!r}"
@@ -59,6 +67,8 @@ class Outcome:
             return f"{what}: {self.note}"
         wanted = "without it" if self.action == "delete" else f"with {self.wanted()}"
         line = f"{what}: {self.succeeded} of {len(self.results)} devices {wanted}"
+        if self.halted:
+            line = f"{what} ({self.wanted()}) halted: {self.halted}; {report.by_state(self.results)}"
         if self.required < len(self.results):
             line += f" ({self.required} required)"
         if self.registry_error:
@@ -72,7 +82,7 @@ class Outcome:
 
     def summary(self) -> str:
         """The headline and the failed devices with their errors (what an exception says)."""
-        failed = report.failures(self.results)
+        failed = report.failures([r for r in self.results if r.error])
         return self.headline() + (f"; failed on {failed}" if failed else "")
 
     def write(self, stream: TextIO | None = None) -> None:
@@ -99,7 +109,6 @@ def push(
     """
     outcome = Outcome(action, name, required=settings.required(len(devices)))
     pinned = registry_version(model_uri, state.client if state else None)
-    parallel = settings.workers(len(devices))
     outcome.results = _everywhere_already(name, model_uri, pinned, devices, settings) if pinned else None
     if outcome.results is not None:  # nothing to push: not even a download
         outcome.registry, outcome.runtime = pinned, outcome.results[0].runtime
@@ -110,15 +119,17 @@ def push(
             progress = settings.progress
             if progress is None:
                 progress = sys.stderr.isatty() and source.size >= PROGRESS_MIN_BYTES
-            outcome.results = converge(devices, settings.connection, name, source, parallel, progress)
+            rollout = roll_out(devices, settings, name, source, progress)
+            outcome.results, outcome.halted = rollout.results, rollout.halted
         outcome.registry, outcome.provenance, outcome.runtime = source.registry, source.provenance, source.model.runtime
     if state is None:
         return outcome
     try:
         if outcome.registry is not None:
-            outcome.desired = _desired(name, model_uri, target, outcome.registry, outcome.results)
+            outcome.desired = _desired(name, model_uri, target, outcome, settings.strategy, existing)
             state.save(outcome.desired)
-            state.record_devices(outcome.desired, outcome.registry.version, outcome.results)
+            touched = [r for r in outcome.results if r.state != UNTOUCHED]
+            state.record_devices(outcome.desired, outcome.registry.version, touched)
         elif existing is not None:
             state.remove(existing)
     except MlflowException as err:  # (a user who may read the registry but not write it: 403)
@@ -166,7 +177,7 @@ def delete(
             return outcome
         existing.status = DELETING
         existing.reason = f"{len(results) - outcome.succeeded} devices still have it: {report.failures(results)}"
-        existing.devices = _counts(results, "deleted")
+        existing.devices = counts(results, "deleted")
         state.save(existing)
         state.forget_devices(existing, [str(r.device) for r in results if r.ok])
         outcome.desired = existing
@@ -204,30 +215,48 @@ def _sync_one(desired: Desired, settings: Settings, state: DesiredState) -> Outc
         devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet)
         if desired.status == DELETING:
             return delete(desired.deployment, devices, settings, state, desired)
+        settings = replace(settings, strategy=Strategy.from_recorded(desired.strategy))  # as the push chose
         return push("sync", desired.deployment, desired.model_uri, desired.target, devices, settings, state, desired)
     except (ArachneError, MlflowException) as err:  # a group gone, an alias deleted: the others go on
         return Outcome("sync", desired.deployment, error=str(err))
 
 
-def _desired(name: str, model_uri: str, target: str, registry: RegistryVersion, results: list[DeviceResult]) -> Desired:
+def _desired(
+    name: str, model_uri: str, target: str, outcome: Outcome, strategy: Strategy, existing: Desired | None
+) -> Desired:
+    """The desired state after a push: rolled out, rolling (devices without it) or halted; with the
+    version the deployment ran before, for `fleet rollback`."""
+    registry, results = outcome.registry, outcome.results  # (a registry model's outcome)
     failed = [r for r in results if not r.ok]
-    reason = ""
-    if failed:
+    status, reason = ROLLED_OUT, ""
+    if outcome.halted:
+        status, reason = HALTED, f"v{registry.version} halted: {outcome.halted}; {report.by_state(results)}"
+    elif failed:
+        status = ROLLING
         reason = f"{len(failed)} of {len(results)} devices without v{registry.version}: {report.failures(failed)}"
+    previous = existing.previous_version if existing else None
+    same_model = existing is not None and existing.registered_model == registry.registered_model
+    if same_model and existing.status != HALTED and existing.version not in (None, registry.version):
+        previous = existing.version  # (a halted version never ran: the one before it stays the previous)
     return Desired(
         name,
         registry.registered_model,
         target,
         model_uri,
-        status=ROLLING if failed else ROLLED_OUT,
+        status=status,
         reason=reason,
         version=registry.version,
-        devices=_counts(results),
+        previous_version=previous if same_model else None,
+        devices=counts(results),
+        strategy=strategy.to_dict(),
     )
 
 
-def _counts(results: list[DeviceResult], done: str = "deployed") -> dict[str, int]:
-    """How many devices are in the wanted state (`done`) and how many failed: states, not actions,
-    so that a second run that changes nothing records the same counts."""
-    ok = sum(r.ok for r in results)
-    return {k: v for k, v in ((done, ok), ("failed", len(results) - ok)) if v}
+def counts(results: list[DeviceResult], done: str = "deployed") -> dict[str, int]:
+    """How many devices are in the wanted state (`done`) and how many are not, by state: states, not
+    actions, so that a second run that changes nothing records the same counts."""
+    found: dict[str, int] = {}
+    for result in results:
+        state = done if result.ok else result.state  # failed, rolled-back (a halted rollout), untouched
+        found[state] = found.get(state, 0) + 1
+    return found

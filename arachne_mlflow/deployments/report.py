@@ -45,6 +45,18 @@ def failures(results: Iterable[DeviceResult], limit: int = 20) -> str:
     return text + (f"; and {len(failed) - limit} more" if len(failed) > limit else "")
 
 
+def by_state(results: Iterable[DeviceResult], limit: int = 20) -> str:
+    """`rolled-back: cam-0, cam-1; untouched: cam-2`: which devices ended in which state (the first
+    `limit` of each, then a count)."""
+    groups: dict[str, list[str]] = {}
+    for result in results:
+        groups.setdefault(result.state, []).append(str(result.device))
+    return "; ".join(
+        f"{state}: {', '.join(names[:limit])}" + (f" and {len(names) - limit} more" if len(names) > limit else "")
+        for state, names in groups.items()
+    )
+
+
 def _short(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from arachne_mlflow.client.address import authority
+from arachne_mlflow.deployments.strategy import ROLLOUT_KEYS, Strategy, strategy_of
 from arachne_mlflow.errors import InvalidInputError
 
 SCHEME = "arachne-jetson"
@@ -108,6 +109,7 @@ class Settings:
     converge: bool = False  # create acts like update when the deployment exists
     progress: bool | None = None  # None: a bar on a terminal for large models
     report: bool = True  # the per-device table on stderr
+    strategy: Strategy = field(default_factory=Strategy)  # batches, canary, health gate (strategy.py)
 
     def workers(self, devices: int) -> int:
         return max(1, self.parallel or min(devices, MAX_DEFAULT_PARALLEL))
@@ -172,7 +174,7 @@ def settings(config: Mapping[str, Any] | None) -> Settings:
     A key that is not a setting is refused: a typo must not silently mean "no token".
     """
     config = dict(config or {})
-    known = {*CONNECTION_KEYS, *FLEET_KEYS}
+    known = {*CONNECTION_KEYS, *FLEET_KEYS, *ROLLOUT_KEYS}
     unknown = sorted(set(config) - known)
     if unknown:
         raise InvalidInputError(f"unknown config {unknown}; known: {sorted(known)}")
@@ -204,6 +206,7 @@ def settings(config: Mapping[str, Any] | None) -> Settings:
         converge=flag("converge", config.get("converge"), False),
         progress=None if progress is None else flag("progress", progress, False),
         report=flag("report", config.get("report"), True),
+        strategy=strategy_of(config),
     )
 
 

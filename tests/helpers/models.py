@@ -46,6 +46,54 @@ def onnx_linear(batch: int | str = 1):
     return _onnx_model(graph)
 
 
+def onnx_linear_scaled(scale: float, batch: int | str = "N"):
+    """`onnx_linear` with its weights scaled: another version of the same model (same tensors, other outputs)."""
+    from onnx import numpy_helper
+
+    model = onnx_linear(batch)
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name == "W":
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scale, "W"))
+    return model
+
+
+def onnx_reshape_fails():
+    """x[N, 4] -> y[N, 3] declared, but a Reshape of x to [3, 7]: it loads, and every run fails (4N != 21)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([3, 7], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshape_fails",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [shape],
+    )
+    return _onnx_model(graph)
+
+
+def onnx_wider_than_declared(width: int = 5):
+    """x[N, 4] -> y[N, width], with y's shape left for the runtime to find (a Reshape to [N, -1]): a
+    signature may claim y[-1, 3], which the model passes at logging time and breaks at run time."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, width), np.float32), "W")
+    minus_one = numpy_helper.from_array(np.array([-1], np.int64), "minus_one")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Shape", ["x"], ["batch"], start=0, end=1),
+            helper.make_node("Concat", ["batch", "minus_one"], ["shape"], axis=0),
+            helper.make_node("Reshape", ["xw", "shape"], ["y"]),
+        ],
+        "wider",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w, minus_one],
+    )
+    return _onnx_model(graph)
+
+
 def onnx_two_in_two_out():
     """a[1,4], b[1,4] -> sum = a + b (float32), scaled = (a * b) @ W (float32, [1,2])."""
     from onnx import TensorProto, helper, numpy_helper
