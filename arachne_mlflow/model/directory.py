@@ -11,6 +11,11 @@ It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
       arachne_mlflow_version: "..."
 
 The tensor spec comes from MLflow's `signature` (tensor-based), stored beside it in MLmodel.
+
+MLmodel comes from whoever uploads a model to a device server, so it is read within bounds: at
+most `MAX_MLMODEL_BYTES`, nested at most `MAX_YAML_DEPTH` deep, and without YAML anchors and
+aliases (MLflow writes none; a few nested aliases expand to billions of nodes for any code that
+walks the result).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ FLAVOR_NAME = "arachne"
 MLMODEL = "MLmodel"
 # Files MLflow writes beside a model that a device may want (environment descriptions).
 ENVIRONMENT_FILES = ("requirements.txt", "python_env.yaml", "conda.yaml")
+MAX_MLMODEL_BYTES = 1024**2
+MAX_YAML_DEPTH = 32
 
 
 @dataclass
@@ -91,10 +98,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
     mlmodel_path = path / MLMODEL
     if not mlmodel_path.is_file():
         raise ModelNotFoundError(f"{path} is not an MLflow model directory: no {MLMODEL} file")
-    try:
-        mlmodel = yaml.safe_load(mlmodel_path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"{mlmodel_path}: not valid YAML: {err}") from err
+    mlmodel = _read_mlmodel(mlmodel_path)
     flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
     if not isinstance(flavors, dict) or FLAVOR_NAME not in flavors:
         names = sorted(flavors) if isinstance(flavors, dict) else []
@@ -120,7 +124,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
         inputs, outputs = parse_signature(mlmodel.get("signature"))
     except InvalidInputError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
         raise InvalidInputError(f"{mlmodel_path}: 'signature' is not a list of tensor specs: {err}") from err
     if not (path / model_file).exists():
         raise ModelNotFoundError(f"model file {model_file!r} named in {mlmodel_path} is missing")
@@ -136,6 +140,42 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
         version=conf.get("arachne_mlflow_version"),
         mlmodel=mlmodel,
     )
+
+
+def _read_mlmodel(path: Path) -> Any:
+    """MLmodel's YAML, refused when it is too big, too deep or uses anchors and aliases."""
+    with open(path, "rb") as file:
+        text = file.read(MAX_MLMODEL_BYTES + 1)
+    if len(text) > MAX_MLMODEL_BYTES:
+        raise InvalidInputError(f"{path}: larger than {MAX_MLMODEL_BYTES} bytes; an MLmodel file is a few kilobytes")
+    try:
+        return yaml.load(text.decode("utf-8"), Loader=_BoundedLoader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"{path}: not valid YAML: {err}") from err
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing anchors and aliases and nesting deeper than `MAX_YAML_DEPTH`."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if event.anchor is not None:  # an alias, or the anchor an alias would name
+            raise yaml.composer.ComposerError(
+                None, None, "YAML anchors and aliases (&name, *name) are not accepted in MLmodel", event.start_mark
+            )
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def parse_signature(signature: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
