@@ -32,6 +32,7 @@ from arachne_mlflow.model.archive import MAX_HEADER_BYTES, safe_extract
 from arachne_mlflow.model.onnx_external import check_external_data
 from tests.helpers import models
 from tests.helpers.archives import tar_bytes, tar_member
+from tests.helpers.model_dirs import external_data_model_dir
 from tests.helpers.servers import ServerProcess
 
 CAP_MB = 16
@@ -83,6 +84,13 @@ def _symlink(name, target):
 
 def _directory(name):
     return tar_member(name, kind=tarfile.DIRTYPE)
+
+
+def _sparse(name):
+    """A GNU sparse file entry (tarfile reads them; a model directory has no use for one)."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    return tarfile.TarInfo.frombuf(info.tobuf(format=tarfile.GNU_FORMAT), "utf-8", "surrogateescape"), None
 
 
 # -- 1. Python without tarfile.data_filter (3.11.2 on Debian 12) ------------------------------------
@@ -309,6 +317,8 @@ CLIENT_ERRORS = {
         "is a file, not a directory",
     ),
     "same file twice": (lambda g: _with_mlmodel(g, g["MLmodel"], tar_member("x"), tar_member("x")), "given twice"),
+    "dangling symlink": (lambda g: _with_mlmodel(g, g["MLmodel"], _symlink("a", "missing")), "links to nothing"),
+    "sparse file": (lambda g: _with_mlmodel(g, g["MLmodel"], _sparse("holes")), "sparse file"),
     "deeply nested YAML": (lambda g: _with_mlmodel(g, _deep_yaml(g)), "nested deeper than 32"),
     "deeply nested JSON signature": (
         lambda g: _with_mlmodel(g, _deep_json_signature(g)),
@@ -327,38 +337,12 @@ def test_client_errors_are_4xx_and_install_nothing(server, good, case):
 # -- 8. ONNX external data outside the model directory ---------------------------------------------
 
 
-def _external_model(location: str, weights: Path) -> bytes:
-    """The linear test model with its weight W in external data at `location` (the bytes go to `weights`)."""
-    from onnx import TensorProto, external_data_helper, numpy_helper
-
-    model = models.onnx_linear(1)
-    tensor = next(t for t in model.graph.initializer if t.name == "W")
-    weights.write_bytes(numpy_helper.to_array(tensor).tobytes())
-    external_data_helper.set_external_data(tensor, location, offset=0, length=weights.stat().st_size)
-    tensor.data_location = TensorProto.EXTERNAL
-    tensor.ClearField("raw_data")
-    return model.SerializeToString()
-
-
-def _external_model_dir(tmp_path, mlflow_models, location, weights):
-    directory = tmp_path / "model"
-    directory.mkdir()
-    for name in ("MLmodel", "requirements.txt"):
-        (directory / name).write_bytes((mlflow_models["onnx_linear"] / name).read_bytes())
-    (directory / "model.onnx").write_bytes(_external_model(location, weights))
-    if not location.startswith(("/", "..")):
-        mlmodel = yaml.safe_load((directory / "MLmodel").read_text())
-        mlmodel["flavors"]["arachne"]["extra_files"] = [location]
-        (directory / "MLmodel").write_text(yaml.safe_dump(mlmodel))
-    return directory
-
-
 @pytest.mark.parametrize("where", ["absolute", "parent"])
 def test_onnx_external_data_outside_the_model_is_refused(server, tmp_path, mlflow_models, where):
     """The server refuses by itself, whatever onnxruntime would do (1.17-1.23 read the file)."""
     secret = tmp_path / "secret.bin"
     location = str(secret) if where == "absolute" else "../secret.bin"
-    model = _external_model_dir(tmp_path, mlflow_models, location, secret)
+    model = external_data_model_dir(tmp_path / "model", mlflow_models["onnx_linear"], location, secret)
     with DeviceClient("127.0.0.1", server.port) as client:
         before = client.model_record("linear")
         for name in ("fresh", "linear"):
@@ -370,7 +354,9 @@ def test_onnx_external_data_outside_the_model_is_refused(server, tmp_path, mlflo
 
 
 def test_onnx_external_data_inside_the_model_is_served(server, tmp_path, mlflow_models):
-    model = _external_model_dir(tmp_path, mlflow_models, "weights.bin", tmp_path / "model-weights.bin")
+    model = external_data_model_dir(
+        tmp_path / "model", mlflow_models["onnx_linear"], "weights.bin", tmp_path / "model-weights.bin"
+    )
     (model / "weights.bin").write_bytes((tmp_path / "model-weights.bin").read_bytes())
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
     with DeviceClient("127.0.0.1", server.port) as client:

@@ -21,7 +21,10 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m arachne_mlflow.server` on a free loopback port, started and stopped by tests."""
 
-    def __init__(self, store, token=None, extra_args=(), ca_cert=None, command=("arachne_mlflow.server",)):
+    def __init__(
+        self, store, token=None, extra_args=(), ca_cert=None, command=("arachne_mlflow.server",), python=sys.executable
+    ):
+        self.python = str(python)  # another interpreter's venv (tests/test_old_python.py)
         self.command = list(command)  # after `python -m`; ("arachne_mlflow.cli", "serve") for the CLI
         self.store = Path(store)
         self.token = token
@@ -36,7 +39,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         args = [
-            sys.executable,
+            self.python,
             "-m",
             *self.command,
             "--port",
