@@ -127,10 +127,33 @@ def test_yaml_alias_bomb_is_refused_at_once_and_uploads_go_on(server, good, mlfl
     bomb = good["MLmodel"].replace(b"runtime_options: {}", b"runtime_options: " + _alias_bomb().encode())
     assert len(bomb) < 1500 and b"*l7" in bomb
     for _ in range(2):  # two of them once blocked every later upload
-        _assert_refused_and_nothing_installed(server, _with_mlmodel(good, bomb), "anchors and aliases")
+        _assert_refused_and_nothing_installed(server, _with_mlmodel(good, bomb), "once its aliases are expanded")
     with DeviceClient("127.0.0.1", server.port) as client:
         assert client.upload_model("other", mlflow_models["onnx_linear"])
         client.delete_model("other")
+
+
+def test_yaml_aliases_as_mlflow_writes_them_are_accepted(server, good):
+    """MLflow writes an alias where two flavors share an object (the pyfunc flavor's model_config)."""
+    loader = b"loader_module: arachne_mlflow.pyfunc"
+    mlmodel = (
+        good["MLmodel"]
+        .replace(b"runtime_options: {}", b"runtime_options: &id001\n      sess_options: {intra_op_num_threads: 1}")
+        .replace(loader, loader + b"\n    model_config: *id001")
+    )
+    assert yaml.safe_load(mlmodel)["flavors"]["python_function"]["model_config"]["sess_options"]
+    response = _put(server, "aliased", _with_mlmodel(good, mlmodel))
+    assert response.status_code == 200, response.text
+    assert requests.delete(f"{server.url}/v2/repository/models/aliased", timeout=30).status_code == 200
+
+
+def test_negative_member_size_is_refused(tmp_path):
+    info, _ = tar_member("f", b"")
+    head = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    head[124:136] = b"\xff" * 12  # base-256 size field: -1
+    head[148:156] = b"%06o\0 " % (sum(head[:148]) + 8 * 32 + sum(head[156:]))
+    with pytest.raises(UnsafeArchiveError, match="negative size"):
+        safe_extract(io.BytesIO(bytes(head) + bytes(1024)), tmp_path / "out")
 
 
 # -- 10. tar header bombs --------------------------------------------------------------------------

@@ -83,6 +83,8 @@ def safe_extract(
         try:
             tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
             for member in tar:
+                if member.size < 0:
+                    raise UnsafeArchiveError(f"archive entry {member.name[:200]!r} has a negative size")
                 stream.entry(member)
                 if len(names) >= max_members:
                     raise UnsafeArchiveError(f"archive has more than {max_members} entries")

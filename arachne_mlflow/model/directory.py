@@ -13,9 +13,10 @@ It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
 The tensor spec comes from MLflow's `signature` (tensor-based), stored beside it in MLmodel.
 
 MLmodel comes from whoever uploads a model to a device server, so it is read within bounds: at
-most `MAX_MLMODEL_BYTES`, nested at most `MAX_YAML_DEPTH` deep, and without YAML anchors and
-aliases (MLflow writes none; a few nested aliases expand to billions of nodes for any code that
-walks the result).
+most `MAX_MLMODEL_BYTES`, nested at most `MAX_YAML_DEPTH` deep and at most `MAX_YAML_NODES`
+values, both counted with YAML aliases expanded. MLflow writes aliases (for objects that two
+flavors share), so they are allowed; but a few hundred bytes of nested aliases expand to
+billions of nodes for any code that walks the result, and that is refused while it is parsed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MLMODEL = "MLmodel"
 ENVIRONMENT_FILES = ("requirements.txt", "python_env.yaml", "conda.yaml")
 MAX_MLMODEL_BYTES = 1024**2
 MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000
 
 
 @dataclass
@@ -143,7 +145,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
 
 
 def _read_mlmodel(path: Path) -> Any:
-    """MLmodel's YAML, refused when it is too big, too deep or uses anchors and aliases."""
+    """MLmodel's YAML, refused when it is too big, too deep or expands (through aliases) to too many values."""
     with open(path, "rb") as file:
         text = file.read(MAX_MLMODEL_BYTES + 1)
     if len(text) > MAX_MLMODEL_BYTES:
@@ -155,27 +157,39 @@ def _read_mlmodel(path: Path) -> Any:
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing anchors and aliases and nesting deeper than `MAX_YAML_DEPTH`."""
+    """PyYAML's safe loader, refusing documents that nest deeper than `MAX_YAML_DEPTH` or hold more
+    than `MAX_YAML_NODES` values, with aliases counted as the nodes they stand for."""
 
     def __init__(self, stream: str):
         super().__init__(stream)
         self._depth = 0
+        self._expanded: dict[int, tuple[int, int]] = {}  # id(node) -> (values, height) once expanded
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if event.anchor is not None:  # an alias, or the anchor an alias would name
-            raise yaml.composer.ComposerError(
-                None, None, "YAML anchors and aliases (&name, *name) are not accepted in MLmodel", event.start_mark
-            )
-        if self._depth >= MAX_YAML_DEPTH:
-            raise yaml.composer.ComposerError(
-                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
-            )
+        if self._depth >= MAX_YAML_DEPTH:  # before composing further: the composer itself recurses
+            raise self._refusal(f"nested deeper than {MAX_YAML_DEPTH} levels")
         self._depth += 1
         try:
-            return super().compose_node(parent, index)
+            node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
+        if id(node) not in self._expanded:  # an alias returns a node already counted
+            if isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else []
+            counts = [self._expanded[id(child)] for child in children]
+            values = 1 + sum(count for count, _ in counts)
+            height = 1 + max((h for _, h in counts), default=0)
+            if values > MAX_YAML_NODES or height > MAX_YAML_DEPTH:
+                raise self._refusal(
+                    f"more than {MAX_YAML_NODES} values or {MAX_YAML_DEPTH} levels once its aliases are expanded"
+                )
+            self._expanded[id(node)] = (values, height)
+        return node
+
+    def _refusal(self, why: str) -> yaml.YAMLError:
+        return yaml.composer.ComposerError(None, None, why, self.peek_event().start_mark)
 
 
 def parse_signature(signature: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
