@@ -1,6 +1,7 @@
 """The device side on a real old Python: Debian 12's /usr/bin/python3 (3.11.2, as on Raspberry Pi
-OS), whose tarfile has no `data_filter`, in a venv with only `.[server,onnx]` installed (and
-onnxruntime 1.23, which still follows ONNX external data outside the model directory).
+OS), whose tarfile has no `data_filter`, in a venv with only the device side installed
+(`.[device-onnx]`, with onnxruntime 1.23, which still follows ONNX external data outside the model
+directory).
 
 `make old-python` builds that venv (`make test` and `make test-old-python` do it first). Without
 it these tests fail, never skip: a device server that cannot take an upload on the Python that
@@ -31,8 +32,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 HOW = (
-    "build it with `make old-python` (a venv from /usr/bin/python3 holding `pip install -e '.[server,onnx]' "
-    "'onnxruntime<1.24'`; on Debian or Ubuntu it runs `apt-get install python3 python3-venv` when they are "
+    "build it with `make old-python` (a venv from /usr/bin/python3 holding `pip install -e '.[device-onnx]' "
+    "'onnxruntime<1.24'`; on Debian it runs `apt-get install python3 python3-venv` when they are "
     "missing), or set ARACHNE_OLD_PYTHON_VENV to such a venv of a Python >= 3.10 without tarfile.data_filter "
     "(3.10.0-3.10.11 or 3.11.0-3.11.3)"
 )
@@ -63,7 +64,7 @@ def old_python():
 
 @pytest.fixture(scope="module")
 def old_server(tmp_path_factory, old_python):
-    process = ServerProcess(tmp_path_factory.mktemp("old-python") / "store", python=old_python[0]).start()
+    process = ServerProcess(tmp_path_factory.mktemp("old-python") / "store", python=str(old_python[0])).start()
     yield process
     process.stop()
 
