@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 OLD_PYTHON ?= /usr/bin/python3
 OLD_VENV ?= .venv-old-python
 
-.PHONY: quickstart test test-fast test-old-python old-python lint benchmark system-deps
+.PHONY: quickstart test test-fast test-old-python old-python lint benchmark benchmark-peers system-deps
 
 $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 	python3 -m venv $(VENV)
@@ -61,3 +61,8 @@ test-fast: system-deps $(VENV)/.installed
 
 benchmark: $(VENV)/.installed
 	$(PY) -m benchmarks
+
+# MLServer, KServe and `mlflow models serve` under the same load as ours (installs the first two
+# into venvs of their own under benchmarks/.cache/peers on first use).
+benchmark-peers: $(VENV)/.installed
+	$(PY) -m benchmarks --only peers
