@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import yaml
 
 from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError, ModelNotFoundError
+from arachne_mlflow.model.arch import machine_arch, normalize_arch
 from arachne_mlflow.model.spec import TensorSpec
 
 FLAVOR_NAME = "arachne"
@@ -89,10 +89,10 @@ class ArachneModel:
     def check_compatible(self) -> None:
         """Raise `IncompatibleModelError` when this machine cannot run the model (TVM arch)."""
         arch = self.tvm.get("arch")
-        if self.runtime == "tvm" and arch and arch != platform.machine():
+        if self.runtime == "tvm" and arch and normalize_arch(arch) != machine_arch():
             raise IncompatibleModelError(
                 f"model {self.path.name!r} was compiled by TVM for {arch} (target {self.tvm.get('target')!r}); "
-                f"this machine is {platform.machine()}: compile it for this machine's CPU"
+                f"this machine is {machine_arch()}: compile it for this machine's CPU"
             )
 
 

@@ -26,12 +26,12 @@ from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.server.batching import BatchingPolicy
 from arachne_mlflow.server.dataplane import Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
+from arachne_mlflow.server.records import MAX_PROVENANCE_BYTES, check_provenance
 from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
 
 _logger = logging.getLogger(__name__)
 
 PROVENANCE_HEADER = "Arachne-Provenance"
-MAX_PROVENANCE_BYTES = 16 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 1024**3
 _PUBLIC_PREFIX = "/v2/health/"
 
@@ -96,6 +96,7 @@ class _Routes:
             Route("/v2/repository/index", self.index, methods=["POST"]),
             Route(r + "/load", self.load, methods=["POST"]),
             Route(r + "/unload", self.unload, methods=["POST"]),
+            Route(r + "/rollback", self.rollback, methods=["POST"]),
             Route(r, self.model_record, methods=["GET"]),
             Route(r, self.upload, methods=["PUT"]),
             Route(r, self.delete, methods=["DELETE"]),
@@ -144,6 +145,9 @@ class _Routes:
         if not body.complete:  # a refused upload is not read further: answer at once, then hang up
             response.headers["Connection"] = "close"
         return response
+
+    async def rollback(self, request: Request) -> Response:
+        return JSONResponse(await self.dp.rollback(request.path_params["model"]))
 
     async def delete(self, request: Request) -> Response:
         await self.dp.delete(request.path_params["model"])
@@ -225,7 +229,8 @@ class _Body:
 
 
 def _parse_provenance(text: str | None) -> dict[str, Any] | None:
-    """Where the model came from (model URI, registered model name, version, run id): a small JSON object."""
+    """Where the model came from (model URI, registered model name, version, run id): a small JSON object
+    of finite values, checked before anything of the upload is written."""
     if text is None:
         return None
     if len(text) > MAX_PROVENANCE_BYTES:
@@ -234,9 +239,7 @@ def _parse_provenance(text: str | None) -> dict[str, Any] | None:
         provenance = json.loads(text)
     except (ValueError, RecursionError) as err:
         raise InvalidInputError(f"{PROVENANCE_HEADER} is not valid JSON: {err}") from err
-    if not isinstance(provenance, dict):
-        raise InvalidInputError(f"{PROVENANCE_HEADER} must be a JSON object")
-    return provenance
+    return check_provenance(provenance, PROVENANCE_HEADER)
 
 
 class _BearerAuth:

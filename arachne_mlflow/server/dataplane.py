@@ -24,11 +24,13 @@ import numpy as np
 
 from arachne_mlflow import __version__
 from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, UnsafeArchiveError
+from arachne_mlflow.model.arch import machine_arch
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.protocol.datatypes import to_datatype
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
 from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStats
-from arachne_mlflow.server.metrics import Metrics, ModelSeries
+from arachne_mlflow.server.metrics import Metrics, ModelSeries, StoreCollector
+from arachne_mlflow.server.probe import known_tvm_devices, list_tvm_devices_in_background
 from arachne_mlflow.server.store import LoadedModel, ModelStore
 
 T = TypeVar("T")
@@ -40,8 +42,6 @@ _LIBRARIES = {
     "tflite": ("ai-edge-litert", "tflite-runtime", "tensorflow", "tensorflow-cpu"),
     "tvm": ("apache-tvm", "tvm"),
 }
-# TVM device kinds a model may name (MLmodel `arachne.tvm.device`); server metadata says which exist.
-_TVM_DEVICE_KINDS = ("cpu", "cuda", "rocm", "opencl", "vulkan", "metal")
 _BENCHMARK_LIMITS = {"warmup": (0, 1000), "repeat": (1, 10_000), "number": (1, 1000)}
 # An upload holds a worker thread while its body streams in: cap them so inference keeps threads.
 MAX_CONCURRENT_UPLOADS = 2
@@ -60,6 +60,7 @@ class Dataplane:
         self.metrics = Metrics()
         self.batch_stats: dict[str, BatchStats] = {}
         self.metrics.registry.register(BatchingCollector(self.batch_stats))
+        self.metrics.registry.register(StoreCollector(store))
         self.ready = False
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="arachne-dataplane")
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
@@ -71,6 +72,7 @@ class Dataplane:
 
     async def start(self) -> None:
         await self.run_blocking(self.store.open)
+        list_tvm_devices_in_background()  # for `GET /v2`, unless start-up probed a TVM model
         for entry in self.store.index():
             if entry["state"] == "READY":
                 self.metrics.load_seconds.labels(entry["name"]).set(self.store.get(entry["name"]).load_seconds)
@@ -88,7 +90,7 @@ class Dataplane:
             "version": __version__,
             "extensions": EXTENSIONS,
             "platform": platform.platform(),
-            "arch": platform.machine(),
+            "arch": machine_arch(),
             "python": platform.python_version(),
             "runtimes": available_runtimes(),
         }
@@ -199,6 +201,12 @@ class Dataplane:
     async def unload(self, name: str) -> None:
         await self.run_blocking(self.store.unload, name)
 
+    async def rollback(self, name: str) -> dict[str, Any]:
+        record = await self.run_blocking(self.store.rollback, name)
+        with contextlib.suppress(ArachneError):  # unloaded again meanwhile: nothing to record
+            self.metrics.load_seconds.labels(name).set(self.store.get(name).load_seconds)
+        return record
+
     async def delete(self, name: str) -> None:
         await self.run_blocking(self.store.delete, name)
 
@@ -285,7 +293,12 @@ def _tensor_metadata(spec: Any) -> dict[str, Any]:
 
 def available_runtimes() -> list[dict[str, Any]]:
     """Runtimes this server can load, with the library and version that provides each (and TVM's devices,
-    onnxruntime's providers)."""
+    onnxruntime's providers).
+
+    Nothing here imports a DNN library into the server: TVM's devices are the ones the last child
+    process that imported TVM found (`probe.py`: a model's probe, or the listing at start-up), and
+    `None` while none has; onnxruntime's providers come from a child too until a model loads it.
+    """
     from arachne_mlflow.runtime import list_runtimes
 
     result = []
@@ -306,18 +319,6 @@ def available_runtimes() -> list[dict[str, Any]]:
                 continue
     for entry in result:
         if entry["name"] == "tvm":
-            entry["devices"] = list(tvm_devices())
+            devices = known_tvm_devices()
+            entry["devices"] = None if devices is None else list(devices)
     return result
-
-
-@functools.lru_cache(maxsize=1)
-def tvm_devices() -> tuple[str, ...]:
-    """The TVM device kinds this machine has, so a client can refuse a model before pushing it.
-
-    Cached: importing TVM takes about two seconds (the route runs this off the event loop).
-    """
-    try:
-        import tvm
-    except ImportError:
-        return ()
-    return tuple(kind for kind in _TVM_DEVICE_KINDS if tvm.runtime.device(kind).exist)

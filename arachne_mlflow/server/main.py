@@ -66,6 +66,8 @@ def serve(args: argparse.Namespace) -> int:
     from arachne_mlflow.server.batching import BatchingPolicy
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    # A device server only runs TVM libraries: TVM's runtime library is enough, its compiler is not loaded.
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
     if not args.token and not _is_loopback(args.host):

@@ -7,6 +7,7 @@ inputs or two runtimes can fail.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,18 @@ def _ort(onnx_model):
     from arachne_mlflow.runtime.onnx import ONNXRuntimeModule
 
     return ONNXRuntimeModule(model_content=onnx_model.SerializeToString())
+
+
+_CRASHES = {
+    "abort": "#include <stdlib.h>\nstatic void crash(void) { abort(); }\n",
+    "segfault": "static void crash(void) { *(volatile int *)0 = 0; }\n",
+}
+
+
+def crashing_library(path: Path, how: str = "abort") -> Path:
+    """A shared library whose constructor kills the process (`abort` or `segfault`) as soon as it is
+    loaded, as a broken native library or a driver mismatch can."""
+    source = path.with_suffix(".c")
+    source.write_text(_CRASHES[how] + "__attribute__((constructor)) static void load(void) { crash(); }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(path), str(source)], check=True)
+    return path
