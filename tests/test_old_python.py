@@ -50,6 +50,11 @@ def old_python():
     python = (venv if venv.is_absolute() else ROOT / venv) / "bin" / "python"
     if not python.is_file():
         pytest.fail(f"no old-Python venv at {python.parent.parent}: {HOW}", pytrace=False)
+    stamp = python.parent.parent / ".installed"  # what `make old-python` writes once it has installed
+    if stamp.is_file() and stamp.stat().st_mtime < (ROOT / "pyproject.toml").stat().st_mtime:
+        pytest.fail(
+            f"{python.parent.parent} is older than pyproject.toml (dependencies may have changed): {HOW}", pytrace=False
+        )
     probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120)
     if probe.returncode:
         pytest.fail(f"{python} cannot import the device side ({probe.stderr.strip()[-500:]}): {HOW}", pytrace=False)
