@@ -22,7 +22,6 @@ from mlflow import MlflowClient
 from mlflow.deployments import PredictionsResponse, get_deploy_client
 from mlflow.deployments.cli import commands
 from mlflow.exceptions import MlflowException
-from onnx import numpy_helper
 
 from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.deployments import run_local
@@ -40,15 +39,6 @@ pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `mak
 
 TOKEN = "deploy-token"
 X = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
-
-
-def _scaled_linear(scale):
-    """The dynamic-batch linear ONNX model with its weights scaled: same tensors, other outputs."""
-    model = models.onnx_linear("N")
-    for i, tensor in enumerate(model.graph.initializer):
-        if tensor.name == "W":
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scale, "W"))
-    return model
 
 
 def _expected(onnx_model, x=X):
@@ -71,8 +61,9 @@ def registry(mlflow_store, tflite_two_inputs_file):
     """`dep-linear` versions 1 (alias champion) and 2, `dep-two` (two inputs), a model without `arachne`."""
     client = MlflowClient()
     with mlflow.start_run() as run:
-        v1 = arachne_onnx.log_model(_scaled_linear(1.0), name="model", registered_model_name="dep-linear")
-    v2 = arachne_onnx.log_model(_scaled_linear(-2.0), name="model2", registered_model_name="dep-linear")  # no run
+        v1 = arachne_onnx.log_model(models.onnx_linear_scaled(1.0), name="model", registered_model_name="dep-linear")
+    v2_model = models.onnx_linear_scaled(-2.0)
+    v2 = arachne_onnx.log_model(v2_model, name="model2", registered_model_name="dep-linear")  # no run
     client.set_registered_model_alias("dep-linear", "champion", v1.registered_model_version)
     two = arachne_tflite.log_model(str(tflite_two_inputs_file), name="two", registered_model_name="dep-two")
     plain = mlflow.onnx.log_model(models.onnx_linear(1), name="plain")
@@ -82,8 +73,8 @@ def registry(mlflow_store, tflite_two_inputs_file):
         "v2": v2,
         "two": two,
         "plain": plain,
-        "out1": _expected(_scaled_linear(1.0)),
-        "out2": _expected(_scaled_linear(-2.0)),
+        "out1": _expected(models.onnx_linear_scaled(1.0)),
+        "out2": _expected(models.onnx_linear_scaled(-2.0)),
     }
 
 

@@ -17,114 +17,36 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.deployments import get_deploy_client
-from mlflow.deployments.cli import commands
 from mlflow.exceptions import MlflowException
-from onnx import numpy_helper
 
-from arachne_mlflow import cli
 from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.deployments.desired_state import SUMMARY_KEY, fit_version_tag
 from arachne_mlflow.deployments.inventory import FleetFileError, load_inventory, resolve_target
 from arachne_mlflow.deployments.targets import Device, settings
 from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError
 from arachne_mlflow.flavors import onnx as arachne_onnx
+from tests.conftest import FLEET_TOKEN
 from tests.helpers import models
+from tests.helpers.fleet import deploy, fleet_command, fleet_file, on_server, table_rows
 from tests.helpers.servers import ServerProcess, free_port
 
-TOKEN = "fleet-token"
 MODEL = "fleet-linear"
 X = np.random.default_rng(11).standard_normal((2, 4)).astype(np.float32)
-
-
-def _scaled_linear(scale):
-    model = models.onnx_linear("N")
-    for i, tensor in enumerate(model.graph.initializer):
-        if tensor.name == "W":
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scale, "W"))
-    return model
-
-
-@contextlib.contextmanager
-def _on_server(url):
-    """Log to the `mlflow server` at `url` in its own experiment, then put the session's state back."""
-    previous_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    previous_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    previous_experiment = mlflow.tracking.fluent._active_experiment_id
-    mlflow.set_tracking_uri(url)
-    mlflow.set_experiment("arachne-fleet-tests")
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
-        mlflow.tracking.fluent._active_experiment_id = previous_experiment
-        for key, value in previous_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
 def registered(mlflow_server):
     """Registered model `fleet-linear` with versions 1, 2 and 3 (other weights each), on the server."""
-    with _on_server(mlflow_server):
+    with on_server(mlflow_server):
         for scale in (1.0, -2.0, 0.5):
-            arachne_onnx.log_model(_scaled_linear(scale), name="model", registered_model_name=MODEL)
+            arachne_onnx.log_model(models.onnx_linear_scaled(scale), name="model", registered_model_name=MODEL)
     return MODEL
 
 
-@pytest.fixture(scope="module")
-def devices(tmp_path_factory):
-    """Three device servers (they share a token); tests that stop one start it again."""
-    started = [ServerProcess(tmp_path_factory.mktemp(f"fleet-{i}") / "store", token=TOKEN).start() for i in range(3)]
-    yield started
-    for server in started:
-        server.stop()
-
-
-@pytest.fixture
-def token_env(monkeypatch):
-    monkeypatch.setenv("ARACHNE_TOKEN", TOKEN)
-
-
-def _fleet_file(path, servers, labels=None, extra=None, groups=None):
-    """cam-0, cam-1, ... for `servers` (a server or a bare port), cam-0 and cam-1 in site lyon by default."""
-    labels = labels or {0: {"site": "lyon"}, 1: {"site": "lyon"}}
-    devices = {}
-    for i, server in enumerate(servers):
-        port = server if isinstance(server, int) else server.port
-        devices[f"cam-{i}"] = {"address": f"127.0.0.1:{port}", "labels": labels.get(i, {"site": "paris"})}
-    devices.update(extra or {})
-    fleet = {"devices": devices, "groups": groups or {"lyon": {"labels": {"site": "lyon"}}, "first": ["cam-0"]}}
-    path.write_text(yaml.safe_dump(fleet))
-    return path
-
-
-def _deploy(*args, expect=0):
-    """`mlflow deployments ...` through its real click command; returns (stdout, stderr)."""
-    result = CliRunner().invoke(commands, [str(a) for a in args])
-    assert result.exit_code == expect, result.output + (repr(result.exception) if result.exception else "")
-    return result.stdout, result.stderr
-
-
-def _rows(err):
-    """The per-device table rows the plugin wrote on stderr: device -> [before, after, state, seconds, error...]."""
-    return {line.split()[0]: line.split()[1:] for line in err.splitlines() if line.startswith("cam-")}
-
-
-def _fleet(capsys, *args):
-    """`arachne-mlflow fleet ...` in this process; returns (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = cli.main(["fleet", *map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _version_on(server, name):
-    with DeviceClient("127.0.0.1", server.port, token=TOKEN) as device:
+    with DeviceClient("127.0.0.1", server.port, token=FLEET_TOKEN) as device:
         record = device.model_record(name)
     return None if record is None else (record["provenance"].get("version"), record["revision"])
 
@@ -255,17 +177,17 @@ def test_large_fleet_version_tag_is_summarized():
 
 # -- the real CLI, a real registry, real devices -----------------------------------------------
 @pytest.mark.slow
-def test_group_target_and_registry_tags(devices, registered, tracking_server, token_env, tmp_path):
-    fleet = _fleet_file(tmp_path / "fleet.yaml", devices)
+def test_group_target_and_registry_tags(fleet_devices, registered, tracking_server, fleet_token_env, tmp_path):
+    fleet = fleet_file(tmp_path / "fleet.yaml", fleet_devices)
     name = "tags"
-    _, err = _deploy(
+    _, err = deploy(
         "create", "-t", "arachne-jetson://@lyon", "--name", name, "-m", f"models:/{MODEL}/1", "-C", f"fleet={fleet}"
     )
     assert "2 of 2 devices with fleet-linear v1" in err
-    rows = _rows(err)
+    rows = table_rows(err)
     assert rows["cam-0"][:3] == rows["cam-1"][:3] == ["-", "v1", "deployed"] and set(rows) == {"cam-0", "cam-1"}
-    assert _version_on(devices[0], name)[0] == _version_on(devices[1], name)[0] == "1"
-    assert _version_on(devices[2], name) is None  # not in the group
+    assert _version_on(fleet_devices[0], name)[0] == _version_on(fleet_devices[1], name)[0] == "1"
+    assert _version_on(fleet_devices[2], name) is None  # not in the group
 
     model_tags, version_tags = _tags(name)
     desired = json.loads(model_tags[f"arachne.deploy.{name}"])
@@ -275,32 +197,36 @@ def test_group_target_and_registry_tags(devices, registered, tracking_server, to
     assert set(version_tags) == {"1"} and set(version_tags["1"]) == {"cam-0", "cam-1"}
     assert version_tags["1"]["cam-0"]["state"] == "deployed" and version_tags["1"]["cam-0"]["revision"] == 1
 
-    _, err = _deploy(
+    _, err = deploy(
         "update", "-t", "arachne-jetson://@lyon", "--name", name, "-m", f"models:/{MODEL}/2", "-C", f"fleet={fleet}"
     )
-    assert _rows(err)["cam-0"][:3] == ["v1", "v2", "deployed"]
+    assert table_rows(err)["cam-0"][:3] == ["v1", "v2", "deployed"]
     model_tags, version_tags = _tags(name)
     assert json.loads(model_tags[f"arachne.deploy.{name}"])["version"] == "2"
     assert set(version_tags) == {"2"}  # the devices moved off version 1's tag
     assert version_tags["2"]["cam-1"]["revision"] == 2
 
-    _deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name, "-C", f"fleet={fleet}")
+    deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name, "-C", f"fleet={fleet}")
     model_tags, version_tags = _tags(name)
     assert not any(key.startswith("arachne.") for key in model_tags) and version_tags == {}
-    assert _version_on(devices[0], name) is None
+    assert _version_on(fleet_devices[0], name) is None
 
 
 @pytest.mark.slow
-def test_partial_failure_exits_non_zero_and_names_devices(devices, registered, tracking_server, token_env, tmp_path):
+def test_partial_failure_exits_non_zero_and_names_devices(
+    fleet_devices, registered, tracking_server, fleet_token_env, tmp_path
+):
     down = free_port()
-    fleet = _fleet_file(tmp_path / "fleet.yaml", [devices[0], down], labels={0: {"site": "lyon"}, 1: {"site": "lyon"}})
+    fleet = fleet_file(
+        tmp_path / "fleet.yaml", [fleet_devices[0], down], labels={0: {"site": "lyon"}, 1: {"site": "lyon"}}
+    )
     name = "partial"
     uri = f"models:/{MODEL}/1"
-    _, err = _deploy(
+    _, err = deploy(
         "create", "-t", "arachne-jetson://@lyon", "--name", name, "-m", uri, "-C", f"fleet={fleet}", expect=1
     )
     assert "1 of 2 devices with fleet-linear v1" in err
-    assert _rows(err)["cam-1"][:3] == ["?", "?", "failed"] and "unreachable" in " ".join(_rows(err)["cam-1"])
+    assert table_rows(err)["cam-1"][:3] == ["?", "?", "failed"] and "unreachable" in " ".join(table_rows(err)["cam-1"])
     client = get_deploy_client("arachne-jetson://@lyon")
     with pytest.raises(
         MlflowException, match=rf"1 of 2 devices .*failed on cam-1: device server at 127\.0\.0\.1:{down} is unreachable"
@@ -323,71 +249,75 @@ def test_partial_failure_exits_non_zero_and_names_devices(devices, registered, t
         assert [d["state"] for d in result["devices"]] == ["unchanged", "failed"]
     with pytest.raises(MlflowException, match=r"\(2 required\)|1 of 2 devices"):
         client.update_deployment(name, uri, config={"fleet": str(fleet), "min_success": "2", "report": "false"})
-    _deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name, "-C", f"fleet={fleet}", "-C", "min_success=1")
+    deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name, "-C", f"fleet={fleet}", "-C", "min_success=1")
     assert json.loads(_tags(name)[0][f"arachne.deploy.{name}"])["status"] == "deleting"  # cam-1 may still have it
-    _deploy("delete", "-t", f"arachne-jetson://127.0.0.1:{devices[0].port}", "--name", name)  # forgets it anyway
+    deploy("delete", "-t", f"arachne-jetson://127.0.0.1:{fleet_devices[0].port}", "--name", name)  # forgets it anyway
     assert f"arachne.deploy.{name}" not in _tags(name)[0]
 
 
 @pytest.mark.slow
 def test_sync_brings_a_restarted_device_up_to_date(
-    devices, registered, tracking_server, token_env, tmp_path, capsys, monkeypatch
+    fleet_devices, registered, tracking_server, fleet_token_env, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setenv("ARACHNE_FLEET", str(_fleet_file(tmp_path / "fleet.yaml", devices)))
+    monkeypatch.setenv("ARACHNE_FLEET", str(fleet_file(tmp_path / "fleet.yaml", fleet_devices)))
     name = "restart"
     client = get_deploy_client("arachne-jetson://@all")
     client.create_deployment(name, f"models:/{MODEL}/1", config={"report": "false"})
-    devices[2].stop()
+    fleet_devices[2].stop()
     try:
         result = client.update_deployment(name, f"models:/{MODEL}/2", config={"min_success": "2", "report": "false"})
         assert [d["state"] for d in result["devices"]] == ["deployed", "deployed", "failed"]
-        code, out, _ = _fleet(capsys, "status", name)
+        code, out, _ = fleet_command(capsys, "status", name)
         assert code == 0 and "device cam-2 is unreachable (last known: v1 deployed; v2 failed)" in out
     finally:
-        devices[2].start()
-    assert _version_on(devices[2], name) == ("1", 1)  # back with what it had
+        fleet_devices[2].start()
+    assert _version_on(fleet_devices[2], name) == ("1", 1)  # back with what it had
 
-    code, _, err = _fleet(capsys, "sync", name)
+    code, _, err = fleet_command(capsys, "sync", name)
     assert code == 0, err
-    assert _rows(err)["cam-2"][:3] == ["v1", "v2", "deployed"] and _rows(err)["cam-0"][:3] == ["v2", "v2", "unchanged"]
-    assert [_version_on(s, name) for s in devices] == [("2", 2), ("2", 2), ("2", 2)]
+    assert table_rows(err)["cam-2"][:3] == ["v1", "v2", "deployed"] and table_rows(err)["cam-0"][:3] == [
+        "v2",
+        "v2",
+        "unchanged",
+    ]
+    assert [_version_on(s, name) for s in fleet_devices] == [("2", 2), ("2", 2), ("2", 2)]
     tags = _tags(name)
     assert set(tags[1]) == {"2"} and json.loads(tags[0][f"arachne.deploy.{name}"])["status"] == "rolled-out"
 
-    code, out, _ = _fleet(capsys, "status", name, "--json")
+    code, out, _ = fleet_command(capsys, "status", name, "--json")
     assert code == 0 and json.loads(out)[0]["in_sync"] is True
-    code, _, err = _fleet(capsys, "sync")  # every deployment; this one is everywhere already
-    assert code == 0 and {row[2] for row in _rows(err).values()} == {"unchanged"}
+    code, _, err = fleet_command(capsys, "sync")  # every deployment; this one is everywhere already
+    assert code == 0 and {row[2] for row in table_rows(err).values()} == {"unchanged"}
     assert _tags(name) == tags  # nothing written, not even a time stamp
-    assert [_version_on(s, name) for s in devices] == [("2", 2), ("2", 2), ("2", 2)]
+    assert [_version_on(s, name) for s in fleet_devices] == [("2", 2), ("2", 2), ("2", 2)]
 
-    devices[1].stop()  # a delete that cannot reach every device: sync finishes it when the device is back
+    fleet_devices[1].stop()  # a delete that cannot reach every device: sync finishes it when the device is back
     try:
         with pytest.raises(MlflowException, match="2 of 3 devices without it; failed on cam-1"):
             client.delete_deployment(name, config={"report": "false"})
         assert json.loads(_tags(name)[0][f"arachne.deploy.{name}"])["status"] == "deleting"
         assert set(_tags(name)[1]["2"]) == {"cam-1"}  # the devices that dropped it are off the tag
     finally:
-        devices[1].start()
-    code, _, err = _fleet(capsys, "sync", name)
-    assert code == 0 and _rows(err)["cam-1"][:3] == ["v2", "-", "deleted"]
-    assert [_version_on(s, name) for s in devices] == [None, None, None]
+        fleet_devices[1].start()
+    code, _, err = fleet_command(capsys, "sync", name)
+    assert code == 0 and table_rows(err)["cam-1"][:3] == ["v2", "-", "deleted"]
+    assert [_version_on(s, name) for s in fleet_devices] == [None, None, None]
     assert f"arachne.deploy.{name}" not in _tags(name)[0] and _tags(name)[1] == {}
 
 
 @pytest.mark.slow
 def test_alias_move_is_drift_and_sync_rolls_it_out(
-    devices, registered, tracking_server, token_env, tmp_path, capsys, monkeypatch
+    fleet_devices, registered, tracking_server, fleet_token_env, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setenv("ARACHNE_FLEET", str(_fleet_file(tmp_path / "fleet.yaml", devices)))
+    monkeypatch.setenv("ARACHNE_FLEET", str(fleet_file(tmp_path / "fleet.yaml", fleet_devices)))
     registry = MlflowClient()
     registry.set_registered_model_alias(MODEL, "moving", "1")
     name = "alias"
-    _deploy("create", "-t", "arachne-jetson://@lyon", "--name", name, "-m", f"models:/{MODEL}@moving")
+    deploy("create", "-t", "arachne-jetson://@lyon", "--name", name, "-m", f"models:/{MODEL}@moving")
     assert json.loads(_tags(name)[0][f"arachne.deploy.{name}"])["model_uri"] == f"models:/{MODEL}@moving"
     registry.set_registered_model_alias(MODEL, "moving", "3")
 
-    code, out, _ = _fleet(capsys, "status", "--json", name)
+    code, out, _ = fleet_command(capsys, "status", "--json", name)
     status = json.loads(out)[0]
     assert (status["desired_version"], status["rolled_out_version"], status["in_sync"]) == ("3", "1", False)
     assert status["drift"][:2] == ["alias moving moved to v3 (v1 was rolled out)", "device cam-0 runs v1"]
@@ -395,74 +325,78 @@ def test_alias_move_is_drift_and_sync_rolls_it_out(
         ("cam-0", "v3", "v1"),
         ("cam-1", "v3", "v1"),
     ]
-    _, text, _ = _fleet(capsys, "status", name)
+    _, text, _ = fleet_command(capsys, "status", name)
     assert "drift: alias moving moved to v3 (v1 was rolled out); device cam-0 runs v1; device cam-1 runs v1" in text
 
-    code, _, err = _fleet(capsys, "sync", name)
-    assert code == 0 and _rows(err)["cam-1"][:3] == ["v1", "v3", "deployed"]
-    assert [_version_on(s, name)[0] for s in devices[:2]] == ["3", "3"]
-    with DeviceClient("127.0.0.1", devices[0].port, token=TOKEN) as device:
+    code, _, err = fleet_command(capsys, "sync", name)
+    assert code == 0 and table_rows(err)["cam-1"][:3] == ["v1", "v3", "deployed"]
+    assert [_version_on(s, name)[0] for s in fleet_devices[:2]] == ["3", "3"]
+    with DeviceClient("127.0.0.1", fleet_devices[0].port, token=FLEET_TOKEN) as device:
         assert device.model_record(name)["provenance"]["alias"] == "moving"
-        np.testing.assert_allclose(device.infer(name, {"x": X})["y"], _expected(_scaled_linear(0.5)), rtol=1e-6)
-    code, out, _ = _fleet(capsys, "status", name)
+        np.testing.assert_allclose(
+            device.infer(name, {"x": X})["y"], _expected(models.onnx_linear_scaled(0.5)), rtol=1e-6
+        )
+    code, out, _ = fleet_command(capsys, "status", name)
     assert out.rstrip().endswith("in sync")
-    _deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name)
+    deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name)
 
 
 @pytest.mark.slow
 def test_device_added_to_a_group_gets_the_model(
-    devices, registered, tracking_server, token_env, tmp_path, capsys, monkeypatch
+    fleet_devices, registered, tracking_server, fleet_token_env, tmp_path, capsys, monkeypatch
 ):
     fleet = tmp_path / "fleet.yaml"
     monkeypatch.setenv("ARACHNE_FLEET", str(fleet))
-    _fleet_file(fleet, devices, labels={0: {"site": "lyon"}})
+    fleet_file(fleet, fleet_devices, labels={0: {"site": "lyon"}})
     name = "joined"
-    _deploy("create", "-t", "arachne-jetson://@lyon", "--name", name, "-m", f"models:/{MODEL}/1")
-    assert [_version_on(s, name) for s in devices] == [("1", 1), None, None]
+    deploy("create", "-t", "arachne-jetson://@lyon", "--name", name, "-m", f"models:/{MODEL}/1")
+    assert [_version_on(s, name) for s in fleet_devices] == [("1", 1), None, None]
 
-    _fleet_file(fleet, devices, labels={0: {"site": "lyon"}, 1: {"site": "lyon"}})  # cam-1 joins lyon
-    code, out, _ = _fleet(capsys, "status", name)
+    fleet_file(fleet, fleet_devices, labels={0: {"site": "lyon"}, 1: {"site": "lyon"}})  # cam-1 joins lyon
+    code, out, _ = fleet_command(capsys, "status", name)
     assert "device cam-1 lacks it" in out
-    code, _, err = _fleet(capsys, "sync", name)
-    assert code == 0 and _rows(err)["cam-1"][:3] == ["-", "v1", "deployed"]
+    code, _, err = fleet_command(capsys, "sync", name)
+    assert code == 0 and table_rows(err)["cam-1"][:3] == ["-", "v1", "deployed"]
 
-    _fleet_file(fleet, devices, labels={0: {"site": "lyon"}, 1: {"site": "lyon"}, 2: {"site": "lyon"}})  # and cam-2
-    _, err = _deploy("update", "-t", "arachne-jetson://@lyon", "--name", name, "-m", f"models:/{MODEL}/1")
-    assert [_rows(err)[f"cam-{i}"][2] for i in range(3)] == ["unchanged", "unchanged", "deployed"]
-    assert [_version_on(s, name) for s in devices] == [("1", 1), ("1", 1), ("1", 1)]
-    _deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name)
+    fleet_file(
+        fleet, fleet_devices, labels={0: {"site": "lyon"}, 1: {"site": "lyon"}, 2: {"site": "lyon"}}
+    )  # and cam-2
+    _, err = deploy("update", "-t", "arachne-jetson://@lyon", "--name", name, "-m", f"models:/{MODEL}/1")
+    assert [table_rows(err)[f"cam-{i}"][2] for i in range(3)] == ["unchanged", "unchanged", "deployed"]
+    assert [_version_on(s, name) for s in fleet_devices] == [("1", 1), ("1", 1), ("1", 1)]
+    deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name)
 
 
 @pytest.mark.slow
-def test_sync_watch_is_the_controller(devices, registered, mlflow_server, tracking_server, token_env, tmp_path):
+def test_sync_watch_is_the_controller(
+    fleet_devices, registered, mlflow_server, tracking_server, fleet_token_env, tmp_path
+):
     fleet = tmp_path / "fleet.yaml"
-    _fleet_file(fleet, devices, labels={0: {"site": "lyon"}})
+    fleet_file(fleet, fleet_devices, labels={0: {"site": "lyon"}})
     name = "watched"
-    _deploy(
-        "create", "-t", "arachne-jetson://@lyon", "--name", name, "-m", f"models:/{MODEL}/1", "-C", f"fleet={fleet}"
-    )
-    _fleet_file(fleet, devices, labels={0: {"site": "lyon"}, 2: {"site": "lyon"}})  # cam-2 joins
+    deploy("create", "-t", "arachne-jetson://@lyon", "--name", name, "-m", f"models:/{MODEL}/1", "-C", f"fleet={fleet}")
+    fleet_file(fleet, fleet_devices, labels={0: {"site": "lyon"}, 2: {"site": "lyon"}})  # cam-2 joins
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "ARACHNE_FLEET": str(fleet)}
     command = [sys.executable, "-m", "arachne_mlflow.cli", "fleet", "sync", name, "--watch", "0.5"]
     with open(tmp_path / "watch.log", "wb") as log:
         watcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 120
-            while _version_on(devices[2], name) is None:  # a controller's work shows on the device: poll it
+            while _version_on(fleet_devices[2], name) is None:  # a controller's work shows on the device: poll it
                 assert watcher.poll() is None and time.monotonic() < deadline, (tmp_path / "watch.log").read_text()
                 time.sleep(0.5)
         finally:
             watcher.send_signal(signal.SIGINT)
             assert watcher.wait(timeout=30) == 0
-    assert _version_on(devices[2], name) == ("1", 1) and _version_on(devices[1], name) is None
-    _deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name, "-C", f"fleet={fleet}")
+    assert _version_on(fleet_devices[2], name) == ("1", 1) and _version_on(fleet_devices[1], name) is None
+    deploy("delete", "-t", "arachne-jetson://@lyon", "--name", name, "-C", f"fleet={fleet}")
 
 
 @pytest.mark.slow
 def test_create_refuses_an_existing_deployment_unless_converging(
-    devices, registered, tracking_server, token_env, tmp_path
+    fleet_devices, registered, tracking_server, fleet_token_env, tmp_path
 ):
-    target = f"arachne-jetson://127.0.0.1:{devices[0].port},127.0.0.1:{devices[1].port}"
+    target = f"arachne-jetson://127.0.0.1:{fleet_devices[0].port},127.0.0.1:{fleet_devices[1].port}"
     client = get_deploy_client(target)
     client.create_deployment("exists", f"models:/{MODEL}/1", config={"report": "false"})
     with pytest.raises(MlflowException, match="deployment 'exists' exists: the registry wants models:/fleet-linear/1"):
@@ -471,14 +405,14 @@ def test_create_refuses_an_existing_deployment_unless_converging(
 
     # on a device only (a local path records nothing in the registry)
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}/1", dst_path=str(tmp_path / "m"))
-    get_deploy_client(f"arachne-jetson://127.0.0.1:{devices[1].port}").create_deployment(
+    get_deploy_client(f"arachne-jetson://127.0.0.1:{fleet_devices[1].port}").create_deployment(
         "exists", local, config={"report": "false"}
     )
     with pytest.raises(
-        MlflowException, match=rf"deployment 'exists' exists on 127\.0\.0\.1:{devices[1].port}: update it"
+        MlflowException, match=rf"deployment 'exists' exists on 127\.0\.0\.1:{fleet_devices[1].port}: update it"
     ):
         client.create_deployment("exists", f"models:/{MODEL}/2")
-    assert _version_on(devices[0], "exists") is None  # nothing pushed anywhere
+    assert _version_on(fleet_devices[0], "exists") is None  # nothing pushed anywhere
     result = client.create_deployment("exists", f"models:/{MODEL}/2", config={"converge": "true", "report": "false"})
     assert [(d["before"], d["after"], d["state"]) for d in result["devices"]][0] == ("-", "v2", "deployed")
     assert result["devices"][1]["after"] == "v2" and result["devices"][1]["state"] == "deployed"
@@ -534,36 +468,36 @@ def test_a_hung_device_costs_its_timeout_not_more():
 
 
 @pytest.mark.slow
-def test_predict_passes_over_a_hung_device_quickly(devices, registered, tracking_server, token_env):
-    target = f"arachne-jetson://127.0.0.1:{devices[0].port}"
+def test_predict_passes_over_a_hung_device_quickly(fleet_devices, registered, tracking_server, fleet_token_env):
+    target = f"arachne-jetson://127.0.0.1:{fleet_devices[0].port}"
     get_deploy_client(target).create_deployment("hung", f"models:/{MODEL}/1", config={"report": "false"})
     with _silent_listener(fill_backlog=False) as hung:
-        client = get_deploy_client(f"arachne-jetson://127.0.0.1:{hung},127.0.0.1:{devices[0].port}")
+        client = get_deploy_client(f"arachne-jetson://127.0.0.1:{hung},127.0.0.1:{fleet_devices[0].port}")
         start = time.monotonic()
         predictions = client.predict("hung", X)["predictions"]
         assert time.monotonic() - start < 30  # the short probe of the hung device, not the full timeout
-    np.testing.assert_allclose(predictions, _expected(_scaled_linear(1.0)), rtol=1e-6)
+    np.testing.assert_allclose(predictions, _expected(models.onnx_linear_scaled(1.0)), rtol=1e-6)
     get_deploy_client(target).delete_deployment("hung", config={"report": "false"})
 
 
 @pytest.mark.slow
-def test_ipv6_literals_end_to_end(registered, tracking_server, token_env, tmp_path):
-    server = ServerProcess(tmp_path / "store", token=TOKEN, host="::1").start()
+def test_ipv6_literals_end_to_end(registered, tracking_server, fleet_token_env, tmp_path):
+    server = ServerProcess(tmp_path / "store", token=FLEET_TOKEN, host="::1").start()
     model_dir = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}/1", dst_path=str(tmp_path / "m"))
     try:
         for host in ("::1", "[::1]"):
-            with DeviceClient(host, server.port, token=TOKEN) as device:
+            with DeviceClient(host, server.port, token=FLEET_TOKEN) as device:
                 assert device.url == f"http://[::1]:{server.port}" and device.live()
                 device.upload_model("v6", model_dir)
                 out = device.infer("v6", {"x": X})["y"]  # the transport's Host header, too
-                np.testing.assert_allclose(out, _expected(_scaled_linear(1.0)), rtol=1e-6)
+                np.testing.assert_allclose(out, _expected(models.onnx_linear_scaled(1.0)), rtol=1e-6)
                 assert device.model_record("v6")["revision"] == 1
         target = f"arachne-jetson://[::1]:{server.port}"
         client = get_deploy_client(target)
         result = client.create_deployment("v6-fleet", f"models:/{MODEL}/1", config={"report": "false"})
         assert result["devices"][0]["device"] == f"[::1]:{server.port}"
         np.testing.assert_allclose(
-            client.predict("v6-fleet", X)["predictions"], _expected(_scaled_linear(1.0)), rtol=1e-6
+            client.predict("v6-fleet", X)["predictions"], _expected(models.onnx_linear_scaled(1.0)), rtol=1e-6
         )
         fleet = tmp_path / "fleet.yaml"
         fleet.write_text(yaml.safe_dump({"devices": {"v6": {"address": f"[::1]:{server.port}"}}}))

@@ -71,14 +71,10 @@ def scaled_linear(root, scale, padding=0):
     """onnx_linear with its weights scaled: a version whose outputs differ from another scale's,
     optionally padded with an extra file of `padding` random bytes."""
     import numpy as np
-    from onnx import numpy_helper
 
     from tests.helpers import models
 
-    model = models.onnx_linear(1)
-    for i, init in enumerate(model.graph.initializer):
-        if init.name == "W":
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * scale, "W"))
+    model = models.onnx_linear_scaled(scale, batch=1)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     file = root / f"linear-{scale}.onnx"
