@@ -38,8 +38,14 @@ Config (-C key=value on create, update, delete) and environment (every command):
   parallel=N                                   devices worked on at once (default: all, up to 256)
   min_success=N|P%                             succeed when N devices (or P percent) got it (default: all)
   converge=true                                create acts like update when the deployment exists
-  progress=B                                   upload progress bar (default: on a terminal, models >= 1 MiB)
+  progress=B                                   progress bars, per batch and per upload (default: on a terminal)
   report=false                                 no per-device table on stderr
+  strategy=all|rolling|canary                  how a push moves through the devices (default rolling)
+  batch=N|P%                                   devices per batch of rolling and canary (default 25%)
+  canary=N|P%                                  the canary batch, first (default 10%)
+  max_failures=N                               halt once more than N devices failed (default: no limit)
+  gate_timeout=S                               seconds for readiness and a smoke inference (default 5)
+  gate_seconds=S                               watch each device's inference errors S seconds after the switch
   run-local takes the options of `arachne-mlflow serve` instead: host, port, model_store, token,
   ssl_certfile, ssl_keyfile, ... (without model_store, a new temporary store)
 
@@ -47,7 +53,12 @@ Model URIs: anything MLflow resolves (runs:/ID/model, models:/NAME/1, models:/NA
 models:/m-ID, a local path). Only the files MLmodel names are pushed. The device keeps serving
 the old version until the new one has loaded. create and update bring every device to the model
 (absent: pushed, another version: replaced, the same: left alone) and report each device; any
-device left without it makes the command fail, unless min_success allows it. A registry model's
+device left without it makes the command fail, unless min_success allows it. Devices are pushed
+batch by batch; each one that took the new version must pass a health gate (ready, a smoke
+inference with the model's input example that matches its signature) before the next batch. A
+failed gate, or more than max_failures failed devices, halts the rollout: the devices it updated
+get their previous version back (instantly, from their own disk), the others are untouched, and
+the command fails. `arachne-mlflow fleet rollback NAME` takes a deployment back a version. A registry model's
 deployment is recorded in the registry (tags arachne.deploy.NAME and arachne.devices.NAME), so
 `arachne-mlflow fleet status` shows drift and `arachne-mlflow fleet sync [--watch S]` converges.
 

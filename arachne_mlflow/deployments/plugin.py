@@ -1,10 +1,11 @@
 """`ArachneJetsonDeploymentClient`: MLflow deployments onto one device server or a fleet of them.
 
 Every command acts on each device of the target in parallel and reports each one (a table on
-stderr); `create` and `update` converge the devices to the model and, for a registry model,
-record the desired state in the registry (desired_state.py) for `arachne-mlflow fleet sync`.
-A command that leaves any device without what was asked raises `MlflowException` naming the
-devices, unless `-C min_success=N` (or `P%`) allows it.
+stderr); `create` and `update` converge the devices to the model, batch by batch with a health
+gate per device (rollout.py), and, for a registry model, record the desired state in the registry
+(desired_state.py) for `arachne-mlflow fleet sync`. A command that leaves any device without what
+was asked raises `MlflowException` naming the devices, unless `-C min_success=N` (or `P%`) allows
+it; a halted rollout (undone on the devices it updated) always does.
 """
 
 from __future__ import annotations
