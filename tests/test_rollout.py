@@ -259,6 +259,14 @@ def test_failing_smoke_inference_halts_the_canary_and_rolls_it_back(
     assert code == 0 and "(halted)" in out and "status halted: v3 halted: the health gate failed on cam-0" in out
     code, _, err = fleet_command(capsys, "sync", name, "--fleet", fleet)
     assert code == 0 and "halted" in err and _record(fleet_devices[0], name)["revision"] == before[0]["revision"]
+    code, _, err = fleet_command(capsys, "rollback", name, "--fleet", fleet)  # back to what ran before v3
+    assert code == 0 and {row[2] for row in table_rows(err).values()} == {"unchanged"}
+    desired, _ = _tags(name)
+    assert (desired["status"], desired["model_uri"], desired["previous_version"]) == (
+        "rolled-out",
+        f"models:/{MODEL}/1",
+        None,  # v3 never ran: nothing to roll back to
+    )
     deploy("delete", *target)
 
 
@@ -295,7 +303,9 @@ def test_outputs_that_break_the_signature_halt_and_spare_a_device_already_there(
 
 
 @pytest.mark.slow
-def test_max_failures_halts_and_a_halted_create_deletes_the_model(fleet_devices, linear_versions, fleet_token_env):
+def test_max_failures_halts_and_a_halted_create_deletes_the_model(
+    fleet_devices, linear_versions, fleet_token_env, capsys
+):
     x, versions = linear_versions
     up, down = fleet_devices[0], free_port()
     client = get_deploy_client(f"arachne-jetson://127.0.0.1:{up.port},127.0.0.1:{down}")
@@ -315,8 +325,11 @@ def test_max_failures_halts_and_a_halted_create_deletes_the_model(fleet_devices,
     assert (after["revision"], after["digest"]) == (before["revision"], before["digest"])
     with DeviceClient("127.0.0.1", up.port, token=FLEET_TOKEN) as device:
         np.testing.assert_allclose(device.infer("undone", x)["y"], versions[0]["y"], rtol=1e-6)
+    capsys.readouterr()
     with pytest.raises(MlflowException, match=r"1 of 2 devices with"):  # without max_failures it goes on
-        client.update_deployment("undone", str(versions[1]["dir"]), config={"batch": "1", "report": "false"})
+        client.update_deployment("undone", str(versions[1]["dir"]), config={"batch": "1", "progress": "true"})
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert re.search(r"rollout undone: +100%.* 2/2 .*batch 2/2: 1 failed", bar), bar
     assert _record(up, "undone")["revision"] == before["revision"] + 2
     get_deploy_client(f"arachne-jetson://127.0.0.1:{up.port}").delete_deployment("undone")
 

@@ -4,9 +4,10 @@ Right after an upload the plugin asks the device, within `gate_timeout` seconds:
 ready, and does a smoke inference answer without error, with the outputs the model's signature
 names, of its dtypes and shapes (-1 matches any)? The smoke inference sends the model's own input
 example (MLflow's saved `input_example`), or random inputs of the signature's specs when it has
-none. With `gate_seconds`, the device's error counter for the model (`arachne_inference_errors_total`
-on its /metrics) is watched that long after the switch: errors rising fail the gate, so a model
-that answers the smoke test but fails the clients' requests is caught too.
+none (zeros for integers, which are often indices). With `gate_seconds`, the device's error
+counter for the model (`arachne_inference_errors_total` on its /metrics) is watched that long
+after the switch: errors rising fail the gate, so a model that answers the smoke test but fails
+the clients' requests is caught too.
 """
 
 from __future__ import annotations
@@ -139,8 +140,12 @@ def _specs(metadata: Sequence[Mapping[str, Any]]) -> list[TensorSpec]:
 
 
 def _random(spec: TensorSpec) -> np.ndarray:
+    """Random numbers (floats, bools) for `spec`; zeros for integers, which are often indices (zero
+    is valid for any table) and empty strings for strings."""
     from arachne_mlflow.runtime.base import random_tensor
 
-    if spec.dtype.kind == "O":  # strings: empty ones
+    if spec.dtype.kind == "O":
         return np.full(spec.example_shape(), b"", dtype=object)
+    if spec.dtype.kind in "iu":
+        return np.zeros(spec.example_shape(), spec.dtype)
     return random_tensor(spec)

@@ -28,7 +28,7 @@ from arachne_mlflow.deployments.converge import (
     push_device,
     version_label,
 )
-from arachne_mlflow.deployments.desired_state import ROLLED_OUT, ROLLING, Desired, DesiredState
+from arachne_mlflow.deployments.desired_state import HALTED, ROLLED_OUT, ROLLING, Desired, DesiredState
 from arachne_mlflow.deployments.fleet import Outcome, counts
 from arachne_mlflow.deployments.inventory import resolve_target
 from arachne_mlflow.deployments.source import ModelSource, RegistryVersion, registry_version, resolve
@@ -117,7 +117,7 @@ def _record(desired: Desired, pinned: RegistryVersion | None, outcome: Outcome, 
         status=ROLLING if failed else ROLLED_OUT,
         reason=reason,
         version=version,
-        previous_version=desired.version,
+        previous_version=None if desired.status == HALTED else desired.version,  # (a halted version never ran)
         devices=counts(outcome.results),
         strategy=desired.strategy,
     )
