@@ -61,3 +61,29 @@ class UnauthorizedError(ArachneError):
     """A request to the device server lacks the right bearer token."""
 
     status_code = 401
+
+
+class ConflictError(ArachneError):
+    """The request conflicts with how the server manages the model (a followed model is the registry's)."""
+
+    status_code = 409
+
+
+class RegistryError(ArachneError):
+    """The MLflow tracking server refused a request or answered something a device cannot use."""
+
+    status_code = 502
+
+
+class RegistryUnavailableError(RegistryError, ConnectionError):
+    """The tracking server cannot be reached, timed out or is overloaded (5xx, 429): try again later."""
+
+    status_code = 503
+
+
+class RegistryAuthError(RegistryError):
+    """The tracking server refused the credentials (401) or the user lacks a permission (403)."""
+
+    def __init__(self, message: str, status: int = 401):
+        super().__init__(message)
+        self.status = status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,11 @@ import pytest
 import yaml
 
 from tests.helpers import models
+from tests.helpers.mlflow_server import QUIET_ENV, MlflowServer
 from tests.helpers.model_dirs import runtime_details, write_model_dir
+
+for _name, _value in QUIET_ENV.items():  # before anything imports mlflow (its telemetry checks at import)
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +91,6 @@ def mlflow_store(tmp_path_factory):
     Its experiment keeps artifacts there too (MLflow's default would be ./mlruns in the cwd).
     Yields the tracking URI; the previous URI and experiment come back afterwards.
     """
-    import os
-
     import mlflow
 
     root = tmp_path_factory.mktemp("mlflow")
@@ -104,6 +107,17 @@ def mlflow_store(tmp_path_factory):
         os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     else:
         os.environ["MLFLOW_EXPERIMENT_ID"] = previous_experiment
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process for the session (sqlite, artifacts served by the server); its URL.
+
+    Tests that stop or restart a tracking server start their own `MlflowServer` instead.
+    """
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server.url
+    server.stop()
 
 
 @dataclass

@@ -85,8 +85,12 @@ class ArachneModel:
             )
 
 
-def read_model_dir(path: str | os.PathLike) -> ArachneModel:
-    """Read `path/MLmodel`; raise a clear error if it is missing or has no `arachne` flavor."""
+def read_model_dir(path: str | os.PathLike, check_files: bool = True) -> ArachneModel:
+    """Read `path/MLmodel`; raise a clear error if it is missing or has no `arachne` flavor.
+
+    `check_files=False` reads MLmodel alone (a device that follows a registry reads it first to
+    learn which files to download); every file name is still checked to stay inside the directory.
+    """
     path = Path(path)
     mlmodel_path = path / MLMODEL
     if not mlmodel_path.is_file():
@@ -122,7 +126,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise InvalidInputError(f"{mlmodel_path}: 'signature' is not a list of tensor specs: {err}") from err
-    if not (path / model_file).exists():
+    if check_files and not (path / model_file).exists():
         raise ModelNotFoundError(f"model file {model_file!r} named in {mlmodel_path} is missing")
     return ArachneModel(
         path=path,

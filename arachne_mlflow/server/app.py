@@ -13,7 +13,7 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,6 +26,9 @@ from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.server.dataplane import Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
+
+if TYPE_CHECKING:
+    from arachne_mlflow.server.follow import FollowConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -41,13 +44,15 @@ def create_app(
     max_upload_bytes: int | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_workers: int | None = None,
+    follow: FollowConfig | None = None,
 ) -> ASGIApp:
     """The device server application over the model store directory `model_store`.
 
     Layers, outermost first: bearer auth (with a token), `InferRoute` (the infer paths), Starlette.
+    With `follow`, models follow registry aliases from start-up to shut-down (server/follow.py).
     """
     store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
-    dataplane = Dataplane(store, max_workers)
+    dataplane = Dataplane(store, max_workers, follow)
     routes = _Routes(dataplane, max_request_bytes)
 
     @contextlib.asynccontextmanager

@@ -50,7 +50,8 @@ class ModelSeries:
 
 
 class Metrics:
-    """Inference requests, errors and latency per model; load time per model; HTTP errors by status."""
+    """Inference requests, errors and latency per model; load time per model; HTTP errors by status;
+    the registry checks of followed models."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -63,6 +64,22 @@ class Metrics:
         )
         self.http_errors = Counter(
             "arachne_http_errors", "Error responses by HTTP status", ["status"], registry=self.registry
+        )
+        # pull mode (serve --follow)
+        self.follow_last_success = Gauge(
+            "arachne_follow_last_success_timestamp_seconds",
+            "When each followed model last checked the registry successfully (Unix time)",
+            ["model"],
+            registry=self.registry,
+        )
+        self.follow_failures = Counter(
+            "arachne_follow_failures",
+            "Failures of each followed model: check (registry), download (resumed later), version (refused)",
+            ["model", "stage"],
+            registry=self.registry,
+        )
+        self.follow_updates = Counter(
+            "arachne_follow_updates", "Versions installed by following the registry", ["model"], registry=self.registry
         )
 
     def render(self) -> bytes:
