@@ -6,6 +6,7 @@ The tests talk to the tracking server with MLflow's own client; the device only 
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from starlette.testclient import TestClient
 
 from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.client import DeviceClient
-from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.errors import InvalidInputError, RegistryAuthError, RegistryError
 from arachne_mlflow.model.digest import files_digest
 from arachne_mlflow.model.directory import read_model_dir
 from arachne_mlflow.model.spec import TensorSpec
@@ -65,6 +66,8 @@ def test_credentials_and_tls_come_from_mlflows_variables():
     assert token.headers["Authorization"] == "Bearer t" and token.verify == "/etc/ca.pem"
     assert session_from_env({"MLFLOW_TRACKING_INSECURE_TLS": "TRUE"}).verify is False
     assert session_from_env({}).verify is True and session_from_env({}).auth is None
+    clone = RegistryClient("http://mlflow:5000", basic).clone()  # (one per follower thread)
+    assert clone.session is not basic and clone.session.auth == ("u", "p")
     for bad in (
         {"MLFLOW_TRACKING_INSECURE_TLS": "true", "MLFLOW_TRACKING_SERVER_CERT_PATH": "/etc/ca.pem"},
         {"MLFLOW_TRACKING_INSECURE_TLS": "yes please"},
@@ -91,6 +94,44 @@ def test_file_names_from_a_downloaded_mlmodel_are_an_allow_list():
     for bad in ("../x", "/etc/passwd", "a/../../b", ".hidden", "a\\b", "x\0y", "a;rm -rf", "", "a/" * 20 + "b"):
         with pytest.raises(InvalidInputError):
             check_artifact_path(bad)
+
+
+class _Registry(http.server.BaseHTTPRequestHandler):
+    """A hostile tracking server: redirects, answers too large, a 401 page."""
+
+    def do_GET(self):
+        if "alias=moved" in self.path:
+            self.send_response(302)
+            self.send_header("Location", "http://elsewhere.invalid/steal")
+            self.end_headers()
+        elif "alias=huge" in self.path:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"model_version": {"name": "' + b"a" * (9 * 1024**2))
+        else:
+            self.send_response(401)
+            self.end_headers()
+            self.wfile.write(b"<html>You are not authenticated</html>")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_registry_client_follows_no_redirect_and_bounds_what_it_reads():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = RegistryClient(f"http://127.0.0.1:{server.server_port}", session_from_env({}))
+        with pytest.raises(RegistryError, match="redirected"):
+            client.resolve(ModelRef("m", alias="moved"))
+        with pytest.raises(RegistryError, match="over 8388608 bytes"):
+            client.resolve(ModelRef("m", alias="huge"))
+        with pytest.raises(RegistryAuthError, match="asks for credentials and none were set"):
+            client.resolve(ModelRef("m", alias="prod"))
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_checks_wait_between_half_the_interval_and_the_interval_and_back_off_when_unreachable(tmp_path):
@@ -155,6 +196,9 @@ def pull_models(tmp_path_factory):
         arachne["extra_files"] = ["blob.bin"]
 
     dirs["big"] = _variant(dirs["v1"], root / "big", add_blob)
+    dirs["writes"] = _variant(  # an option that would make onnxruntime write a file
+        dirs["v1"], root / "writes", lambda _, f: f.update(runtime_options={"optimized_model_filepath": "/tmp/o.onnx"})
+    )
     assert not np.allclose(expected["v1"], expected["v2"]) and not np.allclose(expected["v2"], expected["v3"])
     return dirs, expected
 
@@ -282,8 +326,9 @@ def test_moving_the_alias_rolls_the_device_within_one_interval(mlflow_server, pu
     other = {"cam-other": {"state": "deployed", "revision": 4, "at": "2026-01-01T00:00:00+00:00"}}
     client.set_model_version_tag(registered, v2, "arachne.devices.det", json.dumps(other))
     interval = 2.0
-    device = start_device(mlflow_server, f"det=models:/{registered}@prod", interval=interval)
-    _wait(lambda: _rolled(device, v1))
+    follows = (f"det=models:/{registered}@prod", f"pinned=models:/{registered}/{v1}")  # an alias, a version
+    device = start_device(mlflow_server, *follows, interval=interval)
+    _wait(lambda: _rolled(device, v1) and _rolled(device, v1, "pinned"))
     np.testing.assert_allclose(_infer(device), expected["v1"], rtol=1e-6)
     assert _wait(lambda: _devices_tag(client, registered, v1).get(DEVICE, {}).get("state")) == "deployed"
 
@@ -299,10 +344,12 @@ def test_moving_the_alias_rolls_the_device_within_one_interval(mlflow_server, pu
     assert record["digest"] == files_digest(dirs["v2"], read_model_dir(dirs["v2"]).files())  # the push path's digest
     follow = record["follow"]
     assert follow["state"] == "following" and follow["version"] == v2 and follow["last_error"] is None
-    assert follow["model_uri"] == f"models:/{registered}@prod" and follow["last_success"] >= follow["last_check"]
+    assert follow["model_uri"] == f"models:/{registered}@prod" and follow["last_success"]
     tag = _wait(lambda: (t := _devices_tag(client, registered, v2)).get(DEVICE, {}).get("state") == "deployed" and t)
     assert tag[DEVICE]["revision"] == 2 and tag["cam-other"] == other["cam-other"]  # merged, not overwritten
     _wait(lambda: DEVICE not in _devices_tag(client, registered, v1))  # it left the version it ran before
+    assert _running(device, "pinned") == v1 and _record(device, "pinned")["revision"] == 1
+    assert _devices_tag(client, registered, v1, "pinned")[DEVICE]["state"] == "deployed"
     metrics = _metrics(device)
     assert _metric(metrics, "arachne_follow_updates_total") == 2
     assert _metric(metrics, "arachne_follow_last_success_timestamp_seconds") > time.time() - 60
@@ -322,6 +369,7 @@ def test_a_version_that_fails_leaves_the_old_one_serving_is_reported_and_not_ret
         "corrupt": "failed its smoke test",  # does not load
         "traversal": "leaves the model directory",  # MLmodel names a file outside
         "big": "over the limit",  # 2 MiB of files, the device takes 1 MiB
+        "writes": "may not set options that name files",  # refused before any process loads it
     }
     for key, why in bad.items():
         version = _register(client, registered, dirs[key])
@@ -330,13 +378,15 @@ def test_a_version_that_fails_leaves_the_old_one_serving_is_reported_and_not_ret
         assert follow["state"] == "failed" and why in follow["last_error"], follow
         assert _running(device) == v1
         np.testing.assert_allclose(_infer(device), expected["v1"], rtol=1e-6)
-        entry = _wait(lambda: _devices_tag(client, registered, version).get(DEVICE))
-        assert entry["state"] == "failed" and why in entry["error"]
+        entry = _wait(
+            lambda: (e := _devices_tag(client, registered, version).get(DEVICE, {})).get("state") == "failed" and e
+        )
+        assert why in entry["error"]
     time.sleep(4)  # several more checks: a failed version is not tried again while the alias stays
     assert _metric(_metrics(device), "arachne_follow_failures_total", "version") == len(bad)
     assert _record(device)["revision"] == 1
     assert not list((device.store / ".follow" / "det").glob("v*"))  # nothing of the failed downloads left
-    assert not (device.store.parent / "x.onnx").exists()
+    assert not (device.store.parent / "x.onnx").exists() and not Path("/tmp/o.onnx").exists()
 
     v3 = _register(client, registered, dirs["v3"])
     client.set_registered_model_alias(registered, "prod", v3)

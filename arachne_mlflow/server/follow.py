@@ -103,8 +103,9 @@ def start_followers(config: FollowConfig, store: ModelStore, metrics: Metrics) -
     for stale in root.iterdir():
         if stale.name not in config.follows:
             shutil.rmtree(stale, ignore_errors=True)
-    followers = {
-        name: Follower(name, ref, store, config.registry, metrics, interval=config.interval, device=config.device)
+    interval, device = config.interval, config.device
+    followers = {  # (a registry client each: a requests session is not meant for many threads)
+        name: Follower(name, ref, store, config.registry.clone(), metrics, interval=interval, device=device)
         for name, ref in config.follows.items()
     }
     for follower in followers.values():
@@ -381,29 +382,32 @@ class Follower:
         if self._last_report == (mv.version, state, revision, entry.get("error")):
             return  # tried already (written, or refused as read-only)
         key = DEVICES_TAG_PREFIX + self.name
-        devices = _devices_tag(mv.tags.get(key))
-        try:
-            for attempt in range(REPORT_ATTEMPTS + 1):
-                if _same_entry(devices.get(self.device), entry):
-                    break
-                if attempt == REPORT_ATTEMPTS:
-                    _logger.warning("follow %s: other devices kept rewriting %s; state not recorded", self.name, key)
-                    break
-                if attempt:
-                    self._stop.wait(self._random.uniform(0.1, 1.0))
-                devices[self.device] = entry
-                value = json.dumps(devices, sort_keys=True, separators=(",", ":"))
-                if len(value) > MAX_TAG_VALUE:
-                    _logger.warning("follow %s: %s on version %s is full: not recorded", self.name, key, mv.version)
-                    break
-                self.registry.set_version_tag(mv.name, mv.version, key, value)
-                devices = _devices_tag(self.registry.get_version(mv.name, mv.version).tags.get(key))
-        except RegistryAuthError as err:
-            self._read_only(err)
-        except RegistryError as err:
-            _logger.warning("follow %s: could not record %r on version %s: %s", self.name, state, mv.version, err)
-            return  # tried again at the next check
+        if not _same_entry(_devices_tag(mv.tags.get(key)).get(self.device), entry):  # (tags as of the check)
+            try:
+                self._write_entry(mv, key, entry)
+            except RegistryAuthError as err:
+                self._read_only(err)
+            except RegistryError as err:
+                _logger.warning("follow %s: could not record %r on version %s: %s", self.name, state, mv.version, err)
+                return  # tried again at the next check
         self._last_report = (mv.version, state, revision, entry.get("error"))
+
+    def _write_entry(self, mv: ModelVersion, key: str, entry: dict[str, Any]) -> None:
+        """Read the tag, put `entry` in, write it, read it back; again if another device's write replaced ours."""
+        for attempt in range(REPORT_ATTEMPTS):
+            if attempt:
+                self._stop.wait(self._random.uniform(0.1, 1.0))
+            devices = _devices_tag(self.registry.get_version(mv.name, mv.version).tags.get(key))
+            devices[self.device] = entry
+            value = json.dumps(devices, sort_keys=True, separators=(",", ":"))
+            if len(value) > MAX_TAG_VALUE:
+                _logger.warning("follow %s: %s on version %s is full: not recorded", self.name, key, mv.version)
+                return
+            self.registry.set_version_tag(mv.name, mv.version, key, value)
+            written = _devices_tag(self.registry.get_version(mv.name, mv.version).tags.get(key))
+            if _same_entry(written.get(self.device), entry):
+                return
+        _logger.warning("follow %s: other devices kept rewriting %s; state not recorded", self.name, key)
 
     def _unreport(self, version: str) -> None:
         """Take this device off the tag of the version it ran before (it runs another now)."""

@@ -134,6 +134,13 @@ class RegistryClient:
             )
         return cls(uri, session_from_env(environ))
 
+    def clone(self) -> RegistryClient:
+        """The same server and settings on a session of its own (a requests session is not for many threads)."""
+        session = requests.Session()
+        session.auth, session.verify, session.cert = self.session.auth, self.session.verify, self.session.cert
+        session.headers.update(self.session.headers)
+        return RegistryClient(self.tracking_uri, session)
+
     @property
     def has_credentials(self) -> bool:
         return self.session.auth is not None or "Authorization" in self.session.headers
@@ -235,7 +242,9 @@ class RegistryClient:
                 "to the CA bundle that signed its certificate"
             ) from err
         except (requests.ConnectionError, requests.Timeout) as err:
-            raise RegistryUnavailableError(f"the tracking server {self.tracking_uri} cannot be reached: {err}") from err
+            raise RegistryUnavailableError(
+                f"the tracking server {self.tracking_uri} cannot be reached: {_reason(err)}"
+            ) from err
         except requests.RequestException as err:
             raise RegistryError(f"request to the tracking server {self.tracking_uri} failed: {err}") from err
         if response.status_code in ok:
@@ -322,7 +331,7 @@ def _write_body(
                 if stop is not None and stop.is_set():
                     raise RegistryUnavailableError(f"the download of {path!r} was interrupted: the server is stopping")
         except requests.RequestException as err:
-            raise RegistryUnavailableError(f"the link dropped while downloading {path!r}: {err}") from err
+            raise RegistryUnavailableError(f"the link dropped while downloading {path!r}: {_reason(err)}") from err
     return size
 
 
@@ -335,8 +344,17 @@ def _read_capped(response: requests.Response, limit: int, route: str) -> bytes:
                 raise RegistryError(f"{route}: the tracking server's answer is over {limit} bytes")
             chunks.append(chunk)
     except requests.RequestException as err:
-        raise RegistryUnavailableError(f"{route}: the link dropped while reading the answer: {err}") from err
+        raise RegistryUnavailableError(f"{route}: the link dropped while reading the answer: {_reason(err)}") from err
     return b"".join(chunks)
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of a requests error (`ConnectionRefusedError: ...`), not urllib3's wrappers of it."""
+    inner = err.args[0] if err.args and isinstance(err.args[0], BaseException) else err
+    inner = getattr(inner, "reason", None) or inner
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    return f"{type(inner).__name__}: {inner}"
 
 
 def _error_message(response: requests.Response) -> str:
