@@ -26,7 +26,7 @@ from starlette.testclient import TestClient
 
 from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.client import DeviceClient
-from arachne_mlflow.errors import InvalidInputError, RegistryAuthError, RegistryError
+from arachne_mlflow.errors import InvalidInputError, RegistryAuthError, RegistryError, RegistryUnavailableError
 from arachne_mlflow.model.digest import files_digest
 from arachne_mlflow.model.directory import read_model_dir
 from arachne_mlflow.model.spec import TensorSpec
@@ -97,10 +97,12 @@ def test_file_names_from_a_downloaded_mlmodel_are_an_allow_list():
 
 
 class _Registry(http.server.BaseHTTPRequestHandler):
-    """A hostile tracking server: redirects, answers too large, a 401 page."""
+    """A hostile tracking server: redirects, answers too large or too slow, a 401 page."""
 
     def do_GET(self):
-        if "alias=moved" in self.path:
+        if "alias=slow" in self.path:
+            time.sleep(3)  # (the client has given up by then: no answer)
+        elif "alias=moved" in self.path:
             self.send_response(302)
             self.send_header("Location", "http://elsewhere.invalid/steal")
             self.end_headers()
@@ -108,7 +110,10 @@ class _Registry(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            self.wfile.write(b'{"model_version": {"name": "' + b"a" * (9 * 1024**2))
+            try:
+                self.wfile.write(b'{"model_version": {"name": "' + b"a" * (9 * 1024**2))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client stopped reading at its cap
         else:
             self.send_response(401)
             self.end_headers()
@@ -129,6 +134,9 @@ def test_the_registry_client_follows_no_redirect_and_bounds_what_it_reads():
             client.resolve(ModelRef("m", alias="huge"))
         with pytest.raises(RegistryAuthError, match="asks for credentials and none were set"):
             client.resolve(ModelRef("m", alias="prod"))
+        client.timeout = (1.0, 0.5)  # (10 s and 60 s by default)
+        with pytest.raises(RegistryUnavailableError, match="timed out"):
+            client.resolve(ModelRef("m", alias="slow"))
     finally:
         server.shutdown()
         server.server_close()
