@@ -1,4 +1,4 @@
-"""The benchmark report: JSON for machines, a Markdown table for the README."""
+"""The benchmark report: JSON for machines, a Markdown table for docs/performance.md."""
 
 from __future__ import annotations
 

@@ -227,14 +227,19 @@ def start_device(tmp_path):
     def start(tracking_url, *follows, interval=1.0, env=None, extra=(), store=None):
         args = [arg for follow in follows for arg in ("--follow", follow)]
         args += ["--follow-interval", str(interval), "--device-name", DEVICE, "--log-level", "info", *extra]
-        environment = {"MLFLOW_TRACKING_URI": tracking_url, **NO_CREDENTIALS, **(env or {})}
-        server = ServerProcess(store or tmp_path / "store", extra_args=args, env=environment)
+        server = ServerProcess(store or tmp_path / "store", extra_args=args, env=_environment(tracking_url, env))
         started.append(server)
         return server.start()
 
     yield start
     for server in started:
         server.stop()
+
+
+def _environment(tracking_url, extra=None):
+    """This process's environment with the tracking server, no MLflow credentials unless `extra` has some."""
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": tracking_url, **NO_CREDENTIALS, **(extra or {})}
+    return {key: value for key, value in environment.items() if value is not None}
 
 
 def _client(tracking_url):
@@ -464,7 +469,7 @@ def test_a_following_device_never_imports_mlflow(mlflow_server, pull_models, tmp
         tmp_path / "store",
         command=("modules_probe", str(out)),
         extra_args=["--follow", f"det=models:/{registered}@prod", "--follow-interval", "1"],
-        env={"MLFLOW_TRACKING_URI": mlflow_server, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"},
+        env=_environment(mlflow_server, {"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}),
     ).start()
     try:
         _wait(lambda: _running(device))

@@ -57,7 +57,7 @@ class DeviceClient:
     (a PEM file) or the system CAs, unless `verify=False`. `timeout` bounds every request
     (seconds); `upload_timeout` bounds uploads, which include loading the model on the server.
     `trust_env` lets requests read proxies and .netrc from the environment; it is off because a
-    device is usually on the local network, and those look-ups cost about 0.5 ms a call.
+    device is usually on the local network, and those look-ups cost time on every call.
     """
 
     def __init__(

@@ -1,12 +1,12 @@
 """The inference hot path of `DeviceClient`: pooled keep-alive connections, one write per request.
 
-`requests` costs about 1 ms of Python per call on a small device, more than a tiny model's
-whole round trip. Here a request is one `sendmsg` of the head (built from a per-path prefix) and
-the pieces of the body (gathered, so a large tensor is not copied), and the response is parsed
-by httptools (the C parser uvicorn uses), one parser per connection, header names and values
-left as bytes. On 64-bit Linux a plain connection is a blocking socket whose timeout the kernel
-keeps (`SO_RCVTIMEO`/`SO_SNDTIMEO`): a Python socket timeout polls before every send and
-receive, one system call more per call.
+`requests` costs more Python per call on a small device than a tiny model's whole round trip.
+Here a request is one `sendmsg` of the head (built from a per-path prefix) and the pieces of the
+body (gathered, so a large tensor is not copied), and the response is parsed by httptools (the C
+parser uvicorn uses), one parser per connection, header names and values left as bytes. On 64-bit
+Linux a plain connection is a blocking socket whose timeout the kernel keeps (`SO_RCVTIMEO` /
+`SO_SNDTIMEO`): a Python socket timeout polls before every send and receive, one system call more
+per call.
 
 It carries only `infer`; everything else (uploads, metadata) stays on the requests session. Each
 call takes an idle connection or opens one, so threads never share a connection mid-request.

@@ -51,7 +51,7 @@ _response_heads: dict[tuple, tuple] = {}
 
 
 def _loads(data: memoryview) -> Any:
-    """orjson (~10x faster than the stdlib); the stdlib for what orjson refuses, such as the
+    """orjson (several times faster than the stdlib); the stdlib for what orjson refuses, such as the
     NaN and Infinity literals tritonclient writes, and for the error message."""
     try:
         return orjson.loads(data)

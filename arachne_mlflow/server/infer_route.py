@@ -1,7 +1,7 @@
 """The infer route, answered in front of Starlette: the one route whose cost every inference pays.
 
-Starlette's middleware stack, router, Request and Response objects cost 50-80 µs per
-request on a small device, several times a small model's inference. `InferRoute` sits in front
+Starlette's middleware stack, router, Request and Response objects cost more per request
+than a small model's inference (docs/performance.md has the figures). `InferRoute` sits in front
 of the app: `POST /v2/models/{model}[/versions/{version}]/infer` is read from the ASGI messages
 directly and answered with two `send` calls; every other request goes on to Starlette. Errors
 become the app's JSON error responses through the same handler as every other route.

@@ -2,8 +2,8 @@
 
 Inference counts and latency are plain numbers per model, changed only on the event loop thread
 and turned into Prometheus series when scraped (a custom collector): a request costs a few
-additions instead of prometheus_client's lock and method calls per value (measured on a 2-core
-machine: ~20 µs less server time per request, as much as a tiny model's inference).
+additions instead of prometheus_client's lock and method calls per value, which cost as much
+as a tiny model's inference (docs/performance.md).
 """
 
 from __future__ import annotations
