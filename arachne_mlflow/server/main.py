@@ -121,8 +121,13 @@ def _follow_config(args: argparse.Namespace):
     """The `--follow` flags as a `FollowConfig`, or None (the follow module loads only when asked for)."""
     if not args.follow:
         return None
-    from arachne_mlflow.server.follow import FollowConfig, parse_follows
-    from arachne_mlflow.server.registry_client import RegistryClient
+    try:
+        from arachne_mlflow.server.follow import FollowConfig, parse_follows
+        from arachne_mlflow.server.registry_client import RegistryClient
+    except ModuleNotFoundError as err:
+        if err.name != "requests":
+            raise
+        raise SystemExit("--follow needs requests: pip install 'arachne-mlflow[pull]'") from err
 
     if not args.follow_interval > 0:
         raise SystemExit("--follow-interval must be a positive number of seconds")
