@@ -204,6 +204,7 @@ def pull_models(tmp_path_factory):
         arachne["extra_files"] = ["blob.bin"]
 
     dirs["big"] = _variant(dirs["v1"], root / "big", add_blob)
+    dirs["missing"] = _variant(dirs["v1"], root / "missing", lambda _, f: f.update(extra_files=["absent.bin"]))
     dirs["writes"] = _variant(  # an option that would make onnxruntime write a file
         dirs["v1"], root / "writes", lambda _, f: f.update(runtime_options={"optimized_model_filepath": "/tmp/o.onnx"})
     )
@@ -383,6 +384,7 @@ def test_a_version_that_fails_leaves_the_old_one_serving_is_reported_and_not_ret
         "traversal": "leaves the model directory",  # MLmodel names a file outside
         "big": "over the limit",  # 2 MiB of files, the device takes 1 MiB
         "writes": "may not set options that name files",  # refused before any process loads it
+        "missing": "has no file 'absent.bin'",  # MLmodel names a file the registry does not have
     }
     for key, why in bad.items():
         version = _register(client, registered, dirs[key])

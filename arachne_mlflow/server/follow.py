@@ -22,6 +22,7 @@ restart resumes them. This module speaks REST with `requests`; the device never 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -238,14 +239,15 @@ class Follower:
         except RegistryError as err:
             self._failed("download", f"pulling version {mv.version}: {err}")
             return False
+        except ArachneError as err:  # the version itself (before OSError: ModelNotFoundError is one)
+            self._version_failed(mv, err)
+            return False
         except OSError as err:  # a full disk, a store that cannot be written: try again later
             self._failed("download", f"pulling version {mv.version}: {type(err).__name__}: {err}")
             return True
-        except ArachneError as err:
-            self._version_failed(mv, err)
-            return False
         self.metrics.follow_updates.labels(self.name).inc()
-        self.metrics.load_seconds.labels(self.name).set(self.store.get(self.name).load_seconds)
+        with contextlib.suppress(ArachneError):  # unloaded again meanwhile: nothing to record
+            self.metrics.load_seconds.labels(self.name).set(self.store.get(self.name).load_seconds)
         _logger.info("follow %s: version %s deployed (revision %s)", self.name, mv.version, record["revision"])
         self._set(state="following")
         self._report(mv, "deployed", revision=record["revision"])
