@@ -8,6 +8,7 @@ It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
       runtime_options: {num_threads: 4} # passed to runtime.init
       tvm: {device: cpu, target: "...", arch: x86_64, params_file: params.bin}   # TVM only
       extra_files: [model.onnx.data]    # other files loading needs (optional)
+      batching: {max_batch_size: 16, max_queue_delay_microseconds: 500}   # the device server's (optional)
       arachne_mlflow_version: "..."
 
 The tensor spec comes from MLflow's `signature` (tensor-based), stored beside it in MLmodel.
@@ -45,6 +46,7 @@ class ArachneModel:
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
     extra_files: list[str] = field(default_factory=list)
+    batching: dict[str, Any] | None = None
     version: str | None = None
     mlmodel: dict[str, Any] = field(default_factory=dict)
 
@@ -109,7 +111,7 @@ def read_model_dir(path: str | os.PathLike, check_files: bool = True) -> Arachne
     conf = flavors[FLAVOR_NAME] or {}
     if not isinstance(conf, dict):
         raise InvalidInputError(f"{mlmodel_path}: the '{FLAVOR_NAME}' flavor must be a mapping")
-    for key, kind in (("runtime_options", dict), ("tvm", dict), ("extra_files", list)):
+    for key, kind in (("runtime_options", dict), ("tvm", dict), ("extra_files", list), ("batching", dict)):
         if not isinstance(conf.get(key) or kind(), kind):
             raise InvalidInputError(f"{mlmodel_path}: '{FLAVOR_NAME}.{key}' must be a {kind.__name__}")
     for key in ("runtime", "model_file"):
@@ -135,6 +137,7 @@ def read_model_dir(path: str | os.PathLike, check_files: bool = True) -> Arachne
         runtime_options=dict(conf.get("runtime_options") or {}),
         tvm=tvm,
         extra_files=extra_files,
+        batching=dict(conf["batching"]) if conf.get("batching") is not None else None,
         inputs=inputs,
         outputs=outputs,
         version=conf.get("arachne_mlflow_version"),

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from arachne_mlflow.errors import ArachneError, InvalidInputError
+from arachne_mlflow.server.batching import BatchingPolicy
 from arachne_mlflow.server.dataplane import Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
@@ -44,14 +45,16 @@ def create_app(
     max_upload_bytes: int | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_workers: int | None = None,
+    batching: BatchingPolicy | None = None,
     follow: FollowConfig | None = None,
 ) -> ASGIApp:
     """The device server application over the model store directory `model_store`.
 
     Layers, outermost first: bearer auth (with a token), `InferRoute` (the infer paths), Starlette.
+    `batching` says which models batch their requests (`--batching`; default: those whose MLmodel asks).
     With `follow`, models follow registry aliases from start-up to shut-down (server/follow.py).
     """
-    store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
+    store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES, batching)
     dataplane = Dataplane(store, max_workers, follow)
     routes = _Routes(dataplane, max_request_bytes)
 
@@ -162,6 +165,7 @@ class _Routes:
 
     async def on_error(self, request: Request, err: Exception) -> Response:
         status = getattr(err, "status_code", 500)
+        _logger.info("%s %s: %d %s", request.method, request.url.path, status, err)  # (no access log by default)
         self.dp.metrics.http_errors.labels(str(status)).inc()
         return JSONResponse({"error": str(err)}, status_code=status, headers=getattr(err, "headers", None))
 

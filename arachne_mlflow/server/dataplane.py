@@ -3,7 +3,8 @@
 Routes hand raw bytes and names in; the dataplane decodes with the codec, runs blocking work
 (decoding, inference, loading, extraction) in one thread pool through `run_blocking`, and
 returns bytes or dicts. Models that are not thread-safe are locked by their own RuntimeModule,
-so a slow model never holds up another.
+so a slow model never holds up another. A model with batching settings has its requests checked
+here, then merged with others by its `Batcher` (server/batching.py).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from arachne_mlflow.errors import (
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.protocol.datatypes import to_datatype
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
+from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStats
 from arachne_mlflow.server.metrics import Metrics, ModelSeries
-from arachne_mlflow.server.store import ModelStore
+from arachne_mlflow.server.store import LoadedModel, ModelStore
 
 if TYPE_CHECKING:
     from arachne_mlflow.server.follow import FollowConfig, Follower
@@ -67,6 +69,8 @@ class Dataplane:
     def __init__(self, store: ModelStore, max_workers: int | None = None, follow: FollowConfig | None = None):
         self.store = store
         self.metrics = Metrics()
+        self.batch_stats: dict[str, BatchStats] = {}
+        self.metrics.registry.register(BatchingCollector(self.batch_stats))
         self.ready = False
         self.followers: dict[str, Follower] = {}
         self._follow = follow
@@ -134,32 +138,54 @@ class Dataplane:
     async def infer(self, name: str, body: bytes, header_length: str | bytes | None) -> tuple[bytes, int | None]:
         """Run one V2 infer request; returns the response body and its JSON header length.
 
-        Fast models run inline on the event loop; the rest in the thread pool.
+        Batched models go through their batcher; of the rest, fast models run inline on the
+        event loop, others in the thread pool.
         """
         series = self.metrics.models.get(name)
         if series is None:
             self.store.get(name)  # unknown or unloaded models fail here, before they have a series
             series = self.metrics.models.setdefault(name, ModelSeries())
         start = time.perf_counter()
+        loaded = None
         try:
-            if series.recent_seconds < INLINE_SECONDS:
-                response = self._infer(name, body, header_length)
+            loaded = self.store.acquire(name)
+            if loaded.batching is not None:
+                response = await self._infer_batched(name, loaded, body, header_length)
+            elif series.recent_seconds < INLINE_SECONDS:
+                response = self._infer(name, loaded, body, header_length)
             else:
-                response = await self.run_blocking(self._infer, name, body, header_length)
+                response = await self.run_blocking(self._infer, name, loaded, body, header_length)
         except Exception:
             series.failed()
             raise
+        finally:
+            if loaded is not None:
+                loaded.release()
         series.observe(time.perf_counter() - start)
         return response
 
-    def _infer(self, name: str, body: bytes, header_length: str | bytes | None) -> tuple[bytes, int | None]:
-        loaded = self.store.acquire(name)
-        try:
-            request = codec.decode_request(body, header_length)
-            outputs = loaded.module.infer(_ordered_inputs(loaded.input_names, request.inputs))
-            return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
-        finally:
-            loaded.release()
+    def _infer(
+        self, name: str, loaded: LoadedModel, body: bytes, header_length: str | bytes | None
+    ) -> tuple[bytes, int | None]:
+        request = codec.decode_request(body, header_length)
+        outputs = loaded.module.infer(_ordered_inputs(loaded.input_names, request.inputs))
+        return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+
+    async def _infer_batched(
+        self, name: str, loaded: LoadedModel, body: bytes, header_length: str | bytes | None
+    ) -> tuple[bytes, int | None]:
+        """Decode and check on the event loop (a bad request is refused before it joins a batch), then
+        wait for the batch. Batches run in the thread pool: while one runs, the loop takes in the next."""
+        request = codec.decode_request(body, header_length)
+        ordered = _ordered_inputs(loaded.input_names, request.inputs)
+        inputs = [spec.check(value) for spec, value in zip(loaded.module.input_specs, ordered)]
+        batcher = loaded.batcher
+        if batcher is None:
+            stats = self.batch_stats.setdefault(name, BatchStats())
+            run = functools.partial(self.run_blocking, loaded.module.infer)
+            batcher = loaded.batcher = Batcher(loaded.batching, run, stats)  # type: ignore[arg-type]
+        outputs = await batcher.submit(inputs)
+        return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
 
     async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         """Time the model on the server with `RuntimeModule.benchmark` (bounded repeat counts)."""

@@ -43,7 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds to let open connections finish at shut-down before closing them",
     )
+    parser.add_argument(
+        "--batching",
+        action="append",
+        default=[],
+        metavar="[MODEL=]MAX_BATCH_SIZE[,DELAY_US]",
+        help="merge concurrent requests along dim 0 (Triton's dynamic batching): MODEL=16,500 for one model "
+        "(over its MLmodel's arachne.batching), MODEL=off to never batch it, 16,500 for every model that can "
+        "batch and has no settings of its own; repeatable",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument(
+        "--access-log", action="store_true", help="log a line per request (off by default: errors are still logged)"
+    )
     pull = parser.add_argument_group(
         "pull mode",
         "follow MLflow registry aliases: the tracking server is MLFLOW_TRACKING_URI, with MLflow's credential "
@@ -77,6 +89,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from arachne_mlflow.errors import ArachneError
     from arachne_mlflow.server.app import create_app
+    from arachne_mlflow.server.batching import BatchingPolicy
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
@@ -88,12 +101,14 @@ def serve(args: argparse.Namespace) -> int:
             args.host,
         )
     try:
+        batching = BatchingPolicy.from_flags(args.batching)
         app = create_app(
             str(Path(args.model_store).expanduser()),
             token=args.token,
             max_upload_bytes=args.max_upload_mb * 1024**2,
             max_request_bytes=args.max_request_mb * 1024**2,
             max_workers=args.workers,
+            batching=batching,
             follow=_follow_config(args),
         )
     except ArachneError as err:
@@ -103,6 +118,7 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        access_log=args.access_log,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         timeout_graceful_shutdown=args.graceful_timeout,

@@ -38,6 +38,7 @@ from arachne_mlflow.model.digest import files_digest, tree_files
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
 from arachne_mlflow.protocol.names import NAME_PATTERN, check_name
 from arachne_mlflow.runtime import RuntimeModule
+from arachne_mlflow.server.batching import Batcher, BatchingPolicy, BatchingSettings
 from arachne_mlflow.server.probe import probe_load
 
 _logger = logging.getLogger(__name__)
@@ -52,12 +53,24 @@ _FILE_OPTION = re.compile(r"file|path|dir|prefix|profil|cache|dump", re.IGNORECA
 
 
 class LoadedModel:
-    """A loaded runtime module that is freed only when the last inference using it has finished."""
+    """A loaded runtime module that is freed only when the last inference using it has finished.
 
-    def __init__(self, module: RuntimeModule, record: dict[str, Any], load_seconds: float):
+    `batching` is how its requests are batched (None: each runs alone); the dataplane makes its
+    `batcher` when the first request comes.
+    """
+
+    def __init__(
+        self,
+        module: RuntimeModule,
+        record: dict[str, Any],
+        load_seconds: float,
+        batching: BatchingSettings | None = None,
+    ):
         self.module = module
         self.record = record
         self.load_seconds = load_seconds
+        self.batching = batching
+        self.batcher: Batcher | None = None
         self.revision = str(record["revision"])
         self.input_names = [spec.name for spec in module.input_specs]
         self.output_names = [spec.name for spec in module.output_specs]
@@ -99,7 +112,13 @@ class _Entry:
 class ModelStore:
     """Named models kept under `root`, loaded again when the store opens."""
 
-    def __init__(self, root: str | os.PathLike, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        batching: BatchingPolicy | None = None,
+    ):
+        self.batching = batching or BatchingPolicy()
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / MARKER).is_file():
@@ -313,8 +332,7 @@ class ModelStore:
         with lock:
             yield
 
-    @staticmethod
-    def _load(model: ArachneModel, record: dict[str, Any]) -> LoadedModel:
+    def _load(self, model: ArachneModel, record: dict[str, Any]) -> LoadedModel:
         start = time.perf_counter()
         try:
             module = runtime.load(model)
@@ -322,7 +340,14 @@ class ModelStore:
             raise
         except Exception as err:  # a DNN library's own error for a corrupt or foreign model file
             raise InvalidInputError(f"model {record['name']!r} cannot be loaded: {err}") from err
-        return LoadedModel(module, record, time.perf_counter() - start)
+        try:
+            batching = self.batching.settings_for(
+                record["name"], model.batching, module.input_specs, module.output_specs
+            )
+        except ArachneError:
+            module.done()
+            raise
+        return LoadedModel(module, record, time.perf_counter() - start, batching)
 
 
 def _read_checked(path: Path) -> ArachneModel:
