@@ -64,9 +64,16 @@ class UnauthorizedError(ArachneError):
 
 
 class ConflictError(ArachneError):
-    """The request conflicts with how the server manages the model (a followed model is the registry's)."""
+    """The request conflicts with the model's state (a rollback with no previous version) or with who
+    manages it (a followed model is the registry's)."""
 
     status_code = 409
+
+
+class InsufficientStorageError(ArachneError):
+    """The device's disk is full (or its quota spent): nothing of the request was kept."""
+
+    status_code = 507
 
 
 class RegistryError(ArachneError):

@@ -80,6 +80,44 @@ def tvm_two_io(model_dir):
     return built
 
 
+@pytest.fixture(scope="session")
+def typed_models(tmp_path_factory):
+    """MLflow model dirs of models with string and bfloat16 tensors, by short name."""
+    root = tmp_path_factory.mktemp("typed-models")
+    files = {
+        "onnx_strings.onnx": models.onnx_strings().SerializeToString(),
+        "onnx_bad_text.onnx": models.onnx_string_constant(b"caf\xe9").SerializeToString(),  # Latin-1, not UTF-8
+        "onnx_bfloat16.onnx": models.onnx_bfloat16().SerializeToString(),
+        "tflite_strings.tflite": models.tflite_strings(),
+    }
+    dirs = {}
+    for file_name, content in files.items():
+        path = root / file_name
+        path.write_bytes(content)
+        name, runtime = path.stem, file_name.split("_")[0]
+        dirs[name] = write_model_dir(root / name, runtime, path, runtime_details(runtime, path))
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def linear_versions(tmp_path_factory):
+    """Three versions of one ONNX model (x[1, 4] -> y[1, 3]), an input, and each version's output for it
+    (all different): `(x, [{"dir", "y"}, ...])`."""
+    from tests.helpers.model_dirs import scaled_linear
+    from tests.helpers.v2 import local_outputs
+
+    root = tmp_path_factory.mktemp("linear-versions")
+    x = {"x": np.array([[0.5, 1.0, 1.5, 2.0]], np.float32)}
+    versions = []
+    for scale in (1.0, -3.0, 0.5):
+        directory = scaled_linear(root, scale)
+        versions.append({"dir": directory, "y": local_outputs(directory, x)["y"]})
+    assert not np.array_equal(versions[0]["y"], versions[1]["y"]) and not np.array_equal(
+        versions[1]["y"], versions[2]["y"]
+    )
+    return x, versions
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

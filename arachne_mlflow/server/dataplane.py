@@ -1,10 +1,11 @@
 """The protocol-independent core of the device server: what each route asks, answered with plain data.
 
-Routes hand raw bytes and names in; the dataplane decodes with the codec, runs blocking work
-(decoding, inference, loading, extraction) in one thread pool through `run_blocking`, and
-returns bytes or dicts. Models that are not thread-safe are locked by their own RuntimeModule,
-so a slow model never holds up another. A model with batching settings has its requests checked
-here, then merged with others by its `Batcher` (server/batching.py).
+Routes (REST and gRPC) hand messages and names in; the dataplane decodes them with the
+protocol's codec, runs blocking work (decoding, inference, loading, extraction) in one thread
+pool through `run_blocking`, and returns the protocol's answer or plain dicts. Models that are
+not thread-safe are locked by their own RuntimeModule, so a slow model never holds up another.
+A model with batching settings has its requests checked here, then merged with others by its
+`Batcher` (server/batching.py).
 """
 
 from __future__ import annotations
@@ -28,29 +29,42 @@ from arachne_mlflow.errors import (
     ConflictError,
     InvalidInputError,
     ModelNotFoundError,
+    ModelNotReadyError,
     UnsafeArchiveError,
 )
+from arachne_mlflow.model.arch import machine_arch
 from arachne_mlflow.protocol import codec
-from arachne_mlflow.protocol.datatypes import to_datatype
+from arachne_mlflow.protocol.datatypes import config_datatype, to_datatype
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
 from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStats
-from arachne_mlflow.server.metrics import Metrics, ModelSeries
+from arachne_mlflow.server.metrics import Metrics, ModelSeries, RequestTimes, StoreCollector
+from arachne_mlflow.server.probe import known_tvm_devices, list_tvm_devices_in_background
 from arachne_mlflow.server.store import LoadedModel, ModelStore
 
 if TYPE_CHECKING:
     from arachne_mlflow.server.follow import FollowConfig, Follower
 
 T = TypeVar("T")
+#: A protocol's infer codec: its request message -> InferRequest, and (model, outputs, request,
+#: version) -> its answer (REST: the V2 JSON/binary codec; gRPC: protocol.grpc.codec).
+Decode = Callable[[Any], codec.InferRequest]
+Encode = Callable[[str, dict[str, np.ndarray], codec.InferRequest, str], Any]
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "arachne_upload", "arachne_benchmark", "metrics"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "arachne_upload",
+    "arachne_benchmark",
+    "metrics",
+]
 # Distributions that provide each built-in runtime's library, in the order the backend tries them
 # (onnxruntime has several builds: `onnxruntime_build` says which one Python imports).
 _LIBRARIES = {
     "tflite": ("ai-edge-litert", "tflite-runtime", "tensorflow", "tensorflow-cpu"),
     "tvm": ("apache-tvm", "tvm"),
 }
-# TVM device kinds a model may name (MLmodel `arachne.tvm.device`); server metadata says which exist.
-_TVM_DEVICE_KINDS = ("cpu", "cuda", "rocm", "opencl", "vulkan", "metal")
 _BENCHMARK_LIMITS = {"warmup": (0, 1000), "repeat": (1, 10_000), "number": (1, 1000)}
 # An upload holds a worker thread while its body streams in: cap them so inference keeps threads.
 MAX_CONCURRENT_UPLOADS = 2
@@ -71,6 +85,7 @@ class Dataplane:
         self.metrics = Metrics()
         self.batch_stats: dict[str, BatchStats] = {}
         self.metrics.registry.register(BatchingCollector(self.batch_stats))
+        self.metrics.registry.register(StoreCollector(store))
         self.ready = False
         self.followers: dict[str, Follower] = {}
         self._follow = follow
@@ -84,6 +99,7 @@ class Dataplane:
 
     async def start(self) -> None:
         await self.run_blocking(self.store.open)
+        list_tvm_devices_in_background()  # for `GET /v2`, unless start-up probed a TVM model
         for entry in self.store.index():
             if entry["state"] == "READY":
                 self.metrics.load_seconds.labels(entry["name"]).set(self.store.get(entry["name"]).load_seconds)
@@ -109,20 +125,64 @@ class Dataplane:
             "version": __version__,
             "extensions": EXTENSIONS,
             "platform": platform.platform(),
-            "arch": platform.machine(),
+            "arch": machine_arch(),
             "python": platform.python_version(),
             "runtimes": available_runtimes(),
         }
 
     def model_metadata(self, name: str) -> dict[str, Any]:
         record, inputs, outputs = self.store.spec(name)
+        batches = self.batching(name) is not None
         return {
             "name": name,
             "versions": [str(record["revision"])],
             "platform": f"arachne_{record['runtime']}",
-            "inputs": [_tensor_metadata(spec) for spec in inputs],
-            "outputs": [_tensor_metadata(spec) for spec in outputs],
+            "inputs": [_tensor_metadata(spec, batches) for spec in inputs],
+            "outputs": [_tensor_metadata(spec, batches) for spec in outputs],
         }
+
+    def batching(self, name: str) -> Any:
+        """The dynamic batcher's settings of a loaded model (`LoadedModel.batching`), None when off."""
+        try:
+            return self.store.get(name).batching
+        except ModelNotReadyError:
+            return None
+
+    def model_config(self, name: str) -> dict[str, Any]:
+        """Triton's model configuration (`ModelConfig` JSON): what perf_analyzer reads first.
+
+        With dynamic batching on, `max_batch_size` is the batcher's and `dims` leave out the
+        batch dimension (the metadata shapes keep it, as -1); otherwise `max_batch_size` is 0 and
+        `dims` are the whole shapes.
+        """
+        record, inputs, outputs = self.store.spec(name)
+        batching = self.batching(name)
+        skip = 1 if batching is not None else 0
+
+        def tensor(spec: Any) -> dict[str, Any]:
+            return {"name": spec.name, "data_type": config_datatype(spec.dtype), "dims": list(spec.shape[skip:])}
+
+        config: dict[str, Any] = {
+            "name": name,
+            "platform": f"arachne_{record['runtime']}",
+            "backend": record["runtime"],
+            "max_batch_size": 0,
+            "input": [tensor(spec) for spec in inputs],
+            "output": [tensor(spec) for spec in outputs],
+        }
+        if batching is not None:
+            config.update(batching.to_config())  # max_batch_size and dynamic_batching
+        return config
+
+    def statistics(self, name: str | None = None) -> dict[str, Any]:
+        """Triton's inference statistics of one model, or of every loaded model."""
+        names = [name] if name else [entry["name"] for entry in self.index(ready_only=True)]
+        result = []
+        for model in names:
+            version = str(self.store.record(model)["revision"])
+            series = self.metrics.models.get(model) or ModelSeries()
+            result.append(series.triton.to_dict(model, version))
+        return {"model_stats": result}
 
     def check_version(self, name: str, version: str) -> None:
         """Only the served version of a model exists (V2 paths may name one)."""
@@ -136,56 +196,82 @@ class Dataplane:
 
     # -- inference -------------------------------------------------------------------------
     async def infer(self, name: str, body: bytes, header_length: str | bytes | None) -> tuple[bytes, int | None]:
-        """Run one V2 infer request; returns the response body and its JSON header length.
+        """Run one REST infer request (V2 JSON or binary); returns the response body and its JSON header length."""
+        return await self.infer_message(name, (body, header_length), _decode_rest, codec.encode_response)
+
+    async def infer_message(self, name: str, message: Any, decode: Decode, encode: Encode) -> Any:
+        """Run one infer request of any protocol: `decode` makes an InferRequest of `message`,
+        `encode` the protocol's answer of the outputs.
 
         Batched models go through their batcher; of the rest, fast models run inline on the
         event loop, others in the thread pool.
         """
+        times = RequestTimes(time.perf_counter_ns())
         series = self.metrics.models.get(name)
         if series is None:
             self.store.get(name)  # unknown or unloaded models fail here, before they have a series
             series = self.metrics.models.setdefault(name, ModelSeries())
-        start = time.perf_counter()
         loaded = None
         try:
             loaded = self.store.acquire(name)
             if loaded.batching is not None:
-                response = await self._infer_batched(name, loaded, body, header_length)
+                response = await self._infer_batched(name, loaded, message, decode, encode, times)
             elif series.recent_seconds < INLINE_SECONDS:
-                response = self._infer(name, loaded, body, header_length)
+                response = self._infer(name, loaded, message, decode, encode, times)
             else:
-                response = await self.run_blocking(self._infer, name, loaded, body, header_length)
+                response = await self.run_blocking(self._infer, name, loaded, message, decode, encode, times)
         except Exception:
-            series.failed()
+            series.failed(times)
             raise
         finally:
             if loaded is not None:
                 loaded.release()
-        series.observe(time.perf_counter() - start)
+        series.succeeded(times, executed=loaded.batching is None)  # (the batcher records its executions)
         return response
 
     def _infer(
-        self, name: str, loaded: LoadedModel, body: bytes, header_length: str | bytes | None
-    ) -> tuple[bytes, int | None]:
-        request = codec.decode_request(body, header_length)
-        outputs = loaded.module.infer(_ordered_inputs(loaded.input_names, request.inputs))
-        return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+        self, name: str, loaded: LoadedModel, message: Any, decode: Decode, encode: Encode, times: RequestTimes
+    ) -> Any:
+        started = time.perf_counter_ns()
+        times.queue = started - times.arrived
+        request = decode(message)
+        inputs = _ordered_inputs(loaded.input_names, request.inputs)
+        decoded = time.perf_counter_ns()
+        outputs = loaded.module.infer(inputs)
+        ran = time.perf_counter_ns()
+        response = encode(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+        times.compute_input = decoded - started
+        times.compute_infer = ran - decoded
+        times.compute_output = time.perf_counter_ns() - ran
+        return response
 
     async def _infer_batched(
-        self, name: str, loaded: LoadedModel, body: bytes, header_length: str | bytes | None
-    ) -> tuple[bytes, int | None]:
+        self, name: str, loaded: LoadedModel, message: Any, decode: Decode, encode: Encode, times: RequestTimes
+    ) -> Any:
         """Decode and check on the event loop (a bad request is refused before it joins a batch), then
         wait for the batch. Batches run in the thread pool: while one runs, the loop takes in the next."""
-        request = codec.decode_request(body, header_length)
+        started = time.perf_counter_ns()
+        request = decode(message)
         ordered = _ordered_inputs(loaded.input_names, request.inputs)
         inputs = [spec.check(value) for spec, value in zip(loaded.module.input_specs, ordered)]
+        times.compute_input = time.perf_counter_ns() - started
+        times.samples = inputs[0].shape[0] if inputs and inputs[0].ndim else 1
         batcher = loaded.batcher
         if batcher is None:
             stats = self.batch_stats.setdefault(name, BatchStats())
             run = functools.partial(self.run_blocking, loaded.module.infer)
-            batcher = loaded.batcher = Batcher(loaded.batching, run, stats)  # type: ignore[arg-type]
-        outputs = await batcher.submit(inputs)
-        return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+            triton = self.metrics.models[name].triton
+            batcher = loaded.batcher = Batcher(
+                loaded.batching,  # type: ignore[arg-type]
+                run,
+                stats,
+                executed=lambda rows, infer_ns: triton.executed(rows, 0, infer_ns, 0),
+            )
+        outputs = await batcher.submit(inputs, times)
+        encoding = time.perf_counter_ns()
+        response = encode(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+        times.compute_output = time.perf_counter_ns() - encoding
+        return response
 
     async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         """Time the model on the server with `RuntimeModule.benchmark` (bounded repeat counts)."""
@@ -236,12 +322,28 @@ class Dataplane:
                 "here; move the alias in the registry instead"
             )
 
+    def check_load_parameters(self, parameters: dict[str, Any]) -> None:
+        """Triton's load may carry a new configuration or model files: refused (upload the model instead)."""
+        for key in parameters:
+            if key == "config" or key.startswith("file:"):
+                raise InvalidInputError(
+                    f"load parameter {key!r} is not supported: a model changes by uploading it "
+                    "(PUT /v2/repository/models/{name}); load only loads the stored model again"
+                )
+
     async def load(self, name: str) -> None:
         loaded = await self.run_blocking(self.store.load, name)
         self.metrics.load_seconds.labels(name).set(loaded.load_seconds)
 
     async def unload(self, name: str) -> None:
         await self.run_blocking(self.store.unload, name)
+
+    async def rollback(self, name: str) -> dict[str, Any]:
+        self._refuse_followed(name, "rolled back")
+        record = await self.run_blocking(self.store.rollback, name)
+        with contextlib.suppress(ArachneError):  # unloaded again meanwhile: nothing to record
+            self.metrics.load_seconds.labels(name).set(self.store.get(name).load_seconds)
+        return record
 
     async def delete(self, name: str) -> None:
         self._refuse_followed(name, "deleted")
@@ -328,13 +430,25 @@ def _ordered_inputs(names: list[str], inputs: dict[str, np.ndarray]) -> list[np.
     raise InvalidInputError(f"the model's inputs are {names}; missing {missing}, unknown {unknown}")
 
 
-def _tensor_metadata(spec: Any) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": to_datatype(spec.dtype), "shape": list(spec.shape)}
+def _decode_rest(message: tuple[bytes, str | bytes | None]) -> codec.InferRequest:
+    return codec.decode_request(*message)
+
+
+def _tensor_metadata(spec: Any, batches: bool = False) -> dict[str, Any]:
+    shape = list(spec.shape)
+    if batches and shape:
+        shape[0] = -1  # Triton's metadata of a batching model: the batch dimension first, as -1
+    return {"name": spec.name, "datatype": to_datatype(spec.dtype), "shape": shape}
 
 
 def available_runtimes() -> list[dict[str, Any]]:
     """Runtimes this server can load, with the library and version that provides each (and TVM's devices,
-    onnxruntime's providers)."""
+    onnxruntime's providers).
+
+    Nothing here imports a DNN library into the server: TVM's devices are the ones the last child
+    process that imported TVM found (`probe.py`: a model's probe, or the listing at start-up), and
+    `None` while none has; onnxruntime's providers come from a child too until a model loads it.
+    """
     from arachne_mlflow.runtime import list_runtimes
 
     result = []
@@ -355,18 +469,6 @@ def available_runtimes() -> list[dict[str, Any]]:
                 continue
     for entry in result:
         if entry["name"] == "tvm":
-            entry["devices"] = list(tvm_devices())
+            devices = known_tvm_devices()
+            entry["devices"] = None if devices is None else list(devices)
     return result
-
-
-@functools.lru_cache(maxsize=1)
-def tvm_devices() -> tuple[str, ...]:
-    """The TVM device kinds this machine has, so a client can refuse a model before pushing it.
-
-    Cached: importing TVM takes about two seconds (the route runs this off the event loop).
-    """
-    try:
-        import tvm
-    except ImportError:
-        return ()
-    return tuple(kind for kind in _TVM_DEVICE_KINDS if tvm.runtime.device(kind).exist)

@@ -53,9 +53,9 @@ from arachne_mlflow.model.digest import tree_files
 from arachne_mlflow.model.directory import ENVIRONMENT_FILES, MLMODEL, read_model_dir
 from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.metrics import Metrics
-from arachne_mlflow.server.probe import MAX_EXAMPLE_BYTES, smoke_check
 from arachne_mlflow.server.registry_client import ModelRef, ModelVersion, RegistryClient
-from arachne_mlflow.server.store import ModelStore, _read_checked
+from arachne_mlflow.server.smoke import MAX_EXAMPLE_BYTES, smoke_check
+from arachne_mlflow.server.store import ModelStore, read_checked
 
 _logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class Follower:
             if other.is_dir() and other != stage:
                 shutil.rmtree(other, ignore_errors=True)
         files = self._download(mv, stage)
-        model = _read_checked(files)  # an upload's checks (runtime options naming files...) before a child loads it
+        model = read_checked(files)  # an upload's checks (its runtime options...) before a child loads it
         example = stage / "input_example.json"
         smoke_check(files, self.name, example if example.is_file() else None)
         provenance = {

@@ -27,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("ARACHNE_TOKEN"),
         help="bearer token every route but health requires (default $ARACHNE_TOKEN; none: no auth)",
     )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve the protocol over gRPC on this port, same host, token and TLS (needs arachne-mlflow[grpc])",
+    )
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--max-upload-mb", type=int, default=4096, help="largest model upload, unpacked (MiB)")
@@ -92,6 +98,8 @@ def serve(args: argparse.Namespace) -> int:
     from arachne_mlflow.server.batching import BatchingPolicy
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    # A device server only runs TVM libraries: TVM's runtime library is enough, its compiler is not loaded.
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
     if not args.token and not _is_loopback(args.host):
@@ -109,6 +117,10 @@ def serve(args: argparse.Namespace) -> int:
             max_request_bytes=args.max_request_mb * 1024**2,
             max_workers=args.workers,
             batching=batching,
+            grpc_port=args.grpc_port,
+            grpc_host=args.host,
+            grpc_tls=(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None,
+            grpc_grace=args.graceful_timeout,
             follow=_follow_config(args),
         )
     except ArachneError as err:
