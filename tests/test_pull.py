@@ -33,8 +33,8 @@ from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.server.app import create_app
 from arachne_mlflow.server.follow import FollowConfig, Follower, check_artifact_path, parse_follows
 from arachne_mlflow.server.metrics import Metrics
-from arachne_mlflow.server.smoke import smoke_inputs
 from arachne_mlflow.server.registry_client import ModelRef, RegistryClient, session_from_env
+from arachne_mlflow.server.smoke import smoke_inputs
 from arachne_mlflow.server.store import ModelStore
 from tests.helpers import models
 from tests.helpers.mlflow_server import ADMIN, MlflowServer
