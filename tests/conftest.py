@@ -150,13 +150,31 @@ def mlflow_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` process for the session (sqlite, artifacts served by the server); its URL.
+    """A real `mlflow server` process (sqlite backend, --serve-artifacts) on loopback, for the session.
 
-    Tests that stop or restart a tracking server start their own `MlflowServer` instead.
+    Yields its URL. Tests that talk to it set the tracking URI themselves (`tracking_server`
+    does it for one test) so that tests using `mlflow_store` are not affected. Tests that stop or restart a
+    tracking server start their own `MlflowServer`.
     """
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     yield server.url
     server.stop()
+
+
+@pytest.fixture
+def tracking_server(mlflow_server):
+    """The session's `mlflow server` as the tracking and registry URI during one test (restored after)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(mlflow_server)
+    yield mlflow_server
+    mlflow.set_tracking_uri(previous)
+    if previous_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 @dataclass

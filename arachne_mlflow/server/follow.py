@@ -68,7 +68,7 @@ PULL_TIMEOUT = 3600.0  # one try at downloading a version; the next try resumes 
 MAX_MLMODEL_BYTES = 1024**2
 MAX_FILES = 1000
 MAX_TAG_VALUE = 100_000  # MLflow's limit on a model-version tag value
-MAX_REPORTED_ERROR = 500
+MAX_REPORTED_ERROR = 300  # as the push side bounds a device's error on the same tag
 REPORT_ATTEMPTS = 3
 _PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+ -]{0,254}$")
 

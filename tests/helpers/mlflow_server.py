@@ -1,7 +1,7 @@
 """A real `mlflow server` process on a loopback port (sqlite backend, artifacts served by the server).
 
-It can be stopped and started again on the same port with the same database, for outage tests,
-and run MLflow's basic-auth app (`--app-name basic-auth`) with an admin user.
+It can be stopped and started again on the same port with the same database (outage tests), and
+run MLflow's basic-auth app (`--app-name basic-auth`) with an admin user.
 """
 
 from __future__ import annotations
@@ -19,16 +19,19 @@ from tests.helpers.servers import free_port
 
 # Set for the test process too: `import mlflow` starts telemetry unless told not to (see the REST notes).
 QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-ADMIN = ("admin", "admin-password-123")
+ADMIN = ("admin", "admin-password-123")  # the basic-auth app's admin (it refuses passwords under 12 characters)
 
 
 class MlflowServer:
-    """`python -m mlflow server` under `root`, started and stopped by tests."""
+    """`python -m mlflow server` under `root` (one worker, --serve-artifacts), started and stopped by tests.
 
-    def __init__(self, root: Path, basic_auth: bool = False, port: int | None = None):
+    It runs in its own session, so that stopping it stops its children too.
+    """
+
+    def __init__(self, root: Path, port: int | None = None, basic_auth: bool = False):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.basic_auth = basic_auth
+        self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
         self.log_path = self.root / "mlflow-server.log"
@@ -45,6 +48,7 @@ class MlflowServer:
             "server",
             "--backend-store-uri",
             f"sqlite:///{self.root / 'mlflow.db'}",
+            "--serve-artifacts",
             "--artifacts-destination",
             str(self.root / "artifacts"),
             "--host",
@@ -57,7 +61,7 @@ class MlflowServer:
         env = {**os.environ, **QUIET_ENV}
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             env.pop(name, None)
-        if self.basic_auth:
+        if self.basic_auth:  # no permission unless granted: what a least-privilege set-up starts from
             args += ["--app-name", "basic-auth"]
             config = self.root / "auth.ini"
             config.write_text(
@@ -69,13 +73,12 @@ class MlflowServer:
                 "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
             )
             env.update({"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "arachne-tests"})
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            args, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                args, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # polling a starting process: there is no event to wait on
             if self.process.poll() is not None:
                 raise RuntimeError(f"mlflow server exited with {self.process.returncode}: {self.read_log()}")
             try:
