@@ -370,6 +370,34 @@ def test_moving_the_alias_rolls_the_device_within_one_interval(mlflow_server, pu
 
 
 @pytest.mark.slow
+def test_a_push_to_a_following_device_leaves_it_to_pull(tracking_server, pull_models, start_device):
+    """A fleet command that reaches a device following the URI it deploys pushes nothing: the device
+    is `unchanged` when it runs that version, `pulling` while it has yet to; a device following
+    another URI is a failure that names it."""
+    from mlflow.deployments import get_deploy_client
+    from mlflow.exceptions import MlflowException
+
+    dirs, _ = pull_models
+    client, registered = _client(tracking_server), _unique("pushed")
+    v1, v2 = _register(client, registered, dirs["v1"]), _register(client, registered, dirs["v2"])
+    client.set_registered_model_alias(registered, "prod", v1)
+    device = start_device(tracking_server, f"det=models:/{registered}@prod", interval=60.0)  # no check meanwhile
+    _wait(lambda: _rolled(device, v1))
+    deploy = get_deploy_client(f"arachne-jetson://127.0.0.1:{device.port}")
+    states = lambda result: [d["state"] for d in result["devices"]]  # noqa: E731
+    assert states(deploy.update_deployment("det", f"models:/{registered}@prod", config={"report": "false"})) == [
+        "unchanged"
+    ]
+    client.set_registered_model_alias(registered, "prod", v2)
+    assert states(deploy.update_deployment("det", f"models:/{registered}@prod", config={"report": "false"})) == [
+        "pulling"
+    ]
+    with pytest.raises(MlflowException, match=f"follows models:/{registered}@prod"):
+        deploy.update_deployment("det", f"models:/{registered}/{v2}", config={"report": "false"})
+    assert _record(device)["revision"] == 1 and _running(device) == v1  # nothing was pushed
+
+
+@pytest.mark.slow
 def test_a_version_that_fails_leaves_the_old_one_serving_is_reported_and_not_retried(
     mlflow_server, pull_models, start_device
 ):
