@@ -304,7 +304,7 @@ def test_outputs_that_break_the_signature_halt_and_spare_a_device_already_there(
 
 @pytest.mark.slow
 def test_max_failures_halts_and_a_halted_create_deletes_the_model(
-    fleet_devices, linear_versions, fleet_token_env, capsys
+    fleet_devices, linear_versions, tracking_server, fleet_token_env, capsys
 ):
     x, versions = linear_versions
     up, down = fleet_devices[0], free_port()
@@ -331,6 +331,14 @@ def test_max_failures_halts_and_a_halted_create_deletes_the_model(
     bar = capsys.readouterr().err.replace("\r", "\n")
     assert re.search(r"rollout undone: +100%.* 2/2 .*batch 2/2: 1 failed", bar), bar
     assert _record(up, "undone")["revision"] == before["revision"] + 2
+
+    # not in the registry: `fleet rollback --target` takes the device back to the version it kept
+    code, _, err = fleet_command(capsys, "rollback", "undone", "--target", f"127.0.0.1:{up.port}")
+    assert code == 0 and "rolled-back" in err
+    back = _record(up, "undone")
+    assert (back["revision"], back["digest"]) == (before["revision"], before["digest"])
+    code, _, err = fleet_command(capsys, "rollback", "unknown")
+    assert code == 1 and "the registry records no deployment 'unknown': name its devices with --target" in err
     get_deploy_client(f"arachne-jetson://127.0.0.1:{up.port}").delete_deployment("undone")
 
 

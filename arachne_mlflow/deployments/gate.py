@@ -57,11 +57,18 @@ def check(device: Device, connection: Connection, name: str, smoke: Smoke, strat
     """Raise `HealthGateError` unless `device` serves `name` healthily (see the module's docstring)."""
     started = time.monotonic()
     limit = strategy.gate_timeout
+
+    def in_time() -> None:  # (each request waits at most `limit` too)
+        took = time.monotonic() - started
+        if took > limit:
+            raise HealthGateError(f"{device} took {took:.1f} s to answer the smoke inference (gate_timeout={limit:g})")
+
     with replace(connection, timeout=limit).client(device) as client:
         try:
             if not client.model_ready(name):
                 raise HealthGateError(f"model {name!r} is not ready on {device} after the switch")
             metadata = client.model_metadata(name)
+            in_time()
             inputs = smoke.inputs
             if inputs is None:
                 inputs = {spec.name: _random(spec) for spec in _specs(metadata["inputs"])}
@@ -71,9 +78,7 @@ def check(device: Device, connection: Connection, name: str, smoke: Smoke, strat
             raise
         except ArachneError as err:
             raise HealthGateError(f"the smoke inference of {name!r} on {device} failed: {err}") from err
-        took = time.monotonic() - started
-        if took > limit:
-            raise HealthGateError(f"{device} took {took:.1f} s to answer the smoke inference (gate_timeout={limit:g})")
+        in_time()
         check_outputs(outputs, smoke.outputs or _specs(metadata["outputs"]))
         if strategy.gate_seconds:
             _watch(client, device, name, baseline, strategy.gate_seconds)

@@ -43,9 +43,6 @@ class Rollout:
     """What a rollout did: each device's result (in the target's order) and why it halted."""
 
     results: list[DeviceResult]
-    strategy: Strategy
-    batches: int  # planned
-    done: int  # rolled out (the last of them is where it halted)
     halted: str | None = None
 
 
@@ -57,18 +54,18 @@ def roll_out(
     batches = strategy.batches(devices)
     smoke = gate.smoke_of(source.model)
     results: dict[Device, DeviceResult] = {}
-    halted, done = None, 0
+    halted = None
 
     def step(device: Device) -> DeviceResult:
         return _gated(push_device(device, connection, name, source, upload_progress), connection, name, smoke, strategy)
 
     progress = _Progress(name, len(devices), len(batches), settings.progress)
     try:
-        for done, batch in enumerate(batches, 1):
+        for number, batch in enumerate(batches, 1):
             batch_results = on_devices(batch, step, settings.workers(len(batch)))
             results.update((r.device, r) for r in batch_results)
-            progress.batch(done, batch_results)
-            halted = _halt(strategy, done, len(batches), batch_results, list(results.values()))
+            progress.batch(number, batch_results)
+            halted = _halt(strategy, number, len(batches), batch_results, list(results.values()))
             if halted:
                 break
     finally:
@@ -79,7 +76,7 @@ def roll_out(
         results.update((r.device, r) for r in undone)
         rest = [d for d in devices if d not in results]
         results.update((r.device, r) for r in _untouched(rest, connection, name, source, settings))
-    return Rollout([results[d] for d in devices], strategy, len(batches), done, halted)
+    return Rollout([results[d] for d in devices], halted)
 
 
 def undo_device(result: DeviceResult, connection: Connection, name: str, registered: str | None) -> DeviceResult:
