@@ -8,12 +8,14 @@ Starlette, by `infer_route.InferRoute`, with the same error handler.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -23,7 +25,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from arachne_mlflow.errors import ArachneError, InvalidInputError
-from arachne_mlflow.server.dataplane import Dataplane
+from arachne_mlflow.server.dataplane import DEFAULT_BENCHMARK_SECONDS, Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
 
@@ -32,7 +34,11 @@ _logger = logging.getLogger(__name__)
 PROVENANCE_HEADER = "Arachne-Provenance"
 MAX_PROVENANCE_BYTES = 16 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 1024**3
+DEFAULT_MAX_JSON_BYTES = 64 * 1024**2
 _PUBLIC_PREFIX = "/v2/health/"
+# Running out of file descriptors (connections, uploads) is the server being full, not broken.
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+T = TypeVar("T")
 
 
 def create_app(
@@ -41,14 +47,17 @@ def create_app(
     max_upload_bytes: int | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_workers: int | None = None,
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+    benchmark_seconds: float = DEFAULT_BENCHMARK_SECONDS,
 ) -> ASGIApp:
     """The device server application over the model store directory `model_store`.
 
     Layers, outermost first: bearer auth (with a token), `InferRoute` (the infer paths), Starlette.
     """
     store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
-    dataplane = Dataplane(store, max_workers)
-    routes = _Routes(dataplane, max_request_bytes)
+    max_json_bytes = min(max_json_bytes, max_request_bytes)  # (a JSON body is a request body too)
+    dataplane = Dataplane(store, max_workers, benchmark_seconds)
+    routes = _Routes(dataplane, max_json_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -66,16 +75,16 @@ def create_app(
         },
     )
     app.state.dataplane = dataplane
-    front = InferRoute(app, dataplane, max_request_bytes, routes.error_response)
+    front = InferRoute(app, dataplane, max_request_bytes, max_json_bytes, routes.error_response)
     return _BearerAuth(front, token, dataplane) if token else front
 
 
 class _Routes:
     """The route handlers: HTTP in, dataplane call, HTTP out."""
 
-    def __init__(self, dataplane: Dataplane, max_request_bytes: int):
+    def __init__(self, dataplane: Dataplane, max_json_bytes: int):
         self.dp = dataplane
-        self.max_request_bytes = max_request_bytes
+        self.max_json_bytes = max_json_bytes  # the routes here take small JSON bodies (infer is InferRoute's)
 
     def table(self) -> list[Route]:
         m = "/v2/models/{model}"
@@ -141,7 +150,8 @@ class _Routes:
 
     async def benchmark(self, request: Request) -> Response:
         options = await self._json(request)
-        return JSONResponse(await self.dp.benchmark(request.path_params["model"], options))
+        work = self.dp.benchmark(request.path_params["model"], options)
+        return JSONResponse(await _unless_client_leaves(request, work))
 
     async def metrics(self, request: Request) -> Response:
         return Response(self.dp.metrics.render(), media_type=self.dp.metrics.content_type)
@@ -165,6 +175,11 @@ class _Routes:
         return JSONResponse({"error": err.detail}, status_code=err.status_code, headers=err.headers)
 
     async def on_crash(self, request: Request, err: Exception) -> Response:
+        if isinstance(err, OSError) and err.errno in _EXHAUSTED:
+            _logger.error("%s %s: %s", request.method, request.url.path, err)
+            self.dp.metrics.http_errors.labels("503").inc()
+            message = f"the server is out of file descriptors ({err.strerror}): try again later"
+            return JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "1"})
         _logger.exception("unexpected error on %s %s", request.method, request.url.path)
         self.dp.metrics.http_errors.labels("500").inc()
         return JSONResponse({"error": f"internal server error: {type(err).__name__}: {err}"}, status_code=500)
@@ -177,9 +192,9 @@ class _Routes:
             self.dp.check_version(name, request.path_params["version"])
         return name
 
-    async def _body(self, request: Request) -> bytes:
+    async def _body(self, request: Request) -> bytes | bytearray:
         return await read_body(
-            request.receive, request.headers.get("content-length", "").encode("latin-1") or None, self.max_request_bytes
+            request.receive, request.headers.get("content-length", "").encode("latin-1") or None, self.max_json_bytes
         )
 
     async def _json(self, request: Request) -> dict[str, Any]:
@@ -194,6 +209,27 @@ class _Routes:
         if not isinstance(data, dict):
             raise InvalidInputError("request body must be a JSON object")
         return data
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """The result of `work`, which is cancelled if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    hangup = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, hangup), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise InvalidInputError("the client disconnected before the answer was ready")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has hung up (the body has been read: nothing else comes before)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _stream(request: Request) -> AsyncIterator[bytes]:
@@ -226,13 +262,14 @@ class _BearerAuth:
     def __init__(self, app: ASGIApp, token: str, dataplane: Dataplane):
         self.app = app
         self.state = app.state
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._dataplane = dataplane
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not scope["path"].startswith(_PUBLIC_PREFIX):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._expected):
+            # `<scheme> <credentials>`, the scheme in any case and spaces after it (RFC 7235)
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if not (hmac.compare_digest(given.lstrip(b" "), self._expected) and scheme.lower() == b"bearer"):
                 self._dataplane.metrics.http_errors.labels("401").inc()
                 response = JSONResponse(
                     {"error": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"},

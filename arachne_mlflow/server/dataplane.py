@@ -14,6 +14,7 @@ import contextlib
 import functools
 import io
 import platform
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -25,6 +26,7 @@ from arachne_mlflow import __version__
 from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, UnsafeArchiveError
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.protocol.datatypes import to_datatype
+from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.server.metrics import Metrics, ModelSeries
 from arachne_mlflow.server.store import ModelStore
 
@@ -47,16 +49,24 @@ UPLOAD_IDLE_TIMEOUT = 120.0
 # A request whose model answers faster than this (recent average) runs on the event loop: two
 # thread hand-offs cost more than the inference itself, and block the loop for no longer.
 INLINE_SECONDS = 0.001
+# ... unless its body is larger than this: decoding it alone would hold up every other connection.
+INLINE_MAX_BYTES = 64 * 1024
+DEFAULT_BENCHMARK_SECONDS = 30.0
 
 
 class Dataplane:
     """Inference, metadata and repository operations over a `ModelStore`."""
 
-    def __init__(self, store: ModelStore, max_workers: int | None = None):
+    def __init__(
+        self, store: ModelStore, max_workers: int | None = None, benchmark_seconds: float = DEFAULT_BENCHMARK_SECONDS
+    ):
         self.store = store
         self.metrics = Metrics()
         self.ready = False
+        self.benchmark_seconds = benchmark_seconds
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="arachne-dataplane")
+        # Benchmarks run one at a time on a thread of their own: they never take the inference pool.
+        self._benchmarks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arachne-benchmark")
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -75,6 +85,7 @@ class Dataplane:
         self.ready = False
         await self.run_blocking(self.store.close)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._benchmarks.shutdown(wait=False, cancel_futures=True)
 
     # -- metadata --------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
@@ -100,19 +111,20 @@ class Dataplane:
 
     def check_version(self, name: str, version: str) -> None:
         """Only the served version of a model exists (V2 paths may name one)."""
-        served = str(self.store.record(name)["revision"])
-        if version != served:
-            raise ModelNotFoundError(f"model {name!r} has no version {version!r}; the served version is {served}")
+        _check_version(name, version, str(self.store.record(name)["revision"]))
 
     def model_ready(self, name: str) -> dict[str, Any]:
         self.store.get(name)
         return {"name": name, "ready": True}
 
     # -- inference -------------------------------------------------------------------------
-    async def infer(self, name: str, body: bytes, header_length: str | bytes | None) -> tuple[bytes, int | None]:
-        """Run one V2 infer request; returns the response body and its JSON header length.
+    async def infer(
+        self, name: str, body: bytes, header_length: str | bytes | None, version: str | None = None
+    ) -> tuple[bytes, int | None]:
+        """Run one V2 infer request (on `version` of the model, if given); returns the response body
+        and its JSON header length.
 
-        Fast models run inline on the event loop; the rest in the thread pool.
+        Small requests to fast models run inline on the event loop; the rest in the thread pool.
         """
         series = self.metrics.models.get(name)
         if series is None:
@@ -120,27 +132,32 @@ class Dataplane:
             series = self.metrics.models.setdefault(name, ModelSeries())
         start = time.perf_counter()
         try:
-            if series.recent_seconds < INLINE_SECONDS:
-                response = self._infer(name, body, header_length)
+            if series.recent_seconds < INLINE_SECONDS and len(body) <= INLINE_MAX_BYTES:
+                response = self._infer(name, body, header_length, version)
             else:
-                response = await self.run_blocking(self._infer, name, body, header_length)
+                response = await self.run_blocking(self._infer, name, body, header_length, version)
         except Exception:
             series.failed()
             raise
         series.observe(time.perf_counter() - start)
         return response
 
-    def _infer(self, name: str, body: bytes, header_length: str | bytes | None) -> tuple[bytes, int | None]:
+    def _infer(
+        self, name: str, body: bytes, header_length: str | bytes | None, version: str | None
+    ) -> tuple[bytes, int | None]:
         loaded = self.store.acquire(name)
         try:
-            request = codec.decode_request(body, header_length)
+            if version is not None:  # checked on the model taken: a replace may have come since the request
+                _check_version(name, version, loaded.revision)
+            request = codec.decode_request(body, header_length, loaded.module.input_specs)
             outputs = loaded.module.infer(_ordered_inputs(loaded.input_names, request.inputs))
             return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
         finally:
             loaded.release()
 
     async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
-        """Time the model on the server with `RuntimeModule.benchmark` (bounded repeat counts)."""
+        """Time the model on the server with `RuntimeModule.benchmark`: bounded repeat counts, at most
+        `benchmark_seconds`, one at a time; cancelling the call (the client hung up) stops it."""
         kwargs = {}
         for key, value in options.items():
             if key not in _BENCHMARK_LIMITS:
@@ -150,12 +167,21 @@ class Dataplane:
                 raise InvalidInputError(f"benchmark option {key!r} must be an integer in [{low}, {high}]")
             kwargs[key] = value
         self.store.get(name)  # unknown or unloaded models fail here, before a thread is taken
+        stop = threading.Event()
 
         def run() -> dict[str, Any]:
             with self.store.use(name) as loaded:
-                return loaded.module.benchmark(**kwargs)
+                module = loaded.module
+                if type(module).benchmark is not RuntimeModule.benchmark:  # a plugin's own: bounded by the counts
+                    return module.benchmark(**kwargs)
+                return module.benchmark(**kwargs, max_seconds=self.benchmark_seconds, stop=stop)
 
-        return {"name": name, **await self.run_blocking(run)}
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._benchmarks, run)
+        except asyncio.CancelledError:
+            stop.set()  # one that has not started is dropped; a running one ends after its current repeat
+            raise
+        return {"name": name, **result}
 
     # -- repository ------------------------------------------------------------------------
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
@@ -174,6 +200,7 @@ class Dataplane:
 
     async def delete(self, name: str) -> None:
         await self.run_blocking(self.store.delete, name)
+        self.metrics.forget(name)
 
     async def upload(
         self, name: str, chunks: AsyncIterator[bytes], provenance: dict[str, Any] | None
@@ -243,6 +270,11 @@ def _ordered_inputs(names: list[str], inputs: dict[str, np.ndarray]) -> list[np.
     unknown = sorted(set(inputs) - set(names))
     missing = [n for n in names if n not in inputs]
     raise InvalidInputError(f"the model's inputs are {names}; missing {missing}, unknown {unknown}")
+
+
+def _check_version(name: str, version: str, served: str) -> None:
+    if version != served:
+        raise ModelNotFoundError(f"model {name!r} has no version {version!r}; the served version is {served}")
 
 
 def _tensor_metadata(spec: Any) -> dict[str, Any]:

@@ -65,6 +65,11 @@ class Metrics:
             "arachne_http_errors", "Error responses by HTTP status", ["status"], registry=self.registry
         )
 
+    def forget(self, name: str) -> None:
+        """Drop every series of model `name` (deleted: its name may never come back)."""
+        self.models.pop(name, None)
+        self.load_seconds.remove(name)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
