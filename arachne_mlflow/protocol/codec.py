@@ -88,13 +88,14 @@ def _split_request(
     view = memoryview(body)
     if size <= json_data.SMALL_MESSAGE:
         return _object(_loads(view[:size])), view[size:], None
-    text, lifted = json_data.lift(body, size)
-    if len(text) > json_data.SMALL_MESSAGE and specs is not None and all(s.dtype.kind != "O" for s in specs):
+    lifted = json_data.lift(body, size)
+    rest = lifted.rest_size
+    if rest > json_data.SMALL_MESSAGE and specs is not None and all(s.dtype.kind != "O" for s in specs):
         raise InvalidInputError(
-            f"the request holds {len(text)} bytes of JSON besides lists of numbers, and the model takes no "
+            f"the request holds {rest} bytes of JSON besides lists of numbers, and the model takes no "
             "BYTES input: send tensors as lists of numbers or as binary data"
         )
-    return _object(_loads(text)), view[size:], lifted
+    return _object(_loads(lifted.header())), view[size:], lifted
 
 
 def _json_size(body: bytes, header_length: str | bytes | None) -> int:

@@ -3,10 +3,10 @@
 A JSON parser makes a Python float or int of every number (24-32 bytes each, plus the list that
 holds them) before anything can look at the names, datatypes and shapes of the tensors, so a
 request that the model would refuse still costs many times its size in memory. For a message
-over `SMALL_MESSAGE` bytes the codec parses only its structure: `lift` takes every
-`"data": [...]` array that holds no strings or objects out of the text, leaving the array's
-index in its place, and `LiftedArrays.parse` reads one of them straight into an array, a slice
-of text at a time, once the tensor has been checked against the model.
+over `SMALL_MESSAGE` bytes the codec parses only its structure: `lift` finds every
+`"data": [...]` array that holds no strings or objects, `LiftedArrays.header` is the text with
+each replaced by its index, and `LiftedArrays.parse` reads one of them straight into an array, a
+slice of text at a time, once the tensor has been checked against the model.
 """
 
 from __future__ import annotations
@@ -45,12 +45,27 @@ def loads(data: Any) -> Any:
 
 
 class LiftedArrays:
-    """The `"data"` arrays lifted out of a message: `text[start:end]` for each index."""
+    """The `"data"` arrays lifted out of `text[:end]`: `text[start:stop]` for each index."""
 
-    def __init__(self, text: bytes | bytearray, spans: list[tuple[int, int]]):
+    def __init__(self, text: bytes | bytearray, end: int, spans: list[tuple[int, int]]):
         self.text = text
+        self.end = end
         self.spans = spans
         self._taken: set[int] = set()
+
+    @property
+    def rest_size(self) -> int:
+        """The bytes of the message besides the arrays (what `header` holds, but for the indices)."""
+        return self.end - sum(stop - start for start, stop in self.spans)
+
+    def header(self) -> bytes:
+        """The message with each array replaced by its index."""
+        pieces, copied, view = [], 0, memoryview(self.text)
+        for index, (start, stop) in enumerate(self.spans):
+            pieces += [view[copied:start], b"%d" % index]
+            copied = stop
+        pieces.append(view[copied : self.end])
+        return b"".join(pieces)
 
     def parse(self, index: Any, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         """Array `index` as a `shape` array of `dtype`, refused unless its text is exactly that (lists
@@ -94,22 +109,19 @@ class LiftedArrays:
         return out.reshape(shape)
 
 
-def lift(text: bytes | bytearray, end: int) -> tuple[bytes, LiftedArrays]:
-    """`text[:end]` with each array of numbers under a `"data"` key replaced by its index, and the arrays."""
-    pieces, spans, copied, position = [], [], 0, 0
+def lift(text: bytes | bytearray, end: int) -> LiftedArrays:
+    """The arrays of numbers under a `"data"` key in `text[:end]` (found, not copied)."""
+    spans, position = [], 0
     while (match := _DATA_KEY.search(text, position, end)) is not None:
         start = match.end() - 1
         position = match.end()
         # the array holds no string or object: it ends at the last ']' before the next '"', '{' or '}'
         stop = min((i for i in (text.find(c, start, end) for c in (b'"', b"{", b"}")) if i >= 0), default=end)
         close = text.rfind(b"]", start, stop)
-        if close < 0:
-            continue
-        pieces += [text[copied:start], b"%d" % len(spans)]
-        spans.append((start, close + 1))
-        copied = position = close + 1
-    pieces.append(text[copied:end])
-    return b"".join(pieces), LiftedArrays(text, spans)
+        if close >= 0:
+            spans.append((start, close + 1))
+            position = close + 1
+    return LiftedArrays(text, end, spans)
 
 
 def _values(piece: bytes, kind: str, dtype: np.dtype, name: str) -> np.ndarray:
