@@ -23,8 +23,9 @@ import pytest
 import requests
 
 from arachne_mlflow.client import DeviceClient
-from arachne_mlflow.server import dataplane as dataplane_module
-from arachne_mlflow.server.dataplane import Dataplane
+from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.protocol import codec, json_data
+from arachne_mlflow.server.dataplane import INLINE_SECONDS, Dataplane
 from arachne_mlflow.server.store import ModelStore
 from tests.helpers import models
 from tests.helpers.model_dirs import runtime_details, write_model_dir
@@ -400,9 +401,6 @@ def _large_json_cases() -> dict[str, bytes]:
 @pytest.mark.parametrize("case", list(_large_json_cases()))
 def test_large_json_is_read_as_a_json_parser_reads_it(case, monkeypatch):
     """Numbers read from the text (`json_data`) are the parser's numbers; what it refuses is refused."""
-    from arachne_mlflow.errors import InvalidInputError
-    from arachne_mlflow.protocol import codec, json_data
-
     body = _large_json_cases()[case]
     assert len(body) > json_data.SMALL_MESSAGE
 
@@ -445,9 +443,9 @@ def test_a_large_request_to_a_fast_model_does_not_run_on_the_event_loop(tmp_path
         try:
             await dataplane.run_blocking(dataplane.store.put, "fast", _tar_stream(linear_dir))
             small = _json_body("x", "FP32", [1, 4], [0.5] * 4)
-            for _ in range(20):  # its recent average is now far below INLINE_SECONDS
-                await dataplane.infer("fast", small, None)
-            assert dataplane.metrics.models["fast"].recent_seconds < dataplane_module.INLINE_SECONDS
+            await dataplane.infer("fast", small, None)
+            # (how a model that answers in microseconds looks to the inline rule, on a busy machine too)
+            dataplane.metrics.models["fast"].recent_seconds = INLINE_SECONDS / 10
             turns = 0
             work = asyncio.ensure_future(dataplane.infer("fast", body, None))
             while not work.done():
