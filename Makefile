@@ -1,16 +1,32 @@
 # The two set-up commands of the README: `make quickstart` (main job) and `make test` (lint, then every test,
 # in random order; CI runs it). `make test-fast` skips the tests marked slow.
-# Each creates .venv and installs the package with every extra on first use.
+# Each creates .venv and installs the package with every extra on first use; `make test` also installs the
+# system packages the tests need (`make system-deps`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test test-fast lint benchmark
+.PHONY: quickstart test test-fast lint benchmark system-deps
 
 $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[all,test]" -e examples/runtime_plugin
 	touch $@
+
+# System packages the tests need, installed only when missing (as root, sudo otherwise; quietly): Debian's
+# aarch64 cross compiler (tests/test_tvm_cross.py) and systemd-analyze (checks the unit in SECURITY.md).
+CROSS_CC := aarch64-linux-gnu-gcc
+APT_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+system-deps:
+	@missing=""; \
+	echo 'int f(void) { return 0; }' | $(CROSS_CC) -shared -x c - -o /dev/null 2>/dev/null \
+	  || missing="gcc-aarch64-linux-gnu libc6-dev-arm64-cross"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	[ -z "$$missing" ] || { \
+	  command -v apt-get >/dev/null || { echo "install these (Debian's names): $$missing" >&2; exit 1; }; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO $(APT_INSTALL) $$missing >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -qq && $$SUDO $(APT_INSTALL) $$missing >/dev/null; }; }
 
 quickstart: $(VENV)/.installed
 	$(PY) examples/quickstart.py
@@ -19,10 +35,10 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: system-deps lint
 	$(PY) -m pytest
 
-test-fast: $(VENV)/.installed
+test-fast: system-deps $(VENV)/.installed
 	$(PY) -m pytest -m "not slow"
 
 benchmark: $(VENV)/.installed

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks import models, report
 
-SUITES = ["runtime", "pyfunc", "remote", "throughput", "deploy", "cold_start"]
+SUITES = ["runtime", "pyfunc", "remote", "throughput", "deploy", "cold_start", "tricks"]
 
 
 def main(argv: list[str] | None = None) -> int:

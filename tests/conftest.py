@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tests.helpers import models
+from tests.helpers.archives import model_tar
 from tests.helpers.model_dirs import runtime_details, write_model_dir
 
 
@@ -156,6 +157,13 @@ def flavor_case(request) -> FlavorCase:
 
 
 @pytest.fixture(scope="session")
+def onnx_linear_model(tmp_path_factory, onnx_linear_file):
+    """The linear ONNX model as a hand-written MLflow model dir (no TensorFlow needed to build it)."""
+    root = tmp_path_factory.mktemp("onnx-linear-model")
+    return write_model_dir(root / "onnx_linear", "onnx", onnx_linear_file, runtime_details("onnx", onnx_linear_file))
+
+
+@pytest.fixture(scope="session")
 def mlflow_models(
     tmp_path_factory,
     onnx_linear_file,
@@ -196,3 +204,18 @@ def mlflow_models(
         ),
         "tvm_two_io": write_model_dir(root / "tvm_two_io", "tvm", tvm_two_io["model_file"], tvm_two_io["model_spec"]),
     }
+
+
+@pytest.fixture(scope="module")
+def app_client(tmp_path_factory, onnx_linear_model):
+    """The device server's app in this process, through Starlette's TestClient (ASGI calls, no socket,
+    lifespan run), holding `onnx_linear`: for route logic that needs no server process."""
+    from starlette.testclient import TestClient
+
+    from arachne_mlflow.server.app import create_app
+
+    app = create_app(str(tmp_path_factory.mktemp("in-process") / "store"), max_request_bytes=1024**2)
+    with TestClient(app) as client:
+        response = client.put("/v2/repository/models/onnx_linear", content=model_tar(onnx_linear_model))
+        assert response.status_code == 200, response.text
+        yield client

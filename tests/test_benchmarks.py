@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from benchmarks.__main__ import SUITES
+
+pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `make test-fast` skips them
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,7 +27,7 @@ def test_quick_benchmark_runs_every_suite(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     suites = {row["suite"] for row in report["rows"]}
-    assert suites == {"runtime", "pyfunc", "remote", "throughput", "deploy", "cold start"}
+    assert suites == {name.replace("_", " ") for name in SUITES}
     assert all(row["errors"] == 0 for row in report["rows"] if row["suite"] == "throughput")
     assert not any(row.get("imported_tensorflow") for row in report["rows"])
     assert "| runtime | tiny/onnx |" in (tmp_path / "results.md").read_text()

@@ -12,6 +12,8 @@ from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError, Mod
 from tests.helpers.servers import ServerProcess, free_port
 from tests.helpers.tls import self_signed_cert
 
+pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `make test-fast` skips them
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -34,6 +34,8 @@ from tests.helpers.model_dirs import write_model_dir
 from tests.helpers.servers import ServerProcess, free_port
 from tests.helpers.tls import self_signed_cert
 
+pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `make test-fast` skips them
+
 TOKEN = "deploy-token"
 X = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
 

@@ -91,14 +91,7 @@ def test_tflite_bytes_with_interpreter_options(tflite_two_inputs_file, tmp_path)
 @pytest.fixture(scope="module")
 def relax_linear():
     """The linear model as a Relax module with detached weights, and the weights."""
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-
-    mod = from_onnx(models.onnx_linear(1), keep_params_in_input=True)
-    mod, params = relax.frontend.detach_params(mod)
-    func = mod["main"]
-    names = [p.name for p in func.params[int(func.attrs["num_input"]) :]]
-    return mod, {name: value.numpy() for name, value in zip(names, params["main"])}
+    return models.relax_module(models.onnx_linear(1))
 
 
 def test_tvm_irmodule_compiled_here_with_spec_from_relax(relax_linear, onnx_linear_file, tmp_path):

@@ -11,8 +11,11 @@ import time
 
 import mlflow
 import numpy as np
+import pytest
 import requests
 from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `make test-fast` skips them
 
 
 def _register(flavor_case, name):

@@ -33,6 +33,8 @@ from tests.helpers.model_dirs import runtime_details, write_model_dir
 from tests.helpers.servers import ServerProcess
 from tests.helpers.v2 import BAD_REQUESTS, app_routes, binary_body, local_outputs, model_inputs
 
+pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `make test-fast` skips them
+
 SERVED = ["onnx_linear", "tvm_linear", "tflite_cnn", "onnx_two_io"]
 
 

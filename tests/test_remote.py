@@ -12,6 +12,8 @@ from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError
 from tests.helpers.servers import ServerProcess, free_port
 
+pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `make test-fast` skips them
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

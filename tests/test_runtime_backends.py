@@ -46,17 +46,10 @@ def test_tflite_op_resolver_by_name(tflite_cnn_file, rng):
         arachne_runtime.init("tflite", model_file=str(tflite_cnn_file), experimental_op_resolver_type="FAST")
 
 
-@pytest.mark.parametrize("calls", ["wrapper", "public methods"])
-def test_tflite_resizes_batch(tflite_cnn_file, rng, calls, monkeypatch):
-    """A batch of 3 through a model converted with batch 1 equals three single runs, through the
-    interpreter's C++ wrapper and, for an interpreter without one, its public methods."""
-    from arachne_mlflow.runtime import tflite
-
-    if calls == "public methods":  # as if the wrapper lacked one of the calls
-        monkeypatch.setattr(tflite, "_WRAPPER_CALLS", (*tflite._WRAPPER_CALLS, "NotThere"))
+def test_tflite_resizes_batch(tflite_cnn_file, rng):
+    """A batch of 3 through a model converted with batch 1 equals three single runs."""
     x = rng.standard_normal((3, 8, 8, 3)).astype(np.float32)
     with arachne_runtime.init("tflite", model_file=str(tflite_cnn_file)) as m:
-        assert isinstance(m._calls, tflite._PublicCalls) == (calls == "public methods")
         m.set_input(0, x)
         m.run()
         batched = m.get_output(0)
@@ -67,7 +60,7 @@ def test_tflite_resizes_batch(tflite_cnn_file, rng, calls, monkeypatch):
             singles.append(m.get_output(0))
     assert batched.shape == (3, 5)
     np.testing.assert_allclose(batched, np.concatenate(singles), rtol=1e-5, atol=1e-6)
-    assert m._calls is None  # done() let go of the interpreter
+    assert m._interpreter is None  # done() let go of the interpreter
 
 
 def test_tflite_two_inputs_by_name(tflite_two_inputs_file, rng):

@@ -28,6 +28,8 @@ from tests.helpers.servers import ServerProcess
 from tests.helpers.tls import self_signed_cert
 from tests.helpers.v2 import BAD_REQUESTS, ROUTES, app_routes
 
+pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `make test-fast` skips them
+
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Names no route may accept; each is sent raw (http.client), so nothing normalizes `..` first.

@@ -219,7 +219,7 @@ def check_device_can_run(metadata: dict[str, Any], source: ModelSource, device: 
     if model.runtime not in runtimes:
         raise IncompatibleModelError(
             f"device {device} has no {model.runtime!r} runtime (it has {sorted(runtimes)}): "
-            f"pip install 'arachne-mlflow[server,{model.runtime}]' there"
+            f"pip install 'arachne-mlflow[device-{model.runtime}]' there"
         )
     if model.runtime != "tvm":
         return

@@ -3,6 +3,8 @@
     from arachne_mlflow.flavors import tvm as arachne_tvm
     arachne_tvm.log_model(ir_module, name="model", params=weights)             # compiled here for llvm
     arachne_tvm.log_model("model.so", name="model", params_file="params.bin", env_file="env.yaml")
+    arachne_tvm.log_model(ir_module, name="model", params=weights,                # cross-compiled: linked by
+                          target={"kind": "llvm", "mtriple": "aarch64-linux-gnu"})  # aarch64-linux-gnu-gcc
 
 A TVM library carries no tensor spec: it comes from the Relax module when compiled here, else
 from `signature`, `model_spec` or an old `env.yaml`. MLmodel's `arachne.tvm` block records the
@@ -11,10 +13,12 @@ device, the target and the CPU architecture, so a machine that cannot run the mo
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,16 +71,21 @@ def save_model(
     model_spec: Mapping[str, Any] | None = None,
     env_file: str | os.PathLike | None = None,
     tvm_device: str | None = None,
-    target: str | None = None,
+    target: str | Mapping[str, Any] | None = None,
     arch: str | None = None,
+    cc: str | None = None,
 ) -> None:
     """Save a TVM model as an MLflow model at `path`.
 
     `model` is a library path (`.so`/`.tar` from `export_library`), a Relax executable, or a
     Relax `IRModule` (compiled here with `tvm.compile` for `target`, default llvm). Detached
     weights come as `params` (name -> array) or `params_file` (TVM's param-dict format).
+    `target` is a TVM target: a kind name, its JSON form, a dict or a `tvm.target.Target`.
     `tvm_device` (default cpu, or the env.yaml's) is where it runs; `arch` the CPU it was built
-    for (default this machine's: pass it for a cross-compiled library).
+    for (default: the target's `mtriple` CPU when compiled here, else this machine's: pass it for
+    a cross-compiled library). `cc` is the compiler that links a library compiled here (default:
+    `<mtriple>-gcc` when the target is for another CPU and one is installed, else TVM's choice).
+    A model for another CPU is not loaded here to check it.
     """
     env = None
     if env_file is not None:
@@ -86,18 +95,20 @@ def save_model(
         model_spec = model_spec or (env.model_spec if env.inputs else None)
     if params is not None and params_file is not None:
         raise InvalidInputError("pass params or params_file, not both")
+    if cc is not None and _is_path(model):
+        raise InvalidInputError("cc= links a library compiled here; a library from export_library is already linked")
+    if params_file is not None and not _is_path(model):
+        params, params_file = _read_params(params_file), None  # compiled here: keep only the weights main takes
 
     def write(directory: Path) -> _common.ModelFiles:
-        tvm_conf: dict[str, Any] = {
-            "device": tvm_device or (env.tvm_device if env else None) or "cpu",
-            "arch": arch or platform.machine(),
-        }
+        tvm_conf: dict[str, Any] = {"device": tvm_device or (env.tvm_device if env else None) or "cpu"}
         if _is_path(model):
             model_file, ir_specs = _copy_library(model, directory), None
             if target:
-                tvm_conf["target"] = target
+                tvm_conf["target"] = target if isinstance(target, str) else _target_json(target)
         else:
-            model_file, ir_specs, tvm_conf["target"] = _export(model, directory, params, target or DEFAULT_TARGET)
+            model_file, ir_specs, tvm_conf["target"] = _export(model, directory, params, target or DEFAULT_TARGET, cc)
+        tvm_conf["arch"] = arch or _triple_cpu(_target_triple(tvm_conf.get("target"))) or platform.machine()
         # A Relax function names its inputs but not its outputs; else the spec is the caller's.
         specs = ir_specs or _given_specs(signature, model_spec)
         if specs is None:
@@ -156,34 +167,45 @@ def log_model(
     model_spec: Mapping[str, Any] | None = None,
     env_file: str | os.PathLike | None = None,
     tvm_device: str | None = None,
-    target: str | None = None,
+    target: str | Mapping[str, Any] | None = None,
     arch: str | None = None,
+    cc: str | None = None,
     **kwargs: Any,
 ):
-    """Log a TVM model to the active run (or none); returns MLflow's `ModelInfo`."""
-    return _common.log_model(
-        sys.modules[__name__],
-        model,
-        name,
-        registered_model_name=registered_model_name,
-        await_registration_for=await_registration_for,
-        signature=signature,
-        input_example=input_example,
-        pip_requirements=pip_requirements,
-        extra_pip_requirements=extra_pip_requirements,
-        conda_env=conda_env,
-        code_paths=code_paths,
-        metadata=metadata,
-        runtime_options=runtime_options,
-        params=params,
-        params_file=params_file,
-        model_spec=model_spec,
-        env_file=env_file,
-        tvm_device=tvm_device,
-        target=target,
-        arch=arch,
-        **kwargs,
-    )
+    """Log a TVM model to the active run (or none); returns MLflow's `ModelInfo`.
+
+    `params` reach `save_model` as a file: `Model.log` takes a `params` argument of its own (the
+    logged model's parameters) and would record the weights there instead.
+    """
+    if params is not None and params_file is not None:
+        raise InvalidInputError("pass params or params_file, not both")
+    with tempfile.TemporaryDirectory(prefix="arachne-tvm-") as scratch:
+        if params is not None:
+            params_file = Path(scratch) / PARAMS_FILE
+            _save_params(params, params_file)
+        return _common.log_model(
+            sys.modules[__name__],
+            model,
+            name,
+            registered_model_name=registered_model_name,
+            await_registration_for=await_registration_for,
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=pip_requirements,
+            extra_pip_requirements=extra_pip_requirements,
+            conda_env=conda_env,
+            code_paths=code_paths,
+            metadata=metadata,
+            runtime_options=runtime_options,
+            params_file=params_file,
+            model_spec=model_spec,
+            env_file=env_file,
+            tvm_device=tvm_device,
+            target=target,
+            arch=arch,
+            cc=cc,
+            **kwargs,
+        )
 
 
 def load_model(model_uri: str, dst_path: str | None = None, **runtime_options: Any):
@@ -232,11 +254,12 @@ def _copy_library(model: str | os.PathLike, directory: Path) -> str:
     return name
 
 
-def _export(model: Any, directory: Path, params: Mapping[str, Any] | None, target: str):
-    """Compile an IRModule (or take an executable), export it; return (file, IR spec or None, target)."""
+def _export(model: Any, directory: Path, params: Mapping[str, Any] | None, target: Any, cc: str | None):
+    """Compile an IRModule (or take an executable), export it; return (file, IR spec or None, target JSON)."""
     from arachne_mlflow.runtime.tvm import import_tvm
 
     tvm = import_tvm()
+    target = _tvm_target(tvm, target)
     ir_specs = None
     if isinstance(model, tvm.IRModule):
         ir_specs, weight_names = _relax_specs(model)
@@ -250,13 +273,92 @@ def _export(model: Any, directory: Path, params: Mapping[str, Any] | None, targe
         try:
             model = tvm.compile(model, target=target)
         except Exception as err:  # TVM raises TVMError and friends for what it cannot compile
-            raise InvalidInputError(f"tvm.compile for target {target!r} failed: {err}") from err
+            raise InvalidInputError(f"tvm.compile for target {str(target)!r} failed: {err}") from err
     if not hasattr(model, "export_library"):
         raise InvalidInputError(
             f"a TVM model is a library path, a Relax executable or an IRModule, got {type(model).__name__}"
         )
-    model.export_library(str(directory / "model.so"))
-    return "model.so", ir_specs, str(tvm.target.Target(target))
+    _link(model, directory / "model.so", _target_triple(str(target)), cc)
+    return "model.so", ir_specs, str(target)
+
+
+def _tvm_target(tvm: Any, target: Any) -> Any:
+    """A `tvm.target.Target` from any form the caller gives (`tvm.compile` fails on a plain dict)."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    try:
+        return tvm.target.Target(dict(target) if isinstance(target, Mapping) else target)
+    except Exception as err:  # TVM raises ValueError/TVMError for a target it does not know
+        raise InvalidInputError(
+            f"bad TVM target {target!r}: give a kind ('llvm'), its JSON form or a dict such as "
+            f'{{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}} ({err})'
+        ) from err
+
+
+def _link(executable: Any, library: Path, triple: str | None, cc: str | None) -> None:
+    """`export_library` with the compiler for the target's CPU; a failure says what to install or pass."""
+    foreign = _triple_cpu(triple) not in (None, platform.machine())
+    compiler = cc or (_cross_compiler(triple) if foreign else None)
+    try:
+        executable.export_library(str(library), **({"cc": compiler} if compiler else {}))
+    except (RuntimeError, OSError) as err:  # tvm.support.cc raises RuntimeError; a missing compiler OSError
+        from tvm.support.cc import get_cc
+
+        if cc is not None:
+            advice = "pass a cc= that is installed and links for the target's CPU"
+        elif foreign:
+            debian = _debian_triple(triple)
+            advice = (
+                f"install a cross compiler for {triple} (Debian/Ubuntu: apt-get install gcc-{debian}, with its "
+                f"recommended C library; it provides {debian}-gcc) or pass cc= naming one"
+            )
+        else:
+            advice = "install a C compiler (apt-get install gcc) or pass cc="
+        cpu = triple if foreign else platform.machine()
+        raise InvalidInputError(
+            f"linking the TVM library for {cpu} with {compiler or get_cc()} failed ({_linker_error(err)}): {advice}"
+        ) from err
+
+
+def _linker_error(err: Exception) -> str:
+    """The line of a compiler's output that says what went wrong (TVM wraps it in lines of its own)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Compilation error", "Command line"))]
+    errors = [line for line in lines if ("error" in line or "cannot" in line) and "returned" not in line]
+    return (errors or lines[-1:] or [type(err).__name__])[0]
+
+
+def _target_json(target: Any) -> str:
+    """How MLmodel records a target given beside a library (TVM is not imported for it)."""
+    return json.dumps(dict(target)) if isinstance(target, Mapping) else str(target)
+
+
+def _target_triple(target: str | None) -> str | None:
+    """The LLVM triple of a target as stored in MLmodel (its JSON form), or of its host for a GPU target."""
+    if not target or not target.lstrip().startswith("{"):
+        return None
+    conf = json.loads(target)
+    host = conf.get("host")
+    return conf.get("mtriple") or (host.get("mtriple") if isinstance(host, dict) else None)
+
+
+def _triple_cpu(triple: str | None) -> str | None:
+    return triple.split("-", 1)[0] if triple else None
+
+
+def _debian_triple(triple: str) -> str:
+    """`aarch64-unknown-linux-gnu` as Debian names it (`aarch64-linux-gnu`): without the vendor."""
+    parts = triple.split("-")
+    return "-".join([parts[0], *parts[2:]]) if len(parts) == 4 else triple
+
+
+def _cross_compiler(triple: str | None) -> str | None:
+    """An installed `<triple>-gcc` (or `-g++`), under the triple as given or as Debian names it."""
+    for prefix in dict.fromkeys((triple, _debian_triple(triple))):
+        for suffix in ("gcc", "g++"):
+            if shutil.which(f"{prefix}-{suffix}"):
+                return f"{prefix}-{suffix}"
+    return None
 
 
 def _relax_specs(mod: Any):
@@ -275,6 +377,14 @@ def _tensor_spec(name: str, ty: Any) -> TensorSpec:
     if shape is None or not hasattr(ty, "dtype"):
         raise InvalidInputError(f"Relax main: {name!r} is not a tensor of known rank ({ty}); pass signature=")
     return TensorSpec.create(name, str(ty.dtype), [int(d.value) if hasattr(d, "value") else -1 for d in shape])
+
+
+def _read_params(file: str | os.PathLike) -> dict[str, Any]:
+    from arachne_mlflow.runtime.tvm import import_tvm
+
+    if not Path(file).is_file():
+        raise ModelNotFoundError(f"params file not found: {file}")
+    return dict(import_tvm().runtime.load_param_dict_from_file(str(file)))
 
 
 def _save_params(params: Mapping[str, Any], file: Path) -> None:

@@ -54,15 +54,15 @@ class TFLiteRuntimeModule(RuntimeModule):
         self._input_indices = [d["index"] for d in in_details]
         self._output_indices = [d["index"] for d in out_details]
         self._current_shapes = [tuple(int(x) for x in d["shape"]) for d in in_details]
-        self._calls = _calls(self._interpreter)
         # bound once: attribute lookups are a visible share of a tiny model's call
+        interpreter = self._interpreter
         self._set_tensor, self._invoke, self._get_tensor = (
-            self._calls.SetTensor,
-            self._calls.Invoke,
-            self._calls.GetTensor,
+            interpreter.set_tensor,
+            interpreter.invoke,
+            interpreter.get_tensor,
         )
         if len(self._input_indices) == 1 and len(self._output_indices) == 1:
-            self._infer = self._infer_one  # the common case, without the loops
+            self._infer = self._infer_one  # the common case without the loops: a third of a tiny call
             self._input_index, self._output_index = self._input_indices[0], self._output_indices[0]
         self._bind_specs([_spec(d) for d in in_details], [_spec(d) for d in out_details])
 
@@ -86,42 +86,12 @@ class TFLiteRuntimeModule(RuntimeModule):
     def _resize(self, shapes: list[tuple[int, ...]]) -> None:
         """Resize input tensors the model declares dynamic (`shape_signature` -1), then reallocate."""
         for index, shape in zip(self._input_indices, shapes):
-            self._calls.ResizeInputTensor(index, np.array(shape, np.int32), True)
-        self._calls.AllocateTensors()
+            self._interpreter.resize_tensor_input(index, shape, strict=True)
+        self._interpreter.allocate_tensors()
         self._current_shapes = [tuple(shape) for shape in shapes]
 
     def _close(self) -> None:
-        self._interpreter = self._calls = self._set_tensor = self._invoke = self._get_tensor = None
-
-
-_WRAPPER_CALLS = ("SetTensor", "Invoke", "GetTensor", "ResizeInputTensor", "AllocateTensors")
-
-
-def _calls(interpreter: Any) -> Any:
-    """The interpreter's C++ wrapper, which LiteRT, tflite-runtime and TensorFlow all keep as
-    `_interpreter`: its calls skip the Python methods' frames and their check that no numpy view
-    of the interpreter's buffers is alive (this module makes none), a third of a tiny model's
-    overhead over the raw calls (docs/performance.md). All calls go through it, since holding
-    it is what that check refuses. The public methods under the same names where an interpreter
-    has no such wrapper."""
-    wrapper = getattr(interpreter, "_interpreter", None)
-    if all(callable(getattr(wrapper, name, None)) for name in _WRAPPER_CALLS):
-        return wrapper
-    return _PublicCalls(interpreter)
-
-
-class _PublicCalls:
-    """An interpreter's public methods under its C++ wrapper's names."""
-
-    def __init__(self, interpreter: Any):
-        self.SetTensor = interpreter.set_tensor
-        self.Invoke = interpreter.invoke
-        self.GetTensor = interpreter.get_tensor
-        self.AllocateTensors = interpreter.allocate_tensors
-        self._resize = interpreter.resize_tensor_input
-
-    def ResizeInputTensor(self, index: int, shape: np.ndarray, strict: bool) -> None:
-        self._resize(index, shape, strict=strict)
+        self._interpreter = self._set_tensor = self._invoke = self._get_tensor = None
 
 
 def _resolve_enum_options(interpreter_class: type, options: dict[str, Any]) -> dict[str, Any]:

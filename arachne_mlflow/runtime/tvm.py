@@ -91,8 +91,6 @@ class TVMRuntimeModule(RuntimeModule):
             tvm.runtime.empty(spec.shape, spec.dtype.name, self._device) if spec.is_static else None for spec in inputs
         ]
         self._bind_specs(inputs, outputs)
-        if len(inputs) == 1 and len(outputs) == 1 and not self._weights and self._buffers[0] is not None:
-            self._infer = self._infer_one  # the common case, without the loops
 
     def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         args = []
@@ -106,12 +104,6 @@ class TVMRuntimeModule(RuntimeModule):
         if hasattr(result, "numpy"):
             return [result.numpy()]
         return [item.numpy() for item in result]
-
-    def _infer_one(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        buffer = self._buffers[0]
-        buffer.copyfrom(inputs[0])
-        result = self._function(buffer)
-        return [result.numpy() if hasattr(result, "numpy") else result[0].numpy()]
 
     def _close(self) -> None:
         self._function = self._vm = self._weights = self._buffers = None

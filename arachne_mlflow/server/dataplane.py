@@ -27,16 +27,17 @@ from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFound
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.protocol.datatypes import to_datatype
 from arachne_mlflow.runtime import RuntimeModule
+from arachne_mlflow.runtime.onnx_build import onnxruntime_build
 from arachne_mlflow.server.metrics import Metrics, ModelSeries
 from arachne_mlflow.server.store import ModelStore
 
 T = TypeVar("T")
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "arachne_upload", "arachne_benchmark", "metrics"]
-# Distributions that provide each built-in runtime's library, in the order the backend tries them.
+# Distributions that provide each built-in runtime's library, in the order the backend tries them
+# (onnxruntime has several builds: `onnxruntime_build` says which one Python imports).
 _LIBRARIES = {
     "tflite": ("ai-edge-litert", "tflite-runtime", "tensorflow", "tensorflow-cpu"),
-    "onnx": ("onnxruntime", "onnxruntime-gpu"),
     "tvm": ("apache-tvm", "tvm"),
 }
 # TVM device kinds a model may name (MLmodel `arachne.tvm.device`); server metadata says which exist.
@@ -282,11 +283,17 @@ def _tensor_metadata(spec: Any) -> dict[str, Any]:
 
 
 def available_runtimes() -> list[dict[str, Any]]:
-    """Runtimes this server can load, with the library and version that provides each (and TVM's devices)."""
+    """Runtimes this server can load, with the library and version that provides each (and TVM's devices,
+    onnxruntime's providers)."""
     from arachne_mlflow.runtime import list_runtimes
 
     result = []
     for name in list_runtimes():
+        if name == "onnx":
+            build = onnxruntime_build()
+            if build is not None:
+                result.append({"name": name, **build})
+            continue
         if name not in _LIBRARIES:
             result.append({"name": name, "library": None, "version": None})
             continue

@@ -35,3 +35,11 @@ def hostile_archives(deployed):
         "no MLmodel": tar_bytes([tar_member("model.onnx", model)]),
         "truncated": whole[: whole.index(model) + len(model) // 2],
     }
+
+
+def model_tar(model_dir) -> bytes:
+    """The tar a client uploads for an MLflow model directory (only the files its MLmodel names)."""
+    from arachne_mlflow.model.archive import stream_tar
+    from arachne_mlflow.model.directory import read_model_dir
+
+    return b"".join(stream_tar(model_dir, read_model_dir(model_dir).files()))

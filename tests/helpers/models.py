@@ -101,22 +101,31 @@ def tflite_two_inputs() -> bytes:
     return tf.lite.TFLiteConverter.from_keras_model(model).convert()
 
 
-def tvm_from_onnx(onnx_model, directory: Path, detach_params: bool = True, fmt: str = "so") -> dict:
-    """Compile an ONNX model with the Relax frontend for `llvm`; return paths and the spec."""
-    import tvm
+def relax_module(onnx_model):
+    """An ONNX model as a Relax module whose weights are parameters, and those weights by name (numpy)."""
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
+    mod, params = relax.frontend.detach_params(from_onnx(onnx_model, keep_params_in_input=True))
+    func = mod["main"]
+    names = [p.name for p in func.params[int(func.attrs["num_input"]) :]]
+    return mod, {name: value.numpy() for name, value in zip(names, params["main"])}
+
+
+def tvm_from_onnx(onnx_model, directory: Path, detach_params: bool = True, fmt: str = "so") -> dict:
+    """Compile an ONNX model with the Relax frontend for `llvm`; return paths and the spec."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
     directory.mkdir(parents=True, exist_ok=True)
-    mod = from_onnx(onnx_model, keep_params_in_input=detach_params)
     params_file = None
     if detach_params:
-        mod, params = relax.frontend.detach_params(mod)
-        func = mod["main"]
-        n_inputs = int(func.attrs["num_input"])
-        names = [p.name for p in func.params[n_inputs:]]
+        mod, weights = relax_module(onnx_model)
         params_file = directory / "params.bin"
-        tvm.runtime.save_param_dict_to_file(dict(zip(names, params["main"])), str(params_file))
+        tensors = {name: tvm.runtime.tensor(value) for name, value in weights.items()}
+        tvm.runtime.save_param_dict_to_file(tensors, str(params_file))
+    else:
+        mod = from_onnx(onnx_model)
     executable = tvm.compile(mod, target="llvm")
     library = directory / f"model.{fmt}"
     executable.export_library(str(library))

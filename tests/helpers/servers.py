@@ -21,8 +21,12 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m arachne_mlflow.server` on a free loopback port, started and stopped by tests."""
 
-    def __init__(self, store, token=None, extra_args=(), ca_cert=None, command=("arachne_mlflow.server",)):
+    def __init__(
+        self, store, token=None, extra_args=(), ca_cert=None, command=("arachne_mlflow.server",), python=None, env=None
+    ):
         self.command = list(command)  # after `python -m`; ("arachne_mlflow.cli", "serve") for the CLI
+        self.python = python or sys.executable  # another venv's interpreter for a server installed there
+        self.env = env  # the server's whole environment (default: this process's)
         self.store = Path(store)
         self.token = token
         self.extra_args = list(extra_args)
@@ -36,7 +40,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         args = [
-            sys.executable,
+            self.python,
             "-m",
             *self.command,
             "--port",
@@ -51,7 +55,7 @@ class ServerProcess:
         ]
         if self.token:
             args += ["--token", self.token]
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env = {**(os.environ if self.env is None else self.env), "TF_CPP_MIN_LOG_LEVEL": "3"}
         self.log = open(self.store.parent / f"server-{self.port}.log", "ab")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
