@@ -31,6 +31,8 @@ from tests.helpers import models
 from tests.helpers.model_dirs import runtime_details, write_model_dir
 from tests.helpers.servers import ServerProcess
 
+pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `make test-fast` skips them
+
 TOKEN = "hardening-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MiB = 2**20
@@ -150,7 +152,6 @@ def test_a_head_larger_than_64_kib_is_answered_431(server):
         assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
 
 
-@pytest.mark.slow
 def test_heads_that_trickle_in_are_dropped_after_the_head_timeout(server):
     pid = server.process.pid
     before = _open_fds(pid)
@@ -187,7 +188,6 @@ def limited(tmp_path_factory, linear_dir):
     process.stop()
 
 
-@pytest.mark.slow
 def test_connections_beyond_the_limit_get_503(limited):
     before = _open_fds(limited.process.pid)
     idle = [socket.create_connection(("127.0.0.1", limited.port), timeout=30) for _ in range(8)]
@@ -205,7 +205,6 @@ def test_connections_beyond_the_limit_get_503(limited):
         time.sleep(0.1)
 
 
-@pytest.mark.slow
 def test_running_out_of_file_descriptors_is_a_503_and_passes(tmp_path, linear_dir):
     process = ServerProcess(tmp_path / "store", extra_args=["--head-timeout", "60"]).start()
     try:
@@ -309,7 +308,6 @@ def stored_linear(tmp_path_factory, linear_dir):
     return store
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", list(_memory_cases()))
 def test_decoding_a_request_takes_at_most_4x_its_body(stored_linear, tmp_path, case):
     body, headers, status = _memory_cases()[case]
@@ -416,7 +414,6 @@ def test_large_json_is_read_as_a_json_parser_reads_it(case, monkeypatch):
     assert lifted == decode()
 
 
-@pytest.mark.slow
 def test_json_bodies_have_their_own_lower_cap(limited):
     x = np.random.default_rng(0).standard_normal((50_000, 4)).astype(np.float32)  # 800 KB; ~4 MiB as JSON
     with DeviceClient("127.0.0.1", limited.port) as owner:
@@ -486,7 +483,6 @@ def test_a_versioned_infer_is_answered_by_that_version_only(server, linear_dir):
     assert b"has no version" in reply
 
 
-@pytest.mark.slow
 def test_benchmarks_are_bounded_stop_with_their_client_and_leave_the_pool_alone(server, linear_dir):
     pid = server.process.pid
     start = time.monotonic()
