@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test test-fast lint benchmark system-deps
+.PHONY: quickstart test test-fast lint benchmark benchmark-peers system-deps
 
 $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,3 +43,8 @@ test-fast: system-deps $(VENV)/.installed
 
 benchmark: $(VENV)/.installed
 	$(PY) -m benchmarks
+
+# MLServer, KServe and `mlflow models serve` under the same load as ours (installs the first two
+# into venvs of their own under benchmarks/.cache/peers on first use).
+benchmark-peers: $(VENV)/.installed
+	$(PY) -m benchmarks --only peers

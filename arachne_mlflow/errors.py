@@ -61,3 +61,15 @@ class UnauthorizedError(ArachneError):
     """A request to the device server lacks the right bearer token."""
 
     status_code = 401
+
+
+class ConflictError(ArachneError):
+    """The request conflicts with the model's state (a rollback with no previous version)."""
+
+    status_code = 409
+
+
+class InsufficientStorageError(ArachneError):
+    """The device's disk is full (or its quota spent): nothing of the request was kept."""
+
+    status_code = 507

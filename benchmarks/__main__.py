@@ -1,4 +1,8 @@
-"""`python -m benchmarks [--quick] [--only SUITE ...] [--out DIR]`: run, print, write JSON + Markdown."""
+"""`python -m benchmarks [--quick] [--only SUITE ...] [--peers] [--out DIR]`: run, print, write JSON + Markdown.
+
+`--peers` adds the peer servers' suite (MLServer, KServe, `mlflow models serve`), which installs
+them into venvs of their own under benchmarks/.cache/peers on first use.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,15 @@ from pathlib import Path
 
 from benchmarks import models, report
 
-SUITES = ["runtime", "pyfunc", "remote", "throughput", "deploy", "cold_start", "tricks"]
+SUITES = ["runtime", "pyfunc", "remote", "throughput", "batching", "deploy", "cold_start", "tricks"]
+OPTIONAL_SUITES = ["peers"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke run: small models, few iterations")
-    parser.add_argument("--only", nargs="+", choices=SUITES, help="run only these suites")
+    parser.add_argument("--only", nargs="+", choices=SUITES + OPTIONAL_SUITES, help="run only these suites")
+    parser.add_argument("--peers", action="store_true", help="also run the peers suite (installs the peer servers)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
@@ -24,10 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     print("building models (cached after the first run) ...", file=sys.stderr, flush=True)
     built = models.build_all(args.quick)
     rows = []
-    for name in args.only or SUITES:
+    for name in args.only or SUITES + (OPTIONAL_SUITES if args.peers else []):
         print(f"suite {name} ...", file=sys.stderr, flush=True)
         suite = importlib.import_module(f"benchmarks.suites.{name}")
-        rows += suite.run(built, args.quick)
+        suite_rows = suite.run(built, args.quick)
+        rows += suite_rows
+        if hasattr(suite, "markdown"):  # a suite with a table of its own (peers)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{name}.md").write_text(suite.markdown(suite_rows))
+            print(suite.markdown(suite_rows), file=sys.stderr)
     json_path, md_path = report.write(rows, args.out, {"quick": args.quick, "seconds": round(time.time() - started, 1)})
     print(report.markdown(rows))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)

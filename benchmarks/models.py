@@ -2,7 +2,8 @@
 
 MobileNetV2 comes from Keras, is converted to TFLite, then to ONNX from that same TFLite file
 (tf2onnx) and compiled by TVM from the ONNX model, so all three run the same network. The tiny
-MatMul+Add+Relu model exposes per-call overhead.
+MatMul+Add+Relu model exposes per-call overhead; the MLP (three 1024x1024 layers, 12 MiB of
+weights, a dynamic batch dimension) is where batching pays.
 """
 
 from __future__ import annotations
@@ -32,6 +33,39 @@ def tiny_onnx(path: Path) -> Path:
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
             [w, b],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        _write(path, model.SerializeToString())
+    return path
+
+
+def mlp_onnx(path: Path, width: int = 1024, layers: int = 3) -> Path:
+    """x[batch, width] -> y[batch, width]: MatMul+Add per layer, Relu between."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        nodes, weights, previous = [], [], "x"
+        for i in range(layers):
+            w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+            weights += [
+                numpy_helper.from_array(w, f"W{i}"),
+                numpy_helper.from_array(np.zeros(width, np.float32), f"B{i}"),
+            ]
+            out = "y" if i == layers - 1 else f"a{i}"
+            nodes += [
+                helper.make_node("MatMul", [previous, f"W{i}"], [f"m{i}"]),
+                helper.make_node("Add", [f"m{i}", f"B{i}"], [out]),
+            ]
+            if out != "y":
+                nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+                previous = f"r{i}"
+        graph = helper.make_graph(
+            nodes,
+            "mlp",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+            weights,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
         _write(path, model.SerializeToString())
@@ -96,6 +130,7 @@ def build_all(quick: bool) -> dict[str, dict]:
     tiny = tiny_onnx(CACHE / "tiny.onnx")
     return {
         "tiny/onnx": {"runtime": "onnx", "model_file": str(tiny)},
+        "mlp/onnx": {"runtime": "onnx", "model_file": str(mlp_onnx(CACHE / "mlp.onnx"))},
         "tiny/tflite": {"runtime": "tflite", "model_file": str(tiny_tflite(CACHE / "tiny.tflite"))},
         "tiny/tvm": {"runtime": "tvm", **tvm_from_onnx(tiny, CACHE / "tiny_tvm")},
         "mobilenet/onnx": {"runtime": "onnx", "model_file": str(onnx_file)},

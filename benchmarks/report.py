@@ -28,7 +28,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return text
 
 
-_SKIP = {"suite", "case", "target", "met"}
+_SKIP = {"suite", "case", "target", "met", "detail"}
 
 
 def _measurements(rows: list[dict[str, Any]]) -> str:

@@ -74,6 +74,13 @@ def device_server(store: Path, extra: tuple[str, ...] = ()) -> Iterator[tuple[in
 @contextmanager
 def mlflow_scoring_server(model_dir: Path) -> Iterator[int]:
     """`mlflow models serve --env-manager local` for `model_dir`; yields its port."""
+    with mlflow_scoring_process(model_dir) as (port, _):
+        yield port
+
+
+@contextmanager
+def mlflow_scoring_process(model_dir: Path) -> Iterator[tuple[int, subprocess.Popen]]:
+    """`mlflow models serve --env-manager local` for `model_dir`; yields its port and process."""
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
@@ -99,7 +106,7 @@ def mlflow_scoring_server(model_dir: Path) -> Iterator[int]:
     )
     try:
         wait_ready(f"http://127.0.0.1:{port}/ping", process, timeout=180)
-        yield port
+        yield port, process
     finally:
         _stop(process)
 

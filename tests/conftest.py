@@ -75,6 +75,25 @@ def tvm_two_io(model_dir):
     return built
 
 
+@pytest.fixture(scope="session")
+def linear_versions(tmp_path_factory):
+    """Three versions of one ONNX model (x[1, 4] -> y[1, 3]), an input, and each version's output for it
+    (all different): `(x, [{"dir", "y"}, ...])`."""
+    from tests.helpers.model_dirs import scaled_linear
+    from tests.helpers.v2 import local_outputs
+
+    root = tmp_path_factory.mktemp("linear-versions")
+    x = {"x": np.array([[0.5, 1.0, 1.5, 2.0]], np.float32)}
+    versions = []
+    for scale in (1.0, -3.0, 0.5):
+        directory = scaled_linear(root, scale)
+        versions.append({"dir": directory, "y": local_outputs(directory, x)["y"]})
+    assert not np.array_equal(versions[0]["y"], versions[1]["y"]) and not np.array_equal(
+        versions[1]["y"], versions[2]["y"]
+    )
+    return x, versions
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -52,7 +52,7 @@ def server(tmp_path_factory, linear_dir):
     process = ServerProcess(
         tmp_path_factory.mktemp("hardening") / "store",
         token=TOKEN,
-        extra_args=["--head-timeout", "1", "--benchmark-seconds", "2"],
+        extra_args=["--head-timeout", "1", "--benchmark-seconds", "2", "--batching", "short-lived=4,500"],
     ).start()
     with DeviceClient("127.0.0.1", process.port, token=TOKEN) as owner:
         owner.upload_model("linear", linear_dir)

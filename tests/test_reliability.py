@@ -11,7 +11,6 @@ import gzip
 import json
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import requests
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,8 +27,8 @@ from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError
 from tests.helpers import models
 from tests.helpers.archives import tar_bytes, tar_member
-from tests.helpers.model_dirs import runtime_details, write_model_dir
-from tests.helpers.servers import ServerProcess
+from tests.helpers.model_dirs import scaled_linear
+from tests.helpers.servers import ServerProcess, rss_bytes
 from tests.helpers.v2 import BAD_REQUESTS, app_routes, binary_body, local_outputs, model_inputs
 
 pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `make test-fast` skips them
@@ -305,7 +303,7 @@ def routes(tmp_path_factory):
 )
 def _fuzz_route(server, routes, data, body, name, headers):
     method, path = data.draw(st.sampled_from(routes))
-    if method in ("PUT", "DELETE") or path.endswith(("/load", "/unload")):
+    if method in ("PUT", "DELETE") or path.endswith(("/load", "/unload", "/rollback")):
         name = "fuzz-" + "".join(c for c in name if c.isalnum())[:8]  # never touch a served model
     path = path.replace("/models/m", "/models/" + quote(name, safe=""), 1)
     response = requests.request(method, server.url + path, data=body, headers=headers, timeout=30)
@@ -351,26 +349,6 @@ def test_fuzzed_archives_are_4xx_or_a_valid_model(server, expected, mlflow_model
 # -- faults ------------------------------------------------------------------------------------
 
 
-def _scaled_linear(root: Path, scale: float, padding: int = 0) -> Path:
-    """onnx_linear with its weights scaled: a second version whose outputs differ, optionally padded."""
-    from onnx import numpy_helper
-
-    model = models.onnx_linear(1)
-    for i, init in enumerate(model.graph.initializer):
-        if init.name == "W":
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * scale, "W"))
-    root.mkdir(parents=True, exist_ok=True)
-    file = root / f"linear-{scale}.onnx"
-    file.write_bytes(model.SerializeToString())
-    directory = write_model_dir(root / f"v-{scale}", "onnx", file, runtime_details("onnx", file))
-    if padding:
-        (directory / "padding.bin").write_bytes(np.random.default_rng(0).bytes(padding))
-        mlmodel = yaml.safe_load((directory / "MLmodel").read_text())
-        mlmodel["flavors"]["arachne"]["extra_files"] = ["padding.bin"]
-        (directory / "MLmodel").write_text(yaml.safe_dump(mlmodel))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def two_versions(tmp_path_factory):
     """Two versions of one model (same input, different outputs), each with its digest and expected output."""
@@ -381,7 +359,7 @@ def two_versions(tmp_path_factory):
     x = {"x": np.array([[0.5, 1.0, 1.5, 2.0]], np.float32)}
     versions = []
     for scale in (1.0, -3.0):
-        directory = _scaled_linear(root, scale, padding=2 * 1024**2)
+        directory = scaled_linear(root, scale, padding=2 * 1024**2)
         files = read_model_dir(directory).files()
         versions.append(
             {"dir": directory, "digest": files_digest(directory, files), "y": local_outputs(directory, x)["y"]}
@@ -391,15 +369,16 @@ def two_versions(tmp_path_factory):
 
 
 def _leftovers(store: Path) -> list[str]:
-    """What a crash left: uploads in progress, versions not (yet or no longer) current, temporary records."""
+    """What a crash left: uploads in progress, versions neither current nor kept as previous, temporary records."""
     found = []
     for directory in (p for p in store.iterdir() if p.is_dir()):
         current = directory / "CURRENT.json"
         if not current.exists():
             found.append(f"{directory.name}/ (no CURRENT.json)")
             continue
-        keep = json.loads(current.read_text())["version_dir"]
-        found += [f"{directory.name}/{p.name}" for p in directory.iterdir() if p.name not in ("CURRENT.json", keep)]
+        record = json.loads(current.read_text())
+        keep = {"CURRENT.json", record["version_dir"], (record.get("previous") or {}).get("version_dir")}
+        found += [f"{directory.name}/{p.name}" for p in directory.iterdir() if p.name not in keep]
     return found
 
 
@@ -491,14 +470,6 @@ def _check_after_restart(device, x, versions, known_new):
         np.testing.assert_equal(device.infer(name, x)["y"], versions[0]["y"])
 
 
-def _crashing_library(path: Path) -> Path:
-    """A shared library whose constructor aborts the process, as a broken native library can when loaded."""
-    source = path.with_suffix(".c")
-    source.write_text("#include <stdlib.h>\n__attribute__((constructor)) static void crash(void) { abort(); }\n")
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(path), str(source)], check=True)
-    return path
-
-
 def _foreign_library(original: Path, path: Path) -> Path:
     """The real TVM library with its ELF machine set to aarch64: a library built for another machine."""
     data = bytearray(original.read_bytes())
@@ -525,7 +496,7 @@ def test_a_library_that_crashes_while_loading_is_refused_and_the_server_stays_up
     """An upload is first loaded in a child process: native code that aborts there is a refused upload
     (400), not a dead server, and every model keeps serving its last version."""
     crashing = shutil.copytree(mlflow_models["tvm_linear"], tmp_path / "crashing")
-    _crashing_library(crashing / "model.so")
+    models.crashing_library(crashing / "model.so")
     store = tmp_path / "store"
     process = ServerProcess(store).start()
     try:
@@ -642,13 +613,6 @@ def test_a_server_that_dies_mid_session_gives_an_error_naming_it(tmp_path, mlflo
 # -- load --------------------------------------------------------------------------------------
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def _load_phase(port, seconds, cases, swap_versions):
     """16 client threads for `seconds` against two models while `replacer` replaces one of them."""
     counts, failures, stop = [0] * 16, [], threading.Event()
@@ -694,9 +658,9 @@ def test_sixteen_clients_while_a_model_is_replaced(tmp_path, mlflow_models, two_
             owner.upload_model("steady", mlflow_models["tflite_cnn"])
             owner.upload_model("swap", versions[1]["dir"])
         warm_requests, warm_failures, _ = _load_phase(process.port, 1.5, cases, versions)
-        rss_before = _rss_bytes(process.process.pid)
+        rss_before = rss_bytes(process.process.pid)
         requests_done, failures, replaces = _load_phase(process.port, 4.0, cases, versions)
-        rss_after = _rss_bytes(process.process.pid)
+        rss_after = rss_bytes(process.process.pid)
         assert warm_failures == [] and failures == [], (warm_failures + failures)[:5]
         assert replaces >= 3 and requests_done >= 100
         growth = rss_after - rss_before

@@ -26,7 +26,9 @@ import numpy as np
 from arachne_mlflow.client.transport import Transport
 from arachne_mlflow.errors import (
     ArachneError,
+    ConflictError,
     DeviceUnreachableError,
+    InsufficientStorageError,
     InvalidInputError,
     ModelNotFoundError,
     ModelNotReadyError,
@@ -45,8 +47,10 @@ _ERRORS = {
     400: InvalidInputError,
     401: UnauthorizedError,
     404: ModelNotFoundError,
+    409: ConflictError,
     413: InvalidInputError,
     503: ModelNotReadyError,
+    507: InsufficientStorageError,
 }
 
 
@@ -161,6 +165,13 @@ class DeviceClient:
             "PUT", f"/v2/repository/models/{_quote(name)}", data=body, headers=headers, timeout=self.upload_timeout
         )
         return True
+
+    def rollback_model(self, name: str) -> dict[str, Any]:
+        """Serve the version of `name` that its last upload replaced again, from the device's disk
+        (no upload); returns the new record. `ConflictError` when the device keeps no previous version."""
+        self._input_names.pop(name, None)
+        path = f"/v2/repository/models/{_quote(name)}/rollback"
+        return self._send("POST", path, data=b"{}", timeout=self.upload_timeout).json()
 
     def delete_model(self, name: str) -> None:
         self._input_names.pop(name, None)

@@ -28,6 +28,7 @@ from arachne_mlflow.errors import (
     InvalidInputError,
     ModelNotFoundError,
 )
+from arachne_mlflow.model.arch import normalize_arch
 from arachne_mlflow.model.directory import FLAVOR_NAME
 
 # Models at least this large get a progress bar when stderr is a terminal (`-C progress=...` decides otherwise).
@@ -224,7 +225,7 @@ def check_device_can_run(metadata: dict[str, Any], source: ModelSource, device: 
     if model.runtime != "tvm":
         return
     arch, kind = model.tvm.get("arch"), model.tvm.get("device", "cpu")
-    if arch and arch != metadata.get("arch"):
+    if arch and normalize_arch(arch) != normalize_arch(metadata.get("arch") or "unknown"):
         raise IncompatibleModelError(
             f"device {device} is {metadata.get('arch')} but the TVM model was compiled for {arch}"
         )

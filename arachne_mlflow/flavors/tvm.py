@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 
 from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
 from arachne_mlflow.flavors import _common
+from arachne_mlflow.model.arch import machine_arch, normalize_arch
 from arachne_mlflow.model.directory import FLAVOR_NAME
 from arachne_mlflow.model.spec import TensorSpec, specs_from_dicts
 
@@ -108,7 +108,7 @@ def save_model(
                 tvm_conf["target"] = target if isinstance(target, str) else _target_json(target)
         else:
             model_file, ir_specs, tvm_conf["target"] = _export(model, directory, params, target or DEFAULT_TARGET, cc)
-        tvm_conf["arch"] = arch or _triple_cpu(_target_triple(tvm_conf.get("target"))) or platform.machine()
+        tvm_conf["arch"] = normalize_arch(arch or _triple_cpu(_target_triple(tvm_conf.get("target"))) or machine_arch())
         # A Relax function names its inputs but not its outputs; else the spec is the caller's.
         specs = ir_specs or _given_specs(signature, model_spec)
         if specs is None:
@@ -223,7 +223,7 @@ def _is_path(model: Any) -> bool:
 
 def _runs_here(tvm_conf: dict[str, Any]) -> bool:
     """Whether this machine has the CPU architecture and the device the model was built for."""
-    if tvm_conf["arch"] != platform.machine():
+    if tvm_conf["arch"] != machine_arch():
         return False
     from arachne_mlflow.runtime.tvm import import_tvm
 
@@ -297,7 +297,7 @@ def _tvm_target(tvm: Any, target: Any) -> Any:
 
 def _link(executable: Any, library: Path, triple: str | None, cc: str | None) -> None:
     """`export_library` with the compiler for the target's CPU; a failure says what to install or pass."""
-    foreign = _triple_cpu(triple) not in (None, platform.machine())
+    foreign = triple is not None and normalize_arch(_triple_cpu(triple)) != machine_arch()
     compiler = cc or (_cross_compiler(triple) if foreign else None)
     try:
         executable.export_library(str(library), **({"cc": compiler} if compiler else {}))
@@ -314,7 +314,7 @@ def _link(executable: Any, library: Path, triple: str | None, cc: str | None) ->
             )
         else:
             advice = "install a C compiler (apt-get install gcc) or pass cc="
-        cpu = triple if foreign else platform.machine()
+        cpu = triple if foreign else machine_arch()
         raise InvalidInputError(
             f"linking the TVM library for {cpu} with {compiler or get_cc()} failed ({_linker_error(err)}): {advice}"
         ) from err

@@ -8,6 +8,7 @@ It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
       runtime_options: {num_threads: 4} # passed to runtime.init
       tvm: {device: cpu, target: "...", arch: x86_64, params_file: params.bin}   # TVM only
       extra_files: [model.onnx.data]    # other files loading needs (optional)
+      batching: {max_batch_size: 16, max_queue_delay_microseconds: 500}   # the device server's (optional)
       arachne_mlflow_version: "..."
 
 The tensor spec comes from MLflow's `signature` (tensor-based), stored beside it in MLmodel.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError, ModelNotFoundError
+from arachne_mlflow.model.arch import machine_arch, normalize_arch
 from arachne_mlflow.model.spec import TensorSpec
 
 FLAVOR_NAME = "arachne"
@@ -45,6 +46,7 @@ class ArachneModel:
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
     extra_files: list[str] = field(default_factory=list)
+    batching: dict[str, Any] | None = None
     version: str | None = None
     mlmodel: dict[str, Any] = field(default_factory=dict)
 
@@ -78,10 +80,10 @@ class ArachneModel:
     def check_compatible(self) -> None:
         """Raise `IncompatibleModelError` when this machine cannot run the model (TVM arch)."""
         arch = self.tvm.get("arch")
-        if self.runtime == "tvm" and arch and arch != platform.machine():
+        if self.runtime == "tvm" and arch and normalize_arch(arch) != machine_arch():
             raise IncompatibleModelError(
                 f"model {self.path.name!r} was compiled by TVM for {arch} (target {self.tvm.get('target')!r}); "
-                f"this machine is {platform.machine()}: compile it for this machine's CPU"
+                f"this machine is {machine_arch()}: compile it for this machine's CPU"
             )
 
 
@@ -105,7 +107,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
     conf = flavors[FLAVOR_NAME] or {}
     if not isinstance(conf, dict):
         raise InvalidInputError(f"{mlmodel_path}: the '{FLAVOR_NAME}' flavor must be a mapping")
-    for key, kind in (("runtime_options", dict), ("tvm", dict), ("extra_files", list)):
+    for key, kind in (("runtime_options", dict), ("tvm", dict), ("extra_files", list), ("batching", dict)):
         if not isinstance(conf.get(key) or kind(), kind):
             raise InvalidInputError(f"{mlmodel_path}: '{FLAVOR_NAME}.{key}' must be a {kind.__name__}")
     for key in ("runtime", "model_file"):
@@ -131,6 +133,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
         runtime_options=dict(conf.get("runtime_options") or {}),
         tvm=tvm,
         extra_files=extra_files,
+        batching=dict(conf["batching"]) if conf.get("batching") is not None else None,
         inputs=inputs,
         outputs=outputs,
         version=conf.get("arachne_mlflow_version"),

@@ -14,8 +14,8 @@ import statistics
 import threading
 import time
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -30,6 +30,9 @@ class RuntimeModule(abc.ABC):
     runtime_name: str = ""
     #: False when the library's session must not run two inferences at once (a lock is taken).
     thread_safe: bool = True
+    #: The `runtime_options` a model uploaded to a device server may set, each with the type(s) of
+    #: its value: an allow-list, so a backend (or plugin) that lists none loads uploads without options.
+    server_options: ClassVar[Mapping[str, type | tuple[type, ...]]] = {}
 
     input_specs: list[TensorSpec]
     output_specs: list[TensorSpec]
@@ -44,6 +47,21 @@ class RuntimeModule(abc.ABC):
         self._unset = set(range(len(self.input_specs)))
         self._results: list[np.ndarray] | None = None
         self._lock = None if self.thread_safe else threading.Lock()
+
+    @classmethod
+    def check_server_options(cls, options: Mapping[str, Any], where: str = "runtime_options") -> None:
+        """Refuse, naming the key, any option an uploaded model may not set on a device server.
+
+        Options reach the DNN library as they are: one that names a file, a connection or another
+        backend's setting would let an upload reach outside the model store. A backend whose
+        options nest (onnxruntime's session and provider options) checks the nested keys too.
+        """
+        for key, value in options.items():
+            kinds = cls.server_options.get(key)
+            if kinds is None:
+                owner = f"the {cls.runtime_name or cls.__name__} runtime"
+                raise refused_option(f"{where}.{key}", owner, cls.server_options)
+            check_option_type(f"{where}.{key}", value, kinds)
 
     # -- what a backend implements -------------------------------------------------------
     @abc.abstractmethod
@@ -178,6 +196,23 @@ class RuntimeModule(abc.ABC):
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name}:{s.dtype.name}{list(s.shape)}" for s in self.input_specs)
         return f"<{type(self).__name__} runtime={self.runtime_name!r} inputs=[{ins}]>"
+
+
+def refused_option(where: str, owner: str, allowed: Iterable[str]) -> InvalidInputError:
+    """The error for an option a device server does not let an uploaded model set."""
+    listed = ", ".join(sorted(allowed)) or "none"
+    return InvalidInputError(
+        f"{where}: a model on a device server may not set options that name files, turn on profiling, "
+        f"open connections or belong to another runtime; {owner} allows: {listed}"
+    )
+
+
+def check_option_type(where: str, value: Any, kinds: type | tuple[type, ...]) -> None:
+    """`value` must be one of `kinds` (a bool is not an int here)."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(kind.__name__ for kind in kinds)
+        raise InvalidInputError(f"{where} must be {names}, got {type(value).__name__} {value!r:.80}")
 
 
 def _positions(specs: Sequence[TensorSpec]) -> dict[int | str, int]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from arachne_mlflow.errors import InvalidInputError, MissingDependencyError
 from arachne_mlflow.model.spec import TensorSpec
+from arachne_mlflow.runtime import onnx_options
 from arachne_mlflow.runtime.base import RuntimeModule
 
 _logger = logging.getLogger(__name__)
@@ -43,6 +44,13 @@ def import_onnxruntime():
 
 class ONNXRuntimeModule(RuntimeModule):
     """An ONNX model in an onnxruntime `InferenceSession` (which is safe to call from many threads)."""
+
+    server_options = onnx_options.TOP_LEVEL
+
+    @classmethod
+    def check_server_options(cls, options: Mapping[str, Any], where: str = "runtime_options") -> None:
+        super().check_server_options(options, where)
+        onnx_options.check(options, where)
 
     def __init__(
         self,

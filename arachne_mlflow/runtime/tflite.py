@@ -34,6 +34,13 @@ class TFLiteRuntimeModule(RuntimeModule):
     """
 
     thread_safe = False
+    server_options = {
+        "num_threads": int,
+        "experimental_op_resolver_type": str,
+        "experimental_preserve_all_tensors": bool,
+        "experimental_disable_delegate_clustering": bool,
+        "experimental_default_delegate_latest_features": bool,
+    }
 
     def __init__(self, model_file: str | None = None, *, model_content: bytes | None = None, **options: Any):
         if (model_file is None) == (model_content is None):

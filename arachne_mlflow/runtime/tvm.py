@@ -22,9 +22,11 @@ from arachne_mlflow.runtime.base import RuntimeModule
 
 
 def import_tvm():
+    """TVM, and its Relax VM (`tvm.runtime.vm`), which also works with only TVM's runtime library loaded
+    (`TVM_USE_RUNTIME_LIB=1`, as the device server runs it)."""
     try:
         import tvm
-        from tvm import relax  # noqa: F401  (registers the Relax VM)
+        import tvm.runtime.vm
     except ImportError as err:
         raise MissingDependencyError("the tvm runtime needs Apache TVM: pip install 'arachne-mlflow[tvm]'") from err
     return tvm
@@ -34,6 +36,7 @@ class TVMRuntimeModule(RuntimeModule):
     """A Relax VM running an exported TVM library on `tvm_device` (`cpu`, `cuda`, ...)."""
 
     thread_safe = False  # the VM keeps per-call state
+    server_options = {"tvm_device": str, "entry": str}
 
     def __init__(
         self,
@@ -53,7 +56,7 @@ class TVMRuntimeModule(RuntimeModule):
         self._device = _device(tvm, tvm_device)
         try:
             library = tvm.runtime.load_module(model_file)
-            self._vm = tvm.relax.VirtualMachine(library, self._device)
+            self._vm = tvm.runtime.vm.VirtualMachine(library, self._device)
         except Exception as err:  # TVM raises TVMError/RuntimeError for a foreign or broken library
             raise IncompatibleModelError(
                 f"tvm runtime: cannot load {model_file} on this machine ({platform.machine()}, {tvm_device}): {err}"

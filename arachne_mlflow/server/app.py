@@ -25,14 +25,15 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from arachne_mlflow.errors import ArachneError, InvalidInputError
+from arachne_mlflow.server.batching import BatchingPolicy
 from arachne_mlflow.server.dataplane import DEFAULT_BENCHMARK_SECONDS, Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
+from arachne_mlflow.server.records import MAX_PROVENANCE_BYTES, check_provenance
 from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
 
 _logger = logging.getLogger(__name__)
 
 PROVENANCE_HEADER = "Arachne-Provenance"
-MAX_PROVENANCE_BYTES = 16 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 1024**3
 DEFAULT_MAX_JSON_BYTES = 64 * 1024**2
 _PUBLIC_PREFIX = "/v2/health/"
@@ -49,12 +50,14 @@ def create_app(
     max_workers: int | None = None,
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     benchmark_seconds: float = DEFAULT_BENCHMARK_SECONDS,
+    batching: BatchingPolicy | None = None,
 ) -> ASGIApp:
     """The device server application over the model store directory `model_store`.
 
     Layers, outermost first: bearer auth (with a token), `InferRoute` (the infer paths), Starlette.
+    `batching` says which models batch their requests (`--batching`; default: those whose MLmodel asks).
     """
-    store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
+    store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES, batching)
     max_json_bytes = min(max_json_bytes, max_request_bytes)  # (a JSON body is a request body too)
     dataplane = Dataplane(store, max_workers, benchmark_seconds)
     routes = _Routes(dataplane, max_json_bytes)
@@ -102,6 +105,7 @@ class _Routes:
             Route("/v2/repository/index", self.index, methods=["POST"]),
             Route(r + "/load", self.load, methods=["POST"]),
             Route(r + "/unload", self.unload, methods=["POST"]),
+            Route(r + "/rollback", self.rollback, methods=["POST"]),
             Route(r, self.model_record, methods=["GET"]),
             Route(r, self.upload, methods=["PUT"]),
             Route(r, self.delete, methods=["DELETE"]),
@@ -144,6 +148,9 @@ class _Routes:
         provenance = _parse_provenance(request.headers.get(PROVENANCE_HEADER))
         return JSONResponse(await self.dp.upload(request.path_params["model"], _stream(request), provenance))
 
+    async def rollback(self, request: Request) -> Response:
+        return JSONResponse(await self.dp.rollback(request.path_params["model"]))
+
     async def delete(self, request: Request) -> Response:
         await self.dp.delete(request.path_params["model"])
         return JSONResponse({})
@@ -167,6 +174,7 @@ class _Routes:
 
     async def on_error(self, request: Request, err: Exception) -> Response:
         status = getattr(err, "status_code", 500)
+        _logger.info("%s %s: %d %s", request.method, request.url.path, status, err)  # (no access log by default)
         self.dp.metrics.http_errors.labels(str(status)).inc()
         return JSONResponse({"error": str(err)}, status_code=status, headers=getattr(err, "headers", None))
 
@@ -242,7 +250,8 @@ async def _stream(request: Request) -> AsyncIterator[bytes]:
 
 
 def _parse_provenance(text: str | None) -> dict[str, Any] | None:
-    """Where the model came from (model URI, registered model name, version, run id): a small JSON object."""
+    """Where the model came from (model URI, registered model name, version, run id): a small JSON object
+    of finite values, checked before anything of the upload is written."""
     if text is None:
         return None
     if len(text) > MAX_PROVENANCE_BYTES:
@@ -251,9 +260,7 @@ def _parse_provenance(text: str | None) -> dict[str, Any] | None:
         provenance = json.loads(text)
     except (ValueError, RecursionError) as err:
         raise InvalidInputError(f"{PROVENANCE_HEADER} is not valid JSON: {err}") from err
-    if not isinstance(provenance, dict):
-        raise InvalidInputError(f"{PROVENANCE_HEADER} must be a JSON object")
-    return provenance
+    return check_provenance(provenance, PROVENANCE_HEADER)
 
 
 class _BearerAuth:

@@ -3,7 +3,8 @@
 Routes hand raw bytes and names in; the dataplane decodes with the codec, runs blocking work
 (decoding, inference, loading, extraction) in one thread pool through `run_blocking`, and
 returns bytes or dicts. Models that are not thread-safe are locked by their own RuntimeModule,
-so a slow model never holds up another.
+so a slow model never holds up another. A model with batching settings has its requests checked
+here, then merged with others by its `Batcher` (server/batching.py).
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ import numpy as np
 
 from arachne_mlflow import __version__
 from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, UnsafeArchiveError
+from arachne_mlflow.model.arch import machine_arch
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.protocol.datatypes import to_datatype
 from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
-from arachne_mlflow.server.metrics import Metrics, ModelSeries
-from arachne_mlflow.server.store import ModelStore
+from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStats
+from arachne_mlflow.server.metrics import Metrics, ModelSeries, StoreCollector
+from arachne_mlflow.server.probe import known_tvm_devices, list_tvm_devices_in_background
+from arachne_mlflow.server.store import LoadedModel, ModelStore
 
 T = TypeVar("T")
 
@@ -40,8 +44,6 @@ _LIBRARIES = {
     "tflite": ("ai-edge-litert", "tflite-runtime", "tensorflow", "tensorflow-cpu"),
     "tvm": ("apache-tvm", "tvm"),
 }
-# TVM device kinds a model may name (MLmodel `arachne.tvm.device`); server metadata says which exist.
-_TVM_DEVICE_KINDS = ("cpu", "cuda", "rocm", "opencl", "vulkan", "metal")
 _BENCHMARK_LIMITS = {"warmup": (0, 1000), "repeat": (1, 10_000), "number": (1, 1000)}
 # An upload holds a worker thread while its body streams in: cap them so inference keeps threads.
 MAX_CONCURRENT_UPLOADS = 2
@@ -63,6 +65,9 @@ class Dataplane:
     ):
         self.store = store
         self.metrics = Metrics()
+        self.batch_stats: dict[str, BatchStats] = {}
+        self.metrics.registry.register(BatchingCollector(self.batch_stats))
+        self.metrics.registry.register(StoreCollector(store))
         self.ready = False
         self.benchmark_seconds = benchmark_seconds
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="arachne-dataplane")
@@ -77,6 +82,7 @@ class Dataplane:
 
     async def start(self) -> None:
         await self.run_blocking(self.store.open)
+        list_tvm_devices_in_background()  # for `GET /v2`, unless start-up probed a TVM model
         for entry in self.store.index():
             if entry["state"] == "READY":
                 self.metrics.load_seconds.labels(entry["name"]).set(self.store.get(entry["name"]).load_seconds)
@@ -95,7 +101,7 @@ class Dataplane:
             "version": __version__,
             "extensions": EXTENSIONS,
             "platform": platform.platform(),
-            "arch": platform.machine(),
+            "arch": machine_arch(),
             "python": platform.python_version(),
             "runtimes": available_runtimes(),
         }
@@ -125,36 +131,59 @@ class Dataplane:
         """Run one V2 infer request (on `version` of the model, if given); returns the response body
         and its JSON header length.
 
-        Small requests to fast models run inline on the event loop; the rest in the thread pool.
+        Batched models go through their batcher; of the rest, small requests to fast models run
+        inline on the event loop, others in the thread pool.
         """
         series = self.metrics.models.get(name)
         if series is None:
             self.store.get(name)  # unknown or unloaded models fail here, before they have a series
             series = self.metrics.models.setdefault(name, ModelSeries())
         start = time.perf_counter()
+        loaded = None
         try:
-            if series.recent_seconds < INLINE_SECONDS and len(body) <= INLINE_MAX_BYTES:
-                response = self._infer(name, body, header_length, version)
+            loaded = self.store.acquire(name)
+            if version is not None:  # checked on the model taken: a replace may have come since the request
+                _check_version(name, version, loaded.revision)
+            if loaded.batching is not None:
+                response = await self._infer_batched(name, loaded, body, header_length)
+            elif series.recent_seconds < INLINE_SECONDS and len(body) <= INLINE_MAX_BYTES:
+                response = self._infer(name, loaded, body, header_length)
             else:
-                response = await self.run_blocking(self._infer, name, body, header_length, version)
+                response = await self.run_blocking(self._infer, name, loaded, body, header_length)
         except Exception:
             series.failed()
             raise
+        finally:
+            if loaded is not None:
+                loaded.release()
         series.observe(time.perf_counter() - start)
         return response
 
     def _infer(
-        self, name: str, body: bytes, header_length: str | bytes | None, version: str | None
+        self, name: str, loaded: LoadedModel, body: bytes, header_length: str | bytes | None
     ) -> tuple[bytes, int | None]:
-        loaded = self.store.acquire(name)
-        try:
-            if version is not None:  # checked on the model taken: a replace may have come since the request
-                _check_version(name, version, loaded.revision)
+        request = codec.decode_request(body, header_length, loaded.module.input_specs)
+        outputs = loaded.module.infer(_ordered_inputs(loaded.input_names, request.inputs))
+        return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+
+    async def _infer_batched(
+        self, name: str, loaded: LoadedModel, body: bytes, header_length: str | bytes | None
+    ) -> tuple[bytes, int | None]:
+        """Decode and check on the event loop (a bad request is refused before it joins a batch), then
+        wait for the batch. Batches run in the thread pool: while one runs, the loop takes in the next."""
+        if len(body) <= INLINE_MAX_BYTES:
             request = codec.decode_request(body, header_length, loaded.module.input_specs)
-            outputs = loaded.module.infer(_ordered_inputs(loaded.input_names, request.inputs))
-            return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
-        finally:
-            loaded.release()
+        else:  # (off the event loop, as for a model that does not batch)
+            request = await self.run_blocking(codec.decode_request, body, header_length, loaded.module.input_specs)
+        ordered = _ordered_inputs(loaded.input_names, request.inputs)
+        inputs = [spec.check(value) for spec, value in zip(loaded.module.input_specs, ordered)]
+        batcher = loaded.batcher
+        if batcher is None:
+            stats = self.batch_stats.setdefault(name, BatchStats())
+            run = functools.partial(self.run_blocking, loaded.module.infer)
+            batcher = loaded.batcher = Batcher(loaded.batching, run, stats)  # type: ignore[arg-type]
+        outputs = await batcher.submit(inputs)
+        return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
 
     async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         """Time the model on the server with `RuntimeModule.benchmark`: bounded repeat counts, at most
@@ -199,9 +228,16 @@ class Dataplane:
     async def unload(self, name: str) -> None:
         await self.run_blocking(self.store.unload, name)
 
+    async def rollback(self, name: str) -> dict[str, Any]:
+        record = await self.run_blocking(self.store.rollback, name)
+        with contextlib.suppress(ArachneError):  # unloaded again meanwhile: nothing to record
+            self.metrics.load_seconds.labels(name).set(self.store.get(name).load_seconds)
+        return record
+
     async def delete(self, name: str) -> None:
         await self.run_blocking(self.store.delete, name)
         self.metrics.forget(name)
+        self.batch_stats.pop(name, None)
 
     async def upload(
         self, name: str, chunks: AsyncIterator[bytes], provenance: dict[str, Any] | None
@@ -284,7 +320,12 @@ def _tensor_metadata(spec: Any) -> dict[str, Any]:
 
 def available_runtimes() -> list[dict[str, Any]]:
     """Runtimes this server can load, with the library and version that provides each (and TVM's devices,
-    onnxruntime's providers)."""
+    onnxruntime's providers).
+
+    Nothing here imports a DNN library into the server: TVM's devices are the ones the last child
+    process that imported TVM found (`probe.py`: a model's probe, or the listing at start-up), and
+    `None` while none has; onnxruntime's providers come from a child too until a model loads it.
+    """
     from arachne_mlflow.runtime import list_runtimes
 
     result = []
@@ -305,18 +346,6 @@ def available_runtimes() -> list[dict[str, Any]]:
                 continue
     for entry in result:
         if entry["name"] == "tvm":
-            entry["devices"] = list(tvm_devices())
+            devices = known_tvm_devices()
+            entry["devices"] = None if devices is None else list(devices)
     return result
-
-
-@functools.lru_cache(maxsize=1)
-def tvm_devices() -> tuple[str, ...]:
-    """The TVM device kinds this machine has, so a client can refuse a model before pushing it.
-
-    Cached: importing TVM takes about two seconds (the route runs this off the event loop).
-    """
-    try:
-        import tvm
-    except ImportError:
-        return ()
-    return tuple(kind for kind in _TVM_DEVICE_KINDS if tvm.runtime.device(kind).exist)

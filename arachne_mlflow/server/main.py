@@ -66,7 +66,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds to let open connections finish at shut-down before closing them",
     )
+    parser.add_argument(
+        "--batching",
+        action="append",
+        default=[],
+        metavar="[MODEL=]MAX_BATCH_SIZE[,DELAY_US]",
+        help="merge concurrent requests along dim 0 (Triton's dynamic batching): MODEL=16,500 for one model "
+        "(over its MLmodel's arachne.batching), MODEL=off to never batch it, 16,500 for every model that can "
+        "batch and has no settings of its own; repeatable",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument(
+        "--access-log", action="store_true", help="log a line per request (off by default: errors are still logged)"
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -75,9 +87,12 @@ def serve(args: argparse.Namespace) -> int:
 
     from arachne_mlflow.errors import ArachneError
     from arachne_mlflow.server.app import create_app
+    from arachne_mlflow.server.batching import BatchingPolicy
     from arachne_mlflow.server.http_limits import head_limited_protocol
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    # A device server only runs TVM libraries: TVM's runtime library is enough, its compiler is not loaded.
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
     if not args.token and not _is_loopback(args.host):
@@ -87,6 +102,7 @@ def serve(args: argparse.Namespace) -> int:
             args.host,
         )
     try:
+        batching = BatchingPolicy.from_flags(args.batching)
         app = create_app(
             str(Path(args.model_store).expanduser()),
             token=args.token,
@@ -95,6 +111,7 @@ def serve(args: argparse.Namespace) -> int:
             max_json_bytes=args.max_json_mb * 1024**2,
             max_workers=args.workers,
             benchmark_seconds=args.benchmark_seconds,
+            batching=batching,
         )
     except ArachneError as err:
         raise SystemExit(f"arachne-mlflow serve: error: {err}") from err
@@ -103,6 +120,7 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        access_log=args.access_log,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         http=head_limited_protocol(head_timeout=args.head_timeout),

@@ -98,3 +98,19 @@ class _InferenceCollector:
             latency.add_metric([name], list(zip(bounds, cumulative)), sum_value=series.latency_sum)
             latency_created.add_metric([name], series.created)
         yield from (requests, errors, latency, latency_created)
+
+
+class StoreCollector:
+    """`arachne_model_ready`: 1 for each stored model that is loaded, 0 for one that is not (unloaded,
+    failed, quarantined at start-up); read from the store when scraped, so deleted models vanish."""
+
+    def __init__(self, store: object):
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        ready = GaugeMetricFamily(
+            "arachne_model_ready", "Whether each stored model is loaded (1) or unavailable (0)", labels=["model"]
+        )
+        for entry in self._store.index():
+            ready.add_metric([entry["name"]], 1.0 if entry["state"] == "READY" else 0.0)
+        yield ready

@@ -1,57 +1,225 @@
-"""Load an uploaded model in a child process before the server loads it.
+"""Load models in short-lived child processes before the server loads them.
 
-Native code runs inside the server process: a TVM library whose constructor aborts, or a model
-file that trips a bug in a DNN library, would take the whole server down. Loading it first in a
-short-lived child turns such a crash into a refused upload. Ordinary load errors are left to the
-in-process load, which reports them with their message.
+Native code runs inside the server process: a TVM library whose constructor aborts, a delegate or
+driver that segfaults, a model file that trips a bug in a DNN library would take the whole server
+down. Loading each model first in a child turns such a crash into a refused upload, or at start-up
+into a quarantined model, while the server stays up.
 
-    python -m arachne_mlflow.server.probe MODEL_DIR    # exit 0 loaded, 1 failed cleanly
+    python -m arachne_mlflow.server.probe MODEL_DIR...    # one JSON report per model on stdout
+
+The child loads each model in turn, frees it, and reports success or the error's type and message,
+so the server neither loads a model that fails nor imports its library to say why. A child that
+dies, or hangs past the timeout, is blamed on the model it was loading (on its own in a fresh child
+if it was not the child's first), and the models after it are probed again in a fresh child. A
+child that imported TVM also reports which TVM devices exist: `GET /v2` lists them from there, so
+the serving process never imports TVM to answer it (a server whose start-up probed no TVM model has
+a child list them in the background: `python -m arachne_mlflow.server.probe` with no model).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import logging
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow import errors
+from arachne_mlflow.errors import ArachneError, InvalidInputError
+from arachne_mlflow.model.directory import ArachneModel
+
+_logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 300.0
+# Children at once when several runtimes' models are probed (start-up); each holds one library.
+PROBE_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# TVM device kinds a model may name (MLmodel `arachne.tvm.device`).
+TVM_DEVICE_KINDS = ("cpu", "cuda", "rocm", "opencl", "vulkan", "metal")
+_TRAILING_SECONDS = 30.0  # for the device report after the last model's
+_known_tvm_devices: tuple[str, ...] | None = None
 
 
-def probe_load(path: Path, name: str, timeout: float = PROBE_TIMEOUT) -> None:
-    """Raise `InvalidInputError` if loading the model at `path` crashes or hangs a process."""
+_listing: threading.Thread | None = None
+
+
+def list_tvm_devices_in_background() -> None:
+    """Have a child list TVM's devices, unless one has or TVM is not installed (nothing waits for it)."""
+    global _listing
+    if _known_tvm_devices is not None or importlib.util.find_spec("tvm") is None:
+        return
+    _listing = threading.Thread(target=_run_child, args=([], PROBE_TIMEOUT), name="arachne-tvm-devices", daemon=True)
+    _listing.start()
+
+
+def known_tvm_devices(wait: float = PROBE_TIMEOUT) -> tuple[str, ...] | None:
+    """The TVM devices the last child that imported TVM found (waiting for a listing under way);
+    None when no child has."""
+    listing = _listing
+    if listing is not None:
+        listing.join(wait)
+    return _known_tvm_devices
+
+
+def probe_load(
+    model: ArachneModel, name: str, consequence: str = "it was not installed", timeout: float = PROBE_TIMEOUT
+) -> None:
+    """Raise the error loading `model` gives in a child (`InvalidInputError` if it crashes or hangs one)."""
+    error = probe_many({name: model}, consequence, timeout)[name]
+    if error is not None:
+        raise error
+
+
+def probe_many(
+    models: Mapping[str, ArachneModel], consequence: str, timeout: float = PROBE_TIMEOUT
+) -> dict[str, ArachneError | None]:
+    """Probe every model (by name), one child per runtime, `PROBE_WORKERS` at a time; None means it loads."""
+    groups: dict[str, list[tuple[str, Path]]] = {}
+    for name, model in models.items():
+        groups.setdefault(model.runtime, []).append((name, model.path))
+    results: dict[str, ArachneError | None] = {}
+    with ThreadPoolExecutor(max(1, min(PROBE_WORKERS, len(groups)))) as pool:
+        for found in pool.map(lambda group: _probe_group(group, consequence, timeout), groups.values()):
+            results.update(found)
+    return results
+
+
+def _probe_group(group: list[tuple[str, Path]], consequence: str, timeout: float) -> dict[str, ArachneError | None]:
+    results: dict[str, ArachneError | None] = {}
+    pending = list(group)
+    while pending:
+        reports, failure, hung = _run_child([path for _, path in pending], timeout)
+        for (name, _), report in zip(pending, reports):
+            results[name] = _error(name, report)
+        pending = pending[len(reports) :]
+        # A crash of the child's first model, or a hang, is that model's doing; a crash after other
+        # models loaded in the same child is checked again with the model first in a fresh child.
+        if pending and (hung or not reports):
+            name, _ = pending.pop(0)
+            results[name] = InvalidInputError(f"model {name!r} {failure}; {consequence}")
+    return results
+
+
+def _run_child(paths: list[Path], timeout: float) -> tuple[list[dict], str, bool]:
+    """Reports of a child that probes `paths`; why it stopped early (empty when it did not); whether it hung."""
+    command = [sys.executable, "-m", "arachne_mlflow.server.probe", *map(str, paths)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.setdefault("TVM_USE_RUNTIME_LIB", "1")  # a child only loads: TVM's compiler library is not needed
+    reports: list[dict] = []
+    failure, hung = "", False
+    with tempfile.TemporaryFile() as stderr:
+        pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": stderr}
+        with subprocess.Popen(command, env=env, **pipes) as child:
+            out, pending = child.stdout.fileno(), b""
+            while True:
+                waiting = timeout if len(reports) < len(paths) else _TRAILING_SECONDS
+                if not select.select([out], [], [], waiting)[0]:
+                    child.kill()
+                    hung = len(reports) < len(paths)
+                    break
+                chunk = os.read(out, 1 << 16)
+                if not chunk:
+                    break
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    _take(line, reports)
+            returncode = child.wait()
+        if hung:
+            failure = f"did not load within {timeout:.0f} s"
+        elif len(reports) < len(paths):
+            failure = f"crashed the runtime while loading ({_how(returncode)})"
+        if failure:
+            stderr.seek(0, os.SEEK_END)
+            stderr.seek(max(0, stderr.tell() - 2000))
+            tail = stderr.read().decode("utf-8", "replace").strip()
+            _logger.warning("loading %s %s; its output ended with: %s", paths[len(reports)], failure, tail or "-")
+    return reports, failure, hung
+
+
+def _take(line: bytes, reports: list[dict]) -> None:
+    global _known_tvm_devices
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "arachne_mlflow.server.probe", str(path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            timeout=timeout,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        )
-    except subprocess.TimeoutExpired as err:
-        raise InvalidInputError(f"model {name!r} did not load within {timeout:.0f} s; it was not installed") from err
-    if result.returncode < 0:
+        message = json.loads(line)
+    except ValueError:
+        return
+    if "tvm_devices" in message:
+        _known_tvm_devices = tuple(message["tvm_devices"])
+    else:
+        reports.append(message)
+
+
+def _how(returncode: int) -> str:
+    if returncode < 0:
         try:
-            how = signal.Signals(-result.returncode).name
+            return signal.Signals(-returncode).name
         except ValueError:
-            how = f"signal {-result.returncode}"
-        raise InvalidInputError(f"model {name!r} crashed the runtime while loading ({how}); it was not installed")
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
 
 
-def _main(path: str) -> int:
+def _error(name: str, report: dict) -> ArachneError | None:
+    """The error a child reported, as the same `ArachneError` class (None when the model loaded)."""
+    if report.get("ok"):
+        return None
+    cls = getattr(errors, str(report.get("error")), None)
+    if isinstance(cls, type) and issubclass(cls, ArachneError):
+        return cls(report.get("message", ""))
+    # a DNN library's own error for a corrupt or foreign model file
+    return InvalidInputError(f"model {name!r} cannot be loaded: {report.get('message', '')}")
+
+
+def _main(paths: list[str]) -> None:
+    reports = os.dup(1)
+    os.dup2(2, 1)  # what libraries print goes to stderr, not into the reports
     from arachne_mlflow import runtime
     from arachne_mlflow.model.directory import read_model_dir
 
-    try:
-        runtime.load(read_model_dir(path)).done()
-    except Exception:  # noqa: BLE001 (the parent's own load reports it; only crashes matter here)
-        return 1
-    return 0
+    if not paths:  # asked for TVM's devices only
+        from arachne_mlflow.runtime.tvm import import_tvm
+
+        import_tvm()
+    devices_sent = False
+    for path in paths:
+        try:
+            runtime.load(read_model_dir(path)).done()
+            report = {"ok": True}
+        except ArachneError as err:
+            report = {"ok": False, "error": type(err).__name__, "message": str(err)}
+        except Exception as err:  # noqa: BLE001 (reported to the server, which names the model)
+            report = {"ok": False, "error": None, "message": f"{type(err).__name__}: {err}"}
+        _send(reports, report)
+        if not devices_sent and "tvm" in sys.modules:
+            _send(reports, {"tvm_devices": _tvm_devices_here()})
+            devices_sent = True
+    if not devices_sent and "tvm" in sys.modules:
+        _send(reports, {"tvm_devices": _tvm_devices_here()})
+    os._exit(0)  # skip the libraries' teardown: it may hang or crash once every report is out
+
+
+def _send(descriptor: int, message: dict) -> None:
+    data = json.dumps(message).encode() + b"\n"
+    while data:
+        data = data[os.write(descriptor, data) :]
+
+
+def _tvm_devices_here() -> list[str]:
+    tvm = sys.modules["tvm"]
+    found = []
+    for kind in TVM_DEVICE_KINDS:
+        try:
+            if tvm.runtime.device(kind).exist:
+                found.append(kind)
+        except Exception:  # noqa: BLE001 (a device kind this TVM build does not know)
+            continue
+    return found
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1]))
+    _main(sys.argv[1:])

@@ -3,23 +3,29 @@
 Layout, chosen so that a crash at any moment leaves every model at its last complete version:
 
     <root>/.arachne-model-store  marks the directory as a store (a non-empty one without it is refused)
-    <root>/<name>/CURRENT.json   the served version's record (replaced atomically)
-    <root>/<name>/v-<id>/        a complete model directory (MLmodel and its files)
+    <root>/<name>/CURRENT.json   the served version's record, with the previous one's (records.py)
+    <root>/<name>/v-<id>/        a complete model directory (MLmodel and its files): the served version,
+                                 and the version it replaced, kept for an instant rollback
     <root>/<name>/.incoming-<id> an upload being extracted (removed at start-up)
 
-An upload is extracted beside the served version, loaded, synced to disk, and only then made
-current by replacing CURRENT.json (a pointer file, so the swap is one atomic rename); until that
-moment the old version keeps serving, and if anything fails the new files are removed and nothing
-else changes. Calls are blocking: the dataplane runs
-them in its thread pool. Operations on one name are serialized; other names are not held up.
+An upload is extracted beside the served version, its options checked, loaded once in a child
+process (probe.py), loaded, synced to disk, and only then made current by replacing CURRENT.json
+(one atomic rename); the version it replaced becomes the previous one, and the one before that is
+deleted. Until the rename the old version keeps serving; if anything fails, everything of the
+upload is removed at once and nothing else changes (a full disk is a 507). A rollback swaps the
+served and the previous version the same way. At start-up every stored model is loaded in child
+processes first, so one that crashes its process is quarantined (UNAVAILABLE, with the reason)
+instead of taking the server down at every start. A version whose files have loaded in this
+process before (a rollback, a re-upload) is not probed again.
+
+Calls are blocking: the dataplane runs them in its thread pool. Operations on one name are
+serialized; other names are not held up.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -32,32 +38,54 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from arachne_mlflow import runtime
-from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from arachne_mlflow.errors import ArachneError, ConflictError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from arachne_mlflow.model.archive import safe_extract
 from arachne_mlflow.model.digest import files_digest, tree_files
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
 from arachne_mlflow.protocol.names import NAME_PATTERN, check_name
 from arachne_mlflow.runtime import RuntimeModule
-from arachne_mlflow.server.probe import probe_load
+from arachne_mlflow.server.batching import Batcher, BatchingPolicy, BatchingSettings
+from arachne_mlflow.server.probe import probe_load, probe_many
+from arachne_mlflow.server.records import (
+    CURRENT,
+    check_provenance,
+    public_record,
+    read_record,
+    storage_error,
+    storage_full,
+    sync_tree,
+    version_bytes,
+    write_record,
+)
 
 _logger = logging.getLogger(__name__)
 
-CURRENT = "CURRENT.json"
 MARKER = ".arachne-model-store"
 DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
-# Option names that point a DNN library at files (paths, profiles, caches): refused in uploaded models.
-# Record keys an earlier release wrote under other names.
-_RENAMED_KEYS = (("version", "revision"), ("info", "provenance"))
-_FILE_OPTION = re.compile(r"file|path|dir|prefix|profil|cache|dump", re.IGNORECASE)
+# Digests of loaded versions remembered so that they load without a child next time (a bound, not a cache size).
+MAX_PROVEN = 1024
+QUARANTINED = "it is quarantined (not loaded): delete it, upload another version or roll it back"
 
 
 class LoadedModel:
-    """A loaded runtime module that is freed only when the last inference using it has finished."""
+    """A loaded runtime module that is freed only when the last inference using it has finished.
 
-    def __init__(self, module: RuntimeModule, record: dict[str, Any], load_seconds: float):
+    `batching` is how its requests are batched (None: each runs alone); the dataplane makes its
+    `batcher` when the first request comes.
+    """
+
+    def __init__(
+        self,
+        module: RuntimeModule,
+        record: dict[str, Any],
+        load_seconds: float,
+        batching: BatchingSettings | None = None,
+    ):
         self.module = module
         self.record = record
         self.load_seconds = load_seconds
+        self.batching = batching
+        self.batcher: Batcher | None = None
         self.revision = str(record["revision"])
         self.input_names = [spec.name for spec in module.input_specs]
         self.output_names = [spec.name for spec in module.output_specs]
@@ -99,7 +127,13 @@ class _Entry:
 class ModelStore:
     """Named models kept under `root`, loaded again when the store opens."""
 
-    def __init__(self, root: str | os.PathLike, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        batching: BatchingPolicy | None = None,
+    ):
+        self.batching = batching or BatchingPolicy()
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / MARKER).is_file():
@@ -114,33 +148,38 @@ class ModelStore:
         self._entries: dict[str, _Entry] = {}
         self._name_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._proven: dict[str, None] = {}  # digests of versions that loaded in this process, oldest first
 
     # -- start-up and shut-down ------------------------------------------------------------
     def open(self) -> None:
-        """Clean up interrupted uploads and load every stored model; a failed load is recorded, not fatal."""
+        """Clean up interrupted uploads and load every stored model, each first in a child process.
+
+        A model that fails or crashes there is recorded as UNAVAILABLE with its reason, not loaded.
+        """
+        checked: dict[str, ArachneModel] = {}
         for directory in sorted(p for p in self.root.iterdir() if p.is_dir()):
             name = directory.name
             if not NAME_PATTERN.match(name):
                 continue
-            record = _read_record(directory)
+            record = read_record(directory)
             if record is None:
                 _logger.warning("removing %s: an upload that never completed", directory)
                 shutil.rmtree(directory, ignore_errors=True)
                 continue
-            for leftover in directory.iterdir():
-                if leftover.name in (CURRENT, record["version_dir"]):
-                    continue
-                if leftover.is_dir():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink()
-            entry = _Entry(record)
-            self._entries[name] = entry
+            _remove_all_but(directory, {CURRENT, *_version_dirs(record)})
+            self._entries[name] = _Entry(record)
             try:
-                entry.loaded = self._load(_read_checked(directory / record["version_dir"]), record)
+                checked[name] = read_checked(directory / record["version_dir"])
             except ArachneError as err:
-                entry.reason = str(err)
-                _logger.error("model %r did not load: %s", name, err)
+                self._failed(name, err)
+        for name, error in probe_many(checked, QUARANTINED).items():
+            if error is not None:
+                self._failed(name, error)
+                continue
+            try:
+                self._entries[name].loaded = self._load(checked[name], self._entries[name].record)
+            except ArachneError as err:
+                self._failed(name, err)
 
     def close(self) -> None:
         with self._guard:
@@ -186,9 +225,10 @@ class ModelStore:
             loaded.release()
 
     def record(self, name: str) -> dict[str, Any]:
-        """The stored record of `name` (revision, runtime, digest, provenance...) with its state."""
+        """The stored record of `name` (revision, runtime, digest, bytes, provenance, the kept previous
+        version...) with its state."""
         entry = self._entry(name)
-        record = {k: v for k, v in entry.record.items() if k != "version_dir"}
+        record = public_record(entry.record)
         record["state"] = "READY" if entry.loaded is not None else "UNAVAILABLE"
         if entry.reason:
             record["reason"] = entry.reason
@@ -227,45 +267,80 @@ class ModelStore:
     def put(self, name: str, stream: BinaryIO, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
         """Store the tar `stream` of an MLflow model dir as `name`, load it, then make it current."""
         check_name(name)
+        provenance = check_provenance(provenance)
         with self._name_lock(name):
             directory = self.root / name
             directory.mkdir(exist_ok=True)
             version_dir = f"v-{uuid.uuid4().hex[:12]}"
             incoming = directory / f".incoming-{version_dir}"
+            loaded = None
             try:
                 safe_extract(stream, incoming, max_bytes=self.max_upload_bytes)
                 os.rename(incoming, directory / version_dir)
-                model = _read_checked(directory / version_dir)  # before anything loads it
-                previous = self._entries.get(name)
+                model = read_checked(directory / version_dir)  # before anything loads it
+                replaced = self._entries.get(name)
                 record = {
                     "name": name,
-                    "revision": (previous.record["revision"] + 1) if previous else 1,
+                    "revision": _next_revision(replaced.record) if replaced else 1,
                     "version_dir": version_dir,
                     "runtime": model.runtime,
                     "digest": files_digest(directory / version_dir, tree_files(directory / version_dir)),
+                    "bytes": version_bytes(directory / version_dir),
                     "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "provenance": provenance or {},
+                    "provenance": provenance,
                 }
-                probe_load(directory / version_dir, name)
-                loaded = self._load(model, record)
-                _sync_tree(directory / version_dir)  # on disk before CURRENT.json names it (power cuts)
-            except BaseException:
+                if replaced is not None:
+                    record["previous"] = _without_previous(replaced.record)
+                loaded = self._load_proven(model, record, "it was not installed")
+                sync_tree(directory / version_dir)  # on disk before CURRENT.json names it (power cuts)
+                write_record(directory, record)
+            except BaseException as err:
+                if loaded is not None:
+                    loaded.retire()
                 shutil.rmtree(incoming, ignore_errors=True)
                 shutil.rmtree(directory / version_dir, ignore_errors=True)
                 if name not in self._entries:
                     shutil.rmtree(directory, ignore_errors=True)
+                if storage_full(err):
+                    raise storage_error(err, self.root, name) from err
                 raise
-            _write_record(directory, record)
-            with self._guard:
-                old = self._entries.get(name)
-                self._entries[name] = _Entry(record, loaded)
-            if old is not None:
-                if old.loaded is not None:
-                    old.loaded.retire()
-                shutil.rmtree(directory / old.record["version_dir"], ignore_errors=True)
+            old = self._install(name, record, loaded)
+            if old is not None and old.record.get("previous"):  # a third version arrived: drop the oldest
+                shutil.rmtree(directory / old.record["previous"]["version_dir"], ignore_errors=True)
+            return self.record(name)
+
+    def rollback(self, name: str) -> dict[str, Any]:
+        """Serve the version the last upload replaced again (the served one becomes the previous one).
+
+        Atomic like an upload: the served version keeps serving until the previous one has loaded,
+        and a failed rollback changes nothing. 409 when no previous version is kept.
+        """
+        with self._name_lock(name):
+            entry = self._entry(name)
+            previous = entry.record.get("previous")
+            if previous is None:
+                raise ConflictError(
+                    f"model {name!r} has no previous version on this server to roll back to "
+                    "(the version an upload replaces is kept until the next upload or a delete)"
+                )
+            directory = self.root / name
+            record = {**previous, "previous": _without_previous(entry.record)}
+            loaded = None
+            try:
+                model = read_checked(directory / previous["version_dir"])
+                loaded = self._load_proven(model, record, "the rollback changed nothing")
+                write_record(directory, record)
+            except BaseException as err:
+                if loaded is not None:
+                    loaded.retire()
+                if storage_full(err):
+                    raise storage_error(err, self.root, name) from err
+                raise
+            self._install(name, record, loaded)
             return self.record(name)
 
     def delete(self, name: str) -> None:
+        """Remove `name`: its served version, its previous one, its record."""
         with self._name_lock(name):
             self._entry(name)
             with self._guard:
@@ -276,12 +351,14 @@ class ModelStore:
             shutil.rmtree(self.root / name, ignore_errors=True)
 
     def load(self, name: str) -> LoadedModel:
-        """Load `name` again from disk (a no-op when it is loaded)."""
+        """Load `name` again from disk (a no-op when it is loaded); first in a child unless it loaded here before."""
         with self._name_lock(name):
             entry = self._entry(name)
             if entry.loaded is None:
                 try:
-                    loaded = self._load(_read_checked(self.root / name / entry.record["version_dir"]), entry.record)
+                    model = read_checked(self.root / name / entry.record["version_dir"])
+                    # a model that failed or crashed is loaded in a child first, even if its files loaded here before
+                    loaded = self._load_proven(model, entry.record, QUARANTINED, trusted=not entry.reason)
                 except ArachneError as err:
                     entry.reason = str(err)
                     raise
@@ -313,8 +390,29 @@ class ModelStore:
         with lock:
             yield
 
-    @staticmethod
-    def _load(model: ArachneModel, record: dict[str, Any]) -> LoadedModel:
+    def _install(self, name: str, record: dict[str, Any], loaded: LoadedModel) -> _Entry | None:
+        """Serve `loaded` as `name` (its record already on disk); the version it replaces is freed
+        once the inferences still running on it finish."""
+        with self._guard:
+            old = self._entries.get(name)
+            self._entries[name] = _Entry(record, loaded)
+        if old is not None and old.loaded is not None:
+            old.loaded.retire()
+        return old
+
+    def _failed(self, name: str, err: ArachneError) -> None:
+        self._entries[name].reason = str(err)
+        _logger.error("model %r did not load: %s", name, err)
+
+    def _load_proven(
+        self, model: ArachneModel, record: dict[str, Any], consequence: str, trusted: bool = True
+    ) -> LoadedModel:
+        """Load `model` here, once a child has loaded it (unless, `trusted`, the same files loaded here before)."""
+        if not trusted or record["digest"] not in self._proven:
+            probe_load(model, record["name"], consequence)
+        return self._load(model, record)
+
+    def _load(self, model: ArachneModel, record: dict[str, Any]) -> LoadedModel:
         start = time.perf_counter()
         try:
             module = runtime.load(model)
@@ -322,71 +420,49 @@ class ModelStore:
             raise
         except Exception as err:  # a DNN library's own error for a corrupt or foreign model file
             raise InvalidInputError(f"model {record['name']!r} cannot be loaded: {err}") from err
-        return LoadedModel(module, record, time.perf_counter() - start)
+        try:
+            batching = self.batching.settings_for(
+                record["name"], model.batching, module.input_specs, module.output_specs
+            )
+        except ArachneError:
+            module.done()
+            raise
+        with self._guard:
+            self._proven.pop(record["digest"], None)
+            self._proven[record["digest"]] = None
+            if len(self._proven) > MAX_PROVEN:
+                del self._proven[next(iter(self._proven))]
+        return LoadedModel(module, record, time.perf_counter() - start, batching)
 
 
-def _read_checked(path: Path) -> ArachneModel:
-    """The model at `path`, refused if its runtime options would make a library write files."""
+def read_checked(path: Path) -> ArachneModel:
+    """The model at `path`, refused (400, naming the key) if its runtime options are not ones its
+    backend lets an uploaded model set, or if this machine cannot run it."""
     model = read_model_dir(path)
-    _refuse_file_options(model.runtime_options, "runtime_options")
+    runtime.get_runtime_class(model.runtime).check_server_options(model.runtime_options)
+    model.check_compatible()
     return model
 
 
-def _refuse_file_options(options: Any, where: str) -> None:
-    """Refuse runtime options that name files (onnxruntime's `optimized_model_filepath`, profiling
-    output...): an uploaded MLmodel could make the library write or read any path the server can."""
-    if isinstance(options, dict):
-        for key, value in options.items():
-            if _FILE_OPTION.search(str(key)):
-                raise InvalidInputError(
-                    f"{where}.{key}: a model on a device server may not set options that name files or turn on "
-                    "profiling (they would reach outside the model store)"
-                )
-            _refuse_file_options(value, f"{where}.{key}")
-    elif isinstance(options, list):
-        for index, value in enumerate(options):
-            _refuse_file_options(value, f"{where}[{index}]")
+def _version_dirs(record: dict[str, Any]) -> list[str]:
+    return [record["version_dir"], *([record["previous"]["version_dir"]] if record.get("previous") else [])]
 
 
-def _read_record(directory: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads((directory / CURRENT).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or not (directory / str(record.get("version_dir"))).is_dir():
-        return None
-    for old, new in _RENAMED_KEYS:  # a record written by 0.1.0
-        if old in record and new not in record:
-            record[new] = record.pop(old)
-    return record
+def _without_previous(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "previous"}
 
 
-def _write_record(directory: Path, record: dict[str, Any]) -> None:
-    """Write CURRENT.json so that a crash leaves either the old or the new record, whole."""
-    temporary = directory / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
-    with open(temporary, "w") as file:
-        json.dump(record, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, directory / CURRENT)
-    _sync_directory(directory)
+def _next_revision(record: dict[str, Any]) -> int:
+    """One more than any revision kept (after a rollback the served one is not the highest)."""
+    return max(record["revision"], (record.get("previous") or {}).get("revision", 0)) + 1
 
 
-def _sync_tree(root: Path) -> None:
-    """fsync every file and directory under `root`."""
-    for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file() and not path.is_symlink():
-            with open(path, "rb") as file:
-                os.fsync(file.fileno())
-        elif path.is_dir():
-            _sync_directory(path)
-    _sync_directory(root)
-    _sync_directory(root.parent)
-
-
-def _sync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+def _remove_all_but(directory: Path, keep: set[str]) -> None:
+    """Start-up cleanup: interrupted uploads, temporary records, versions no record names."""
+    for leftover in directory.iterdir():
+        if leftover.name in keep:
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink()

@@ -48,3 +48,28 @@ def runtime_details(runtime, model_file):
 
     with arachne_runtime.init(runtime, model_file=str(model_file)) as module:
         return {"inputs": module.get_input_details(), "outputs": module.get_output_details()}
+
+
+def scaled_linear(root, scale, padding=0):
+    """onnx_linear with its weights scaled: a version whose outputs differ from another scale's,
+    optionally padded with an extra file of `padding` random bytes."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from tests.helpers import models
+
+    model = models.onnx_linear(1)
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "W":
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * scale, "W"))
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    file = root / f"linear-{scale}.onnx"
+    file.write_bytes(model.SerializeToString())
+    directory = write_model_dir(root / f"v-{scale}", "onnx", file, runtime_details("onnx", file))
+    if padding:
+        (directory / "padding.bin").write_bytes(np.random.default_rng(0).bytes(padding))
+        mlmodel = yaml.safe_load((directory / "MLmodel").read_text())
+        mlmodel["flavors"]["arachne"]["extra_files"] = ["padding.bin"]
+        (directory / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    return directory

@@ -7,6 +7,7 @@ inputs or two runtimes can fail.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,63 @@ def onnx_two_in_two_out():
             helper.make_tensor_value_info("scaled", TensorProto.FLOAT, [1, 2]),
         ],
         [w],
+    )
+    return _onnx_model(graph)
+
+
+def onnx_mlp(width: int = 256, layers: int = 3):
+    """x[N, width] -> MLP (MatMul+Add, Relu between) -> y[N, width]: batched runs use real GEMM kernels."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(RNG_SEED + 2)
+    nodes, weights, previous = [], [], "x"
+    for i in range(layers):
+        weights += [
+            numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), f"W{i}"),
+            numpy_helper.from_array((rng.standard_normal(width) / 10).astype(np.float32), f"B{i}"),
+        ]
+        nodes += [helper.make_node("MatMul", [previous, f"W{i}"], [f"m{i}"])]
+        last = i == layers - 1
+        nodes += [helper.make_node("Add", [f"m{i}", f"B{i}"], ["y" if last else f"a{i}"])]
+        if not last:
+            nodes += [helper.make_node("Relu", [f"a{i}"], [f"r{i}"])]
+            previous = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        weights,
+    )
+    return _onnx_model(graph)
+
+
+def onnx_any_shape():
+    """x[N, M] (both dynamic) -> relu(x) * 2 [N, M]: requests of other widths cannot share a batch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["r", "two"], ["y"])],
+        "any_shape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "M"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "M"])],
+        [two],
+    )
+    return _onnx_model(graph)
+
+
+def onnx_lookup(rows: int = 10):
+    """index[N, 1] (int64) -> table[index] [N, 1, 4]: an index outside the table fails at run time."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(rows * 4, dtype=np.float32).reshape(rows, 4), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "index"], ["y"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["N", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 4])],
+        [table],
     )
     return _onnx_model(graph)
 
@@ -143,3 +201,18 @@ def _ort(onnx_model):
     from arachne_mlflow.runtime.onnx import ONNXRuntimeModule
 
     return ONNXRuntimeModule(model_content=onnx_model.SerializeToString())
+
+
+_CRASHES = {
+    "abort": "#include <stdlib.h>\nstatic void crash(void) { abort(); }\n",
+    "segfault": "static void crash(void) { *(volatile int *)0 = 0; }\n",
+}
+
+
+def crashing_library(path: Path, how: str = "abort") -> Path:
+    """A shared library whose constructor kills the process (`abort` or `segfault`) as soon as it is
+    loaded, as a broken native library or a driver mismatch can."""
+    source = path.with_suffix(".c")
+    source.write_text(_CRASHES[how] + "__attribute__((constructor)) static void load(void) { crash(); }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(path), str(source)], check=True)
+    return path

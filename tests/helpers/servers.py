@@ -18,6 +18,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def rss_bytes(pid: int) -> int:
+    """The resident memory of process `pid`."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 class ServerProcess:
     """`python -m arachne_mlflow.server` on a free loopback port, started and stopped by tests."""
 

@@ -1,0 +1,351 @@
+"""Dynamic batching: concurrent infer requests of one model merged along dim 0, run once, split back.
+
+The settings mean what they mean in Triton's dynamic batcher: `max_batch_size` (rows of one
+merged run), `preferred_batch_size` (sizes run as soon as they can be formed), and
+`max_queue_delay_microseconds` (how long the oldest waiting request may be held for others to
+join). They come from the model's MLmodel (`arachne.batching: {...}`) or the server's
+`--batching` flag, and apply only to models whose every input and output has a dynamic leading
+dimension.
+
+A request joins only requests of its own kind (every input's dtype and non-batch dimensions
+equal); a request that cannot fit a batch at all (more rows than `max_batch_size`, inputs of
+unequal leading sizes) runs alone. Batches of a model run one after the other: while one runs,
+the next fills. A merged run that fails is retried request by request, so one request's failure
+is never another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.model.spec import TensorSpec
+
+_logger = logging.getLogger(__name__)
+
+#: Bounds on settings read from an uploaded MLmodel or a flag.
+MAX_BATCH_SIZE = 4096
+MAX_QUEUE_DELAY_US = 10_000_000
+MAX_PREFERRED_SIZES = 16
+_KEYS = ("max_batch_size", "preferred_batch_size", "max_queue_delay_microseconds")
+
+SIZE_BUCKETS = tuple(2**i for i in range(13))  # 1 ... MAX_BATCH_SIZE
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """Triton's `max_batch_size` and `dynamic_batching` for one model."""
+
+    max_batch_size: int
+    preferred_batch_size: tuple[int, ...] = ()
+    max_queue_delay_microseconds: int = 0
+
+    @classmethod
+    def from_config(cls, config: Any, where: str = "batching") -> BatchingSettings:
+        """Settings from a mapping (MLmodel's `arachne.batching`), every value checked."""
+        if not isinstance(config, Mapping):
+            raise InvalidInputError(f"{where} must be a mapping with keys {list(_KEYS)}")
+        unknown = sorted(set(config) - set(_KEYS))
+        if unknown:
+            raise InvalidInputError(f"{where}: unknown keys {unknown}; known: {list(_KEYS)}")
+        if "max_batch_size" not in config:
+            raise InvalidInputError(f"{where} needs max_batch_size")
+        size = _bounded_int(config["max_batch_size"], 1, MAX_BATCH_SIZE, f"{where}.max_batch_size")
+        delay = _bounded_int(
+            config.get("max_queue_delay_microseconds", 0),
+            0,
+            MAX_QUEUE_DELAY_US,
+            f"{where}.max_queue_delay_microseconds",
+        )
+        preferred = config.get("preferred_batch_size") or []
+        if isinstance(preferred, int):
+            preferred = [preferred]
+        if not isinstance(preferred, list) or len(preferred) > MAX_PREFERRED_SIZES:
+            raise InvalidInputError(
+                f"{where}.preferred_batch_size must be a list of at most {MAX_PREFERRED_SIZES} sizes"
+            )
+        sizes = sorted({_bounded_int(p, 1, size, f"{where}.preferred_batch_size") for p in preferred})
+        return cls(size, tuple(sizes), delay)
+
+    @classmethod
+    def from_flag(cls, text: str) -> BatchingSettings:
+        """`max_batch_size[,max_queue_delay_microseconds]`, as the `--batching` flag writes them."""
+        parts = text.split(",")
+        if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+            raise InvalidInputError(f"--batching {text!r}: expected max_batch_size[,max_queue_delay_microseconds]")
+        values = dict(zip(("max_batch_size", "max_queue_delay_microseconds"), (int(p) for p in parts)))
+        return cls.from_config(values, "--batching")
+
+    def to_config(self) -> dict[str, Any]:
+        """The settings as Triton's model configuration writes them."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "dynamic_batching": {
+                "preferred_batch_size": list(self.preferred_batch_size),
+                "max_queue_delay_microseconds": self.max_queue_delay_microseconds,
+            },
+        }
+
+
+def _bounded_int(value: Any, low: int, high: int, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidInputError(f"{where} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def batchable(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> bool:
+    """Whether requests can be merged along dim 0: every tensor's leading dimension is dynamic."""
+    return bool(inputs) and all(spec.shape and spec.shape[0] == -1 for spec in (*inputs, *outputs))
+
+
+class BatchingPolicy:
+    """Which models batch, and how: the server's `--batching` flags over each model's own settings.
+
+    A flag naming a model overrides its MLmodel (`None`: never batch it); the default flag
+    applies to every model that can batch and has no settings of its own.
+    """
+
+    def __init__(
+        self, default: BatchingSettings | None = None, per_model: Mapping[str, BatchingSettings | None] | None = None
+    ):
+        self.default = default
+        self.per_model = dict(per_model or {})
+
+    @classmethod
+    def from_flags(cls, flags: Sequence[str]) -> BatchingPolicy:
+        """From `--batching` values: `MODEL=max_batch_size[,delay_us]`, `MODEL=off`, or a default without `MODEL=`."""
+        default, per_model = None, {}
+        for flag in flags:
+            name, sep, value = flag.rpartition("=")
+            if not sep:
+                default = BatchingSettings.from_flag(value)
+            elif not name:
+                raise InvalidInputError(f"--batching {flag!r}: the model name before '=' is empty")
+            else:
+                per_model[name] = None if value.strip() == "off" else BatchingSettings.from_flag(value)
+        return cls(default, per_model)
+
+    def settings_for(
+        self, name: str, config: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+    ) -> BatchingSettings | None:
+        """The settings model `name` runs with; `config` is its MLmodel `arachne.batching` (None: absent).
+
+        A model that asks for batching in its MLmodel but cannot batch is refused (its author
+        made a mistake); a flag is not applied to a model that cannot batch.
+        """
+        can_batch = batchable(inputs, outputs)
+        if name in self.per_model:
+            settings = self.per_model[name]
+            if settings is not None and not can_batch:
+                _logger.warning("--batching %s: the model's leading dimensions are not dynamic; not batching", name)
+                return None
+            return settings
+        if config is not None:
+            settings = BatchingSettings.from_config(config, "arachne.batching")
+            if not can_batch:
+                shapes = {spec.name: list(spec.shape) for spec in (*inputs, *outputs)}
+                raise InvalidInputError(
+                    f"model {name!r} asks for batching (arachne.batching), but batching needs a dynamic leading "
+                    f"dimension (-1) on every input and output; its tensors are {shapes}"
+                )
+            return settings
+        return self.default if can_batch else None
+
+
+class BatchStats:
+    """One model's executed batches (a histogram of their sizes) and the time requests waited to join one."""
+
+    __slots__ = ("rows", "size_counts", "queue_sum", "queue_counts", "created")
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.size_counts = [0] * (len(SIZE_BUCKETS) + 1)
+        self.queue_sum = 0.0
+        self.queue_counts = [0] * (len(QUEUE_BUCKETS) + 1)
+        self.created = time.time()
+
+    def batch(self, rows: int, waits: Sequence[float]) -> None:
+        """A batch of `rows` ran; its requests had waited `waits` seconds."""
+        self.rows += rows
+        self.size_counts[bisect.bisect_left(SIZE_BUCKETS, rows)] += 1
+        for seconds in waits:
+            self.queue_sum += seconds
+            self.queue_counts[bisect.bisect_left(QUEUE_BUCKETS, seconds)] += 1
+
+
+class _Item:
+    """One request in the queue."""
+
+    __slots__ = ("inputs", "rows", "key", "future", "arrived")
+
+    def __init__(self, inputs: list[np.ndarray], rows: int, key: Any, future: asyncio.Future, arrived: float):
+        self.inputs = inputs
+        self.rows = rows
+        self.key = key
+        self.future = future
+        self.arrived = arrived
+
+
+class Batcher:
+    """The queue of one loaded model: `submit` from the event loop, answered once its batch has run.
+
+    `run(inputs)` runs the model on checked inputs (the dataplane's way to leave the event loop).
+    """
+
+    def __init__(
+        self,
+        settings: BatchingSettings,
+        run: Callable[[list[np.ndarray]], Awaitable[list[np.ndarray]]],
+        stats: BatchStats | None = None,
+    ):
+        self.settings = settings
+        self.stats = stats if stats is not None else BatchStats()
+        self._run = run
+        self._delay = settings.max_queue_delay_microseconds / 1e6
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """The model's outputs for `inputs` (checked arrays, one per model input), as if run alone."""
+        loop = asyncio.get_running_loop()
+        rows = inputs[0].shape[0]
+        if rows == 0 or rows > self.settings.max_batch_size or any(a.shape[0] != rows for a in inputs):
+            key: Any = object()  # joins no other request
+        else:
+            key = tuple([(a.dtype, a.shape[1:]) for a in inputs])
+        item = _Item(inputs, rows, key, loop.create_future(), time.perf_counter())
+        self._queue.append(item)
+        if self._worker is None:
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._drain())
+        else:
+            self._arrived.set()  # type: ignore[union-attr]
+        return await item.future
+
+    async def _drain(self) -> None:
+        """Run batches until the queue is empty (the worker exists only while there is work)."""
+        try:
+            while self._queue:
+                batch = await self._next_batch()
+                await self._execute(batch)
+        finally:
+            self._worker = None
+            for item in self._queue:  # only when cancelled (the server stopping)
+                if not item.future.done():
+                    item.future.cancel()
+
+    async def _next_batch(self) -> list[_Item]:
+        """The batch to run next: full or preferred at once, else whatever joined when the oldest's delay ends."""
+        settings = self.settings
+        while True:
+            batch, rows, preferred = self._candidates()
+            if type(batch[0].key) is not tuple:  # joins no one: nothing to wait for
+                return batch
+            if rows >= settings.max_batch_size or preferred:
+                return batch[:preferred] if preferred and rows < settings.max_batch_size else batch
+            wait = self._queue[0].arrived + self._delay - time.perf_counter()
+            if wait <= 0:
+                return batch
+            self._arrived.clear()  # type: ignore[union-attr]
+            try:
+                await asyncio.wait_for(self._arrived.wait(), wait)  # type: ignore[union-attr]
+            except asyncio.TimeoutError:
+                pass
+
+    def _candidates(self) -> tuple[list[_Item], int, int]:
+        """The oldest request and the later ones of its kind that fit beside it, their rows, and
+        how many of them make the largest preferred size (0: none)."""
+        head = self._queue[0]
+        batch, rows, preferred = [head], head.rows, 0
+        limit = self.settings.max_batch_size
+        sizes = self.settings.preferred_batch_size
+        if rows in sizes:
+            preferred = 1
+        if type(head.key) is tuple:
+            for item in itertools.islice(self._queue, 1, None):
+                if item.key == head.key and rows + item.rows <= limit:
+                    batch.append(item)
+                    rows += item.rows
+                    if rows in sizes:
+                        preferred = len(batch)
+                    if rows == limit:
+                        break
+        return batch, rows, preferred
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        for item in batch:
+            self._queue.remove(item)
+        started = time.perf_counter()
+        rows = sum(item.rows for item in batch)
+        self.stats.batch(rows, [started - item.arrived for item in batch])
+        if len(batch) == 1:
+            await self._run_alone(batch[0])
+            return
+        merged = [np.concatenate(parts) for parts in zip(*[item.inputs for item in batch])]
+        try:
+            outputs = await self._run(merged)
+            answers = _split(outputs, [item.rows for item in batch])
+        except Exception as err:  # noqa: BLE001 (each request is retried alone: its own answer or error)
+            _logger.warning("a batch of %d requests failed (%s); running each alone", len(batch), err)
+            for item in batch:
+                await self._run_alone(item)
+            return
+        for item, answer in zip(batch, answers):
+            if not item.future.done():  # (cancelled: the client went away)
+                item.future.set_result(answer)
+
+    async def _run_alone(self, item: _Item) -> None:
+        try:
+            outputs = await self._run(item.inputs)
+        except Exception as err:  # noqa: BLE001 (the request's own error, raised in its handler)
+            if not item.future.done():
+                item.future.set_exception(err)
+            return
+        if not item.future.done():
+            item.future.set_result(outputs)
+
+
+def _split(outputs: Sequence[np.ndarray], rows: Sequence[int]) -> list[list[np.ndarray]]:
+    """Each request's rows of every output (views, no copy)."""
+    total = sum(rows)
+    for output in outputs:
+        if output.ndim == 0 or output.shape[0] != total:
+            raise InvalidInputError(f"an output of shape {list(output.shape)} cannot be split into {total} rows")
+    bounds = list(itertools.accumulate(rows, initial=0))
+    return [[output[start:stop] for output in outputs] for start, stop in zip(bounds, bounds[1:])]
+
+
+class BatchingCollector:
+    """Every model's `BatchStats` as Prometheus histograms, read when scraped."""
+
+    def __init__(self, stats: Mapping[str, BatchStats]):
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        sizes = HistogramMetricFamily("arachne_batch_size", "Rows of each batched run of the model", labels=["model"])
+        queue = HistogramMetricFamily(
+            "arachne_batch_queue_seconds", "Time a request waited in the model's batch queue", labels=["model"]
+        )
+        for name, stats in list(self._stats.items()):
+            sizes.add_metric([name], _buckets(SIZE_BUCKETS, stats.size_counts), sum_value=stats.rows)
+            queue.add_metric([name], _buckets(QUEUE_BUCKETS, stats.queue_counts), sum_value=stats.queue_sum)
+        yield from (sizes, queue)
+
+
+def _buckets(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, int]]:
+    """Cumulative (upper bound, count) pairs, the last one +Inf."""
+    return list(zip([floatToGoString(b) for b in bounds] + ["+Inf"], itertools.accumulate(counts)))
