@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test test-fast lint benchmark benchmark-peers system-deps
+.PHONY: quickstart test test-fast lint benchmark benchmark-peers system-deps grpc-stubs
 
 $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,3 +48,13 @@ benchmark: $(VENV)/.installed
 # into venvs of their own under benchmarks/.cache/peers on first use).
 benchmark-peers: $(VENV)/.installed
 	$(PY) -m benchmarks --only peers
+
+# The committed gRPC messages (arachne_mlflow/protocol/grpc/inference_pb2.py[i]), made again from the
+# .proto in a throwaway venv. grpcio-tools 1.80.0 writes gencode for protobuf 6.31.1, which every
+# protobuf from 6.31.1 on loads (a newer grpcio-tools would demand protobuf >= 7 of every user).
+GRPC_TOOLS_VENV ?= /tmp/arachne-grpc-tools
+grpc-stubs:
+	python3 -m venv $(GRPC_TOOLS_VENV)
+	$(GRPC_TOOLS_VENV)/bin/python -m pip install --quiet grpcio-tools==1.80.0
+	$(GRPC_TOOLS_VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. \
+		arachne_mlflow/protocol/grpc/inference.proto

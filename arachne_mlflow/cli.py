@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from arachne_mlflow.server.main import add_arguments
 
-    serve = commands.add_parser("serve", help="run the device server (Open Inference Protocol over HTTP)")
+    serve = commands.add_parser(
+        "serve", help="run the device server (Open Inference Protocol over HTTP, and gRPC with --grpc-port)"
+    )
     add_arguments(serve)
     serve.set_defaults(func=_serve)
     return parser

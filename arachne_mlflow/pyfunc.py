@@ -14,6 +14,7 @@ import numpy as np
 from arachne_mlflow import runtime
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.model.directory import read_model_dir
+from arachne_mlflow.model.spec import BFLOAT16
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> ArachneModelWrapper:
@@ -34,6 +35,10 @@ class ArachneModelWrapper:
         self._single_output = len(self._output_names) == 1
         self._batch = _fixed_batch(self._input_specs, module.output_specs)
         self._batch_shape = (self._batch,)
+        self._bfloat16_inputs = [i for i, s in enumerate(self._input_specs) if s.dtype == BFLOAT16]
+        self._bfloat16_outputs = [i for i, s in enumerate(module.output_specs) if s.dtype == BFLOAT16]
+        if self._bfloat16_inputs or self._bfloat16_outputs:
+            self._infer = self._infer_as_float32
 
     def get_raw_model(self) -> Any:
         """The `RuntimeModule` (MLflow's `PyFuncModel.get_raw_model()` returns this)."""
@@ -62,6 +67,16 @@ class ArachneModelWrapper:
         if self._single_output:
             return outputs[0]
         return dict(zip(self._output_names, outputs))
+
+    def _infer_as_float32(self, inputs: list[Any]) -> list[np.ndarray]:
+        """bfloat16 tensors are float32 to MLflow (its signature cannot name bfloat16): cast at this edge."""
+        inputs = list(inputs)
+        for i in self._bfloat16_inputs:
+            inputs[i] = np.asarray(inputs[i], dtype=BFLOAT16)
+        outputs = self._module.infer(inputs)
+        for i in self._bfloat16_outputs:
+            outputs[i] = outputs[i].astype(np.float32)
+        return outputs
 
     def _convert(self, data: Any) -> list[Any]:
         if isinstance(data, np.ndarray):

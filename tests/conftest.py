@@ -76,6 +76,25 @@ def tvm_two_io(model_dir):
 
 
 @pytest.fixture(scope="session")
+def typed_models(tmp_path_factory):
+    """MLflow model dirs of models with string and bfloat16 tensors, by short name."""
+    root = tmp_path_factory.mktemp("typed-models")
+    files = {
+        "onnx_strings.onnx": models.onnx_strings().SerializeToString(),
+        "onnx_bad_text.onnx": models.onnx_string_constant(b"caf\xe9").SerializeToString(),  # Latin-1, not UTF-8
+        "onnx_bfloat16.onnx": models.onnx_bfloat16().SerializeToString(),
+        "tflite_strings.tflite": models.tflite_strings(),
+    }
+    dirs = {}
+    for file_name, content in files.items():
+        path = root / file_name
+        path.write_bytes(content)
+        name, runtime = path.stem, file_name.split("_")[0]
+        dirs[name] = write_model_dir(root / name, runtime, path, runtime_details(runtime, path))
+    return dirs
+
+
+@pytest.fixture(scope="session")
 def linear_versions(tmp_path_factory):
     """Three versions of one ONNX model (x[1, 4] -> y[1, 3]), an input, and each version's output for it
     (all different): `(x, [{"dir", "y"}, ...])`."""

@@ -390,7 +390,7 @@ def _large_json_cases() -> dict[str, bytes]:
         "lower-case nan": nested.replace(b"1.0, 1.0", b"nan, 1.0", 1),
         "malformed after the data": nested.replace(b"]]}]}", b"]]}]]}", 1),
     }
-    for dtype in ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT64", "FP16", "FP64", "BOOL"):
+    for dtype in ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT64", "FP16", "BF16", "FP64", "BOOL"):
         values = (ints > 0) if dtype == "BOOL" else np.abs(ints) if dtype.startswith("U") else ints
         cases[dtype] = _json_body("x", dtype, [n, 4], values.tolist())
     return cases

@@ -41,7 +41,14 @@ from mlflow.utils.requirements_utils import _get_pinned_requirement
 from arachne_mlflow import __version__
 from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.model.directory import FLAVOR_NAME, ArachneModel, parse_signature, read_model_dir
+from arachne_mlflow.model.directory import (
+    FLAVOR_NAME,
+    ArachneModel,
+    mlflow_dtype,
+    parse_signature,
+    read_model_dir,
+    tensor_dtypes,
+)
 from arachne_mlflow.model.spec import TensorSpec
 
 _logger = logging.getLogger(__name__)
@@ -95,8 +102,11 @@ def _write_environment(path: Path, default_reqs, conda_env, pip_requirements, ex
 
 # -- signatures ---------------------------------------------------------------------------
 def to_mlflow_signature(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> ModelSignature:
+    """MLflow's signature of the specs; a dtype MLflow cannot read back (bfloat16) is written as
+    float32 there, and the true one in the arachne flavor block (`tensor_dtypes`)."""
+
     def schema(specs):
-        return Schema([MlflowTensorSpec(s.dtype, s.shape, s.name) for s in specs])
+        return Schema([MlflowTensorSpec(mlflow_dtype(s.dtype), s.shape, s.name) for s in specs])
 
     return ModelSignature(inputs=schema(inputs), outputs=schema(outputs) if outputs else None)
 
@@ -141,7 +151,7 @@ def _check_side(what: str, given: list[TensorSpec], model: list[TensorSpec], loo
     for g, m in zip(given, model):
         if names and g.name != m.name:
             raise InvalidInputError(f"signature {what} {g.name!r}: the model's {what} at this position is {m.name!r}")
-        if g.dtype != m.dtype:
+        if mlflow_dtype(g.dtype) != mlflow_dtype(m.dtype):  # (a bfloat16 tensor is float32 to MLflow)
             raise InvalidInputError(f"signature {what} {g.name!r}: dtype {g.dtype.name}, the model's is {m.dtype.name}")
         ok = len(g.shape) == len(m.shape) and all(
             want == got or want == -1 or (axis == 0 and got == -1 and loosen_batch)
@@ -153,8 +163,10 @@ def _check_side(what: str, given: list[TensorSpec], model: list[TensorSpec], loo
             )
 
 
-def _resolve_signature(runtime: str, path: Path, files: ModelFiles, signature: ModelSignature | None) -> ModelSignature:
-    """The given signature checked against the model, or one inferred from it."""
+def _resolve_signature(
+    runtime: str, path: Path, files: ModelFiles, signature: ModelSignature | None
+) -> tuple[ModelSignature, Specs]:
+    """The given signature checked against the model, or one inferred from it; and the model's specs."""
     specs = files.specs
     if files.loadable:
         model = ArachneModel(
@@ -174,9 +186,12 @@ def _resolve_signature(runtime: str, path: Path, files: ModelFiles, signature: M
     else:
         raise InvalidInputError(f"model {files.model_file} cannot load here, so its tensor spec must be given")
     if signature is None:
-        return to_mlflow_signature(*loaded)
+        return to_mlflow_signature(*loaded), loaded
     check_signature(signature, loaded, runtime, output_names=files.output_names_known)
-    return signature
+    given = from_mlflow_signature(signature)
+    if tensor_dtypes(*given):  # a signature naming bfloat16 (ml_dtypes imported): as MLflow can read it back
+        signature = to_mlflow_signature(*given)
+    return signature, loaded
 
 
 # -- save / log / load --------------------------------------------------------------------
@@ -206,7 +221,7 @@ def save_model(
         files = write_files(path)
         code_dir = _validate_and_copy_code_paths(code_paths, str(path))
         mlflow_model = mlflow_model or Model()
-        mlflow_model.signature = _resolve_signature(runtime, path, files, signature)
+        mlflow_model.signature, specs = _resolve_signature(runtime, path, files, signature)
         if input_example is not None:
             _save_example(mlflow_model, input_example, str(path))
         if metadata is not None:
@@ -229,6 +244,8 @@ def save_model(
             block["tvm"] = files.tvm
         if files.extra_files:
             block["extra_files"] = files.extra_files
+        if dtypes := tensor_dtypes(*specs):
+            block["tensor_dtypes"] = dtypes
         mlflow_model.add_flavor(FLAVOR_NAME, **block, arachne_mlflow_version=__version__, code=code_dir)
         for name, conf in files.extra_flavors.items():
             mlflow_model.add_flavor(name, **conf, code=code_dir)

@@ -8,10 +8,14 @@ It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
       runtime_options: {num_threads: 4} # passed to runtime.init
       tvm: {device: cpu, target: "...", arch: x86_64, params_file: params.bin}   # TVM only
       extra_files: [model.onnx.data]    # other files loading needs (optional)
+      tensor_dtypes: {inputs: {x: bfloat16}, outputs: {y: bfloat16}}   # (optional, see below)
       batching: {max_batch_size: 16, max_queue_delay_microseconds: 500}   # the device server's (optional)
       arachne_mlflow_version: "..."
 
 The tensor spec comes from MLflow's `signature` (tensor-based), stored beside it in MLmodel.
+MLflow reads a signature dtype with `np.dtype(name)`, which knows `bfloat16` only once ml_dtypes
+is imported: so a bfloat16 tensor is float32 in the signature (what MLflow's tools feed and get,
+the pyfunc casting at its edge), and its true dtype is in `tensor_dtypes`.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import yaml
 
 from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError, ModelNotFoundError
 from arachne_mlflow.model.arch import machine_arch, normalize_arch
-from arachne_mlflow.model.spec import TensorSpec
+from arachne_mlflow.model.spec import BFLOAT16, TensorSpec
 
 FLAVOR_NAME = "arachne"
 MLMODEL = "MLmodel"
@@ -124,6 +129,11 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise InvalidInputError(f"{mlmodel_path}: 'signature' is not a list of tensor specs: {err}") from err
+    dtypes = conf.get("tensor_dtypes") or {}
+    if not isinstance(dtypes, dict):
+        raise InvalidInputError(f"{mlmodel_path}: '{FLAVOR_NAME}.tensor_dtypes' must be a mapping")
+    inputs = _with_dtypes(inputs, dtypes.get("inputs"), f"{mlmodel_path}: tensor_dtypes.inputs")
+    outputs = _with_dtypes(outputs, dtypes.get("outputs"), f"{mlmodel_path}: tensor_dtypes.outputs")
     if not (path / model_file).exists():
         raise ModelNotFoundError(f"model file {model_file!r} named in {mlmodel_path} is missing")
     return ArachneModel(
@@ -139,6 +149,41 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
         version=conf.get("arachne_mlflow_version"),
         mlmodel=mlmodel,
     )
+
+
+#: The dtypes `tensor_dtypes` may give a tensor (MLflow's signature has float32 for them).
+_SIGNATURE_STAND_INS = {BFLOAT16: np.dtype(np.float32)}
+
+
+def mlflow_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype MLflow's signature gives a tensor: the dtype itself, or a stand-in MLflow can read back."""
+    return _SIGNATURE_STAND_INS.get(dtype, dtype)
+
+
+def tensor_dtypes(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> dict[str, dict[str, str]]:
+    """The `tensor_dtypes` block of the tensors whose signature dtype is a stand-in (empty if none)."""
+    block = {}
+    for side, specs in (("inputs", inputs), ("outputs", outputs)):
+        names = {s.name: s.dtype.name for s in specs if s.dtype in _SIGNATURE_STAND_INS}
+        if names:
+            block[side] = names
+    return block
+
+
+def _with_dtypes(specs: list[TensorSpec], dtypes: Any, where: str) -> list[TensorSpec]:
+    if not dtypes:
+        return specs
+    if not isinstance(dtypes, dict):
+        raise InvalidInputError(f"{where} must be a mapping of tensor names to dtypes")
+    allowed = {dtype.name: dtype for dtype in _SIGNATURE_STAND_INS}
+    by_name = {s.name: s for s in specs}
+    for name, dtype in dtypes.items():
+        if name not in by_name or dtype not in allowed:
+            raise InvalidInputError(
+                f"{where}: {name!r}: {dtype!r} must name a tensor of the signature and one of {sorted(allowed)}"
+            )
+        by_name[name] = TensorSpec(name, allowed[dtype], by_name[name].shape)
+    return [by_name[s.name] for s in specs]
 
 
 def parse_signature(signature: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:

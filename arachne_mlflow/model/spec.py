@@ -10,9 +10,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from arachne_mlflow.errors import InvalidInputError
+
+#: bfloat16 is numpy's extension type from ml_dtypes (importing it makes `np.dtype("bfloat16")` parse).
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def _dim(value: Any) -> int:
@@ -68,7 +72,8 @@ class TensorSpec:
         """Return `value` as an ndarray this tensor takes, or raise an error that says why not.
 
         Lists and scalars are converted to the tensor's dtype; an ndarray of another dtype is an
-        error, since a silent cast would hide a bug in the caller's preprocessing.
+        error, since a silent cast would hide a bug in the caller's preprocessing. A string tensor
+        (object dtype) also takes numpy's fixed-width str and bytes arrays, as objects.
         """
         if type(value) is not np.ndarray:
             if not isinstance(value, np.ndarray):
@@ -79,6 +84,8 @@ class TensorSpec:
                         f"{what} {self.name!r}: cannot convert to {self.dtype.name}: {err}"
                     ) from err
         if value.dtype is not self.dtype and value.dtype != self.dtype:  # (numpy's own dtypes are singletons)
+            if self.dtype.kind == "O" and value.dtype.kind in "US":
+                return self.check(value.astype(object), what)
             raise InvalidInputError(f"{what} {self.name!r}: expected dtype {self.dtype.name}, got {value.dtype.name}")
         if value.shape != self.shape and not self.accepts_shape(value.shape):
             raise InvalidInputError(

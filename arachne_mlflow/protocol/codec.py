@@ -28,7 +28,7 @@ import orjson
 
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.protocol import json_data
-from arachne_mlflow.protocol.datatypes import DATATYPES, from_datatype, to_datatype
+from arachne_mlflow.protocol.datatypes import BFLOAT16, DATATYPES, from_datatype, to_datatype
 from arachne_mlflow.protocol.json_data import loads as _loads
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -357,7 +357,7 @@ def encode_tensor(name: str, array: Any, binary: bool) -> tuple[dict[str, Any], 
         entry["parameters"] = {"binary_data_size": len(blob)}
         return entry, blob
     if datatype == "BYTES":
-        entry["data"] = [_as_text(item) for item in array.ravel().tolist()]
+        entry["data"] = _texts(name, array)
     else:
         entry["data"] = array.ravel().tolist()
     return entry, None
@@ -386,7 +386,7 @@ def decode_tensors(
         if name in arrays:
             raise InvalidInputError(f"tensor {name!r} appears twice")
         if wanted is not None:
-            _check_input(wanted, name, dtype, shape)
+            check_input(wanted, name, dtype, shape)
         params = entry.get("parameters")
         size = None
         if params is not None:
@@ -412,7 +412,7 @@ def decode_tensors(
     return arrays
 
 
-def _check_input(specs: Mapping[str, InputSpec], name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+def check_input(specs: Mapping[str, InputSpec], name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     """Refuse a tensor the model does not take, by its description alone (in the runtime's words)."""
     spec = specs.get(name)
     if spec is None:
@@ -432,9 +432,15 @@ def _describe(entry: Any) -> tuple[str, np.dtype, tuple[int, ...], int]:
         raise InvalidInputError(f"a tensor must be an object with a 'name', got {str(entry)[:100]!r}")
     name = entry["name"]
     dtype = from_datatype(entry.get("datatype"))
-    shape = entry.get("shape")
+    shape, count = check_shape(name, entry.get("shape"))
+    return name, dtype, shape, count
+
+
+def check_shape(name: str, shape: Any) -> tuple[tuple[int, ...], int]:
+    """A tensor's shape as a tuple and its element count, refused unless it is a short list (or tuple)
+    of non-negative integers with at most MAX_ELEMENTS elements."""
     count = 1
-    if type(shape) is list:
+    if type(shape) is list or type(shape) is tuple:
         for d in shape:
             if type(d) is not int or d < 0:
                 break
@@ -444,10 +450,23 @@ def _describe(entry: Any) -> tuple[str, np.dtype, tuple[int, ...], int]:
                 raise InvalidInputError(f"tensor {name!r}: {len(shape)} dimensions is more than 32")
             if count > MAX_ELEMENTS:
                 raise InvalidInputError(
-                    f"tensor {name!r}: shape {shape} has {count} elements, more than {MAX_ELEMENTS}"
+                    f"tensor {name!r}: shape {list(shape)} has {count} elements, more than {MAX_ELEMENTS}"
                 )
-            return name, dtype, tuple(shape), count
+            return tuple(shape), count
     raise InvalidInputError(f"tensor {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+
+
+def tensor_from_bytes(name: str, datatype: Any, shape: Any, blob: bytes | memoryview) -> np.ndarray:
+    """One tensor from its raw bytes (a binary blob, or gRPC's raw contents), shape and size checked."""
+    dtype = from_datatype(datatype)
+    shape, count = check_shape(name, shape)
+    return _from_bytes(name, memoryview(blob), dtype, shape, count)
+
+
+def tensor_bytes(array: np.ndarray) -> tuple[str, bytes | memoryview]:
+    """A tensor's V2 datatype and its raw bytes (BYTES elements length-prefixed)."""
+    datatype = to_datatype(array.dtype)
+    return datatype, _to_bytes(array, datatype)
 
 
 def _from_bytes(name: str, blob: memoryview, dtype: np.dtype, shape: tuple[int, ...], count: int) -> np.ndarray:
@@ -478,7 +497,10 @@ def _from_json(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...], co
         if not all(isinstance(x, str) for x in flat):
             raise InvalidInputError(f"tensor {name!r}: BYTES data must be strings")
         array = np.empty(count, dtype=object)
-        array[:] = [x.encode() for x in flat]
+        try:
+            array[:] = [x.encode() for x in flat]
+        except UnicodeEncodeError as err:
+            raise InvalidInputError(f"tensor {name!r}: BYTES data holds a string that is not valid Unicode") from err
         return array.reshape(shape)
     if not all(_json_fits(x, dtype) for x in flat):
         raise InvalidInputError(f"tensor {name!r}: 'data' holds values that are not {to_datatype(dtype)}")
@@ -494,7 +516,7 @@ def _json_fits(value: Any, dtype: np.dtype) -> bool:
         return isinstance(value, bool)
     if isinstance(value, bool):
         return False
-    if dtype.kind == "f":
+    if dtype.kind == "f" or dtype == BFLOAT16:
         return isinstance(value, (int, float))
     return isinstance(value, int)
 
@@ -514,6 +536,8 @@ def _to_bytes(array: np.ndarray, datatype: str) -> bytes | memoryview:
             raw = item if isinstance(item, bytes) else str(item).encode()
             parts += [struct.pack("<I", len(raw)), raw]
         return b"".join(parts)
+    if array.dtype == BFLOAT16:  # numpy's buffer protocol refuses extension dtypes: send the bits
+        array = array.view(np.uint16)
     if _NATIVE_IS_WIRE and array.dtype.isnative and array.flags.c_contiguous:
         return memoryview(array).cast("B")  # no copy
     little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
@@ -540,5 +564,17 @@ def _bytes_elements(name: str, blob: memoryview, count: int) -> np.ndarray:
     return items
 
 
-def _as_text(item: Any) -> str:
-    return item.decode("utf-8", errors="replace") if isinstance(item, bytes) else str(item)
+def _texts(name: str, array: np.ndarray) -> list[str]:
+    """BYTES elements as JSON strings: JSON carries text, so bytes must be UTF-8 (binary carries any)."""
+    texts = []
+    for i, item in enumerate(array.ravel().tolist()):
+        if isinstance(item, bytes):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InvalidInputError(
+                    f"tensor {name!r}: BYTES element {i} is not UTF-8 text, which JSON cannot carry: "
+                    "send or ask for this tensor as binary data (binary_data)"
+                ) from err
+        texts.append(item if isinstance(item, str) else str(item))
+    return texts

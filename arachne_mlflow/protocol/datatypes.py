@@ -1,4 +1,7 @@
-"""V2 (Open Inference Protocol) datatype names and the numpy dtypes they stand for."""
+"""V2 (Open Inference Protocol) datatype names, the numpy dtypes they stand for, and Triton's names.
+
+BF16 is `ml_dtypes.bfloat16`, the numpy extension type onnx, LiteRT and tritonclient all use.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.model.spec import BFLOAT16
 
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -21,6 +25,7 @@ DATATYPES: dict[str, np.dtype] = {
     "FP16": np.dtype(np.float16),
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
+    "BF16": BFLOAT16,
     "BYTES": np.dtype(np.object_),
 }
 _NAMES = {dtype: name for name, dtype in DATATYPES.items()}
@@ -46,3 +51,9 @@ def from_datatype(name: Any) -> np.dtype:
         return DATATYPES[name]
     except (KeyError, TypeError) as err:
         raise InvalidInputError(f"unknown datatype {name!r}; known: {sorted(DATATYPES)}") from err
+
+
+def config_datatype(dtype: Any) -> str:
+    """Triton's model-configuration name of a dtype: `TYPE_` and the V2 name; BYTES is TYPE_STRING."""
+    name = to_datatype(dtype)
+    return "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}"

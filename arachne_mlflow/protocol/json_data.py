@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.protocol.datatypes import BFLOAT16
 
 #: Messages up to this size are parsed whole: their numbers cannot take much memory.
 SMALL_MESSAGE = 64 * 1024
@@ -73,7 +74,7 @@ class LiftedArrays:
         if type(index) is not int or not 0 <= index < len(self.spans) or index in self._taken:
             raise InvalidInputError(f"tensor {name!r}: needs 'data' (a list) or parameters.binary_data_size")
         self._taken.add(index)
-        kind = dtype.kind
+        kind = "f" if dtype == BFLOAT16 else dtype.kind
         if kind not in _ALLOWED:
             raise InvalidInputError(f"tensor {name!r}: BYTES data must be strings")
         start, end = self.spans[index][0] + 1, self.spans[index][1] - 1  # inside the outer brackets

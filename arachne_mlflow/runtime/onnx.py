@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -9,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from arachne_mlflow.errors import InvalidInputError, MissingDependencyError
-from arachne_mlflow.model.spec import TensorSpec
+from arachne_mlflow.errors import ArachneError, IncompatibleModelError, InvalidInputError, MissingDependencyError
+from arachne_mlflow.model.spec import BFLOAT16, TensorSpec
 from arachne_mlflow.runtime import onnx_options
 from arachne_mlflow.runtime.base import RuntimeModule
 
@@ -31,7 +32,9 @@ ONNX_TYPES = {
     "tensor(uint64)": np.uint64,
     "tensor(bool)": np.bool_,
     "tensor(string)": np.object_,
+    "tensor(bfloat16)": BFLOAT16,
 }
+_BFLOAT16_ONNX_TYPE = 16  # onnx.TensorProto.BFLOAT16
 
 
 def import_onnxruntime():
@@ -85,6 +88,20 @@ class ONNXRuntimeModule(RuntimeModule):
         # call. Run only reads it, so threads can share it.
         self._run_options = ort.RunOptions()
         self._bind_specs(inputs, outputs)
+        # String and bfloat16 tensors need conversions the Python API does not do (see below);
+        # every other model keeps the plain call.
+        self._text_inputs = [i for i, spec in enumerate(inputs) if spec.dtype.kind == "O"]
+        self._text_outputs = any(spec.dtype.kind == "O" for spec in outputs)
+        if any(spec.dtype == BFLOAT16 for spec in (*inputs, *outputs)):
+            if self._text_inputs:
+                raise IncompatibleModelError(
+                    "onnx runtime: a model with both bfloat16 and string inputs cannot run through onnxruntime's "
+                    "Python API (bfloat16 needs OrtValues, which cannot hold strings)"
+                )
+            self._ort_value = ort.OrtValue
+            self._infer = self._infer_ort_values
+        elif self._text_inputs or self._text_outputs:
+            self._infer = self._infer_text
 
     @property
     def providers(self) -> list[str]:
@@ -95,6 +112,33 @@ class ONNXRuntimeModule(RuntimeModule):
         if len(inputs) == 1:
             return self._run(self._output_names, {self._input_names[0]: inputs[0]}, self._run_options)
         return self._run(self._output_names, dict(zip(self._input_names, inputs)), self._run_options)
+
+    def _infer_text(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Strings: onnxruntime takes `str` elements only (it would `str()` a bytes object into
+        "b'...'") and holds UTF-8 text only, in and out."""
+        inputs = list(inputs)
+        for i in self._text_inputs:
+            inputs[i] = _utf8_text(self.input_specs[i].name, inputs[i])
+        try:
+            return ONNXRuntimeModule._infer(self, inputs)
+        except UnicodeDecodeError as err:
+            raise ArachneError(
+                f"onnx runtime: the model gave a string output that is not UTF-8 text ({err}), which onnxruntime's "
+                "Python API cannot return"
+            ) from err
+
+    def _infer_ort_values(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """bfloat16: numpy has no such type of its own, so onnxruntime takes and gives OrtValues."""
+        feed = {name: self._to_ort_value(x) for name, x in zip(self._input_names, inputs)}
+        results = self._session.run_with_ort_values(self._output_names, feed, self._run_options)
+        return [_from_ort_value(value, spec.dtype) for value, spec in zip(results, self.output_specs)]
+
+    def _to_ort_value(self, x: np.ndarray) -> Any:
+        if x.dtype == BFLOAT16:
+            return self._ort_value.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(x).view(np.uint16), _BFLOAT16_ONNX_TYPE
+            )
+        return self._ort_value.ortvalue_from_numpy(np.ascontiguousarray(x))
 
     def _close(self) -> None:
         self._session = self._run = self._run_options = None
@@ -182,6 +226,37 @@ def session_options(ort: Any, sess_options: Any) -> Any:
                 f"unknown onnxruntime session option {key!r}: use a SessionOptions attribute or a dotted config key"
             )
     return result
+
+
+def _utf8_text(name: str, items: np.ndarray) -> np.ndarray:
+    """An object array of `str` from one of `bytes` or `str` (strict UTF-8: no lossy replacement)."""
+    text = np.empty(items.shape, dtype=object)
+    flat = text.reshape(-1)
+    for i, item in enumerate(items.reshape(-1).tolist()):
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            try:
+                item = bytes(item).decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InvalidInputError(
+                    f"input {name!r}: element {i} is not UTF-8 text ({err.reason} at byte {err.start}); onnxruntime "
+                    "string tensors hold UTF-8 text only"
+                ) from err
+        elif not isinstance(item, str):
+            raise InvalidInputError(
+                f"input {name!r}: element {i} is a {type(item).__name__}; a string tensor takes str or UTF-8 bytes"
+            )
+        flat[i] = item
+    return text
+
+
+def _from_ort_value(value: Any, dtype: np.dtype) -> np.ndarray:
+    if dtype != BFLOAT16:
+        return value.numpy()
+    shape = value.shape()
+    size = value.tensor_size_in_bytes()
+    if not size:
+        return np.empty(shape, dtype)
+    return np.frombuffer(ctypes.string_at(value.data_ptr(), size), dtype).reshape(shape)
 
 
 def _spec(arg: Any) -> TensorSpec:

@@ -72,6 +72,10 @@ class TFLiteRuntimeModule(RuntimeModule):
             self._infer = self._infer_one  # the common case without the loops: a third of a tiny call
             self._input_index, self._output_index = self._input_indices[0], self._output_indices[0]
         self._bind_specs([_spec(d) for d in in_details], [_spec(d) for d in out_details])
+        # Writing a string tensor resets its shape signature in LiteRT, after which a strict resize
+        # refuses its dynamic dimensions; the specs (from the signature at load) have checked the
+        # shape already, so those resize unchecked.
+        self._strict_resize = [spec.dtype.kind != "O" for spec in self.input_specs]
 
     def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         if [x.shape for x in inputs] != self._current_shapes:
@@ -92,8 +96,8 @@ class TFLiteRuntimeModule(RuntimeModule):
 
     def _resize(self, shapes: list[tuple[int, ...]]) -> None:
         """Resize input tensors the model declares dynamic (`shape_signature` -1), then reallocate."""
-        for index, shape in zip(self._input_indices, shapes):
-            self._interpreter.resize_tensor_input(index, shape, strict=True)
+        for index, shape, strict in zip(self._input_indices, shapes, self._strict_resize):
+            self._interpreter.resize_tensor_input(index, shape, strict=strict)
         self._interpreter.allocate_tensors()
         self._current_shapes = [tuple(shape) for shape in shapes]
 
@@ -121,4 +125,7 @@ def _spec(detail: dict[str, Any]) -> TensorSpec:
     shape = detail.get("shape_signature")
     if shape is None or (len(shape) == 0 and len(detail["shape"]) != 0):
         shape = detail["shape"]
-    return TensorSpec.create(detail["name"], np.dtype(detail["dtype"]), shape)
+    dtype = np.dtype(detail["dtype"])
+    # A string tensor is `np.bytes_` in the details; the interpreter takes object arrays of bytes
+    # (any bytes: TFLite strings are byte buffers) or str (written as UTF-8), and gives bytes.
+    return TensorSpec.create(detail["name"], np.object_ if dtype.kind in "SU" else dtype, shape)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
@@ -25,6 +25,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from arachne_mlflow.errors import ArachneError, InvalidInputError
+from arachne_mlflow.server.auth import HOW_TO_AUTHENTICATE, bearer_matches
 from arachne_mlflow.server.batching import BatchingPolicy
 from arachne_mlflow.server.dataplane import DEFAULT_BENCHMARK_SECONDS, Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
@@ -51,22 +52,40 @@ def create_app(
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     benchmark_seconds: float = DEFAULT_BENCHMARK_SECONDS,
     batching: BatchingPolicy | None = None,
+    grpc_port: int | None = None,
+    grpc_host: str = "127.0.0.1",
+    grpc_tls: tuple[str, str] | None = None,
+    grpc_grace: float = 5.0,
 ) -> ASGIApp:
     """The device server application over the model store directory `model_store`.
 
     Layers, outermost first: bearer auth (with a token), `InferRoute` (the infer paths), Starlette.
     `batching` says which models batch their requests (`--batching`; default: those whose MLmodel asks).
+    With `grpc_port` (0: any free port, then in `app.state.grpc_port`), the gRPC service runs
+    beside it on the same event loop, started and stopped by the lifespan; `grpc_tls` is
+    (certificate file, key file), `grpc_grace` the seconds calls may take to finish at shut-down.
     """
     store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES, batching)
     max_json_bytes = min(max_json_bytes, max_request_bytes)  # (a JSON body is a request body too)
     dataplane = Dataplane(store, max_workers, benchmark_seconds)
     routes = _Routes(dataplane, max_json_bytes)
+    if grpc_port is not None:
+        from arachne_mlflow.server.grpc_service import GrpcServer  # the grpc extra, checked now
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         await dataplane.start()
-        yield
-        await dataplane.close()
+        grpc_server = None
+        try:
+            if grpc_port is not None:
+                tls = None if grpc_tls is None else (Path(grpc_tls[0]).read_bytes(), Path(grpc_tls[1]).read_bytes())
+                grpc_server = await GrpcServer.start(dataplane, grpc_host, grpc_port, token, max_request_bytes, tls)
+                app.state.grpc_port = grpc_server.port
+            yield
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grpc_grace)
+            await dataplane.close()
 
     app = Starlette(
         routes=routes.table(),
@@ -97,10 +116,15 @@ class _Routes:
             Route("/v2/health/live", self.live),
             Route("/v2/health/ready", self.ready),
             Route("/v2", self.server_metadata),
+            Route("/v2/models/stats", self.statistics),  # before {model}: Triton's path for every model's
             Route(m, self.model_metadata),
             Route(v, self.model_metadata),
             Route(m + "/ready", self.model_ready),
             Route(v + "/ready", self.model_ready),
+            Route(m + "/config", self.model_config),
+            Route(v + "/config", self.model_config),
+            Route(m + "/stats", self.statistics),
+            Route(v + "/stats", self.statistics),
             Route(m + "/benchmark", self.benchmark, methods=["POST"]),
             Route("/v2/repository/index", self.index, methods=["POST"]),
             Route(r + "/load", self.load, methods=["POST"]),
@@ -128,11 +152,22 @@ class _Routes:
     async def model_ready(self, request: Request) -> Response:
         return JSONResponse(self.dp.model_ready(self._model(request)))
 
+    async def model_config(self, request: Request) -> Response:
+        return JSONResponse(self.dp.model_config(self._model(request)))
+
+    async def statistics(self, request: Request) -> Response:
+        name = self._model(request) if "model" in request.path_params else None
+        return JSONResponse(self.dp.statistics(name))
+
     async def index(self, request: Request) -> Response:
         options = await self._json(request)
         return JSONResponse(self.dp.index(ready_only=bool(options.get("ready"))))
 
     async def load(self, request: Request) -> Response:
+        parameters = (await self._json(request)).get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInputError("'parameters' must be an object")
+        self.dp.check_load_parameters(parameters)
         await self.dp.load(request.path_params["model"])
         return JSONResponse({})
 
@@ -269,17 +304,15 @@ class _BearerAuth:
     def __init__(self, app: ASGIApp, token: str, dataplane: Dataplane):
         self.app = app
         self.state = app.state
-        self._expected = token.encode()
+        self._token = token.encode()
         self._dataplane = dataplane
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not scope["path"].startswith(_PUBLIC_PREFIX):
-            # `<scheme> <credentials>`, the scheme in any case and spaces after it (RFC 7235)
-            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-            if not (hmac.compare_digest(given.lstrip(b" "), self._expected) and scheme.lower() == b"bearer"):
+            if not bearer_matches(dict(scope["headers"]).get(b"authorization"), self._token):
                 self._dataplane.metrics.http_errors.labels("401").inc()
                 response = JSONResponse(
-                    {"error": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"},
+                    {"error": HOW_TO_AUTHENTICATE},
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )

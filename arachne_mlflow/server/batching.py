@@ -187,22 +187,26 @@ class BatchStats:
 
 
 class _Item:
-    """One request in the queue."""
+    """One request in the queue; `times` (a `metrics.RequestTimes`, or None) gets its queue and run times."""
 
-    __slots__ = ("inputs", "rows", "key", "future", "arrived")
+    __slots__ = ("inputs", "rows", "key", "future", "arrived", "times")
 
-    def __init__(self, inputs: list[np.ndarray], rows: int, key: Any, future: asyncio.Future, arrived: float):
+    def __init__(
+        self, inputs: list[np.ndarray], rows: int, key: Any, future: asyncio.Future, arrived: float, times: Any
+    ):
         self.inputs = inputs
         self.rows = rows
         self.key = key
         self.future = future
         self.arrived = arrived
+        self.times = times
 
 
 class Batcher:
     """The queue of one loaded model: `submit` from the event loop, answered once its batch has run.
 
-    `run(inputs)` runs the model on checked inputs (the dataplane's way to leave the event loop).
+    `run(inputs)` runs the model on checked inputs (the dataplane's way to leave the event loop);
+    `executed(rows, nanoseconds)`, when given, hears of each run that succeeded (Triton's statistics).
     """
 
     def __init__(
@@ -210,24 +214,27 @@ class Batcher:
         settings: BatchingSettings,
         run: Callable[[list[np.ndarray]], Awaitable[list[np.ndarray]]],
         stats: BatchStats | None = None,
+        executed: Callable[[int, int], None] | None = None,
     ):
         self.settings = settings
         self.stats = stats if stats is not None else BatchStats()
         self._run = run
+        self._executed = executed
         self._delay = settings.max_queue_delay_microseconds / 1e6
         self._queue: collections.deque[_Item] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
-    async def submit(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """The model's outputs for `inputs` (checked arrays, one per model input), as if run alone."""
+    async def submit(self, inputs: list[np.ndarray], times: Any = None) -> list[np.ndarray]:
+        """The model's outputs for `inputs` (checked arrays, one per model input), as if run alone;
+        `times` (a `metrics.RequestTimes`) gets the request's `queue` and `compute_infer`."""
         loop = asyncio.get_running_loop()
         rows = inputs[0].shape[0]
         if rows == 0 or rows > self.settings.max_batch_size or any(a.shape[0] != rows for a in inputs):
             key: Any = object()  # joins no other request
         else:
             key = tuple([(a.dtype, a.shape[1:]) for a in inputs])
-        item = _Item(inputs, rows, key, loop.create_future(), time.perf_counter())
+        item = _Item(inputs, rows, key, loop.create_future(), time.perf_counter(), times)
         self._queue.append(item)
         if self._worker is None:
             self._arrived = asyncio.Event()
@@ -291,13 +298,17 @@ class Batcher:
             self._queue.remove(item)
         started = time.perf_counter()
         rows = sum(item.rows for item in batch)
-        self.stats.batch(rows, [started - item.arrived for item in batch])
+        waits = [started - item.arrived for item in batch]
+        self.stats.batch(rows, waits)
+        for item, wait in zip(batch, waits):
+            if item.times is not None:
+                item.times.queue = int(wait * 1e9)
         if len(batch) == 1:
             await self._run_alone(batch[0])
             return
         merged = [np.concatenate(parts) for parts in zip(*[item.inputs for item in batch])]
         try:
-            outputs = await self._run(merged)
+            outputs = await self._timed_run(merged, batch)
             answers = _split(outputs, [item.rows for item in batch])
         except Exception as err:  # noqa: BLE001 (each request is retried alone: its own answer or error)
             _logger.warning("a batch of %d requests failed (%s); running each alone", len(batch), err)
@@ -308,9 +319,21 @@ class Batcher:
             if not item.future.done():  # (cancelled: the client went away)
                 item.future.set_result(answer)
 
+    async def _timed_run(self, inputs: list[np.ndarray], items: Sequence[_Item]) -> list[np.ndarray]:
+        """`run(inputs)`, its duration given to each of `items` and to `executed`."""
+        start = time.perf_counter_ns()
+        outputs = await self._run(inputs)
+        elapsed = time.perf_counter_ns() - start
+        if self._executed is not None:
+            self._executed(inputs[0].shape[0], elapsed)
+        for item in items:
+            if item.times is not None:
+                item.times.compute_infer = elapsed
+        return outputs
+
     async def _run_alone(self, item: _Item) -> None:
         try:
-            outputs = await self._run(item.inputs)
+            outputs = await self._timed_run(item.inputs, (item,))
         except Exception as err:  # noqa: BLE001 (the request's own error, raised in its handler)
             if not item.future.done():
                 item.future.set_exception(err)

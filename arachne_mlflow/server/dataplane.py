@@ -1,10 +1,11 @@
 """The protocol-independent core of the device server: what each route asks, answered with plain data.
 
-Routes hand raw bytes and names in; the dataplane decodes with the codec, runs blocking work
-(decoding, inference, loading, extraction) in one thread pool through `run_blocking`, and
-returns bytes or dicts. Models that are not thread-safe are locked by their own RuntimeModule,
-so a slow model never holds up another. A model with batching settings has its requests checked
-here, then merged with others by its `Batcher` (server/batching.py).
+Routes (REST and gRPC) hand messages and names in; the dataplane decodes them with the
+protocol's codec, runs blocking work (decoding, inference, loading, extraction) in one thread
+pool through `run_blocking`, and returns the protocol's answer or plain dicts. Models that are
+not thread-safe are locked by their own RuntimeModule, so a slow model never holds up another.
+A model with batching settings has its requests checked here, then merged with others by its
+`Batcher` (server/batching.py).
 """
 
 from __future__ import annotations
@@ -17,27 +18,46 @@ import io
 import platform
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 import numpy as np
 
 from arachne_mlflow import __version__
-from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, UnsafeArchiveError
+from arachne_mlflow.errors import (
+    ArachneError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    UnsafeArchiveError,
+)
 from arachne_mlflow.model.arch import machine_arch
+from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.protocol import codec
-from arachne_mlflow.protocol.datatypes import to_datatype
+from arachne_mlflow.protocol.datatypes import config_datatype, to_datatype
 from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
 from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStats
-from arachne_mlflow.server.metrics import Metrics, ModelSeries, StoreCollector
+from arachne_mlflow.server.metrics import Metrics, ModelSeries, RequestTimes, StoreCollector
 from arachne_mlflow.server.probe import known_tvm_devices, list_tvm_devices_in_background
 from arachne_mlflow.server.store import LoadedModel, ModelStore
 
 T = TypeVar("T")
+#: A protocol's infer codec: its request message -> InferRequest, and (model, outputs, request,
+#: version) -> its answer (REST: the V2 JSON/binary codec; gRPC: protocol.grpc.codec).
+Decode = Callable[[Any, Sequence[TensorSpec]], codec.InferRequest]  # (message, the model's inputs)
+Encode = Callable[[str, dict[str, np.ndarray], codec.InferRequest, str], Any]
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "arachne_upload", "arachne_benchmark", "metrics"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "arachne_upload",
+    "arachne_benchmark",
+    "metrics",
+]
 # Distributions that provide each built-in runtime's library, in the order the backend tries them
 # (onnxruntime has several builds: `onnxruntime_build` says which one Python imports).
 _LIBRARIES = {
@@ -108,13 +128,57 @@ class Dataplane:
 
     def model_metadata(self, name: str) -> dict[str, Any]:
         record, inputs, outputs = self.store.spec(name)
+        batches = self.batching(name) is not None
         return {
             "name": name,
             "versions": [str(record["revision"])],
             "platform": f"arachne_{record['runtime']}",
-            "inputs": [_tensor_metadata(spec) for spec in inputs],
-            "outputs": [_tensor_metadata(spec) for spec in outputs],
+            "inputs": [_tensor_metadata(spec, batches) for spec in inputs],
+            "outputs": [_tensor_metadata(spec, batches) for spec in outputs],
         }
+
+    def batching(self, name: str) -> Any:
+        """The dynamic batcher's settings of a loaded model (`LoadedModel.batching`), None when off."""
+        try:
+            return self.store.get(name).batching
+        except ModelNotReadyError:
+            return None
+
+    def model_config(self, name: str) -> dict[str, Any]:
+        """Triton's model configuration (`ModelConfig` JSON): what perf_analyzer reads first.
+
+        With dynamic batching on, `max_batch_size` is the batcher's and `dims` leave out the
+        batch dimension (the metadata shapes keep it, as -1); otherwise `max_batch_size` is 0 and
+        `dims` are the whole shapes.
+        """
+        record, inputs, outputs = self.store.spec(name)
+        batching = self.batching(name)
+        skip = 1 if batching is not None else 0
+
+        def tensor(spec: Any) -> dict[str, Any]:
+            return {"name": spec.name, "data_type": config_datatype(spec.dtype), "dims": list(spec.shape[skip:])}
+
+        config: dict[str, Any] = {
+            "name": name,
+            "platform": f"arachne_{record['runtime']}",
+            "backend": record["runtime"],
+            "max_batch_size": 0,
+            "input": [tensor(spec) for spec in inputs],
+            "output": [tensor(spec) for spec in outputs],
+        }
+        if batching is not None:
+            config.update(batching.to_config())  # max_batch_size and dynamic_batching
+        return config
+
+    def statistics(self, name: str | None = None) -> dict[str, Any]:
+        """Triton's inference statistics of one model, or of every loaded model."""
+        names = [name] if name else [entry["name"] for entry in self.index(ready_only=True)]
+        result = []
+        for model in names:
+            version = str(self.store.record(model)["revision"])
+            series = self.metrics.models.get(model) or ModelSeries()
+            result.append(series.triton.to_dict(model, version))
+        return {"model_stats": result}
 
     def check_version(self, name: str, version: str) -> None:
         """Only the served version of a model exists (V2 paths may name one)."""
@@ -128,62 +192,100 @@ class Dataplane:
     async def infer(
         self, name: str, body: bytes, header_length: str | bytes | None, version: str | None = None
     ) -> tuple[bytes, int | None]:
-        """Run one V2 infer request (on `version` of the model, if given); returns the response body
-        and its JSON header length.
+        """Run one REST infer request (V2 JSON or binary) on `version` of the model, if given; returns
+        the response body and its JSON header length."""
+        message = (body, header_length)
+        return await self.infer_message(name, message, _decode_rest, codec.encode_response, version, len(body))
+
+    async def infer_message(
+        self, name: str, message: Any, decode: Decode, encode: Encode, version: str | None = None, size: int = 0
+    ) -> Any:
+        """Run one infer request of any protocol: `decode` makes an InferRequest of `message` for the
+        model's inputs (checking each tensor against them before decoding its data), `encode` the
+        protocol's answer of the outputs. `version` is checked on the model the request runs on (a
+        replace may have come since the request arrived); `size` is the message's, in bytes.
 
         Batched models go through their batcher; of the rest, small requests to fast models run
         inline on the event loop, others in the thread pool.
         """
+        times = RequestTimes(time.perf_counter_ns())
         series = self.metrics.models.get(name)
         if series is None:
             self.store.get(name)  # unknown or unloaded models fail here, before they have a series
             series = self.metrics.models.setdefault(name, ModelSeries())
-        start = time.perf_counter()
         loaded = None
         try:
             loaded = self.store.acquire(name)
             if version is not None:  # checked on the model taken: a replace may have come since the request
                 _check_version(name, version, loaded.revision)
             if loaded.batching is not None:
-                response = await self._infer_batched(name, loaded, body, header_length)
-            elif series.recent_seconds < INLINE_SECONDS and len(body) <= INLINE_MAX_BYTES:
-                response = self._infer(name, loaded, body, header_length)
+                response = await self._infer_batched(name, loaded, message, decode, encode, times, size)
+            elif series.recent_seconds < INLINE_SECONDS and size <= INLINE_MAX_BYTES:
+                response = self._infer(name, loaded, message, decode, encode, times)
             else:
-                response = await self.run_blocking(self._infer, name, loaded, body, header_length)
+                response = await self.run_blocking(self._infer, name, loaded, message, decode, encode, times)
         except Exception:
-            series.failed()
+            series.failed(times)
             raise
         finally:
             if loaded is not None:
                 loaded.release()
-        series.observe(time.perf_counter() - start)
+        series.succeeded(times, executed=loaded.batching is None)  # (the batcher records its executions)
         return response
 
     def _infer(
-        self, name: str, loaded: LoadedModel, body: bytes, header_length: str | bytes | None
-    ) -> tuple[bytes, int | None]:
-        request = codec.decode_request(body, header_length, loaded.module.input_specs)
-        outputs = loaded.module.infer(_ordered_inputs(loaded.input_names, request.inputs))
-        return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+        self, name: str, loaded: LoadedModel, message: Any, decode: Decode, encode: Encode, times: RequestTimes
+    ) -> Any:
+        started = time.perf_counter_ns()
+        times.queue = started - times.arrived
+        request = decode(message, loaded.module.input_specs)
+        inputs = _ordered_inputs(loaded.input_names, request.inputs)
+        decoded = time.perf_counter_ns()
+        outputs = loaded.module.infer(inputs)
+        ran = time.perf_counter_ns()
+        response = encode(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+        times.compute_input = decoded - started
+        times.compute_infer = ran - decoded
+        times.compute_output = time.perf_counter_ns() - ran
+        return response
 
     async def _infer_batched(
-        self, name: str, loaded: LoadedModel, body: bytes, header_length: str | bytes | None
-    ) -> tuple[bytes, int | None]:
+        self,
+        name: str,
+        loaded: LoadedModel,
+        message: Any,
+        decode: Decode,
+        encode: Encode,
+        times: RequestTimes,
+        size: int,
+    ) -> Any:
         """Decode and check on the event loop (a bad request is refused before it joins a batch), then
         wait for the batch. Batches run in the thread pool: while one runs, the loop takes in the next."""
-        if len(body) <= INLINE_MAX_BYTES:
-            request = codec.decode_request(body, header_length, loaded.module.input_specs)
+        started = time.perf_counter_ns()
+        if size <= INLINE_MAX_BYTES:
+            request = decode(message, loaded.module.input_specs)
         else:  # (off the event loop, as for a model that does not batch)
-            request = await self.run_blocking(codec.decode_request, body, header_length, loaded.module.input_specs)
+            request = await self.run_blocking(decode, message, loaded.module.input_specs)
         ordered = _ordered_inputs(loaded.input_names, request.inputs)
         inputs = [spec.check(value) for spec, value in zip(loaded.module.input_specs, ordered)]
+        times.compute_input = time.perf_counter_ns() - started
+        times.samples = inputs[0].shape[0] if inputs and inputs[0].ndim else 1
         batcher = loaded.batcher
         if batcher is None:
             stats = self.batch_stats.setdefault(name, BatchStats())
             run = functools.partial(self.run_blocking, loaded.module.infer)
-            batcher = loaded.batcher = Batcher(loaded.batching, run, stats)  # type: ignore[arg-type]
-        outputs = await batcher.submit(inputs)
-        return codec.encode_response(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+            triton = self.metrics.models[name].triton
+            batcher = loaded.batcher = Batcher(
+                loaded.batching,  # type: ignore[arg-type]
+                run,
+                stats,
+                executed=lambda rows, infer_ns: triton.executed(rows, 0, infer_ns, 0),
+            )
+        outputs = await batcher.submit(inputs, times)
+        encoding = time.perf_counter_ns()
+        response = encode(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+        times.compute_output = time.perf_counter_ns() - encoding
+        return response
 
     async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         """Time the model on the server with `RuntimeModule.benchmark`: bounded repeat counts, at most
@@ -220,6 +322,15 @@ class Dataplane:
 
     def record(self, name: str) -> dict[str, Any]:
         return self.store.record(name)
+
+    def check_load_parameters(self, parameters: dict[str, Any]) -> None:
+        """Triton's load may carry a new configuration or model files: refused (upload the model instead)."""
+        for key in parameters:
+            if key == "config" or key.startswith("file:"):
+                raise InvalidInputError(
+                    f"load parameter {key!r} is not supported: a model changes by uploading it "
+                    "(PUT /v2/repository/models/{name}); load only loads the stored model again"
+                )
 
     async def load(self, name: str) -> None:
         loaded = await self.run_blocking(self.store.load, name)
@@ -314,8 +425,15 @@ def _check_version(name: str, version: str, served: str) -> None:
         raise ModelNotFoundError(f"model {name!r} has no version {version!r}; the served version is {served}")
 
 
-def _tensor_metadata(spec: Any) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": to_datatype(spec.dtype), "shape": list(spec.shape)}
+def _decode_rest(message: tuple[bytes, str | bytes | None], inputs: Sequence[TensorSpec]) -> codec.InferRequest:
+    return codec.decode_request(*message, inputs)
+
+
+def _tensor_metadata(spec: Any, batches: bool = False) -> dict[str, Any]:
+    shape = list(spec.shape)
+    if batches and shape:
+        shape[0] = -1  # Triton's metadata of a batching model: the batch dimension first, as -1
+    return {"name": spec.name, "datatype": to_datatype(spec.dtype), "shape": shape}
 
 
 def available_runtimes() -> list[dict[str, Any]]:

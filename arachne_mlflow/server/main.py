@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("ARACHNE_TOKEN"),
         help="bearer token every route but health requires (default $ARACHNE_TOKEN; none: no auth)",
     )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve the protocol over gRPC on this port, same host, token and TLS (needs arachne-mlflow[grpc])",
+    )
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--max-upload-mb", type=int, default=4096, help="largest model upload, unpacked (MiB)")
@@ -112,6 +118,10 @@ def serve(args: argparse.Namespace) -> int:
             max_workers=args.workers,
             benchmark_seconds=args.benchmark_seconds,
             batching=batching,
+            grpc_port=args.grpc_port,
+            grpc_host=args.host,
+            grpc_tls=(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None,
+            grpc_grace=args.graceful_timeout,
         )
     except ArachneError as err:
         raise SystemExit(f"arachne-mlflow serve: error: {err}") from err

@@ -8,11 +8,20 @@
 - The tiny model: a remote round trip against an empty request (`/v2/health/live`) on the same
   server, <= 1.5x: what the protocol adds to a request is small. The same infer request written
   on a raw socket, measured beside them, splits what is added between server and client.
+- Both models over the server's gRPC port against binary REST and local, with tritonclient's gRPC
+  and HTTP clients (one client family, so the protocols are what differ) and the remote runtime.
+- Triton's perf_analyzer against the server over HTTP and gRPC, where it can run (its wheel needs
+  glibc >= 2.38; elsewhere the rows say it was skipped and why).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,7 +31,7 @@ import requests
 from arachne_mlflow import runtime
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.runtime import random_tensor
-from benchmarks.servers import device_server, mlflow_scoring_server
+from benchmarks.servers import device_server, free_port, mlflow_scoring_server
 from benchmarks.timing import interleaved, row
 
 TARGET_REMOTE_RATIO = 1.15
@@ -32,7 +41,11 @@ TARGET_EMPTY_RATIO = 1.5
 
 def run(models: dict[str, dict], quick: bool) -> list[dict]:
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, device_server(Path(tmp) / "store") as (port, _, _):
+    grpc_port = free_port()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        device_server(Path(tmp) / "store", ("--grpc-port", str(grpc_port))) as (port, _, _),
+    ):
         rpc = {"host": "127.0.0.1", "port": port}
         for model in ("mobilenet", "tiny"):
             kwargs = models[f"{model}/onnx"]
@@ -45,6 +58,9 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
                 rows.append(_remote_vs_mlflow_serve(kwargs["model_file"], remote, x, Path(tmp), quick))
             else:
                 rows.extend(_tiny_vs_empty(remote, x, port, quick))
+            rows.extend(_grpc_vs_rest(model, local, remote, x, port, grpc_port, quick))
+            if model == "tiny":
+                rows.extend(_perf_analyzer(remote.model_name, port, grpc_port, Path(tmp), quick))
             remote.done()
             local.done()
     return rows
@@ -162,3 +178,100 @@ def _tiny_vs_empty(remote, x, port: int, quick: bool) -> list[dict]:
         series["infer on a raw socket"],
     )
     return [result, server_share]
+
+
+def _grpc_vs_rest(model: str, local, remote, x, port: int, grpc_port: int, quick: bool) -> list[dict]:
+    """The same request over gRPC and binary REST (tritonclient both), the remote runtime and local."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    name, input_name = remote.model_name, local.input_specs[0].name
+    expected = local.infer([x])[0]
+    calls = {"local onnx": _call(local, x), "remote runtime (REST binary)": _call(remote, x)}
+    clients = []
+    for label, module, url in (
+        ("tritonclient.http (binary)", httpclient, f"127.0.0.1:{port}"),
+        ("tritonclient.grpc", grpcclient, f"127.0.0.1:{grpc_port}"),
+    ):
+        client = module.InferenceServerClient(url)
+        clients.append(client)
+        tensor = module.InferInput(input_name, list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        calls[label] = _triton_call(client, name, [tensor])
+        np.testing.assert_equal(calls[label]().as_numpy(remote.output_specs[0].name), expected)
+    big = model == "mobilenet"
+    if not big:  # what gRPC itself costs a call, as the empty request does for REST
+        calls["empty gRPC call (ServerLive)"] = clients[-1].is_server_live
+    number = (2 if quick else 10) if big else (5 if quick else 100)
+    series = interleaved(calls, rounds=5 if quick else 30, number=number)
+    for client in clients:
+        client.close()
+    case = f"{model}/onnx ({x.nbytes // 1000} KB input)" if big else f"{model}/onnx round trip"
+    grpc_series = series["tritonclient.grpc"]
+    rows = [
+        row("remote", f"{case}, gRPC vs local", series["local onnx"], grpc_series),
+        row("remote", f"{case}, gRPC vs REST binary", series["tritonclient.http (binary)"], grpc_series),
+        row("remote", f"{case}, gRPC vs the remote runtime", series["remote runtime (REST binary)"], grpc_series),
+    ]
+    if not big:
+        rows.append(
+            row("remote", f"{case}, gRPC vs an empty gRPC call", series["empty gRPC call (ServerLive)"], grpc_series)
+        )
+    return rows
+
+
+def _triton_call(client, name: str, inputs: list):
+    def call():
+        return client.infer(name, inputs)
+
+    return call
+
+
+PERF_ANALYZER_GLIBC = (2, 38)
+
+
+def _perf_analyzer_unavailable() -> str | None:
+    """Why Triton's perf_analyzer cannot run here, or None."""
+    libc, version = platform.libc_ver()
+    if libc == "glibc" and tuple(int(p) for p in version.split(".")[:2]) < PERF_ANALYZER_GLIBC:
+        return (
+            f"the perf-analyzer wheel needs glibc >= {'.'.join(map(str, PERF_ANALYZER_GLIBC))}, "
+            f"this machine has {version} (pip installs a placeholder)"
+        )
+    if _perf_analyzer_binary() is None:
+        return "perf_analyzer is not installed (pip install perf-analyzer)"
+    return None
+
+
+def _perf_analyzer_binary() -> str | None:
+    return shutil.which("perf_analyzer") or shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
+
+
+def _perf_analyzer(name: str, port: int, grpc_port: int, tmp: Path, quick: bool) -> list[dict]:
+    """perf_analyzer's own load (one client, one request at a time) over each protocol."""
+    reason = _perf_analyzer_unavailable()
+    rows = []
+    for protocol, url in (("http", f"127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{grpc_port}")):
+        case = f"tiny/onnx perf_analyzer over {'HTTP' if protocol == 'http' else 'gRPC'}"
+        if reason is not None:
+            rows.append({"suite": "remote", "case": case, "skipped": reason})
+            continue
+        report = tmp / f"perf_analyzer_{protocol}.csv"
+        command = [_perf_analyzer_binary(), "-m", name, "-u", url, "-i", protocol, "--concurrency-range", "1"]
+        command += ["--measurement-interval", "1000" if quick else "5000", "-f", str(report)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            rows.append({"suite": "remote", "case": case, "failed": done.stdout[-500:] + done.stderr[-500:]})
+            continue
+        with open(report, newline="") as file:
+            [figures] = list(csv.DictReader(file))
+        rows.append(
+            {
+                "suite": "remote",
+                "case": case,
+                "inferences_per_s": float(figures["Inferences/Second"]),
+                "p50_latency_us": float(figures["p50 latency"]),
+                "p99_latency_us": float(figures["p99 latency"]),
+            }
+        )
+    return rows

@@ -203,6 +203,71 @@ def _ort(onnx_model):
     return ONNXRuntimeModule(model_content=onnx_model.SerializeToString())
 
 
+def onnx_strings():
+    """text[-1] (string) -> same (Identity): what goes in must come out, byte for byte."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"])],
+        "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["N"])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["N"])],
+    )
+    return _onnx_model(graph)
+
+
+def onnx_string_constant(value: bytes):
+    """x[1] (float) -> (x, a string constant holding `value`): a model whose string output is fixed."""
+    from onnx import TensorProto, helper
+
+    constant = helper.make_tensor("value", TensorProto.STRING, [1], [value])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Constant", [], ["text"], value=constant)],
+        "string_constant",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("text", TensorProto.STRING, [1]),
+        ],
+    )
+    return _onnx_model(graph)
+
+
+def onnx_bfloat16():
+    """x[-1, 3] (bfloat16) -> (twice = 2x as bfloat16, wide = x as float32): CPU kernels exist for these."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["x"], ["wide"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["wide", "two"], ["doubled"]),
+            helper.make_node("Cast", ["doubled"], ["twice"], to=TensorProto.BFLOAT16),
+        ],
+        "bfloat16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 3])],
+        [
+            helper.make_tensor_value_info("twice", TensorProto.BFLOAT16, ["N", 3]),
+            helper.make_tensor_value_info("wide", TensorProto.FLOAT, ["N", 3]),
+        ],
+        [two],
+    )
+    return _onnx_model(graph)
+
+
+def tflite_strings() -> bytes:
+    """text[-1] (string) -> (count [1] int32, reversed [-1] string): TFLite strings are any bytes."""
+    tf = _keras_seed()
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def reverse(text):
+        count = tf.shape(text)
+        return {"count": count, "reversed": tf.gather(text, tf.range(count[0] - 1, -1, -1))}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([reverse.get_concrete_function()], reverse)
+    return converter.convert()
+
+
 _CRASHES = {
     "abort": "#include <stdlib.h>\nstatic void crash(void) { abort(); }\n",
     "segfault": "static void crash(void) { *(volatile int *)0 = 0; }\n",

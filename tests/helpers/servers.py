@@ -93,3 +93,59 @@ class ServerProcess:
 
     def read_log(self) -> str:
         return (self.store.parent / f"server-{self.port}.log").read_text(errors="replace")[-3000:]
+
+
+class ThreadServer:
+    """The app served by uvicorn in a thread of the test process, HTTP and (by default) gRPC on
+    loopback ports: real sockets and real clients, without starting a process."""
+
+    def __init__(self, store, token=None, grpc=True, **app_options):
+        self.store = Path(store)
+        self.token = token
+        self.grpc = grpc
+        self.app_options = app_options
+        self.port = self.grpc_port = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dataplane(self):
+        return self.app.state.dataplane
+
+    def start(self, timeout: float = 60.0) -> ThreadServer:
+        import threading
+
+        import uvicorn
+
+        from arachne_mlflow.server.app import create_app
+
+        self.app = create_app(
+            str(self.store), token=self.token, grpc_port=0 if self.grpc else None, grpc_grace=1, **self.app_options
+        )
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test-server", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-thread server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.grpc_port = getattr(self.app.state, "grpc_port", None)
+        return self
+
+    def deploy(self, model_dirs: dict) -> ThreadServer:
+        """Upload each model directory under its name."""
+        from arachne_mlflow.client import DeviceClient
+
+        with DeviceClient("127.0.0.1", self.port, token=self.token) as device:
+            for name, model_dir in model_dirs.items():
+                device.upload_model(name, model_dir)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

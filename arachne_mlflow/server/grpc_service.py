@@ -1,0 +1,247 @@
+"""The Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, as thin as the REST routes.
+
+Triton's superset of KServe's service (the same package and service name), so `tritonclient.grpc`
+and KServe's client both work. Each RPC reads its message, calls the dataplane and wraps the
+answer: the same dataplane, bearer token, size limit and errors as REST, an `ArachneError`
+becoming the gRPC status of its HTTP status. It runs as a `grpc.aio` server on the event loop of
+the HTTP server (started and stopped in the app's lifespan), so both share the dataplane's
+thread pool and its per-model state without locks.
+
+Needs the `grpc` extra (grpcio, protobuf).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from arachne_mlflow.errors import (
+    ArachneError,
+    InvalidInputError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+)
+
+try:
+    import grpc
+    from google.protobuf import json_format
+
+    from arachne_mlflow.protocol.grpc import codec as grpc_codec
+    from arachne_mlflow.protocol.grpc import inference_pb2 as pb
+except ImportError as err:  # pragma: no cover (CI installs the extra)
+    raise MissingDependencyError("--grpc-port needs gRPC: pip install 'arachne-mlflow[grpc]'") from err
+
+from arachne_mlflow.server.auth import HOW_TO_AUTHENTICATE, bearer_matches
+from arachne_mlflow.server.dataplane import Dataplane
+
+_logger = logging.getLogger(__name__)
+
+#: The service's name on the wire (Triton's and KServe's), whatever our proto package is called.
+SERVICE = "inference.GRPCInferenceService"
+#: RPCs answered without a token, like REST's /v2/health/*.
+PUBLIC = frozenset({"ServerLive", "ServerReady"})
+#: gRPC's largest message length option (a C int).
+_GRPC_MAX_LENGTH = 2**31 - 1
+#: Streams one connection may have open at once (each can hold a message up to the size limit).
+MAX_CONCURRENT_STREAMS = 100
+# The gRPC status of each HTTP status an ArachneError carries; anything else is INTERNAL.
+_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    409: grpc.StatusCode.ABORTED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_code(err: ArachneError) -> grpc.StatusCode:
+    """The gRPC status an `ArachneError` is answered with (by its HTTP status)."""
+    return _STATUS.get(getattr(err, "status_code", 500), grpc.StatusCode.INTERNAL)
+
+
+class InferenceServicer:
+    """The RPCs, named as in the service; each is `async (request, context) -> response`."""
+
+    def __init__(self, dataplane: Dataplane):
+        self.dp = dataplane
+
+    # -- health and metadata -----------------------------------------------------------------
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.dp.ready)
+
+    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+        """Unknown and unloaded models are not ready (Triton answers so, rather than with an error)."""
+        try:
+            self._check_version(request.name, request.version)
+            self.dp.model_ready(request.name)
+        except (ModelNotFoundError, ModelNotReadyError):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return _message(await self.dp.run_blocking(self.dp.server_metadata), pb.ServerMetadataResponse())
+
+    async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
+        self._check_version(request.name, request.version)
+        return _message(self.dp.model_metadata(request.name), pb.ModelMetadataResponse())
+
+    async def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
+        self._check_version(request.name, request.version)
+        return _message({"config": self.dp.model_config(request.name)}, pb.ModelConfigResponse())
+
+    async def ModelStatistics(self, request: Any, context: Any) -> pb.ModelStatisticsResponse:
+        if request.name:
+            self._check_version(request.name, request.version)
+        return _message(self.dp.statistics(request.name or None), pb.ModelStatisticsResponse())
+
+    # -- inference ---------------------------------------------------------------------------
+    async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
+        self._check_version(request.model_name, request.model_version)  # (and again on the model taken)
+        return await self.dp.infer_message(
+            request.model_name,
+            request,
+            grpc_codec.decode_request,
+            grpc_codec.encode_response,
+            request.model_version or None,
+            request.ByteSize(),
+        )
+
+    # -- repository --------------------------------------------------------------------------
+    async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
+        return _message({"models": self.dp.index(ready_only=request.ready)}, pb.RepositoryIndexResponse())
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> pb.RepositoryModelLoadResponse:
+        name = request.model_name or request.repository_name  # KServe's client sends the name in field 1
+        self.dp.check_load_parameters(dict(request.parameters))
+        await self.dp.load(name)
+        return pb.RepositoryModelLoadResponse(model_name=name, isLoaded=True)
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> pb.RepositoryModelUnloadResponse:
+        name = request.model_name or request.repository_name
+        await self.dp.unload(name)
+        return pb.RepositoryModelUnloadResponse(model_name=name, isUnloaded=True)
+
+    def _check_version(self, name: str, version: str) -> None:
+        if version:
+            self.dp.check_version(name, version)
+
+
+class GrpcServer:
+    """A `grpc.aio` server of the service on one address, in the running event loop."""
+
+    def __init__(self, server: Any, port: int):
+        self._server = server
+        self.port = port
+
+    @classmethod
+    async def start(
+        cls,
+        dataplane: Dataplane,
+        host: str,
+        port: int,
+        token: str | None = None,
+        max_message_bytes: int = _GRPC_MAX_LENGTH,
+        tls: tuple[bytes, bytes] | None = None,
+    ) -> GrpcServer:
+        """Serve on `host:port` (0: a free port); `tls` is (certificate chain, private key) in PEM."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", min(max_message_bytes, _GRPC_MAX_LENGTH)),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        server.add_generic_rpc_handlers((_handlers(InferenceServicer(dataplane), dataplane, token),))
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            if tls is None:
+                bound = server.add_insecure_port(address)
+            else:
+                certificate, key = tls
+                bound = server.add_secure_port(address, grpc.ssl_server_credentials([(key, certificate)]))
+        except RuntimeError as err:  # grpcio's "Failed to bind" (the port is taken, the host is not ours)
+            bound, cause = 0, err
+        else:
+            cause = None
+        if not bound:
+            raise InvalidInputError(f"cannot serve gRPC on {address}: {cause or 'the address cannot be bound'}")
+        await server.start()
+        return cls(server, bound)
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking calls and let those running finish for up to `grace` seconds."""
+        await self._server.stop(grace)
+
+
+def _handlers(servicer: InferenceServicer, dataplane: Dataplane, token: str | None) -> Any:
+    """The generic handler of every RPC the servicer has, each wrapped in auth and error mapping.
+
+    Registered by hand under the wire name `SERVICE`, so our proto package (renamed, see the
+    .proto) does not show, and no generated `_pb2_grpc` module (with its own version pin) is needed.
+    """
+    expected = token.encode() if token else None
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _guarded(method.name, getattr(servicer, method.name), dataplane, expected),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=_serialize,
+        )
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+def _guarded(
+    name: str, call: Callable[[Any, Any], Awaitable[Any]], dataplane: Dataplane, token: bytes | None
+) -> Callable[[Any, Any], Awaitable[Any]]:
+    """`call` behind the bearer token (unless public), its errors answered as gRPC statuses."""
+    needs_token = token is not None and name not in PUBLIC
+
+    async def guarded(request: Any, context: Any) -> Any:
+        if needs_token and not bearer_matches(_authorization(context), token):
+            return await _abort(context, dataplane, grpc.StatusCode.UNAUTHENTICATED, HOW_TO_AUTHENTICATE)
+        try:
+            return await call(request, context)
+        except ArachneError as err:
+            return await _abort(context, dataplane, status_code(err), str(err))
+        except Exception as err:
+            if isinstance(err, grpc.aio.AbortError):  # context.abort() inside the call: already answered
+                raise
+            _logger.exception("unexpected error in gRPC %s", name)
+            message = f"internal server error: {type(err).__name__}: {err}"
+            return await _abort(context, dataplane, grpc.StatusCode.INTERNAL, message)
+
+    return guarded
+
+
+async def _abort(context: Any, dataplane: Dataplane, code: grpc.StatusCode, message: str) -> Any:
+    dataplane.metrics.grpc_errors.labels(code.name).inc()
+    await context.abort(code, message)
+
+
+def _authorization(context: Any) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":  # gRPC metadata keys are lowercase on the wire
+            return value
+    return None
+
+
+def _message(data: dict[str, Any], message: Any) -> Any:
+    """A response message filled from the dataplane's dict (fields it does not have are left out)."""
+    return json_format.ParseDict(data, message, ignore_unknown_fields=True)
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()
