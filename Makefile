@@ -1,11 +1,15 @@
 # The two set-up commands of the README: `make quickstart` (main job) and `make test` (lint, then every test,
 # in random order; CI runs it). `make test-fast` skips the tests marked slow.
 # Each creates .venv and installs the package with every extra on first use; `make test` also installs the
-# system packages the tests need (`make system-deps`).
+# system packages the tests need (`make system-deps`) and builds $(OLD_VENV) for tests/test_old_python.py:
+# the device side on Debian 12's own Python ($(OLD_PYTHON), 3.11.2, no tarfile.data_filter), which
+# `make test-old-python` checks alone.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+OLD_PYTHON ?= /usr/bin/python3
+OLD_VENV ?= .venv-old-python
 
-.PHONY: quickstart test test-fast lint benchmark benchmark-peers system-deps grpc-stubs
+.PHONY: quickstart test test-fast test-old-python old-python lint benchmark benchmark-peers system-deps grpc-stubs
 
 $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,7 +18,8 @@ $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 	touch $@
 
 # System packages the tests need, installed only when missing (as root, sudo otherwise; quietly): Debian's
-# aarch64 cross compiler (tests/test_tvm_cross.py) and systemd-analyze (checks the unit in SECURITY.md).
+# aarch64 cross compiler (tests/test_tvm_cross.py), systemd-analyze (checks the unit in SECURITY.md) and
+# Debian's python3 with its venv module (tests/test_old_python.py).
 CROSS_CC := aarch64-linux-gnu-gcc
 APT_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 system-deps:
@@ -22,11 +27,21 @@ system-deps:
 	echo 'int f(void) { return 0; }' | $(CROSS_CC) -shared -x c - -o /dev/null 2>/dev/null \
 	  || missing="gcc-aarch64-linux-gnu libc6-dev-arm64-cross"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	$(OLD_PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3 python3-venv"; \
 	[ -z "$$missing" ] || { \
 	  command -v apt-get >/dev/null || { echo "install these (Debian's names): $$missing" >&2; exit 1; }; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO $(APT_INSTALL) $$missing >/dev/null 2>&1 \
 	    || { $$SUDO apt-get update -qq && $$SUDO $(APT_INSTALL) $$missing >/dev/null; }; }
+
+# Only the device side, with onnxruntime<1.24: the last releases that follow ONNX external data outside the
+# model directory, so tests/test_old_python.py also shows the server refusing such models by itself.
+$(OLD_VENV)/.installed: pyproject.toml | system-deps
+	$(OLD_PYTHON) -m venv --clear $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install --quiet -e ".[device-onnx]" "onnxruntime<1.24"
+	touch $@
+
+old-python: $(OLD_VENV)/.installed
 
 quickstart: $(VENV)/.installed
 	$(PY) examples/quickstart.py
@@ -35,8 +50,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: system-deps lint
-	$(PY) -m pytest
+test: system-deps lint $(OLD_VENV)/.installed
+	ARACHNE_OLD_PYTHON_VENV=$(OLD_VENV) $(PY) -m pytest
+
+test-old-python: $(VENV)/.installed $(OLD_VENV)/.installed
+	ARACHNE_OLD_PYTHON_VENV=$(OLD_VENV) $(PY) -m pytest -p no:randomly tests/test_old_python.py
 
 test-fast: system-deps $(VENV)/.installed
 	$(PY) -m pytest -m "not slow"

@@ -49,6 +49,12 @@ def _import_legacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet(args: argparse.Namespace) -> int:
+    from arachne_mlflow.deployments.commands import run_fleet_command
+
+    return run_fleet_command(args)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from arachne_mlflow.server.main import serve
 
@@ -95,7 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    _add_fleet(commands)
     return parser
+
+
+def _add_fleet(commands: argparse._SubParsersAction) -> None:
+    """`fleet status` and `fleet sync` (defined here: importing the plugin would import MLflow)."""
+    fleet = commands.add_parser("fleet", help="what the MLflow registry wants on the devices, against what they run")
+    actions = fleet.add_subparsers(dest="fleet_command", required=True)
+    status = actions.add_parser("status", help="desired vs actual version on every device, and the drift")
+    status.add_argument("names", nargs="*", metavar="NAME", help="deployments to show (default: every one)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    sync = actions.add_parser("sync", help="bring every device of each deployment to the registry's desired state")
+    sync.add_argument("names", nargs="*", metavar="NAME", help="deployments to sync (default: every one)")
+    sync.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until interrupted")
+    for action in (status, sync):
+        action.add_argument(
+            "--fleet", metavar="PATH", help="the fleet file (default $ARACHNE_FLEET or ~/.arachne-mlflow/fleet.yaml)"
+        )
+        action.add_argument("--parallel", type=int, metavar="N", help="devices worked on at once (default: all)")
+    fleet.set_defaults(func=_fleet)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
 
 from benchmarks import models, report
 
-SUITES = ["runtime", "pyfunc", "remote", "throughput", "batching", "deploy", "cold_start", "tricks"]
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before MLflow is imported: no calls out
+
+SUITES = ["runtime", "pyfunc", "remote", "throughput", "batching", "deploy", "cold_start", "tricks", "fleet"]
 OPTIONAL_SUITES = ["peers"]
 
 

@@ -16,11 +16,12 @@ import numpy as np
 CACHE = Path(os.environ.get("ARACHNE_BENCH_CACHE", Path(__file__).parent / ".cache"))
 
 
-def tiny_onnx(path: Path) -> Path:
+def tiny_onnx(path: Path, seed: int = 0) -> Path:
+    """The tiny model (`seed` picks its random weights)."""
     from onnx import TensorProto, helper, numpy_helper
 
     if not path.exists():
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(seed)
         w = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "W")
         b = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "B")
         graph = helper.make_graph(

@@ -47,10 +47,53 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> f
 @contextmanager
 def device_server(store: Path, extra: tuple[str, ...] = ()) -> Iterator[tuple[int, subprocess.Popen, float]]:
     """`python -m arachne_mlflow.server` on a free port; yields (port, process, seconds to ready)."""
+    port, process = _start_device(store, extra)
+    try:
+        ready = wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", process)
+        yield port, process, ready
+    finally:
+        _stop(process)
+
+
+@contextmanager
+def device_servers(
+    stores: list[Path], extra: tuple[str, ...] = (), batch: int = 16, python: str | None = None
+) -> Iterator[list[int]]:
+    """Many device servers at once (`batch` starting at a time, so that a small machine keeps up),
+    run by `python` (another environment's interpreter; default this one); yields their ports.
+    Every one is stopped at the end, whatever happened."""
+    processes: list[subprocess.Popen] = []
+    ports: list[int] = []
+    try:
+        for first in range(0, len(stores), batch):
+            chunk = stores[first : first + batch]
+            started = [_start_device(store, extra, python) for store in chunk]
+            processes += [process for _, process in started]
+            for store, (port, process) in zip(chunk, started):
+                for attempt in range(3):  # another process may take a free port before the server binds it
+                    try:
+                        wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", process, timeout=300)
+                        break
+                    except RuntimeError:
+                        if process.poll() is None or attempt == 2:
+                            raise
+                        port, process = _start_device(store, extra, python)
+                        processes.append(process)
+                ports.append(port)
+        yield ports
+    finally:
+        for process in processes:  # all asked to stop first, then waited for: shut-downs overlap
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            _stop(process)
+
+
+def _start_device(store: Path, extra: tuple[str, ...], python: str | None = None) -> tuple[int, subprocess.Popen]:
     port = free_port()
     process = subprocess.Popen(
         [
-            sys.executable,
+            python or sys.executable,
             "-m",
             "arachne_mlflow.server",
             "--port",
@@ -64,11 +107,7 @@ def device_server(store: Path, extra: tuple[str, ...] = ()) -> Iterator[tuple[in
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        ready = wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", process)
-        yield port, process, ready
-    finally:
-        _stop(process)
+    return port, process
 
 
 @contextmanager

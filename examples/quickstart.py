@@ -4,9 +4,12 @@
    same weights) and TVM (the ONNX model compiled with Relax for this CPU);
 2. log each with its arachne flavor to MLflow's embedded store, register it, set alias `champion`;
 3. load `models:/<name>@champion` through mlflow.pyfunc and predict;
-4. start a device server (`python -m arachne_mlflow.server`, loopback, a token, a temporary
-   store), deploy every model with the `arachne-jetson` deployments plugin, predict through
-   the deployment and through tritonclient, and report whether all answers agree.
+4. start two device servers (`python -m arachne_mlflow.server`, loopback, a token, temporary
+   stores), name them in a fleet file (cam-1 and cam-2, group `lab`), deploy every model to the
+   group with the `arachne-jetson` deployments plugin (which records the desired state in the
+   registry), predict through the deployment and through tritonclient on each device, and
+   report whether all answers agree;
+5. show `arachne-mlflow fleet status`: what the registry wants against what each device runs.
 
 The store is sqlite:///mlflow.db in the working directory (artifacts in ./mlruns) unless
 MLFLOW_TRACKING_URI says otherwise. Nothing is downloaded.
@@ -25,13 +28,16 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow
 import numpy as np
 import tritonclient.http as httpclient
+import yaml
 from mlflow.deployments import get_deploy_client
 from onnx import TensorProto, helper, numpy_helper
 
+from arachne_mlflow import cli
 from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.flavors import onnx as arachne_onnx
 from arachne_mlflow.flavors import tflite as arachne_tflite
@@ -94,6 +100,16 @@ def log_and_register(x: np.ndarray) -> dict[str, str]:
             client.set_registered_model_alias(name, "champion", info.registered_model_version)
             uris[runtime] = f"models:/{name}@champion"
     return uris
+
+
+def fleet_file(path: str, ports: list[int]) -> str:
+    """A fleet file naming the devices cam-1, cam-2, ... in site `lab`, and the group `lab` of them."""
+    devices = {
+        f"cam-{i}": {"address": f"127.0.0.1:{port}", "labels": {"site": "lab"}} for i, port in enumerate(ports, 1)
+    }
+    with open(path, "w") as file:
+        yaml.safe_dump({"devices": devices, "groups": {"lab": {"labels": {"site": "lab"}}}}, file, sort_keys=False)
+    return path
 
 
 @contextlib.contextmanager
@@ -159,22 +175,28 @@ def main() -> None:
     token = secrets.token_hex(16)
     os.environ["ARACHNE_TOKEN"] = token  # the plugin's token for every command
     rows = []
-    with device_server(token) as port:
-        target = f"arachne-jetson://127.0.0.1:{port}"
+    with device_server(token) as port1, device_server(token) as port2, tempfile.TemporaryDirectory() as tmp:
+        os.environ["ARACHNE_FLEET"] = fleet_file(os.path.join(tmp, "fleet.yaml"), [port1, port2])
+        target = "arachne-jetson://@lab"  # the group of the fleet file: cam-1 and cam-2
         deployments = get_deploy_client(target)
         for runtime, uri in uris.items():
             name = f"quickstart-{runtime}"
             pyfunc = mlflow.pyfunc.load_model(uri).predict(x)
-            deployed = deployments.create_deployment(name, uri)
+            # the plugin prints a table of the devices on stderr; converge: a rerun finds its last deployments
+            deployed = deployments.create_deployment(name, uri, config={"converge": "true"})
             remote = np.asarray(deployments.predict(name, x)["predictions"], dtype=np.float32)
-            triton = triton_infer(port, token, name, x)
-            worst = max(float(np.abs(answer - expected).max()) for answer in (pyfunc, remote, triton))
+            triton = [triton_infer(port, token, name, x) for port in (port1, port2)]
+            worst = max(float(np.abs(answer - expected).max()) for answer in (pyfunc, remote, *triton))
             rows.append((runtime, uri, f"version {deployed['version']}", worst))
         listed = [d["name"] for d in deployments.list_deployments()]
+        print("$ arachne-mlflow fleet status", flush=True)
+        cli.main(["fleet", "status"])  # the registry's desired state against what each device runs
+        for runtime in uris:
+            deployments.delete_deployment(f"quickstart-{runtime}", config={"report": "false"})
 
     print(f"tracking URI:  {mlflow.get_tracking_uri()}  (logged and registered in {logged:.1f} s)")
-    print(f"device target: {target}  deployments: {listed}")
-    print(f"{'runtime':8} {'model URI':44} {'registered':12} max |pyfunc, deployment, tritonclient - numpy|")
+    print(f"device target: {target} (cam-1 127.0.0.1:{port1}, cam-2 127.0.0.1:{port2})  deployments: {listed}")
+    print(f"{'runtime':8} {'model URI':44} {'registered':12} max |pyfunc, deployment, tritonclient x2 - numpy|")
     for runtime, uri, version, worst in rows:
         print(f"{runtime:8} {uri:44} {version:12} {worst:.1e}")
     agree = all(worst <= TOLERANCE for *_, worst in rows)

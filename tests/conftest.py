@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,11 @@ import yaml
 
 from tests.helpers import models
 from tests.helpers.archives import model_tar
+from tests.helpers.mlflow_server import QUIET_ENV, MlflowServer
 from tests.helpers.model_dirs import runtime_details, write_model_dir
+
+for _name, _value in QUIET_ENV.items():  # before anything imports mlflow (its telemetry checks at import)
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(scope="session")
@@ -125,8 +130,6 @@ def mlflow_store(tmp_path_factory):
     Its experiment keeps artifacts there too (MLflow's default would be ./mlruns in the cwd).
     Yields the tracking URI; the previous URI and experiment come back afterwards.
     """
-    import os
-
     import mlflow
 
     root = tmp_path_factory.mktemp("mlflow")
@@ -143,6 +146,34 @@ def mlflow_store(tmp_path_factory):
         os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     else:
         os.environ["MLFLOW_EXPERIMENT_ID"] = previous_experiment
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process (sqlite backend, --serve-artifacts) on loopback, for the session.
+
+    Yields its URL. Tests that talk to it set the tracking URI themselves (`tracking_server`
+    does it for one test) so that tests using `mlflow_store` are not affected.
+    """
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def tracking_server(mlflow_server):
+    """The session's `mlflow server` as the tracking and registry URI during one test (restored after)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(mlflow_server)
+    yield mlflow_server
+    mlflow.set_tracking_uri(previous)
+    if previous_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 @dataclass

@@ -28,7 +28,8 @@ def test_quick_benchmark_runs_every_suite(tmp_path):
     report = json.loads((tmp_path / "results.json").read_text())
     suites = {row["suite"] for row in report["rows"]}
     assert suites == {name.replace("_", " ") for name in SUITES}
-    assert all(row["errors"] == 0 for row in report["rows"] if row["suite"] in ("throughput", "batching"))
+    errors_counted = ("throughput", "batching", "fleet")
+    assert all(row["errors"] == 0 for row in report["rows"] if row["suite"] in errors_counted)
     assert all(row["outputs_equal"] for row in report["rows"] if row["suite"] == "batching")
     assert not any(row.get("imported_tensorflow") for row in report["rows"])
     assert "| runtime | tiny/onnx |" in (tmp_path / "results.md").read_text()

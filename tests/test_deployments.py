@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -25,7 +26,8 @@ from onnx import numpy_helper
 
 from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.deployments import run_local
-from arachne_mlflow.deployments.targets import Device, parse_devices
+from arachne_mlflow.deployments.inventory import resolve_target
+from arachne_mlflow.deployments.targets import Device
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.flavors import onnx as arachne_onnx
 from arachne_mlflow.flavors import tflite as arachne_tflite
@@ -106,20 +108,23 @@ def _device(server):
 
 
 # -- target URIs and help ----------------------------------------------------------------------
-def test_target_uris(monkeypatch):
+def test_target_uris(monkeypatch, tmp_path):
     monkeypatch.delenv("ARACHNE_DEVICE", raising=False)
-    assert parse_devices("arachne-jetson") == [Device("localhost", 5051)]
+    monkeypatch.delenv("ARACHNE_FLEET", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no fleet file
+    assert resolve_target("arachne-jetson") == [Device("localhost", 5051)]
     monkeypatch.setenv("ARACHNE_DEVICE", "jetson-1:6000")
-    assert parse_devices("arachne-jetson") == [Device("jetson-1", 6000)]
-    assert parse_devices("arachne-jetson://j1:5052") == parse_devices("arachne-jetson:/j1:5052") == [Device("j1", 5052)]
-    assert parse_devices("arachne-jetson://j1:5052,j2,[::1]:7000") == [
+    assert resolve_target("arachne-jetson") == [Device("jetson-1", 6000)]
+    assert resolve_target("arachne-jetson://j1:5052") == [Device("j1", 5052)]
+    assert resolve_target("arachne-jetson:/j1:5052") == [Device("j1", 5052)]
+    assert resolve_target("arachne-jetson://j1:5052,j2,[::1]:7000,j1:5052") == [
         Device("j1", 5052),
         Device("j2", 5051),
         Device("::1", 7000),
     ]
-    for bad in ("arachne-jetson://j1:99999", "arachne-jetson://a b", "other://j1"):
+    for bad in ("arachne-jetson://j1:99999", "arachne-jetson://a b", "other://j1", "arachne-jetson://j1,,j2"):
         with pytest.raises(InvalidInputError):
-            parse_devices(bad)
+            resolve_target(bad)
 
 
 def test_cli_help_explains_uris_and_config():
@@ -260,22 +265,23 @@ def test_fleet_with_a_device_down(servers, registry, token_env):
     down = free_port()
     fleet = get_deploy_client(_target(servers[0], down))
     get_deploy_client(_target(servers[0])).create_deployment("half", "models:/dep-linear/1")
-    up = rf"127\.0\.0\.1:{servers[0].port}"
-    report = rf"failed on 127\.0\.0\.1:{down}: .*unreachable.*; the new version is on {up} \(deployed\)"
-    with pytest.warns(UserWarning, match=report):
-        result = fleet.update_deployment("half", "models:/dep-linear/2")
+    report = rf"1 of 2 devices with dep-linear v2; failed on 127\.0\.0\.1:{down}: .*unreachable"
+    with pytest.raises(MlflowException, match=report):  # honest: a device lacks it
+        fleet.update_deployment("half", "models:/dep-linear/2")
+    result = fleet.update_deployment("half", "models:/dep-linear/2", config={"min_success": "1"})
     states = {d["device"]: d for d in result["devices"]}
-    assert states[f"127.0.0.1:{servers[0].port}"]["state"] == "deployed"
+    assert states[f"127.0.0.1:{servers[0].port}"]["state"] == "unchanged"  # it got v2 the first time
     assert states[f"127.0.0.1:{down}"]["state"] == "failed" and "unreachable" in states[f"127.0.0.1:{down}"]["error"]
     np.testing.assert_allclose(fleet.predict("half", X)["predictions"], registry["out2"], rtol=1e-6)
     described = {d["device"]: d for d in fleet.get_deployment("half")["devices"]}
     assert described[f"127.0.0.1:{down}"]["state"] == "unreachable"
     up_state = described[f"127.0.0.1:{servers[0].port}"]
     assert (up_state["state"], up_state["registered_model"], up_state["version"]) == ("READY", "dep-linear", "2")
-    with pytest.raises(MlflowException, match=rf"failed: 127\.0\.0\.1:{down}"):
+    with pytest.raises(MlflowException, match=rf"0 of 1 devices .*failed on 127\.0\.0\.1:{down}"):
         get_deploy_client(_target(down)).update_deployment("half", "models:/dep-linear/1")
-    with pytest.warns(UserWarning, match="deleted except on"):
+    with pytest.raises(MlflowException, match=rf"1 of 2 devices without it; failed on 127\.0\.0\.1:{down}"):
         fleet.delete_deployment("half")
+    get_deploy_client(_target(servers[0])).delete_deployment("half")
 
 
 def test_update_while_predicting(servers, registry, token_env):
@@ -363,7 +369,7 @@ def test_https_from_config_and_environment(registry, tmp_path, monkeypatch):
         result = client.create_deployment("secure", "models:/dep-linear/1", config=config)
         assert result["devices"][0]["state"] == "deployed"
         with pytest.raises(MlflowException, match="unreachable"):  # http to an https server
-            client.create_deployment("secure", "models:/dep-linear/1", config={"token": TOKEN})
+            client.update_deployment("secure", "models:/dep-linear/1", config={"token": TOKEN})
         monkeypatch.setenv("ARACHNE_TOKEN", TOKEN)
         monkeypatch.setenv("ARACHNE_TLS", "1")
         monkeypatch.setenv("ARACHNE_CA_CERT", str(cert))
@@ -414,7 +420,7 @@ def test_refuses_wrong_create_update_and_config(servers, registry, token_env):
     with pytest.raises(MlflowException, match="no deployment 'nothing' to update"):
         client.update_deployment("nothing", "models:/dep-linear/1")
     client.create_deployment("twice", "models:/dep-linear/1")
-    with pytest.raises(MlflowException, match="already has a deployment 'twice': update it"):
+    with pytest.raises(MlflowException, match="deployment 'twice' exists: the registry wants models:/dep-linear/1"):
         client.create_deployment("twice", "models:/dep-linear/1")
     with pytest.raises(MlflowException, match=r"unknown config \['tokn'\]"):
         client.delete_deployment("twice", config={"tokn": TOKEN})
@@ -434,4 +440,7 @@ def test_quickstart_end_to_end(tmp_path):
     done = subprocess.run([sys.executable, script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all results agree (within 1e-05): True" in done.stdout
+    # two devices in the fleet file's group, and `arachne-mlflow fleet status` on them
+    assert re.search(r"quickstart-onnx: models:/arachne-quickstart-onnx@champion -> v1 on @lab", done.stdout)
+    assert len(re.findall(r"\ncam-2 +v1 +v1 +READY +yes\n", done.stdout)) == 3 and "drift" not in done.stdout
     assert (tmp_path / "mlflow.db").is_file()

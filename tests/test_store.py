@@ -179,7 +179,7 @@ def test_architecture_names_are_normalized_once():
 
 
 def test_a_tvm_model_saved_for_arm64_runs_on_aarch64_devices_only(tvm_linear, tmp_path):
-    from arachne_mlflow.deployments.plugin import check_device_can_run
+    from arachne_mlflow.deployments.converge import check_device_can_run
     from arachne_mlflow.deployments.source import ModelSource
     from arachne_mlflow.flavors import tvm as arachne_tvm
 

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from arachne_mlflow.client.address import authority, base_url, socket_host
 from arachne_mlflow.client.transport import Transport
 from arachne_mlflow.errors import (
     ArachneError,
@@ -58,8 +59,10 @@ class DeviceClient:
     """A connection to one device server (`host:port`), over HTTP or HTTPS.
 
     `token` is the server's bearer token; `tls=True` uses HTTPS, verified against `ca_cert`
-    (a PEM file) or the system CAs, unless `verify=False`. `timeout` bounds every request
-    (seconds); `upload_timeout` bounds uploads, which include loading the model on the server.
+    (a PEM file) or the system CAs, unless `verify=False`. `connect_timeout` bounds opening a
+    connection (a device that is off or unreachable fails fast), `timeout` the wait for each
+    answer (seconds); `upload_timeout` bounds uploads, which include loading the model on the
+    server. `host` may be a name, an IPv4 or an IPv6 literal (`::1` or `[::1]`).
     `trust_env` lets requests read proxies and .netrc from the environment; it is off because a
     device is usually on the local network, and those look-ups cost time on every call.
     """
@@ -75,12 +78,14 @@ class DeviceClient:
         timeout: float = 60.0,
         upload_timeout: float = 600.0,
         trust_env: bool = False,
+        connect_timeout: float = 3.0,
     ):
         import requests
 
-        self.host, self.port = host, int(port)
-        self.url = f"{'https' if tls else 'http'}://{host}:{self.port}"
-        self.timeout, self.upload_timeout = timeout, upload_timeout
+        self.host, self.port = socket_host(host), int(port)
+        self.address = authority(self.host, self.port)
+        self.url = base_url(self.host, self.port, tls)
+        self.timeout, self.upload_timeout, self.connect_timeout = timeout, upload_timeout, connect_timeout
         self._requests = requests
         self._session = requests.Session()
         self._session.trust_env = trust_env
@@ -91,7 +96,12 @@ class DeviceClient:
         self._input_names: dict[str, list[str]] = {}
         self._infer_paths: dict[str, str] = {}
         self._transport = Transport(
-            host, self.port, timeout, _ssl_context(ca_cert, verify) if tls else None, headers=self._auth
+            self.host,
+            self.port,
+            timeout,
+            _ssl_context(ca_cert, verify) if tls else None,
+            headers=self._auth,
+            connect_timeout=connect_timeout,
         )
 
     # -- health and metadata ---------------------------------------------------------------
@@ -103,9 +113,10 @@ class DeviceClient:
         """True when the server has loaded its store and takes requests."""
         return self._send("GET", "/v2/health/ready", check=False).status_code == 200
 
-    def server_metadata(self) -> dict[str, Any]:
-        """Name, version, extensions, platform, CPU arch and available runtimes of the server."""
-        return self._send("GET", "/v2").json()
+    def server_metadata(self, timeout: float | None = None) -> dict[str, Any]:
+        """Name, version, extensions, platform, CPU arch and available runtimes of the server
+        (`timeout`: wait longer than for other calls, as a device may look its runtimes up first)."""
+        return self._send("GET", "/v2", timeout=timeout).json()
 
     def model_metadata(self, name: str) -> dict[str, Any]:
         """The model's inputs and outputs (`name`, V2 `datatype`, `shape` with -1 for dynamic)."""
@@ -208,7 +219,7 @@ class DeviceClient:
         headers = _JSON_HEADERS if header_length is None else _BINARY_HEADERS % header_length
         status, response_headers, content = self._transport.post(path, body, headers)
         if status >= 400:
-            raise _error(status, content, f"{self.host}:{self.port}")
+            raise _error(status, content, self.address)
         return codec.decode_response(content, response_headers.get(_HEADER_LENGTH_KEY))
 
     def benchmark(self, name: str, warmup: int = 1, repeat: int = 10, number: int = 1) -> dict[str, Any]:
@@ -247,18 +258,20 @@ class DeviceClient:
     def _send(self, method: str, path: str, check: bool = True, timeout: float | None = None, **kwargs: Any):
         try:
             response = self._session.request(
-                method, self.url + path, timeout=timeout or self.timeout, verify=self._verify, **kwargs
+                method,
+                self.url + path,
+                timeout=(self.connect_timeout, timeout or self.timeout),
+                verify=self._verify,
+                **kwargs,
             )
         except self._requests.exceptions.SSLError as err:
-            raise DeviceUnreachableError(
-                f"TLS with the device server at {self.host}:{self.port} failed: {err}"
-            ) from err
+            raise DeviceUnreachableError(f"TLS with the device server at {self.address} failed: {err}") from err
         except (self._requests.exceptions.ConnectionError, self._requests.exceptions.Timeout) as err:
             raise DeviceUnreachableError(
-                f"device server at {self.host}:{self.port} is unreachable ({type(err).__name__}): {err}"
+                f"device server at {self.address} is unreachable ({type(err).__name__}): {err}"
             ) from err
         if check and response.status_code >= 400:
-            raise _error(response.status_code, response.content, f"{self.host}:{self.port}")
+            raise _error(response.status_code, response.content, self.address)
         return response
 
 

@@ -22,6 +22,7 @@ from collections import deque
 
 import httptools
 
+from arachne_mlflow.client.address import authority
 from arachne_mlflow.errors import DeviceUnreachableError
 
 MAX_IDLE = 16
@@ -37,9 +38,12 @@ class _Stale(Exception):
 class _Connection:
     """One HTTP/1.1 connection: `exchange` sends a request and reads its whole response."""
 
-    def __init__(self, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None):
-        sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None, connect_timeout: float
+    ):
+        sock = socket.create_connection((host, port), timeout=connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout)
         self._tls = ssl_context is not None
         if self._tls:
             sock = ssl_context.wrap_socket(sock, server_hostname=host)
@@ -121,7 +125,9 @@ class _Response:
 class Transport:
     """POSTs to `host:port` over pooled persistent connections (HTTPS when `ssl_context`).
 
-    `headers` go with every request (the bearer token).
+    `headers` go with every request (the bearer token). `connect_timeout` bounds opening a
+    connection, `timeout` each wait for the server once connected; `host` is a socket's (an IPv6
+    literal without brackets).
     """
 
     def __init__(
@@ -131,11 +137,14 @@ class Transport:
         timeout: float,
         ssl_context: ssl.SSLContext | None,
         headers: dict[str, str] | None = None,
+        connect_timeout: float | None = None,
     ):
         self.host, self.port, self.timeout = host, port, timeout
+        self.connect_timeout = timeout if connect_timeout is None else connect_timeout
+        self.address = authority(host, port)
         self._ssl_context = ssl_context
         self._idle: deque[_Connection] = deque()  # append/pop are atomic
-        fixed = [f"Host: {host}:{port}\r\n", *[f"{k}: {v}\r\n" for k, v in (headers or {}).items()]]
+        fixed = [f"Host: {self.address}\r\n", *[f"{k}: {v}\r\n" for k, v in (headers or {}).items()]]
         self._fixed = "".join(fixed).encode("latin-1")
         self._heads: dict[str, bytes] = {}
 
@@ -187,10 +196,10 @@ class Transport:
                 break
 
     def _connect(self) -> _Connection:
-        return _Connection(self.host, self.port, self.timeout, self._ssl_context)
+        return _Connection(self.host, self.port, self.timeout, self._ssl_context, self.connect_timeout)
 
     def _unreachable(self, err: BaseException) -> DeviceUnreachableError:
         reason = "the connection closed without a response" if isinstance(err, _Stale) else str(err)
         return DeviceUnreachableError(
-            f"device server at {self.host}:{self.port} is unreachable ({type(err).__name__}): {reason}"
+            f"device server at {self.address} is unreachable ({type(err).__name__}): {reason}"
         )

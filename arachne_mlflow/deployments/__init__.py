@@ -20,24 +20,40 @@ to arachne-mlflow device servers (`arachne-mlflow serve` on each device).
 
 Target URIs:
   {SCHEME}                               the device in $ARACHNE_DEVICE (default localhost:5051)
-  {SCHEME}://HOST:PORT                   one device ({SCHEME}:/HOST:PORT works too)
+  {SCHEME}://HOST:PORT                   one device ({SCHEME}:/HOST:PORT too; [::1]:PORT for IPv6)
   {SCHEME}://HOST1:PORT,HOST2:PORT       a fleet: every command acts on each device, in parallel
+  {SCHEME}://cam-1,cam-2                 devices of the fleet file, by name
+  {SCHEME}://@lyon                       a group of the fleet file (@all: every device in it)
+  The fleet file (YAML: devices, groups, defaults) is -C fleet=PATH, else $ARACHNE_FLEET,
+  else ~/.arachne-mlflow/fleet.yaml.
 
 Config (-C key=value on create, update, delete) and environment (every command):
-  token=T       $ARACHNE_TOKEN     bearer token of the device servers
-  tls=true      $ARACHNE_TLS       talk https
-  ca_cert=F     $ARACHNE_CA_CERT   CA bundle that signed the devices' certificates
-  timeout=S     $ARACHNE_TIMEOUT   seconds per request (default 60)
-  progress=B                       upload progress bar (default: on a terminal, models >= 1 MiB)
+  token=T            $ARACHNE_TOKEN            bearer token of the device servers
+  tls=true           $ARACHNE_TLS              talk https
+  ca_cert=F          $ARACHNE_CA_CERT          CA bundle that signed the devices' certificates
+  connect_timeout=S  $ARACHNE_CONNECT_TIMEOUT  seconds to open a connection (default 3)
+  timeout=S          $ARACHNE_TIMEOUT          seconds to wait for an answer (default 10)
+  upload_timeout=S                             seconds an upload may take, loading included (default 600)
+  fleet=PATH         $ARACHNE_FLEET            the fleet file
+  parallel=N                                   devices worked on at once (default: all, up to 256)
+  min_success=N|P%                             succeed when N devices (or P percent) got it (default: all)
+  converge=true                                create acts like update when the deployment exists
+  progress=B                                   upload progress bar (default: on a terminal, models >= 1 MiB)
+  report=false                                 no per-device table on stderr
   run-local takes the options of `arachne-mlflow serve` instead: host, port, model_store, token,
   ssl_certfile, ssl_keyfile, ... (without model_store, a new temporary store)
 
 Model URIs: anything MLflow resolves (runs:/ID/model, models:/NAME/1, models:/NAME@ALIAS,
 models:/m-ID, a local path). Only the files MLmodel names are pushed. The device keeps serving
-the old version until the new one has loaded; a fleet push reports each device.
+the old version until the new one has loaded. create and update bring every device to the model
+(absent: pushed, another version: replaced, the same: left alone) and report each device; any
+device left without it makes the command fail, unless min_success allows it. A registry model's
+deployment is recorded in the registry (tags arachne.deploy.NAME and arachne.devices.NAME), so
+`arachne-mlflow fleet status` shows drift and `arachne-mlflow fleet sync [--watch S]` converges.
 
 Examples:
   mlflow deployments create -t {SCHEME}://jetson-1:5051 --name detector -m models:/detector@champion
+  mlflow deployments update -t {SCHEME}://@lyon --name detector -m models:/detector@champion -C min_success=90%
   mlflow deployments predict -t {SCHEME}://jetson-1:5051 --name detector --input-path in.json
   mlflow deployments run-local -t {SCHEME} --name detector -m models:/detector/1 -C port=5051
 """

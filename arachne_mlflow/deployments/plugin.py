@@ -1,130 +1,140 @@
 """`ArachneJetsonDeploymentClient`: MLflow deployments onto one device server or a fleet of them.
 
-Every command talks to each device of the target in parallel and reports each one. A push that
-fails on some devices warns, naming them with their errors, and the others keep the new version;
-a command that fails on every device raises `MlflowException`.
+Every command acts on each device of the target in parallel and reports each one (a table on
+stderr); `create` and `update` converge the devices to the model and, for a registry model,
+record the desired state in the registry (desired_state.py) for `arachne-mlflow fleet sync`.
+A command that leaves any device without what was asked raises `MlflowException` naming the
+devices, unless `-C min_success=N` (or `P%`) allows it.
 """
 
 from __future__ import annotations
 
-import sys
-import tempfile
-import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any
 
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST
 
+from arachne_mlflow.deployments import fleet
+from arachne_mlflow.deployments.converge import FAILED, on_devices, read_device
+from arachne_mlflow.deployments.desired_state import DesiredState
 from arachne_mlflow.deployments.inputs import to_arrays
-from arachne_mlflow.deployments.source import ModelSource, resolve
-from arachne_mlflow.deployments.targets import Device, connection, flag, parse_devices
-from arachne_mlflow.errors import (
-    ArachneError,
-    DeviceUnreachableError,
-    IncompatibleModelError,
-    InvalidInputError,
-    ModelNotFoundError,
-)
-from arachne_mlflow.model.arch import normalize_arch
+from arachne_mlflow.deployments.inventory import resolve_target
+from arachne_mlflow.deployments.source import REGISTRY_PREFIX
+from arachne_mlflow.deployments.targets import Device, Settings, settings, target_of
+from arachne_mlflow.errors import ArachneError, DeviceUnreachableError, InvalidInputError
 from arachne_mlflow.model.directory import FLAVOR_NAME
-
-# Models at least this large get a progress bar when stderr is a terminal (`-C progress=...` decides otherwise).
-PROGRESS_MIN_BYTES = 1 << 20
 
 
 class ArachneJetsonDeploymentClient(BaseDeploymentClient):
     """Deploys `arachne` models from MLflow to device servers; several devices act as one fleet.
 
-    Connection settings come from each call's `config` where MLflow passes one (create, update,
-    delete), else from the environment (`ARACHNE_TOKEN`, `ARACHNE_TLS`, ...).
+    Settings come from each call's `config` where MLflow passes one (create, update, delete),
+    else from the environment (`ARACHNE_TOKEN`, `ARACHNE_FLEET`, ...). The target's devices are
+    resolved at each call, so a fleet file's groups are read as they are then.
     """
 
     def __init__(self, target_uri: str):
         super().__init__(target_uri)
         try:
-            self.devices = parse_devices(target_uri)
+            self.target = target_of(target_uri)
         except InvalidInputError as err:
             raise MlflowException(str(err)) from err
 
     # -- deployments ---------------------------------------------------------------------
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
-        """Push the model to every device; a device that already has `name` refuses (use update)."""
-        return self._push(name, model_uri, flavor, config, replace=False)
+        """Push the model to every device. Refused when the deployment exists (in the registry or on
+        any device) unless `-C converge=true`, which makes it an update."""
+        return self._push("create", name, model_uri, flavor, config)
 
     def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
-        """Replace `name` on every device that has it; each serves the old version until the new one loads."""
-        if model_uri is None:
-            raise MlflowException(f"update of deployment {name!r} needs a model URI (-m)")
-        return self._push(name, model_uri, flavor, config, replace=True)
+        """Bring every device to the model (absent: create, other: replace, same: unchanged); each
+        serves the old version until the new one loads. Without a model URI, the registry's."""
+        return self._push("update", name, model_uri, flavor, config)
 
     def delete_deployment(self, name, config=None, endpoint=None):
-        """Remove `name` from every device. Idempotent, as MLflow's contract asks: a device that does
-        not have it (any more) is not an error, so deleting twice succeeds."""
-        results = self._each(config, lambda device, client: client.delete_model(name))
-        failed = {d: r for d, r in _failures(results).items() if not isinstance(r, ModelNotFoundError)}
-        if len(failed) == len(self.devices):
-            raise MlflowException(f"could not delete deployment {name!r}: {_report(failed)}")
-        if failed:
-            warnings.warn(f"deployment {name!r} deleted except on {_report(failed)}", stacklevel=2)
+        """Remove `name` from every device and from the registry's desired state. Idempotent, as
+        MLflow's contract asks: a device that does not have it (any more) is not an error."""
+        options = _settings(config)
+        devices = self._devices(options)
+        state = _registry(None)
+        existing = state.find(name) if state else None
+        outcome = fleet.delete(name, devices, options, state, existing)
+        self._finish(outcome, options)
 
     def list_deployments(self, endpoint=None):
         """Every deployment on any device, with the devices that hold it and its state there."""
-        results = self._each(None, lambda device, client: client.repository_index())
-        failed = _failures(results)
-        if len(failed) == len(self.devices):
+        options = _settings(None)
+        devices = self._devices(options)
+        results = self._each(devices, options, lambda client: client.repository_index())
+        failed = {d: r for d, r in results.items() if isinstance(r, ArachneError)}
+        if failed and len(failed) == len(devices):
             raise MlflowException(f"could not list deployments: {_report(failed)}")
-        if failed:
-            warnings.warn(f"deployments not listed on {_report(failed)}", stacklevel=2)
         found: dict[str, dict[str, Any]] = {}
         for device, entries in results.items():
             for entry in [] if device in failed else entries:
                 item = found.setdefault(entry["name"], {"name": entry["name"], "flavor": FLAVOR_NAME, "devices": []})
                 item["devices"].append({"device": str(device), "state": entry["state"]})
+        for device, error in failed.items():
+            for item in found.values():
+                item["devices"].append({"device": str(device), "state": "unreachable", "error": str(error)})
         return sorted(found.values(), key=lambda item: item["name"])
 
     def get_deployment(self, name, endpoint=None):
-        """Provenance, runtime and signature of the newest copy, and the state on each device."""
+        """Provenance, runtime and signature of the newest copy, the state on each device, and what
+        the registry wants (`desired`) when it records the deployment."""
 
-        def describe(device: Device, client: Any) -> dict[str, Any] | None:
+        def describe(client: Any) -> dict[str, Any] | None:
             record = client.model_record(name)
             if record is not None:
                 record["metadata"] = client.model_metadata(name)
             return record
 
-        results = self._each(None, describe)
+        options = _settings(None)
+        devices = self._devices(options)
+        results = self._each(devices, options, describe)
         records = {d: r for d, r in results.items() if isinstance(r, dict)}
         if not records:
-            failed = _failures(results)
+            failed = {d: r for d, r in results.items() if isinstance(r, ArachneError)}
             raise MlflowException(
-                f"no deployment {name!r} on {_names(self.devices)}" + (f" ({_report(failed)})" if failed else ""),
+                f"no deployment {name!r} on {', '.join(map(str, devices))}"
+                + (f" ({_report(failed)})" if failed else ""),
                 error_code=RESOURCE_DOES_NOT_EXIST,
             )
         latest = max(records.values(), key=lambda r: r["uploaded_at"])
         metadata = latest["metadata"]
-        return {
+        described = {
             "name": name,
             "flavor": FLAVOR_NAME,
             "runtime": latest["runtime"],
             **latest["provenance"],
             "signature": {"inputs": metadata["inputs"], "outputs": metadata["outputs"]},
             "deployed_at": latest["uploaded_at"],
-            "devices": [_device_state(d, results[d]) for d in self.devices],
+            "devices": [_device_state(d, results[d]) for d in devices],
         }
+        state = _registry(None)
+        desired = state.find(name) if state else None
+        if desired is not None:
+            described["desired"] = asdict(desired)
+        return described
 
     def predict(self, deployment_name=None, inputs=None, endpoint=None):
         """Run the deployment on the first device that answers; returns `{"predictions": ...}`.
 
-        One output comes back as nested lists, several as a dict name -> nested lists. A device
-        that is down or lacks the deployment passes the request on; bad input stops at the first.
+        Devices are tried in order, each asked for the model's inputs with short timeouts (a
+        device that is down or hung costs seconds, not the whole timeout); one that lacks the
+        deployment passes the request on; bad input stops at the first.
         """
+        options = _settings(None)
         errors: dict[Device, Exception] = {}
-        for device in self.devices:
+        quick = options.connection.probing()
+        for device in self._devices(options):
             try:
-                with self._client(device, None) as client:
-                    arrays = to_arrays(inputs, client.model_metadata(deployment_name)["inputs"])
+                with quick.client(device) as client:
+                    specs = client.model_metadata(deployment_name)["inputs"]
+                arrays = to_arrays(inputs, specs)
+                with options.connection.client(device) as client:
                     outputs = client.infer(deployment_name, arrays)
             except ArachneError as err:
                 errors[device] = err
@@ -136,109 +146,128 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         raise MlflowException(f"prediction with deployment {deployment_name!r} failed: {_report(errors)}")
 
     # -- helpers -------------------------------------------------------------------------
-    def _push(self, name: str, model_uri: str, flavor: str | None, config: dict | None, replace: bool) -> dict:
+    def _push(self, action: str, name: str, model_uri: str | None, flavor: str | None, config: dict | None) -> dict:
         if flavor not in (None, FLAVOR_NAME):
             raise MlflowException(f"target {self.target_uri} deploys the {FLAVOR_NAME!r} flavor, not {flavor!r}")
-        config = dict(config or {})
-        progress = config.pop("progress", None)
-        _check_config(config)
-        action = "update" if replace else "create"
-        with tempfile.TemporaryDirectory(prefix="arachne-deploy-") as tmp:
-            try:
-                source = resolve(model_uri, tmp)
-                progress = flag("progress", progress, sys.stderr.isatty() and source.size >= PROGRESS_MIN_BYTES)
-            except ArachneError as err:
-                raise MlflowException(f"cannot deploy {model_uri}: {err}") from err
-            results = self._each(
-                config, lambda device, client: _push_one(device, client, name, source, replace, progress)
-            )
-        failed = _failures(results)
-        if len(failed) == len(self.devices):
-            raise MlflowException(f"{action} of deployment {name!r} failed: {_report(failed)}")
-        if failed:
-            done = ", ".join(f"{d} ({r})" for d, r in results.items() if d not in failed)
-            warnings.warn(
-                f"{action} of deployment {name!r} failed on {_report(failed)}; the new version is on {done}",
-                stacklevel=3,
-            )
+        options = _settings(config)
+        devices = self._devices(options)
+        state = _registry(model_uri)
+        existing = state.find(name) if state else None
+        if model_uri is None:
+            if existing is None:
+                raise MlflowException(f"update of deployment {name!r} needs a model URI (-m)")
+            model_uri = existing.model_uri
+        if action == "create" and not options.converge:
+            self._refuse_existing(name, devices, options, existing)
+        if action == "update" and existing is None:
+            self._refuse_missing(name, devices, options)
+        try:
+            outcome = fleet.push(action, name, model_uri, self.target, devices, options, state, existing)
+        except ArachneError as err:
+            raise MlflowException(f"cannot deploy {model_uri}: {err}") from err
+        self._finish(outcome, options)
         return {
             "name": name,
             "flavor": FLAVOR_NAME,
-            "runtime": source.model.runtime,
-            **source.provenance,
+            "runtime": outcome.runtime,
+            **outcome.provenance,
             "devices": [
-                {"device": str(d), "state": "failed", "error": str(r)}
-                if d in failed
-                else {"device": str(d), "state": r}
-                for d, r in results.items()
+                {
+                    "device": str(r.device),
+                    "state": r.state,
+                    "before": r.before,
+                    "after": r.after,
+                    **({"error": r.error} if r.state == FAILED else {}),
+                }
+                for r in outcome.results
             ],
         }
 
-    def _client(self, device: Device, config: dict | None):
-        from arachne_mlflow.client import DeviceClient
+    def _refuse_existing(self, name: str, devices: list[Device], options: Settings, existing: Any) -> None:
+        if existing is not None:
+            raise MlflowException(
+                f"deployment {name!r} exists: the registry wants {existing.model_uri} on {existing.target} "
+                f"(tag on registered model {existing.registered_model!r}); update it, or create with -C converge=true",
+                error_code=RESOURCE_ALREADY_EXISTS,
+            )
+        records = self._records(name, devices, options)
+        having = [str(d) for d, record in records.items() if isinstance(record, dict)]
+        if having:
+            raise MlflowException(
+                f"deployment {name!r} exists on {', '.join(having)}: update it, or create with -C converge=true",
+                error_code=RESOURCE_ALREADY_EXISTS,
+            )
 
-        conn = connection(config)
-        return DeviceClient(
-            device.host, device.port, token=conn.token, tls=conn.tls, ca_cert=conn.ca_cert, timeout=conn.timeout
+    def _refuse_missing(self, name: str, devices: list[Device], options: Settings) -> None:
+        records = self._records(name, devices, options)
+        if any(isinstance(record, dict) for record in records.values()):
+            return
+        failed = {d: r for d, r in records.items() if isinstance(r, ArachneError)}
+        raise MlflowException(
+            f"no deployment {name!r} to update on {', '.join(map(str, devices))} nor in the registry: create it"
+            + (f" ({_report(failed)})" if failed else ""),
+            error_code=RESOURCE_DOES_NOT_EXIST,
         )
 
-    def _each(self, config: dict | None, action: Callable[[Device, Any], Any]) -> dict[Device, Any]:
-        """`action(device, client)` on every device in parallel; an `ArachneError` comes back as the result."""
-        _check_config(config)
+    def _records(self, name: str, devices: list[Device], options: Settings) -> dict[Device, Any]:
+        connection = options.connection
+        found = on_devices(devices, lambda d: read_device(d, connection, name), options.workers(len(devices)))
+        return dict(zip(devices, found))
+
+    def _finish(self, outcome: fleet.Outcome, options: Settings) -> None:
+        """The per-device table on stderr; an exception unless enough devices got what was asked."""
+        if options.report:
+            outcome.write()
+        if not outcome.ok:
+            raise MlflowException(outcome.summary())
+
+    def _devices(self, options: Settings) -> list[Device]:
+        try:
+            return resolve_target(self.target_uri, options.fleet)
+        except InvalidInputError as err:
+            raise MlflowException(str(err)) from err
+
+    def _each(self, devices: list[Device], options: Settings, action: Any) -> dict[Device, Any]:
+        """`action(client)` on every device in parallel; an `ArachneError` comes back as the result."""
+        connection = options.connection
 
         def one(device: Device) -> Any:
             try:
-                with self._client(device, config) as client:
-                    return action(device, client)
+                with connection.client(device) as client:
+                    return action(client)
             except ArachneError as err:
                 return err
 
-        with ThreadPoolExecutor(max_workers=min(16, len(self.devices))) as pool:
-            return dict(zip(self.devices, pool.map(one, self.devices)))
+        return dict(zip(devices, on_devices(devices, one, options.workers(len(devices)))))
 
 
-def _push_one(device: Device, client: Any, name: str, source: ModelSource, replace: bool, progress: bool) -> str:
-    """Check that the device can run the model and may take it, then stream its files; the device's new state."""
-    check_device_can_run(client.server_metadata(), source, device)
-    stored = client.model_record(name)
-    if replace and stored is None:
-        raise ModelNotFoundError(f"device {device} has no deployment {name!r} to update: create it")
-    if not replace and stored is not None:
-        raise InvalidInputError(f"device {device} already has a deployment {name!r}: update it")
-    if stored is not None and stored["digest"] == source.digest and stored["provenance"] == source.provenance:
-        return "unchanged"
-    client.upload_model(
-        name, source.model.path, files=source.files, provenance=source.provenance, progress=progress, force=True
-    )
-    return "deployed"
-
-
-def check_device_can_run(metadata: dict[str, Any], source: ModelSource, device: Device) -> None:
-    """Refuse before pushing: the device lacks the model's runtime, or, for TVM, its CPU or device."""
-    model = source.model
-    runtimes = {r["name"]: r for r in metadata.get("runtimes", [])}
-    if model.runtime not in runtimes:
-        raise IncompatibleModelError(
-            f"device {device} has no {model.runtime!r} runtime (it has {sorted(runtimes)}): "
-            f"pip install 'arachne-mlflow[device-{model.runtime}]' there"
-        )
-    if model.runtime != "tvm":
-        return
-    arch, kind = model.tvm.get("arch"), model.tvm.get("device", "cpu")
-    if arch and normalize_arch(arch) != normalize_arch(metadata.get("arch") or "unknown"):
-        raise IncompatibleModelError(
-            f"device {device} is {metadata.get('arch')} but the TVM model was compiled for {arch}"
-        )
-    devices = runtimes["tvm"].get("devices")
-    if devices is not None and kind not in devices:
-        raise IncompatibleModelError(f"device {device} has no TVM device {kind!r} (it has {devices})")
-
-
-def _check_config(config: dict | None) -> None:
+def _settings(config: dict | None) -> Settings:
     try:
-        connection(config)
+        return settings(config)
     except InvalidInputError as err:
         raise MlflowException(str(err)) from err
+
+
+def _registry(model_uri: str | None) -> DesiredState | None:
+    """The registry's desired state, where there is one to keep: a registry model is pushed, or a
+    tracking URI is set (where an earlier push may have recorded the deployment)."""
+    import mlflow
+
+    if (model_uri or "").startswith(REGISTRY_PREFIX) or _tracking_store_exists(mlflow):
+        return DesiredState()
+    return None
+
+
+def _tracking_store_exists(mlflow: Any) -> bool:
+    """A tracking URI was set, or MLflow's default local store exists (it would be made otherwise)."""
+    from pathlib import Path
+
+    if mlflow.is_tracking_uri_set():
+        return True
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).is_file()
+    return Path(uri.removeprefix("file://")).is_dir()
 
 
 def _device_state(device: Device, result: Any) -> dict[str, Any]:
@@ -258,14 +287,6 @@ def _device_state(device: Device, result: Any) -> dict[str, Any]:
         "digest": result["digest"],
         **({"reason": result["reason"]} if result.get("reason") else {}),
     }
-
-
-def _failures(results: dict[Device, Any]) -> dict[Device, Exception]:
-    return {d: r for d, r in results.items() if isinstance(r, Exception)}
-
-
-def _names(devices: list[Device]) -> str:
-    return ", ".join(str(d) for d in devices)
 
 
 def _report(results: dict[Device, Any]) -> str:

@@ -1,4 +1,9 @@
-"""Resolve an MLflow model URI to a local `arachne` model and the provenance a device records."""
+"""Resolve an MLflow model URI to a local `arachne` model and the provenance a device records.
+
+A registry URI (`models:/name/3`, `models:/name@alias`, `models:/name/latest`) is pinned to one
+version first, with MLflow's public client API, and that version is what is downloaded: an
+alias that moves meanwhile cannot mix one version's files with another's number.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,22 @@ from typing import Any
 from arachne_mlflow.model.archive import tar_size
 from arachne_mlflow.model.digest import files_digest
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
+
+REGISTRY_PREFIX = "models:/"
+
+
+@dataclass(frozen=True)
+class RegistryVersion:
+    """The registered model version a `models:/` URI names now."""
+
+    registered_model: str
+    version: str
+    alias: str | None = None
+    run_id: str | None = None
+
+    @property
+    def pinned_uri(self) -> str:
+        return f"{REGISTRY_PREFIX}{self.registered_model}/{self.version}"
 
 
 @dataclass
@@ -19,10 +40,46 @@ class ModelSource:
     digest: str
     size: int
     provenance: dict[str, Any]
+    registry: RegistryVersion | None = None
 
 
-def resolve(model_uri: str, dst_path: str) -> ModelSource:
-    """Download `model_uri` (runs:/, models:/name/1, models:/name@alias, models:/m-<id>, a path).
+def registry_version(model_uri: str, client: Any = None) -> RegistryVersion | None:
+    """The version a `models:/` URI names now; None for other URIs and for `models:/m-<id>`."""
+    if not model_uri.startswith(REGISTRY_PREFIX):
+        return None
+    path = model_uri[len(REGISTRY_PREFIX) :].strip("/")
+    alias = None
+    if "/" in path:
+        name, suffix = path.split("/", 1)
+    elif "@" in path:
+        name, alias = path.rsplit("@", 1)
+    else:
+        return None  # a logged model's id: not in the registry
+    if client is None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+    if alias is not None:
+        version = client.get_model_version_by_alias(name, alias)
+    elif suffix.isdigit():
+        version = client.get_model_version(name, suffix)
+    elif suffix.lower() == "latest":
+        found = client.search_model_versions(
+            f"name = {quote_filter(name)}", max_results=1, order_by=["version_number DESC"]
+        )
+        if not found:
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException(f"registered model {name!r} has no versions ({model_uri})")
+        version = found[0]
+    else:  # a stage (deprecated in MLflow, still resolved)
+        version = max(client.get_latest_versions(name, [suffix]), key=lambda v: int(v.version))
+    return RegistryVersion(version.name, str(version.version), alias, version.run_id or None)
+
+
+def resolve(model_uri: str, dst_path: str, client: Any = None, pinned: RegistryVersion | None = None) -> ModelSource:
+    """Download `model_uri` (runs:/, models:/name/1, models:/name@alias, models:/m-<id>, a path),
+    the registered version `pinned` when the caller has resolved it already.
 
     Raises `InvalidInputError` when the model has no `arachne` flavor, naming the ones it has.
     Only the files MLmodel names are pushed: a registry download holds others
@@ -30,7 +87,10 @@ def resolve(model_uri: str, dst_path: str) -> ModelSource:
     """
     import mlflow
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path)
+    registry = pinned or registry_version(model_uri, client)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=registry.pinned_uri if registry else model_uri, dst_path=dst_path
+    )
     model = read_model_dir(local)
     files = sorted(set(model.files()))
     provenance: dict[str, Any] = {
@@ -38,32 +98,19 @@ def resolve(model_uri: str, dst_path: str) -> ModelSource:
         "run_id": model.mlmodel.get("run_id"),
         "model_id": model.mlmodel.get("model_id"),
     }
-    if model_uri.startswith("models:/"):
-        provenance.update(_registry_provenance(model_uri))
+    if registry is not None:
+        provenance.update(registered_model=registry.registered_model, version=registry.version, alias=registry.alias)
+        provenance["run_id"] = registry.run_id  # the version's run (none for a model logged outside a run)
     return ModelSource(
         model,
         files,
         files_digest(model.path, files),
         tar_size(model.path, files),
         {k: v for k, v in provenance.items() if v is not None},
+        registry,
     )
 
 
-def _registry_provenance(model_uri: str) -> dict[str, Any]:
-    """Registered model name, version and alias of a `models:/` URI (nothing for `models:/m-<id>`)."""
-    from mlflow import MlflowClient
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    client = MlflowClient()
-    resolved = get_model_name_and_version(client, model_uri)
-    if len(resolved) != 2:
-        return {}
-    name, version = resolved
-    result: dict[str, Any] = {"registered_model": name, "version": str(version)}
-    path = model_uri[len("models:/") :]
-    if "@" in path and "/" not in path:
-        result["alias"] = path.rsplit("@", 1)[1]
-    run_id = client.get_model_version(name, str(version)).run_id
-    if run_id:
-        result["run_id"] = run_id
-    return result
+def quote_filter(value: str) -> str:
+    """A string literal for an MLflow search filter (there is no escaping: pick the other quote)."""
+    return f'"{value}"' if "'" in value else f"'{value}'"

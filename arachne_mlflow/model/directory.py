@@ -13,6 +13,13 @@ It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
       arachne_mlflow_version: "..."
 
 The tensor spec comes from MLflow's `signature` (tensor-based), stored beside it in MLmodel.
+
+MLmodel comes from whoever uploads a model to a device server, so it is read within bounds: at
+most `MAX_MLMODEL_BYTES`, nested at most `MAX_YAML_DEPTH` deep and at most `MAX_YAML_NODES`
+values, both counted with YAML aliases expanded. MLflow writes aliases (for objects that two
+flavors share), so they are allowed; but a few hundred bytes of nested aliases expand to
+billions of nodes for any code that walks the result, and that is refused while it is parsed.
+
 MLflow reads a signature dtype with `np.dtype(name)`, which knows `bfloat16` only once ml_dtypes
 is imported: so a bfloat16 tensor is float32 in the signature (what MLflow's tools feed and get,
 the pyfunc casting at its edge), and its true dtype is in `tensor_dtypes`.
@@ -37,6 +44,9 @@ FLAVOR_NAME = "arachne"
 MLMODEL = "MLmodel"
 # Files MLflow writes beside a model that a device may want (environment descriptions).
 ENVIRONMENT_FILES = ("requirements.txt", "python_env.yaml", "conda.yaml")
+MAX_MLMODEL_BYTES = 1024**2
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000
 
 
 @dataclass
@@ -98,10 +108,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
     mlmodel_path = path / MLMODEL
     if not mlmodel_path.is_file():
         raise ModelNotFoundError(f"{path} is not an MLflow model directory: no {MLMODEL} file")
-    try:
-        mlmodel = yaml.safe_load(mlmodel_path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"{mlmodel_path}: not valid YAML: {err}") from err
+    mlmodel = _read_mlmodel(mlmodel_path)
     flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
     if not isinstance(flavors, dict) or FLAVOR_NAME not in flavors:
         names = sorted(flavors) if isinstance(flavors, dict) else []
@@ -127,7 +134,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
         inputs, outputs = parse_signature(mlmodel.get("signature"))
     except InvalidInputError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
         raise InvalidInputError(f"{mlmodel_path}: 'signature' is not a list of tensor specs: {err}") from err
     dtypes = conf.get("tensor_dtypes") or {}
     if not isinstance(dtypes, dict):
@@ -149,6 +156,54 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
         version=conf.get("arachne_mlflow_version"),
         mlmodel=mlmodel,
     )
+
+
+def _read_mlmodel(path: Path) -> Any:
+    """MLmodel's YAML, refused when it is too big, too deep or expands (through aliases) to too many values."""
+    with open(path, "rb") as file:
+        text = file.read(MAX_MLMODEL_BYTES + 1)
+    if len(text) > MAX_MLMODEL_BYTES:
+        raise InvalidInputError(f"{path}: larger than {MAX_MLMODEL_BYTES} bytes; an MLmodel file is a few kilobytes")
+    try:
+        return yaml.load(text.decode("utf-8"), Loader=_BoundedLoader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"{path}: not valid YAML: {err}") from err
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents that nest deeper than `MAX_YAML_DEPTH` or hold more
+    than `MAX_YAML_NODES` values, with aliases counted as the nodes they stand for."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._expanded: dict[int, tuple[int, int]] = {}  # id(node) -> (values, height) once expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self._depth >= MAX_YAML_DEPTH:  # before composing further: the composer itself recurses
+            raise self._refusal(f"nested deeper than {MAX_YAML_DEPTH} levels")
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if id(node) not in self._expanded:  # an alias returns a node already counted
+            if isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else []
+            counts = [self._expanded[id(child)] for child in children]
+            values = 1 + sum(count for count, _ in counts)
+            height = 1 + max((h for _, h in counts), default=0)
+            if values > MAX_YAML_NODES or height > MAX_YAML_DEPTH:
+                raise self._refusal(
+                    f"more than {MAX_YAML_NODES} values or {MAX_YAML_DEPTH} levels once its aliases are expanded"
+                )
+            self._expanded[id(node)] = (values, height)
+        return node
+
+    def _refusal(self, why: str) -> yaml.YAMLError:
+        return yaml.composer.ComposerError(None, None, why, self.peek_event().start_mark)
 
 
 #: The dtypes `tensor_dtypes` may give a tensor (MLflow's signature has float32 for them).

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from arachne_mlflow.errors import ArachneError, IncompatibleModelError, InvalidInputError, MissingDependencyError
+from arachne_mlflow.model.onnx_external import check_external_data
 from arachne_mlflow.model.spec import BFLOAT16, TensorSpec
 from arachne_mlflow.runtime import onnx_options
 from arachne_mlflow.runtime.base import RuntimeModule
@@ -67,6 +68,7 @@ class ONNXRuntimeModule(RuntimeModule):
         if (model_file is None) == (model_content is None):
             raise InvalidInputError("onnx runtime needs exactly one of model_file or model_content")
         ort = import_onnxruntime()
+        check_external_data(model_file if model_file is not None else model_content)  # before onnxruntime reads it
         names, options = normalize_providers(providers, provider_options, ort.get_available_providers())
         try:
             self._session = ort.InferenceSession(

@@ -26,7 +26,7 @@ from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.protocol.datatypes import from_datatype
 from arachne_mlflow.runtime.base import RuntimeModule
 
-_RPC_KEYS = {"host", "port", "token", "tls", "ca_cert", "verify", "timeout", "trust_env"}
+_RPC_KEYS = {"host", "port", "token", "tls", "ca_cert", "verify", "timeout", "connect_timeout", "trust_env"}
 
 
 class RemoteRuntimeModule(RuntimeModule):

@@ -180,8 +180,15 @@ class _Routes:
         return JSONResponse(self.dp.record(request.path_params["model"]))
 
     async def upload(self, request: Request) -> Response:
-        provenance = _parse_provenance(request.headers.get(PROVENANCE_HEADER))
-        return JSONResponse(await self.dp.upload(request.path_params["model"], _stream(request), provenance))
+        body = _Body(request)
+        try:
+            provenance = _parse_provenance(request.headers.get(PROVENANCE_HEADER))
+            response = JSONResponse(await self.dp.upload(request.path_params["model"], body.chunks(), provenance))
+        except Exception as err:  # noqa: BLE001 (answered as every error is; then the connection is closed)
+            response = await self.error_response(request, err)
+        if not body.complete:  # a refused upload is not read further: answer at once, then hang up
+            response.headers["Connection"] = "close"
+        return response
 
     async def rollback(self, request: Request) -> Response:
         return JSONResponse(await self.dp.rollback(request.path_params["model"]))
@@ -275,13 +282,21 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _stream(request: Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives; a client that hangs up is a client error, not a crash."""
-    try:
-        async for chunk in request.stream():
-            yield chunk
-    except ClientDisconnect as err:
-        raise InvalidInputError("the client disconnected before sending the whole body") from err
+class _Body:
+    """A request body read as it arrives, knowing whether it was read to its end."""
+
+    def __init__(self, request: Request):
+        self._request = request
+        self.complete = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's chunks; a client that hangs up is a client error, not a crash."""
+        try:
+            async for chunk in self._request.stream():
+                self.complete = not chunk  # Starlette ends a body with b""
+                yield chunk
+        except ClientDisconnect as err:
+            raise InvalidInputError("the client disconnected before sending the whole body") from err
 
 
 def _parse_provenance(text: str | None) -> dict[str, Any] | None:

@@ -353,15 +353,15 @@ class Dataplane:
     async def upload(
         self, name: str, chunks: AsyncIterator[bytes], provenance: dict[str, Any] | None
     ) -> dict[str, Any]:
-        """Extract the tar arriving in `chunks` into the store as it streams in, then load it."""
+        """Extract the tar arriving in `chunks` into the store as it streams in, then load it.
+
+        A refused upload is not read any further (the route closes the connection); an accepted
+        one is read to its end (a tar's trailing padding), up to the upload cap.
+        """
         reader = _StreamReader(chunks, asyncio.get_running_loop(), self.store.max_upload_bytes)
-        try:
-            async with self._uploads:
-                record = await self.run_blocking(self.store.put, name, io.BufferedReader(reader, 1 << 16), provenance)
-        finally:
-            if not reader.overflowed:
-                async for _ in chunks:  # let the client finish sending, so it reads our answer
-                    pass
+        async with self._uploads:
+            record = await self.run_blocking(self.store.put, name, io.BufferedReader(reader, 1 << 16), provenance)
+        await reader.drain()
         with contextlib.suppress(ArachneError):  # unloaded again meanwhile: nothing to record
             self.metrics.load_seconds.labels(name).set(self.store.get(name).load_seconds)
         return record
@@ -377,7 +377,6 @@ class _StreamReader(io.RawIOBase):
         self._pending = b""
         self._received = 0
         self._eof = False
-        self.overflowed = False
 
     def readable(self) -> bool:
         return True
@@ -390,16 +389,24 @@ class _StreamReader(io.RawIOBase):
             except concurrent.futures.TimeoutError as err:
                 future.cancel()
                 raise InvalidInputError(f"upload stalled: no data for {UPLOAD_IDLE_TIMEOUT:.0f} s") from err
-            self._received += len(chunk)
-            if self._received > self._max_bytes:
-                self.overflowed = True
-                raise UnsafeArchiveError(f"upload exceeds the limit of {self._max_bytes} bytes")
+            self._count(chunk)
             self._pending = chunk
-            self._eof = not chunk
         size = min(len(buffer), len(self._pending))
         buffer[:size] = self._pending[:size]
         self._pending = self._pending[size:]
         return size
+
+    async def drain(self) -> None:
+        """Read the rest of the body, up to the cap (beyond it, the route closes the connection unread)."""
+        with contextlib.suppress(ArachneError, asyncio.TimeoutError):
+            while not self._eof:
+                self._count(await asyncio.wait_for(self._next(), UPLOAD_IDLE_TIMEOUT))
+
+    def _count(self, chunk: bytes) -> None:
+        self._received += len(chunk)
+        self._eof = not chunk
+        if self._received > self._max_bytes:
+            raise UnsafeArchiveError(f"upload exceeds the limit of {self._max_bytes} bytes")
 
     async def _next(self) -> bytes:
         try:

@@ -50,6 +50,23 @@ def runtime_details(runtime, model_file):
         return {"inputs": module.get_input_details(), "outputs": module.get_output_details()}
 
 
+def external_data_model_dir(directory, linear_dir, location, weights):
+    """The `onnx_linear` model dir `linear_dir` copied to `directory`, its W kept in external data at
+    `location` (W's bytes written to `weights`); a location inside the dir is listed in `extra_files`."""
+    from tests.helpers.models import onnx_linear_external
+
+    directory = Path(directory)
+    directory.mkdir(parents=True)
+    for name in ("MLmodel", "requirements.txt"):
+        shutil.copy(Path(linear_dir) / name, directory / name)
+    (directory / "model.onnx").write_bytes(onnx_linear_external(location, Path(weights)))
+    if not location.startswith(("/", "..")):
+        mlmodel = yaml.safe_load((directory / "MLmodel").read_text())
+        mlmodel["flavors"]["arachne"]["extra_files"] = [location]
+        (directory / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    return directory
+
+
 def scaled_linear(root, scale, padding=0):
     """onnx_linear with its weights scaled: a version whose outputs differ from another scale's,
     optionally padded with an extra file of `padding` random bytes."""

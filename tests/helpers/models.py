@@ -46,6 +46,19 @@ def onnx_linear(batch: int | str = 1):
     return _onnx_model(graph)
 
 
+def onnx_linear_external(location: str, weights: Path) -> bytes:
+    """`onnx_linear(1)` with its weight W in external data at `location`; W's bytes are written to `weights`."""
+    from onnx import TensorProto, external_data_helper, numpy_helper
+
+    model = onnx_linear(1)
+    tensor = next(t for t in model.graph.initializer if t.name == "W")
+    weights.write_bytes(numpy_helper.to_array(tensor).tobytes())
+    external_data_helper.set_external_data(tensor, location, offset=0, length=weights.stat().st_size)
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    return model.SerializeToString()
+
+
 def onnx_two_in_two_out():
     """a[1,4], b[1,4] -> sum = a + b (float32), scaled = (a * b) @ W (float32, [1,2])."""
     from onnx import TensorProto, helper, numpy_helper

@@ -30,11 +30,20 @@ class ServerProcess:
     """`python -m arachne_mlflow.server` on a free loopback port, started and stopped by tests."""
 
     def __init__(
-        self, store, token=None, extra_args=(), ca_cert=None, command=("arachne_mlflow.server",), python=None, env=None
+        self,
+        store,
+        token=None,
+        extra_args=(),
+        ca_cert=None,
+        command=("arachne_mlflow.server",),
+        python=None,
+        env=None,
+        host="127.0.0.1",
     ):
         self.command = list(command)  # after `python -m`; ("arachne_mlflow.cli", "serve") for the CLI
         self.python = python or sys.executable  # another venv's interpreter for a server installed there
         self.env = env  # the server's whole environment (default: this process's)
+        self.host = host  # "::1" for IPv6 loopback
         self.store = Path(store)
         self.token = token
         self.extra_args = list(extra_args)
@@ -44,13 +53,16 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.ca_cert else 'http'}://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.ca_cert else 'http'}://{host}:{self.port}"
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         args = [
             self.python,
             "-m",
             *self.command,
+            "--host",
+            self.host,
             "--port",
             str(self.port),
             "--model-store",

@@ -1,0 +1,182 @@
+"""Bring devices to a desired model: one device at a time (`push_device`), a fleet in parallel (`on_devices`).
+
+`push_device` is the unit that rollout strategies compose (batches, canaries, health gates): it
+never raises for a device's failure, it reports it. A device that already holds the same files
+and provenance is left alone, so converging twice changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from arachne_mlflow.deployments.source import ModelSource, RegistryVersion
+from arachne_mlflow.deployments.targets import Connection, Device
+from arachne_mlflow.errors import ArachneError, IncompatibleModelError, ModelNotFoundError
+from arachne_mlflow.model.arch import normalize_arch
+
+DEPLOYED, UNCHANGED, FAILED, DELETED, ABSENT = "deployed", "unchanged", "failed", "deleted", "absent"
+UNKNOWN = "?"  # the label of what a device runs when it could not be asked
+T = TypeVar("T")
+D = TypeVar("D")
+
+
+@dataclass
+class DeviceResult:
+    """What one command did to one device: before and after (version labels), state, time, error."""
+
+    device: Device
+    state: str
+    before: str = UNKNOWN
+    after: str = UNKNOWN
+    seconds: float = 0.0
+    error: str | None = None
+    revision: int | None = None
+    runtime: str | None = None  # of the model on the device, when it was asked
+    provenance: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state != FAILED
+
+
+def version_label(record: dict[str, Any] | None, registered_model: str | None = None) -> str:
+    """What a device holds, shortly: `-` (nothing), `v3` (a version of `registered_model`),
+    `other-model v2`, or the first characters of the files' digest (no registry)."""
+    if record is None:
+        return "-"
+    provenance = record.get("provenance") or {}
+    if provenance.get("version") is not None:
+        model = provenance.get("registered_model")
+        prefix = "" if registered_model is None or model == registered_model else f"{model} "
+        return f"{prefix}v{provenance['version']}"
+    return str(record.get("digest", UNKNOWN)).split(":")[-1][:10]
+
+
+def push_device(
+    device: Device, connection: Connection, name: str, source: ModelSource, progress: bool = False
+) -> DeviceResult:
+    """Make `device` serve `source` as `name`: absent -> upload, other model -> replace, same -> unchanged."""
+    start = time.perf_counter()
+    registered = source.registry.registered_model if source.registry else None
+    before = UNKNOWN
+    try:
+        with connection.client(device) as client:
+            stored = client.model_record(name)
+            before = version_label(stored, registered)
+            if stored is not None and stored["digest"] == source.digest and stored["provenance"] == source.provenance:
+                return DeviceResult(device, UNCHANGED, before, before, _since(start), revision=stored["revision"])
+            # an answering device may take long to list its runtimes the first time: the upload's wait
+            check_device_can_run(client.server_metadata(timeout=connection.upload_timeout), source, device)
+            client.upload_model(
+                name, source.model.path, files=source.files, provenance=source.provenance, progress=progress, force=True
+            )
+            record = client.model_record(name)
+    except ArachneError as err:
+        return DeviceResult(device, FAILED, before, before, _since(start), error=str(err))
+    revision = record["revision"] if record else None
+    return DeviceResult(device, DEPLOYED, before, version_label(record, registered), _since(start), revision=revision)
+
+
+def unchanged_device(
+    device: Device, connection: Connection, name: str, model_uri: str, pinned: RegistryVersion
+) -> DeviceResult | None:
+    """An `unchanged` result when `device` already serves registered version `pinned` from
+    `model_uri` as `name` (a version's files never change); None when it does not, or cannot say."""
+    start = time.perf_counter()
+    record = read_device(device, connection, name)
+    if not isinstance(record, dict):
+        return None
+    provenance = record.get("provenance") or {}
+    held = (provenance.get("model_uri"), provenance.get("registered_model"), str(provenance.get("version")))
+    if held != (model_uri, pinned.registered_model, pinned.version):
+        return None
+    label = version_label(record, pinned.registered_model)
+    return DeviceResult(
+        device,
+        UNCHANGED,
+        label,
+        label,
+        _since(start),
+        revision=record.get("revision"),
+        runtime=record.get("runtime"),
+        provenance=provenance,
+    )
+
+
+def delete_device(device: Device, connection: Connection, name: str) -> DeviceResult:
+    """Remove `name` from `device`; a device without it is `absent`, which is no failure."""
+    start = time.perf_counter()
+    before = UNKNOWN
+    try:
+        with connection.client(device) as client:
+            stored = client.model_record(name)
+            before = version_label(stored)
+            if stored is None:
+                return DeviceResult(device, ABSENT, before, "-", _since(start))
+            client.delete_model(name)
+    except ModelNotFoundError:
+        return DeviceResult(device, ABSENT, before, "-", _since(start))
+    except ArachneError as err:
+        return DeviceResult(device, FAILED, before, before, _since(start), error=str(err))
+    return DeviceResult(device, DELETED, before, "-", _since(start))
+
+
+def read_device(device: Device, connection: Connection, name: str) -> dict[str, Any] | None | ArachneError:
+    """The device's record of `name` (None when it has none), or the error that prevented asking."""
+    try:
+        with connection.client(device) as client:
+            return client.model_record(name)
+    except ArachneError as err:
+        return err
+
+
+def on_devices(devices: Sequence[D], action: Callable[[D], T], parallel: int) -> list[T]:
+    """`action(device)` for every device, `parallel` at a time; results in the devices' order.
+
+    This is the fleet loop: `action` reports a device's failure in its result rather than raising.
+    """
+    if len(devices) <= 1 or parallel <= 1:
+        return [action(device) for device in devices]
+    with ThreadPoolExecutor(max_workers=min(parallel, len(devices)), thread_name_prefix="arachne-fleet") as pool:
+        return list(pool.map(action, devices))
+
+
+def converge(
+    devices: Sequence[Device],
+    connection: Connection,
+    name: str,
+    source: ModelSource,
+    parallel: int,
+    progress: bool = False,
+) -> list[DeviceResult]:
+    """Every device of `devices` to `source`, `parallel` at a time."""
+    return on_devices(devices, lambda device: push_device(device, connection, name, source, progress), parallel)
+
+
+def check_device_can_run(metadata: dict[str, Any], source: ModelSource, device: Device) -> None:
+    """Refuse before pushing: the device lacks the model's runtime, or, for TVM, its CPU or device."""
+    model = source.model
+    runtimes = {r["name"]: r for r in metadata.get("runtimes", [])}
+    if model.runtime not in runtimes:
+        raise IncompatibleModelError(
+            f"device {device} has no {model.runtime!r} runtime (it has {sorted(runtimes)}): "
+            f"pip install 'arachne-mlflow[device-{model.runtime}]' there"
+        )
+    if model.runtime != "tvm":
+        return
+    arch, kind = model.tvm.get("arch"), model.tvm.get("device", "cpu")
+    if arch and normalize_arch(arch) != normalize_arch(metadata.get("arch") or "unknown"):
+        raise IncompatibleModelError(
+            f"device {device} is {metadata.get('arch')} but the TVM model was compiled for {arch}"
+        )
+    tvm_devices = runtimes["tvm"].get("devices")
+    if tvm_devices is not None and kind not in tvm_devices:
+        raise IncompatibleModelError(f"device {device} has no TVM device {kind!r} (it has {tvm_devices})")
+
+
+def _since(start: float) -> float:
+    return time.perf_counter() - start

@@ -1,0 +1,176 @@
+"""`arachne-mlflow fleet status`: for every deployment, what the registry wants against what each device runs.
+
+The registry says what should run (the model URI resolved now: an alias may have moved since the
+last rollout); each device is asked what it runs (its model store is the truth), all at once and
+with short timeouts; for a device that cannot be asked, the version tags give the last known state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from arachne_mlflow.deployments import report
+from arachne_mlflow.deployments.converge import UNKNOWN, on_devices, read_device, version_label
+from arachne_mlflow.deployments.desired_state import DELETING, ROLLED_OUT, Desired, DesiredState
+from arachne_mlflow.deployments.inventory import resolve_target
+from arachne_mlflow.deployments.source import registry_version
+from arachne_mlflow.deployments.targets import SCHEME, Device, Settings
+from arachne_mlflow.errors import ArachneError, DeviceUnreachableError
+
+
+@dataclass
+class DeviceStatus:
+    device: str
+    address: str
+    desired: str  # version label of what should run ("-": nothing, while deleting)
+    actual: str  # what runs ("-": nothing, "?": could not ask)
+    state: str  # READY, UNAVAILABLE, absent, unreachable, error
+    in_sync: bool
+    revision: int | None = None
+    last_known: str | None = None  # from the version tags, for a device that could not be asked
+    error: str | None = None
+
+
+@dataclass
+class DeploymentStatus:
+    deployment: str
+    registered_model: str
+    model_uri: str
+    target: str
+    status: str
+    reason: str
+    desired_version: str | None  # what the model URI names now
+    rolled_out_version: str | None  # what the last rollout pushed
+    devices: list[DeviceStatus] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.drift and self.error is None
+
+
+def status(names: Sequence[str], settings: Settings, state: DesiredState) -> list[DeploymentStatus]:
+    """The status of every deployment the registry records (or of those in `names`)."""
+    recorded = [d for d in state.all() if not names or d.deployment in names]
+    statuses, pairs = [], []
+    for desired in recorded:
+        found, devices = _deployment(desired, settings, state)
+        statuses.append(found)
+        tags = state.recorded(desired) if found.error is None else {}
+        pairs += [(found, tags.get(str(device), {}), device) for device in devices]
+    connection = settings.connection.probing()
+    answers = on_devices(
+        pairs, lambda pair: read_device(pair[2], connection, pair[0].deployment), settings.workers(len(pairs))
+    )
+    for (found, tags, device), answer in zip(pairs, answers):
+        found.devices.append(_device_status(found, device, answer, tags))
+    for found in statuses:
+        found.drift += _drift(found)
+    for missing in sorted(set(names) - {d.deployment for d in recorded}):
+        statuses.append(
+            DeploymentStatus(missing, "", "", "", "", "", None, None, error="no such deployment in the registry")
+        )
+    return statuses
+
+
+def _deployment(desired: Desired, settings: Settings, state: DesiredState) -> tuple[DeploymentStatus, list[Device]]:
+    found = DeploymentStatus(
+        desired.deployment,
+        desired.registered_model,
+        desired.model_uri,
+        desired.target,
+        desired.status,
+        desired.reason,
+        None,
+        desired.version,
+    )
+    try:
+        if desired.status != DELETING:
+            now = registry_version(desired.model_uri, state.client)
+            found.desired_version = now.version if now else None
+        return found, resolve_target(f"{SCHEME}://{desired.target}", settings.fleet)
+    except (ArachneError, MlflowException) as err:  # an alias deleted, a group gone: said, and the others go on
+        found.error = str(err)
+        return found, []
+
+
+def _device_status(found: DeploymentStatus, device: Device, answer: Any, recorded: dict[str, dict]) -> DeviceStatus:
+    wanted = "-" if found.status == DELETING else f"v{found.desired_version}"
+    if isinstance(answer, ArachneError):
+        versions = sorted(recorded.items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0)
+        known = "; ".join(f"v{v} {e.get('state')}" for v, e in versions)
+        kind = "unreachable" if isinstance(answer, DeviceUnreachableError) else "error"
+        return DeviceStatus(str(device), device.address, wanted, UNKNOWN, kind, False, None, known or None, str(answer))
+    actual = version_label(answer, found.registered_model)
+    if answer is None:
+        return DeviceStatus(str(device), device.address, wanted, actual, "absent", found.status == DELETING)
+    provenance = answer.get("provenance") or {}
+    same = (
+        found.status != DELETING
+        and provenance.get("registered_model") == found.registered_model
+        and str(provenance.get("version")) == str(found.desired_version)
+        and answer.get("state") == "READY"
+    )
+    state = answer.get("state", UNKNOWN)
+    return DeviceStatus(str(device), device.address, wanted, actual, state, same, answer.get("revision"))
+
+
+def _drift(found: DeploymentStatus) -> list[str]:
+    if found.error:
+        return [found.error]
+    drift = []
+    if found.desired_version is not None and found.desired_version != found.rolled_out_version:
+        alias = found.model_uri.rsplit("@", 1)[1] if "@" in found.model_uri else None
+        moved = (
+            f"alias {alias} moved to v{found.desired_version}"
+            if alias
+            else f"{found.model_uri} is now v{found.desired_version}"
+        )
+        drift.append(f"{moved} (v{found.rolled_out_version} was rolled out)")
+    if found.status != ROLLED_OUT:
+        drift.append(f"status {found.status}" + (f": {found.reason}" if found.reason else ""))
+    for device in found.devices:
+        if device.in_sync:
+            continue
+        if device.state in ("unreachable", "error"):
+            known = f" (last known: {device.last_known})" if device.last_known else ""
+            drift.append(f"device {device.device} is {device.state}{known}")
+        elif device.actual == "-":
+            drift.append(f"device {device.device} lacks it")
+        elif found.status == DELETING:
+            drift.append(f"device {device.device} still has {device.actual}")
+        elif device.state != "READY":
+            drift.append(f"device {device.device} has {device.actual} {device.state}")
+        else:
+            drift.append(f"device {device.device} runs {device.actual}")
+    return drift
+
+
+def to_json(statuses: Sequence[DeploymentStatus]) -> str:
+    return json.dumps([{**asdict(s), "in_sync": s.in_sync} for s in statuses], indent=2)
+
+
+def to_text(statuses: Sequence[DeploymentStatus]) -> str:
+    if not statuses:
+        return "no deployments recorded in the registry\n"
+    parts = []
+    for s in statuses:
+        wanted = f" -> v{s.desired_version}" if s.desired_version else ""
+        text = f"{s.deployment}: {s.model_uri}{wanted} on {s.target or '?'} ({s.status or 'unknown'})\n"
+        if s.devices:
+            headers = ["device", "desired", "actual", "state", "in sync"]
+            rows = [[d.device, d.desired, d.actual, d.state, "yes" if d.in_sync else "no"] for d in s.devices]
+            if any(d.error for d in s.devices):
+                headers.append("error")
+                for row, d in zip(rows, s.devices):
+                    row.append(d.error or "")
+            text += report.table(headers, rows)
+        text += ("drift: " + "; ".join(s.drift) if s.drift else "in sync") + "\n"
+        parts.append(text)
+    return "\n".join(parts)
