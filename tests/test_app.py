@@ -13,6 +13,8 @@ from starlette.testclient import TestClient
 
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.server.app import create_app
+from tests.helpers.archives import model_tar
+from tests.helpers.model_dirs import write_model_dir
 from tests.helpers.v2 import BAD_REQUESTS, ROUTES, local_outputs
 
 X = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
@@ -135,3 +137,19 @@ def test_model_metadata_and_record(app_client):
     record = app_client.get("/v2/repository/models/onnx_linear").json()
     assert record["runtime"] == "onnx" and record["state"] == "READY" and record["digest"].startswith("sha256:")
     assert json.loads(json.dumps(record)) == record  # plain JSON, nothing the client cannot read
+
+
+def test_a_plugin_written_the_earlier_way_serves(app_client, tmp_path):
+    """A runtime plugin that overrides the stateful methods (`simple-legacy`) serves like any other."""
+    (tmp_path / "factor.txt").write_text("3")
+    spec = {
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}],
+    }
+    model = write_model_dir(tmp_path / "legacy", "simple-legacy", tmp_path / "factor.txt", spec)
+    assert app_client.put("/v2/repository/models/legacy", content=model_tar(model)).status_code == 200
+    answer = app_client.post("/v2/models/legacy/infer", json=X)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"][0]["data"] == [3.0, 6.0, 9.0, 12.0]
+    assert app_client.get("/v2/models/legacy").json()["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    assert app_client.delete("/v2/repository/models/legacy").status_code == 200

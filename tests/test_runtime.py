@@ -251,3 +251,28 @@ def test_seed_readme_usage_works(tflite_cnn_file, onnx_linear_file, tvm_linear, 
     runtime_module.set_input(0, input_data.reshape(-1)[:4].reshape(1, 4))
     runtime_module.run()
     assert runtime_module.get_output(0).shape == (1, 3)
+
+
+def test_a_plugin_written_the_earlier_way_loads_and_runs_unchanged(tmp_path, rng):
+    """`simple-legacy` (examples/runtime_plugin) overrides the stateful methods instead of `_infer`."""
+    model = tmp_path / "factor.txt"
+    model.write_text("2.5")
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    with arachne_runtime.init("simple-legacy", model_file=str(model)) as m:
+        m.set_input(0, x)
+        m.run()
+        np.testing.assert_array_equal(m.get_output(0), x * np.float32(2.5))
+        np.testing.assert_array_equal(m.infer([x])[0], x * np.float32(2.5))  # the base drives its methods
+        assert [s.to_dict() for s in m.input_specs] == m.get_input_details()
+        assert not m.thread_safe and {"mean", "min"} <= set(m.benchmark(repeat=2))
+        with pytest.raises(InvalidInputError, match="expected dtype float32"):
+            m.infer([x.astype(np.float64)])  # the base's checks apply, from its details
+
+
+def test_a_runtime_module_without_infer_or_stateful_methods_cannot_be_made():
+    class Nothing(RuntimeModule):
+        def __init__(self, model_file=None):
+            pass
+
+    with pytest.raises(TypeError, match="abstract method '?_infer"):
+        Nothing()

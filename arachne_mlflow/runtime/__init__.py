@@ -85,7 +85,7 @@ def init(
 
             module = RemoteRuntimeModule(runtime, rpc_info, model_file, **options)
         else:
-            module = cls(model_file=model_file, **options)
+            module = cls(model_file, **options)  # positional: earlier plugins name it `model`
     except BaseException:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -4,6 +4,11 @@ A backend implements `_infer(inputs) -> outputs` (a pure call on a list of check
 sets `input_specs` / `output_specs`. Everything else (index and name lookup, dtype and shape
 checks, `run()` before inputs are set, thread-safety for backends that need a lock) lives here,
 once, so the three DNN libraries behave the same to a caller.
+
+A plugin written the earlier Arachne Runtime's way overrides the stateful methods (`set_input`,
+`run`, `get_output`, the details, `benchmark`) instead, and never binds specs: it loads and runs
+unchanged. Its `_infer` drives those methods, its specs come from its details, and it is
+serialized (its state lives in the instance).
 """
 
 from __future__ import annotations
@@ -36,6 +41,26 @@ class RuntimeModule(abc.ABC):
 
     input_specs: list[TensorSpec]
     output_specs: list[TensorSpec]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls._infer is RuntimeModule._infer and all(
+            getattr(cls, name) is not getattr(RuntimeModule, name) for name in _STATEFUL_METHODS
+        ):  # the earlier Arachne Runtime's way (before ABCMeta counts `_infer` as missing)
+            cls._infer = RuntimeModule._drive_stateful_methods
+            if "thread_safe" not in vars(cls):
+                cls.thread_safe = False
+
+    def __getattr__(self, name: str) -> Any:
+        """Specs of a plugin that never bound any (the earlier way): from its own details, once."""
+        stateful = type(self)._infer is RuntimeModule._drive_stateful_methods
+        if stateful and name in ("input_specs", "output_specs") and "_input_positions" not in vars(self):
+            self._bind_specs(
+                [TensorSpec.from_dict(d) for d in self.get_input_details()],
+                [TensorSpec.from_dict(d) for d in self.get_output_details()],
+            )
+            return vars(self)[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _bind_specs(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
         """Record the tensor specs; backends call this once they have loaded the model."""
@@ -73,6 +98,13 @@ class RuntimeModule(abc.ABC):
 
     def _close(self) -> None:
         """Release the library's resources (sessions, temporary files)."""
+
+    def _drive_stateful_methods(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """`_infer` of a plugin that overrides `set_input` / `run` / `get_output` instead."""
+        for index, value in enumerate(inputs):
+            self.set_input(index, value)
+        self.run()
+        return [self.get_output(index) for index in range(len(self.output_specs))]
 
     # -- the Arachne Runtime API ---------------------------------------------------------
     def get_input_details(self) -> list[dict[str, Any]]:
@@ -213,6 +245,9 @@ def check_option_type(where: str, value: Any, kinds: type | tuple[type, ...]) ->
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         names = " or ".join(kind.__name__ for kind in kinds)
         raise InvalidInputError(f"{where} must be {names}, got {type(value).__name__} {value!r:.80}")
+
+
+_STATEFUL_METHODS = ("set_input", "run", "get_output")
 
 
 def _positions(specs: Sequence[TensorSpec]) -> dict[int | str, int]:
