@@ -64,7 +64,8 @@ class UnauthorizedError(ArachneError):
 
 
 class ConflictError(ArachneError):
-    """The request conflicts with the model's state (a rollback with no previous version)."""
+    """The request conflicts with the model's state (a rollback with no previous version) or with who
+    manages it (a followed model is the registry's)."""
 
     status_code = 409
 
@@ -73,3 +74,23 @@ class InsufficientStorageError(ArachneError):
     """The device's disk is full (or its quota spent): nothing of the request was kept."""
 
     status_code = 507
+
+
+class RegistryError(ArachneError):
+    """The MLflow tracking server refused a request or answered something a device cannot use."""
+
+    status_code = 502
+
+
+class RegistryUnavailableError(RegistryError, ConnectionError):
+    """The tracking server cannot be reached, timed out or is overloaded (5xx, 429): try again later."""
+
+    status_code = 503
+
+
+class RegistryAuthError(RegistryError):
+    """The tracking server refused the credentials (401) or the user lacks a permission (403)."""
+
+    def __init__(self, message: str, status: int = 401):
+        super().__init__(message)
+        self.status = status

@@ -153,7 +153,8 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process (sqlite backend, --serve-artifacts) on loopback, for the session.
 
     Yields its URL. Tests that talk to it set the tracking URI themselves (`tracking_server`
-    does it for one test) so that tests using `mlflow_store` are not affected.
+    does it for one test) so that tests using `mlflow_store` are not affected. Tests that stop or restart a
+    tracking server start their own `MlflowServer`.
     """
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     yield server.url

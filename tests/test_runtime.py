@@ -74,6 +74,22 @@ def test_decorator_registration_and_duplicates():
         register_runtime("test-not-a-module")(object)
 
 
+def test_a_runtime_another_thread_imports_meanwhile_is_found(monkeypatch):
+    """Two loads at once (two followed models): between its two looks, another thread moved the name
+    from the lazy table to the classes; that is the runtime, not an unknown one."""
+    from arachne_mlflow.runtime import registry
+
+    monkeypatch.setattr(registry, "_classes", dict(registry._classes))
+    monkeypatch.setattr(registry, "_lazy", {**registry._lazy, "test-late": f"{__name__}:Doubler"})
+
+    def meanwhile():  # what the other thread's get_runtime_class does between this one's two looks
+        registry._lazy.pop("test-late")
+        registry._classes["test-late"] = Doubler
+
+    monkeypatch.setattr(registry, "_scan_entry_points", meanwhile)
+    assert registry.get_runtime_class("test-late") is Doubler
+
+
 def test_unknown_runtime_lists_known():
     with pytest.raises(UnknownRuntimeError, match=r"unknown runtime 'caffe'.*'onnx'.*'tflite'"):
         arachne_runtime.init("caffe", model_file="x")

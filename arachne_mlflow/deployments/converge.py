@@ -19,6 +19,7 @@ from arachne_mlflow.errors import ArachneError, IncompatibleModelError, ModelNot
 from arachne_mlflow.model.arch import normalize_arch
 
 DEPLOYED, UNCHANGED, FAILED, DELETED, ABSENT = "deployed", "unchanged", "failed", "deleted", "absent"
+PULLING = "pulling"  # a device that follows the model's registry URI itself (serve --follow): nothing pushed
 UNKNOWN = "?"  # the label of what a device runs when it could not be asked
 T = TypeVar("T")
 D = TypeVar("D")
@@ -67,6 +68,8 @@ def push_device(
         with connection.client(device) as client:
             stored = client.model_record(name)
             before = version_label(stored, registered)
+            if stored is not None and stored.get("follow"):
+                return _pull_device(device, stored, source, before, _since(start))
             if stored is not None and stored["digest"] == source.digest and stored["provenance"] == source.provenance:
                 return DeviceResult(device, UNCHANGED, before, before, _since(start), revision=stored["revision"])
             # an answering device may take long to list its runtimes the first time: the upload's wait
@@ -79,6 +82,20 @@ def push_device(
         return DeviceResult(device, FAILED, before, before, _since(start), error=str(err))
     revision = record["revision"] if record else None
     return DeviceResult(device, DEPLOYED, before, version_label(record, registered), _since(start), revision=revision)
+
+
+def _pull_device(device: Device, stored: dict[str, Any], source: ModelSource, before: str, seconds: float):
+    """A device that pulls `name` itself: fine when it follows the URI being deployed (it converges on
+    its own, within its interval), a failure naming what it follows otherwise. Nothing is pushed: the
+    device refuses pushes of a followed name."""
+    follows, wanted = stored["follow"].get("model_uri"), source.provenance.get("model_uri")
+    if follows == wanted:
+        return DeviceResult(device, PULLING, before, before, seconds, revision=stored.get("revision"))
+    error = (
+        f"device {device} follows {follows} for this name (serve --follow), not {wanted}: move that alias, "
+        "or take the device out of the target"
+    )
+    return DeviceResult(device, FAILED, before, before, seconds, error=error)
 
 
 def unchanged_device(

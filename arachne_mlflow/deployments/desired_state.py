@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from arachne_mlflow.deployments.converge import DeviceResult
+from arachne_mlflow.deployments.converge import PULLING, DeviceResult
 from arachne_mlflow.deployments.source import quote_filter
 from arachne_mlflow.errors import InvalidInputError
 
@@ -160,6 +160,8 @@ class DesiredState:
         stamp = now()
         for result in results:
             device, old = str(result.device), current.get(str(result.device)) or {}
+            if result.state == PULLING:  # such a device writes its own entry when it has the version
+                continue
             if result.ok:
                 arrived.add(device)
                 same = old.get("state") == "deployed" and old.get("revision") == result.revision

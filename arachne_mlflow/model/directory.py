@@ -102,8 +102,12 @@ class ArachneModel:
             )
 
 
-def read_model_dir(path: str | os.PathLike) -> ArachneModel:
-    """Read `path/MLmodel`; raise a clear error if it is missing or has no `arachne` flavor."""
+def read_model_dir(path: str | os.PathLike, check_files: bool = True) -> ArachneModel:
+    """Read `path/MLmodel`; raise a clear error if it is missing or has no `arachne` flavor.
+
+    `check_files=False` reads MLmodel alone (a device that follows a registry reads it first to
+    learn which files to download); every file name is still checked to stay inside the directory.
+    """
     path = Path(path)
     mlmodel_path = path / MLMODEL
     if not mlmodel_path.is_file():
@@ -141,7 +145,7 @@ def read_model_dir(path: str | os.PathLike) -> ArachneModel:
         raise InvalidInputError(f"{mlmodel_path}: '{FLAVOR_NAME}.tensor_dtypes' must be a mapping")
     inputs = _with_dtypes(inputs, dtypes.get("inputs"), f"{mlmodel_path}: tensor_dtypes.inputs")
     outputs = _with_dtypes(outputs, dtypes.get("outputs"), f"{mlmodel_path}: tensor_dtypes.outputs")
-    if not (path / model_file).exists():
+    if check_files and not (path / model_file).exists():
         raise ModelNotFoundError(f"model file {model_file!r} named in {mlmodel_path} is missing")
     return ArachneModel(
         path=path,

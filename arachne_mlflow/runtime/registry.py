@@ -76,8 +76,10 @@ def get_runtime_class(name: str) -> type[RuntimeModule]:
     if cls is not None:
         return cls
     _scan_entry_points()
-    with _guard:
-        target = _lazy.get(name)
+    with _guard:  # (again: another thread may have imported it meanwhile, moving it from _lazy to _classes)
+        cls, target = _classes.get(name), _lazy.get(name)
+    if cls is not None:
+        return cls
     if target is None:
         raise UnknownRuntimeError(f"unknown runtime {name!r}; known runtimes: {list_runtimes()}")
     module_name, _, attr = target.partition(":")

@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,6 +31,9 @@ from arachne_mlflow.server.dataplane import DEFAULT_BENCHMARK_SECONDS, Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.records import MAX_PROVENANCE_BYTES, check_provenance
 from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
+
+if TYPE_CHECKING:
+    from arachne_mlflow.server.follow import FollowConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ def create_app(
     grpc_host: str = "127.0.0.1",
     grpc_tls: tuple[str, str] | None = None,
     grpc_grace: float = 5.0,
+    follow: FollowConfig | None = None,
 ) -> ASGIApp:
     """The device server application over the model store directory `model_store`.
 
@@ -64,10 +68,11 @@ def create_app(
     With `grpc_port` (0: any free port, then in `app.state.grpc_port`), the gRPC service runs
     beside it on the same event loop, started and stopped by the lifespan; `grpc_tls` is
     (certificate file, key file), `grpc_grace` the seconds calls may take to finish at shut-down.
+    With `follow`, models follow registry aliases from start-up to shut-down (server/follow.py).
     """
     store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES, batching)
     max_json_bytes = min(max_json_bytes, max_request_bytes)  # (a JSON body is a request body too)
-    dataplane = Dataplane(store, max_workers, benchmark_seconds)
+    dataplane = Dataplane(store, max_workers, follow, benchmark_seconds)
     routes = _Routes(dataplane, max_json_bytes)
     if grpc_port is not None:
         from arachne_mlflow.server.grpc_service import GrpcServer  # the grpc extra, checked now

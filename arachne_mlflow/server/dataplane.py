@@ -20,13 +20,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from arachne_mlflow import __version__
 from arachne_mlflow.errors import (
     ArachneError,
+    ConflictError,
     InvalidInputError,
     ModelNotFoundError,
     ModelNotReadyError,
@@ -42,6 +43,9 @@ from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStat
 from arachne_mlflow.server.metrics import Metrics, ModelSeries, RequestTimes, StoreCollector
 from arachne_mlflow.server.probe import known_tvm_devices, list_tvm_devices_in_background
 from arachne_mlflow.server.store import LoadedModel, ModelStore
+
+if TYPE_CHECKING:
+    from arachne_mlflow.server.follow import FollowConfig, Follower
 
 T = TypeVar("T")
 #: A protocol's infer codec: its request message -> InferRequest, and (model, outputs, request,
@@ -75,13 +79,19 @@ INLINE_SECONDS = 0.001
 # ... unless its body is larger than this: decoding it alone would hold up every other connection.
 INLINE_MAX_BYTES = 64 * 1024
 DEFAULT_BENCHMARK_SECONDS = 30.0
+# Seconds a follower may take to notice the server stops (a download stops at its next chunk).
+FOLLOWER_STOP_SECONDS = 5.0
 
 
 class Dataplane:
     """Inference, metadata and repository operations over a `ModelStore`."""
 
     def __init__(
-        self, store: ModelStore, max_workers: int | None = None, benchmark_seconds: float = DEFAULT_BENCHMARK_SECONDS
+        self,
+        store: ModelStore,
+        max_workers: int | None = None,
+        follow: FollowConfig | None = None,
+        benchmark_seconds: float = DEFAULT_BENCHMARK_SECONDS,
     ):
         self.store = store
         self.metrics = Metrics()
@@ -90,6 +100,8 @@ class Dataplane:
         self.metrics.registry.register(StoreCollector(store))
         self.ready = False
         self.benchmark_seconds = benchmark_seconds
+        self.followers: dict[str, Follower] = {}
+        self._follow = follow
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="arachne-dataplane")
         # Benchmarks run one at a time on a thread of their own: they never take the inference pool.
         self._benchmarks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arachne-benchmark")
@@ -106,10 +118,18 @@ class Dataplane:
         for entry in self.store.index():
             if entry["state"] == "READY":
                 self.metrics.load_seconds.labels(entry["name"]).set(self.store.get(entry["name"]).load_seconds)
+        if self._follow is not None:
+            from arachne_mlflow.server.follow import start_followers
+
+            self.followers = start_followers(self._follow, self.store, self.metrics)
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
+        for follower in self.followers.values():
+            follower.stop()
+        for follower in self.followers.values():
+            await self.run_blocking(follower.join, FOLLOWER_STOP_SECONDS)
         await self.run_blocking(self.store.close)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._benchmarks.shutdown(wait=False, cancel_futures=True)
@@ -317,11 +337,34 @@ class Dataplane:
 
     # -- repository ------------------------------------------------------------------------
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """The stored models, and followed models still waiting for their first version (UNAVAILABLE)."""
         entries = self.store.index()
+        stored = {e["name"] for e in entries}
+        for name, follower in sorted(self.followers.items()):
+            if name not in stored:
+                entries.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": _waiting(follower)})
         return [e for e in entries if e["state"] == "READY"] if ready_only else entries
 
     def record(self, name: str) -> dict[str, Any]:
-        return self.store.record(name)
+        """The stored record; for a followed model also `follow`: what it follows, the version it runs,
+        when it last checked, the last error."""
+        follower = self.followers.get(name)
+        if follower is None:
+            return self.store.record(name)
+        try:
+            record = self.store.record(name)
+        except ModelNotFoundError as err:
+            raise ModelNotFoundError(f"model {name!r} is not on this device yet: {_waiting(follower)}") from err
+        record["follow"] = follower.status()
+        return record
+
+    def _refuse_followed(self, name: str, what: str) -> None:
+        follower = self.followers.get(name)
+        if follower is not None:
+            raise ConflictError(
+                f"model {name!r} follows {follower.ref.uri} on this device (serve --follow): it cannot be {what} "
+                "here; move the alias in the registry instead"
+            )
 
     def check_load_parameters(self, parameters: dict[str, Any]) -> None:
         """Triton's load may carry a new configuration or model files: refused (upload the model instead)."""
@@ -340,12 +383,14 @@ class Dataplane:
         await self.run_blocking(self.store.unload, name)
 
     async def rollback(self, name: str) -> dict[str, Any]:
+        self._refuse_followed(name, "rolled back")
         record = await self.run_blocking(self.store.rollback, name)
         with contextlib.suppress(ArachneError):  # unloaded again meanwhile: nothing to record
             self.metrics.load_seconds.labels(name).set(self.store.get(name).load_seconds)
         return record
 
     async def delete(self, name: str) -> None:
+        self._refuse_followed(name, "deleted")
         await self.run_blocking(self.store.delete, name)
         self.metrics.forget(name)
         self.batch_stats.pop(name, None)
@@ -359,6 +404,7 @@ class Dataplane:
         one is read to its end (a tar's trailing padding), up to the upload cap.
         """
         reader = _StreamReader(chunks, asyncio.get_running_loop(), self.store.max_upload_bytes)
+        self._refuse_followed(name, "uploaded")
         async with self._uploads:
             record = await self.run_blocking(self.store.put, name, io.BufferedReader(reader, 1 << 16), provenance)
         await reader.drain()
@@ -413,6 +459,16 @@ class _StreamReader(io.RawIOBase):
             return await self._chunks.__anext__()
         except StopAsyncIteration:
             return b""
+
+
+def _waiting(follower: Follower) -> str:
+    status = follower.status()
+    text = f"it follows {status['model_uri']} ({status['state']}"
+    if status["last_check"]:
+        text += f", last checked {status['last_check']}"
+    if status["last_error"]:
+        text += f"; last error: {status['last_error']}"
+    return text + ")"
 
 
 def _ordered_inputs(names: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 from pathlib import Path
 
 _logger = logging.getLogger("arachne_mlflow.server")
@@ -85,6 +86,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--access-log", action="store_true", help="log a line per request (off by default: errors are still logged)"
     )
+    pull = parser.add_argument_group(
+        "pull mode",
+        "follow MLflow registry aliases: the tracking server is MLFLOW_TRACKING_URI, with MLflow's credential "
+        "variables (MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_SERVER_CERT_PATH, "
+        "MLFLOW_TRACKING_INSECURE_TLS)",
+    )
+    pull.add_argument(
+        "--follow",
+        action="append",
+        default=[],
+        metavar="NAME=models:/REGISTERED@ALIAS",
+        help="serve NAME at the version the alias (or a version, models:/REGISTERED/3) names; repeatable",
+    )
+    pull.add_argument(
+        "--follow-interval",
+        type=float,
+        default=60.0,
+        help="seconds between registry checks (each wait is 0.5-1 times this; longer while the registry is down)",
+    )
+    pull.add_argument(
+        "--device-name",
+        default=os.environ.get("ARACHNE_DEVICE_NAME") or socket.gethostname(),
+        help="this device's name in the registry's arachne.devices.<NAME> tags "
+        "(default $ARACHNE_DEVICE_NAME or the host name)",
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -122,6 +148,7 @@ def serve(args: argparse.Namespace) -> int:
             grpc_host=args.host,
             grpc_tls=(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None,
             grpc_grace=args.graceful_timeout,
+            follow=_follow_config(args),
         )
     except ArachneError as err:
         raise SystemExit(f"arachne-mlflow serve: error: {err}") from err
@@ -145,6 +172,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m arachne_mlflow.server", description=__doc__)
     add_arguments(parser)
     return serve(parser.parse_args(argv))
+
+
+def _follow_config(args: argparse.Namespace):
+    """The `--follow` flags as a `FollowConfig`, or None (the follow module loads only when asked for)."""
+    if not args.follow:
+        return None
+    try:
+        from arachne_mlflow.server.follow import FollowConfig, parse_follows
+        from arachne_mlflow.server.registry_client import RegistryClient
+    except ModuleNotFoundError as err:
+        if err.name != "requests":
+            raise
+        raise SystemExit("--follow needs requests: pip install 'arachne-mlflow[pull]'") from err
+
+    if not args.follow_interval > 0:
+        raise SystemExit("--follow-interval must be a positive number of seconds")
+    return FollowConfig(
+        follows=parse_follows(args.follow),
+        registry=RegistryClient.from_env(),
+        interval=args.follow_interval,
+        device=args.device_name,
+    )
 
 
 def _is_loopback(host: str) -> bool:

@@ -170,7 +170,8 @@ class InferenceStatistics:
 
 
 class Metrics:
-    """Inference requests, errors and latency per model; load time per model; HTTP errors by status."""
+    """Inference requests, errors and latency per model; load time per model; HTTP errors by status;
+    the registry checks of followed models."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -189,6 +190,22 @@ class Metrics:
             "Error responses of the gRPC service by status code",
             ["code"],
             registry=self.registry,
+        )
+        # pull mode (serve --follow)
+        self.follow_last_success = Gauge(
+            "arachne_follow_last_success_timestamp_seconds",
+            "When each followed model last checked the registry successfully (Unix time)",
+            ["model"],
+            registry=self.registry,
+        )
+        self.follow_failures = Counter(
+            "arachne_follow_failures",
+            "Failures of each followed model: check (registry), download (resumed later), version (refused)",
+            ["model", "stage"],
+            registry=self.registry,
+        )
+        self.follow_updates = Counter(
+            "arachne_follow_updates", "Versions installed by following the registry", ["model"], registry=self.registry
         )
 
     def forget(self, name: str) -> None:

@@ -25,12 +25,15 @@ def _onnx_model(graph):
     return model
 
 
-def onnx_linear(batch: int | str = 1):
-    """x[batch, 4] -> relu(x @ W + b)[batch, 3]; `batch` a number, or a name for a dynamic dim."""
+def onnx_linear(batch: int | str = 1, scale: float = 1.0):
+    """x[batch, 4] -> relu(x @ (scale * W) + b)[batch, 3]; `batch` a number, or a name for a dynamic dim.
+
+    Another `scale` gives another version of the same model: same tensors, other outputs.
+    """
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(RNG_SEED)
-    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
+    w = numpy_helper.from_array(scale * rng.standard_normal((4, 3)).astype(np.float32), "W")
     b = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "B")
     graph = helper.make_graph(
         [

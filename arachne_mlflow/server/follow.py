@@ -1,0 +1,508 @@
+"""Pull mode: keep a served model at the version a registry alias (or a pinned version) names.
+
+`serve --follow NAME=models:/REGISTERED@ALIAS` runs one `Follower` thread per NAME. It polls the
+tracking server (each wait between half the interval and the interval, so a fleet does not poll
+in step; backed off while the server is unreachable) and, when the alias names a version the
+device does not run:
+
+1. downloads MLmodel, then only the files it names (model file, extra files, TVM params, the
+   environment files, the input example), each name checked, the total bounded by the store's
+   upload cap; a dropped link leaves a partial file that the next try resumes (HTTP Range);
+2. checks the model as an upload is checked, then loads it in a child process and runs one
+   inference (the saved input example, else random inputs) before anything switches;
+3. installs it through `ModelStore.put`, exactly like an upload (the old version serves until
+   the new one has loaded);
+4. records its state on the model version's tag `arachne.devices.<NAME>` (DESIGN.md "Fleets"),
+   merged with what other devices wrote there, where the credentials may write; else only logs.
+
+A version that fails (names, size, load, smoke inference) is recorded and not tried again until
+the alias names another version. Downloads and state live in `<store>/.follow/<NAME>/`, so a
+restart resumes them. This module speaks REST with `requests`; the device never imports MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from arachne_mlflow.errors import (
+    ArachneError,
+    InvalidInputError,
+    ModelNotFoundError,
+    RegistryAuthError,
+    RegistryError,
+    RegistryUnavailableError,
+)
+from arachne_mlflow.model.archive import stream_tar
+from arachne_mlflow.model.digest import tree_files
+from arachne_mlflow.model.directory import ENVIRONMENT_FILES, MLMODEL, read_model_dir
+from arachne_mlflow.protocol.names import check_name
+from arachne_mlflow.server.metrics import Metrics
+from arachne_mlflow.server.registry_client import ModelRef, ModelVersion, RegistryClient
+from arachne_mlflow.server.smoke import MAX_EXAMPLE_BYTES, smoke_check
+from arachne_mlflow.server.store import ModelStore, read_checked
+
+_logger = logging.getLogger(__name__)
+
+FOLLOW_DIR = ".follow"  # under the store root; not a model name, so the store leaves it alone
+DEVICES_TAG_PREFIX = "arachne.devices."
+DEFAULT_INTERVAL = 60.0
+BACKOFF_FACTOR_CAP = 10  # an unreachable server is retried at most every 10 intervals...
+BACKOFF_SECONDS_CAP = 3600.0  # ...and at most every hour
+PULL_TIMEOUT = 3600.0  # one try at downloading a version; the next try resumes where it stopped
+MAX_MLMODEL_BYTES = 1024**2
+MAX_FILES = 1000
+MAX_TAG_VALUE = 100_000  # MLflow's limit on a model-version tag value
+MAX_REPORTED_ERROR = 300  # as the push side bounds a device's error on the same tag
+REPORT_ATTEMPTS = 3
+_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+ -]{0,254}$")
+
+
+@dataclass
+class FollowConfig:
+    """What `serve --follow` asked: served name -> reference, the registry, the poll interval, this device's name."""
+
+    follows: dict[str, ModelRef]
+    registry: RegistryClient
+    interval: float = DEFAULT_INTERVAL
+    device: str = field(default_factory=socket.gethostname)
+
+
+def parse_follows(values: list[str]) -> dict[str, ModelRef]:
+    """`NAME=models:/REGISTERED@ALIAS` or `NAME=models:/REGISTERED/3` flags, each NAME once."""
+    follows: dict[str, ModelRef] = {}
+    for value in values:
+        name, sep, uri = value.partition("=")
+        if not sep:
+            raise InvalidInputError(f"--follow {value[:200]!r}: write NAME=models:/REGISTERED@ALIAS")
+        check_name(name)
+        if name in follows:
+            raise InvalidInputError(f"--follow names {name!r} twice")
+        follows[name] = ModelRef.parse(uri)
+    return follows
+
+
+def start_followers(config: FollowConfig, store: ModelStore, metrics: Metrics) -> dict[str, Follower]:
+    """One started `Follower` per followed name; the download directories of names no longer followed go."""
+    root = store.root / FOLLOW_DIR
+    root.mkdir(exist_ok=True)
+    for stale in root.iterdir():
+        if stale.name not in config.follows:
+            shutil.rmtree(stale, ignore_errors=True)
+    interval, device = config.interval, config.device
+    followers = {  # (a registry client each: a requests session is not meant for many threads)
+        name: Follower(name, ref, store, config.registry.clone(), metrics, interval=interval, device=device)
+        for name, ref in config.follows.items()
+    }
+    for follower in followers.values():
+        follower.start()
+    return followers
+
+
+class Follower:
+    """Keeps the served model `name` at the version `ref` names, in a thread of its own."""
+
+    def __init__(
+        self,
+        name: str,
+        ref: ModelRef,
+        store: ModelStore,
+        registry: RegistryClient,
+        metrics: Metrics,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        device: str,
+    ):
+        if not interval > 0:
+            raise InvalidInputError(f"the follow interval must be positive, not {interval}")
+        self.name, self.ref, self.store, self.registry = name, ref, store, registry
+        self.metrics, self.interval, self.device = metrics, interval, device
+        self.directory = store.root / FOLLOW_DIR / name
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._random = random.Random()
+        self._logged_error = ""
+        self._warned_read_only = False
+        self._last_report: tuple | None = None
+        saved = self._load_state()
+        self._failed_version: str | None = saved.get("failed_version") if saved.get("model_uri") == ref.uri else None
+        self._status: dict[str, Any] = {
+            "model_uri": ref.uri,
+            "registry": registry.tracking_uri,
+            "device": device,
+            "interval_seconds": interval,
+            "state": "starting",
+            "latest_version": None,
+            "failed_version": self._failed_version,
+            "last_check": None,
+            "last_success": None,
+            "last_error": saved.get("failed_error") if self._failed_version else None,
+            "last_error_at": None,
+            "next_check": None,
+        }
+
+    # -- the thread ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"arachne-follow-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to end (a download in progress stops at its next chunk)."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def status(self) -> dict[str, Any]:
+        """What the device follows and how that goes, for `GET /v2/repository/models/{m}`."""
+        with self._lock:
+            status = dict(self._status)
+        status["version"] = self._running_version()
+        return status
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                unreachable = self.check()
+            except Exception:  # a bug must not end following: logged with its traceback, retried
+                _logger.exception("follow %s: unexpected error", self.name)
+                unreachable = True
+            failures = failures + 1 if unreachable else 0
+            delay = self._delay(failures)
+            self._set(next_check=_iso(time.time() + delay))
+            self._stop.wait(delay)
+
+    def _delay(self, failures: int) -> float:
+        """Seconds to the next check: the interval, doubled per failure in a row (capped), times 0.5-1."""
+        base = self.interval
+        if failures:
+            base = min(self.interval * 2.0 ** (failures - 1), self.interval * BACKOFF_FACTOR_CAP, BACKOFF_SECONDS_CAP)
+        return base * self._random.uniform(0.5, 1.0)
+
+    # -- one check -------------------------------------------------------------------------
+    def check(self) -> bool:
+        """Resolve the reference; pull and install a version the device does not run yet.
+
+        Returns True when the tracking server could not be reached (the caller backs off).
+        """
+        self._set(last_check=_iso())
+        try:
+            mv = self.registry.resolve(self.ref)
+        except RegistryError as err:
+            self._failed("check", f"checking {self.ref.uri}: {err}")
+            return isinstance(err, RegistryUnavailableError)
+        self._set(last_success=_iso(), latest_version=mv.version)
+        self.metrics.follow_last_success.labels(self.name).set(time.time())
+        if self._failed_version is not None and mv.version != self._failed_version:
+            self._forget_failure()  # the alias moved: a version that failed before may be tried again
+        if mv.status != "READY":
+            self._failed("check", f"version {mv.version} of {mv.name} is {mv.status or 'not ready'}, not READY")
+            return False
+        running = self._running_version()
+        if running == mv.version:
+            self._set(state="following")
+            self._report(mv, "deployed", revision=self.store.record(self.name)["revision"])
+            return False
+        if mv.version == self._failed_version:
+            self._set(state="failed")
+            return False
+        return self._pull(mv, running)
+
+    def _pull(self, mv: ModelVersion, running: str | None) -> bool:
+        _logger.info("follow %s: %s is version %s (running %s): pulling", self.name, self.ref.uri, mv.version, running)
+        self._set(state="pulling")
+        self._report(mv, "pulling")
+        try:
+            record = self._install(mv)
+        except RegistryUnavailableError as err:
+            self._failed("download", f"pulling version {mv.version}: {err} (resumed at the next try)")
+            return True
+        except RegistryError as err:
+            self._failed("download", f"pulling version {mv.version}: {err}")
+            return False
+        except ArachneError as err:  # the version itself (before OSError: ModelNotFoundError is one)
+            self._version_failed(mv, err)
+            return False
+        except OSError as err:  # a full disk, a store that cannot be written: try again later
+            self._failed("download", f"pulling version {mv.version}: {type(err).__name__}: {err}")
+            return True
+        self.metrics.follow_updates.labels(self.name).inc()
+        with contextlib.suppress(ArachneError):  # unloaded again meanwhile: nothing to record
+            self.metrics.load_seconds.labels(self.name).set(self.store.get(self.name).load_seconds)
+        _logger.info("follow %s: version %s deployed (revision %s)", self.name, mv.version, record["revision"])
+        self._set(state="following")
+        self._report(mv, "deployed", revision=record["revision"])
+        if running is not None:
+            self._unreport(running)
+        return False
+
+    def _install(self, mv: ModelVersion) -> dict[str, Any]:
+        """Download the version's files, check and smoke-test them, then install them through the store."""
+        stage = self.directory / f"v{mv.version}"
+        for other in self.directory.iterdir():
+            if other.is_dir() and other != stage:
+                shutil.rmtree(other, ignore_errors=True)
+        files = self._download(mv, stage)
+        model = read_checked(files)  # an upload's checks (its runtime options...) before a child loads it
+        example = stage / "input_example.json"
+        smoke_check(files, self.name, example if example.is_file() else None)
+        provenance = {
+            "model_uri": self.ref.uri,
+            "registered_model": mv.name,
+            "version": mv.version,
+            "alias": self.ref.alias,
+            "run_id": mv.run_id or model.mlmodel.get("run_id"),
+            "model_id": model.mlmodel.get("model_id") or _logged_model_id(mv.source),
+        }
+        provenance = {k: v for k, v in provenance.items() if v is not None}
+        tar = io.BufferedReader(_ChunkReader(stream_tar(files, tree_files(files))), 1 << 16)
+        record = self.store.put(self.name, tar, provenance)
+        shutil.rmtree(stage, ignore_errors=True)
+        return record
+
+    def _download(self, mv: ModelVersion, stage: Path) -> Path:
+        """MLmodel first, then the files it names, into `stage/files` (the example beside it)."""
+        files, work = stage / "files", stage / "partial"
+        deadline = time.monotonic() + PULL_TIMEOUT
+        left = self.store.max_upload_bytes
+
+        def fetch(path: str, dest: Path, limit: int) -> int:
+            return self.registry.fetch_artifact(
+                mv.name, mv.version, path, dest, work, max_bytes=limit, deadline=deadline, stop=self._stop
+            )
+
+        left -= fetch(MLMODEL, files / MLMODEL, min(MAX_MLMODEL_BYTES, left))
+        model = read_model_dir(files, check_files=False)
+        required = [name for name in dict.fromkeys(model.files()) if name not in (MLMODEL, *ENVIRONMENT_FILES)]
+        optional = [name for name in ENVIRONMENT_FILES if name not in required]
+        if len(required) > MAX_FILES:
+            raise InvalidInputError(f"MLmodel of version {mv.version} names {len(required)} files, over {MAX_FILES}")
+        for name in required + optional:
+            check_artifact_path(name)
+        for name in required:
+            left -= fetch(name, files / name, left)
+        for name in optional:
+            try:
+                left -= fetch(name, files / name, left)
+            except ModelNotFoundError:
+                pass
+        example = _example_path(model.mlmodel)
+        if example is not None:
+            try:
+                fetch(example, stage / "input_example.json", MAX_EXAMPLE_BYTES)
+            except ModelNotFoundError:
+                pass
+        return files
+
+    # -- state -----------------------------------------------------------------------------
+    def _running_version(self) -> str | None:
+        """The registry version the store serves under `name`, if it came from the followed registered model."""
+        try:
+            provenance = self.store.record(self.name).get("provenance") or {}
+        except ModelNotFoundError:
+            return None
+        if provenance.get("registered_model") != self.ref.registered_model:
+            return None
+        return provenance.get("version")
+
+    def _failed(self, stage: str, message: str) -> None:
+        """A check or download that failed for a reason outside the version itself: logged once per new message."""
+        self.metrics.follow_failures.labels(self.name, stage).inc()
+        self._set(state="error", last_error=message, last_error_at=_iso())
+        if message != self._logged_error:
+            _logger.error("follow %s: %s; the device keeps serving what it has", self.name, message)
+            self._logged_error = message
+
+    def _version_failed(self, mv: ModelVersion, err: Exception) -> None:
+        message = f"version {mv.version} was not installed: {err}"
+        self.metrics.follow_failures.labels(self.name, "version").inc()
+        self._failed_version = mv.version
+        self._save_state({"model_uri": self.ref.uri, "failed_version": mv.version, "failed_error": message})
+        self._set(state="failed", failed_version=mv.version, last_error=message, last_error_at=_iso())
+        _logger.error(
+            "follow %s: %s; the device keeps serving %s and tries again when %s names another version",
+            self.name,
+            message,
+            self._running_version() or "nothing",
+            self.ref.uri,
+        )
+        shutil.rmtree(self.directory / f"v{mv.version}", ignore_errors=True)
+        self._report(mv, "failed", error=str(err))
+
+    def _forget_failure(self) -> None:
+        self._failed_version = None
+        self._save_state({"model_uri": self.ref.uri})
+        self._set(failed_version=None)
+
+    def _set(self, **values: Any) -> None:
+        with self._lock:
+            self._status.update(values)
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            state = json.loads((self.directory / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        temporary = self.directory / f".state.{uuid.uuid4().hex[:8]}"
+        temporary.write_text(json.dumps(state))
+        os.replace(temporary, self.directory / "state.json")
+
+    # -- the registry tag ------------------------------------------------------------------
+    def _report(self, mv: ModelVersion, state: str, revision: int | None = None, error: str | None = None) -> None:
+        """Merge this device's `state` into the version's `arachne.devices.<name>` tag (read-modify-write).
+
+        Other devices write the same tag, so the write is read back and tried again when another
+        one replaced it meanwhile. Credentials that may not write (403) leave the state to the log.
+        """
+        entry: dict[str, Any] = {"state": state, "at": _iso()}
+        if revision is not None:
+            entry["revision"] = revision
+        if error:
+            entry["error"] = error[:MAX_REPORTED_ERROR]
+        if self._last_report == (mv.version, state, revision, entry.get("error")):
+            return  # tried already (written, or refused as read-only)
+        key = DEVICES_TAG_PREFIX + self.name
+        if not _same_entry(_devices_tag(mv.tags.get(key)).get(self.device), entry):  # (tags as of the check)
+            try:
+                self._write_entry(mv, key, entry)
+            except RegistryAuthError as err:
+                self._read_only(err)
+            except RegistryError as err:
+                _logger.warning("follow %s: could not record %r on version %s: %s", self.name, state, mv.version, err)
+                return  # tried again at the next check
+        self._last_report = (mv.version, state, revision, entry.get("error"))
+
+    def _write_entry(self, mv: ModelVersion, key: str, entry: dict[str, Any]) -> None:
+        """Read the tag, put `entry` in, write it, read it back; again if another device's write replaced ours."""
+        for attempt in range(REPORT_ATTEMPTS):
+            if attempt:
+                self._stop.wait(self._random.uniform(0.1, 1.0))
+            devices = _devices_tag(self.registry.get_version(mv.name, mv.version).tags.get(key))
+            devices[self.device] = entry
+            value = json.dumps(devices, sort_keys=True, separators=(",", ":"))
+            if len(value) > MAX_TAG_VALUE:
+                _logger.warning("follow %s: %s on version %s is full: not recorded", self.name, key, mv.version)
+                return
+            self.registry.set_version_tag(mv.name, mv.version, key, value)
+            written = _devices_tag(self.registry.get_version(mv.name, mv.version).tags.get(key))
+            if _same_entry(written.get(self.device), entry):
+                return
+        _logger.warning("follow %s: other devices kept rewriting %s; state not recorded", self.name, key)
+
+    def _unreport(self, version: str) -> None:
+        """Take this device off the tag of the version it ran before (it runs another now)."""
+        key = DEVICES_TAG_PREFIX + self.name
+        try:
+            devices = _devices_tag(self.registry.get_version(self.ref.registered_model, version).tags.get(key))
+            if devices.pop(self.device, None) is None:
+                return
+            if devices:
+                value = json.dumps(devices, sort_keys=True, separators=(",", ":"))
+                self.registry.set_version_tag(self.ref.registered_model, version, key, value)
+            else:
+                self.registry.delete_version_tag(self.ref.registered_model, version, key)
+        except RegistryAuthError as err:
+            self._read_only(err)
+        except RegistryError as err:
+            _logger.warning("follow %s: could not update tag %s on version %s: %s", self.name, key, version, err)
+
+    def _read_only(self, err: RegistryAuthError) -> None:
+        if err.status != 403:
+            _logger.warning("follow %s: could not record its state in the registry: %s", self.name, err)
+        elif not self._warned_read_only:
+            _logger.info(
+                "follow %s: the registry credentials may not write tags (403, read-only): this device's state is "
+                "only logged",
+                self.name,
+            )
+            self._warned_read_only = True
+
+
+class _ChunkReader(io.RawIOBase):
+    """A blocking file over an iterator of byte chunks (the tar `stream_tar` makes), for `ModelStore.put`."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = chunk
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def check_artifact_path(path: str) -> str:
+    """A file name from a downloaded MLmodel: relative, short, plain characters in every part (an allow-list)."""
+    parts = PurePosixPath(path).parts
+    if not parts or len(path) > 1024 or len(parts) > 16 or not all(_PATH_PART.match(part) for part in parts):
+        raise InvalidInputError(
+            f"MLmodel names the file {path[:200]!r}: a following device takes relative names of letters, digits "
+            "and '_.+ -' only"
+        )
+    return path
+
+
+def _example_path(mlmodel: Mapping[str, Any]) -> str | None:
+    info = mlmodel.get("saved_input_example_info")
+    path = info.get("artifact_path") if isinstance(info, dict) else None
+    if not isinstance(path, str):
+        return None
+    return check_artifact_path(path)
+
+
+def _devices_tag(value: str | None) -> dict[str, Any]:
+    """The `arachne.devices.<name>` tag as a dict (a value that is not a JSON object counts as empty)."""
+    try:
+        devices = json.loads(value) if value else {}
+    except (ValueError, RecursionError):
+        return {}
+    return devices if isinstance(devices, dict) else {}
+
+
+def _same_entry(old: Any, new: dict[str, Any]) -> bool:
+    """The same state, revision and error (the time aside): nothing to write."""
+    if not isinstance(old, dict):
+        return False
+    return all(old.get(k) == new.get(k) for k in ("state", "revision", "error"))
+
+
+def _logged_model_id(source: str | None) -> str | None:
+    if source and source.startswith("models:/m-") and "/" not in source[len("models:/") :]:
+        return source[len("models:/") :]
+    return None
+
+
+def _iso(timestamp: float | None = None) -> str:
+    moment = datetime.now(timezone.utc) if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.isoformat(timespec="milliseconds")

@@ -1,0 +1,399 @@
+"""The device's client of an MLflow tracking server: its REST API spoken with `requests`, never MLflow.
+
+A device that follows a registry alias (`serve --follow`) needs only READ on the registered model:
+it resolves the alias, then fetches each file through `/model-versions/get-artifact`, which the
+server authorizes by the registered model (the `mlflow-artifacts` proxy routes would need READ on
+the experiment as well). Credentials and TLS come from MLflow's own environment variables, applied
+as MLflow applies them. Every answer is bounded in size and time before it is parsed, redirects
+are refused, and a file download resumes with an HTTP Range request after a dropped link.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+
+from arachne_mlflow.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    RegistryAuthError,
+    RegistryError,
+    RegistryUnavailableError,
+    UnsafeArchiveError,
+)
+
+API = "/api/2.0/mlflow"
+ARTIFACT_ROUTE = "/model-versions/get-artifact"  # (MLflow serves it without the /api/2.0 prefix)
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0  # seconds without a byte before a request is given up
+MAX_JSON_BYTES = 8 * 1024**2
+MAX_ERROR_CHARS = 300
+_CHUNK = 1 << 16  # what a dropped link can cost: the chunk being read is lost
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a device follows: a registered model's alias (`models:/NAME@ALIAS`) or version (`models:/NAME/3`)."""
+
+    registered_model: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, uri: str) -> ModelRef:
+        path = uri[len("models:/") :] if uri.startswith("models:/") else ""
+        if 0 < len(path) <= 512 and path.isprintable():
+            if "/" in path:
+                name, version = path.split("/", 1)
+                if name and version.isdigit() and len(version) <= 18:
+                    return cls(name, version=str(int(version)))
+            elif "@" in path:
+                name, alias = path.rsplit("@", 1)
+                if name and alias:
+                    return cls(name, alias=alias)
+        raise InvalidInputError(
+            f"cannot follow {uri[:200]!r}: follow a registered model's alias or version, "
+            "models:/NAME@ALIAS or models:/NAME/3"
+        )
+
+    @property
+    def uri(self) -> str:
+        if self.alias is not None:
+            return f"models:/{self.registered_model}@{self.alias}"
+        return f"models:/{self.registered_model}/{self.version}"
+
+
+@dataclass
+class ModelVersion:
+    """The fields of a registry model version a device uses."""
+
+    name: str
+    version: str
+    status: str
+    run_id: str | None = None
+    source: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def session_from_env(environ: Mapping[str, str] = os.environ) -> requests.Session:
+    """A session with MLflow's credentials and TLS settings, as `mlflow` itself reads them.
+
+    Basic auth (`MLFLOW_TRACKING_USERNAME` + `MLFLOW_TRACKING_PASSWORD`) wins over a bearer token
+    (`MLFLOW_TRACKING_TOKEN`); `MLFLOW_TRACKING_INSECURE_TLS` turns verification off,
+    `MLFLOW_TRACKING_SERVER_CERT_PATH` names the CA bundle, `MLFLOW_TRACKING_CLIENT_CERT_PATH` a client certificate.
+    """
+    session = requests.Session()
+    user, password = environ.get("MLFLOW_TRACKING_USERNAME"), environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = environ.get("MLFLOW_TRACKING_TOKEN")
+    if bool(user) != bool(password):
+        raise InvalidInputError("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD go together: set both")
+    if user and password:
+        session.auth = (user, password)
+    elif token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    insecure = _env_bool(environ, "MLFLOW_TRACKING_INSECURE_TLS")
+    ca_bundle = environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    if insecure and ca_bundle:
+        raise InvalidInputError(
+            "MLFLOW_TRACKING_INSECURE_TLS=true and MLFLOW_TRACKING_SERVER_CERT_PATH cannot both be set: "
+            "verify against the CA bundle, or do not verify"
+        )
+    session.verify = ca_bundle or not insecure
+    if client_cert := environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH"):
+        session.cert = client_cert
+    return session
+
+
+class RegistryClient:
+    """The registry calls a following device makes, against one tracking server (`http(s)://host:port`)."""
+
+    def __init__(self, tracking_uri: str, session: requests.Session | None = None):
+        self.tracking_uri = _check_tracking_uri(tracking_uri)
+        self.session = session or requests.Session()
+        self.timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> RegistryClient:
+        """The tracking server of `MLFLOW_TRACKING_URI`, with MLflow's credential variables."""
+        uri = environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise InvalidInputError(
+                "following a registry needs its address: set MLFLOW_TRACKING_URI=http(s)://host:port"
+            )
+        return cls(uri, session_from_env(environ))
+
+    def clone(self) -> RegistryClient:
+        """The same server and settings on a session of its own (a requests session is not for many threads)."""
+        session = requests.Session()
+        session.auth, session.verify, session.cert = self.session.auth, self.session.verify, self.session.cert
+        session.headers.update(self.session.headers)
+        return RegistryClient(self.tracking_uri, session)
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.session.auth is not None or "Authorization" in self.session.headers
+
+    # -- the registry ----------------------------------------------------------------------
+    def resolve(self, ref: ModelRef) -> ModelVersion:
+        """The model version `ref` names now (an alias is looked up, a version fetched)."""
+        if ref.alias is not None:
+            params = {"name": ref.registered_model, "alias": ref.alias}
+            return _model_version(self._get_json(f"{API}/registered-models/alias", params))
+        return self.get_version(ref.registered_model, str(ref.version))
+
+    def get_version(self, name: str, version: str) -> ModelVersion:
+        return _model_version(self._get_json(f"{API}/model-versions/get", {"name": name, "version": version}))
+
+    def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
+        body = {"name": name, "version": version, "key": key, "value": value}
+        self._send("POST", f"{API}/model-versions/set-tag", json=body).close()
+
+    def delete_version_tag(self, name: str, version: str, key: str) -> None:
+        body = {"name": name, "version": version, "key": key}
+        self._send("DELETE", f"{API}/model-versions/delete-tag", json=body).close()
+
+    # -- files -----------------------------------------------------------------------------
+    def fetch_artifact(
+        self,
+        name: str,
+        version: str,
+        path: str,
+        dest: Path,
+        work: Path,
+        *,
+        max_bytes: int,
+        deadline: float,
+        stop: threading.Event | None = None,
+    ) -> int:
+        """Download the file `path` of a model version to `dest`; its size in bytes.
+
+        The bytes go to a partial file under `work` first and move to `dest` once complete, so a
+        file at `dest` is always whole. A partial file left by a dropped link is resumed with
+        `Range` (and `If-Range` with its ETag, so a file that changed restarts from zero).
+        Raises `ModelNotFoundError` if the version has no such file, `UnsafeArchiveError` past
+        `max_bytes`, `RegistryUnavailableError` when the link drops or `deadline` (monotonic) passes.
+        """
+        if dest.is_file():
+            return dest.stat().st_size
+        partial, etag_file = work / "data" / quote(path, safe=""), work / "etag" / quote(path, safe="")
+        for directory in (partial.parent, etag_file.parent, dest.parent):
+            directory.mkdir(parents=True, exist_ok=True)
+        params = {"name": name, "version": version, "path": path}
+        for _ in range(2):  # a partial file the server no longer matches (416, a wrong range) restarts once
+            have = partial.stat().st_size if partial.is_file() else 0
+            etag = etag_file.read_text() if have and etag_file.is_file() else ""
+            headers = {"Accept-Encoding": "identity"}
+            if have and etag:
+                headers.update({"Range": f"bytes={have}-", "If-Range": etag})
+            response = self._send("GET", ARTIFACT_ROUTE, ok=(200, 206, 404, 416), params=params, headers=headers)
+            with response:
+                if response.status_code == 404:
+                    raise ModelNotFoundError(f"model version {name}/{version} has no file {path!r} in the registry")
+                offset, total = _response_range(response, have)
+                if offset is None:
+                    partial.unlink(missing_ok=True)
+                    etag_file.unlink(missing_ok=True)
+                    continue
+                if total is not None and total > max_bytes:
+                    partial.unlink(missing_ok=True)
+                    raise UnsafeArchiveError(f"file {path!r} is {total} bytes, over the limit of {max_bytes} bytes")
+                etag_file.write_text(response.headers.get("ETag", ""))
+                size = _write_body(response, partial, offset, path, max_bytes, deadline, stop)
+            if total is not None and size != total:
+                raise RegistryUnavailableError(f"the download of {path!r} stopped after {size} of {total} bytes")
+            os.replace(partial, dest)
+            etag_file.unlink(missing_ok=True)
+            return size
+        raise RegistryError(f"the tracking server answered a range of {path!r} that does not match the file")
+
+    # -- HTTP ------------------------------------------------------------------------------
+    def _get_json(self, route: str, params: dict[str, str]) -> dict[str, Any]:
+        with self._send("GET", route, params=params) as response:
+            body = _read_capped(response, MAX_JSON_BYTES, route)
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as err:
+            raise RegistryError(f"{route}: the tracking server's answer is not JSON") from err
+        if not isinstance(data, dict):
+            raise RegistryError(f"{route}: the tracking server's answer is not a JSON object")
+        return data
+
+    def _send(self, method: str, route: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> requests.Response:
+        """One request, streamed; an answer outside `ok` becomes the matching `RegistryError`."""
+        try:
+            response = self.session.request(
+                method, self.tracking_uri + route, timeout=self.timeout, allow_redirects=False, stream=True, **kwargs
+            )
+        except requests.exceptions.SSLError as err:
+            raise RegistryError(
+                f"TLS with the tracking server {self.tracking_uri} failed: {err}; set MLFLOW_TRACKING_SERVER_CERT_PATH "
+                "to the CA bundle that signed its certificate"
+            ) from err
+        except (requests.ConnectionError, requests.Timeout) as err:
+            raise RegistryUnavailableError(
+                f"the tracking server {self.tracking_uri} cannot be reached: {_reason(err)}"
+            ) from err
+        except requests.RequestException as err:
+            raise RegistryError(f"request to the tracking server {self.tracking_uri} failed: {err}") from err
+        if response.status_code in ok:
+            return response
+        with response:
+            raise self._error(method, route, response)
+
+    def _error(self, method: str, route: str, response: requests.Response) -> RegistryError:
+        status = response.status_code
+        message = _error_message(response)
+        where = f"the tracking server {self.tracking_uri}"
+        if status == 401:
+            given = "refused the credentials" if self.has_credentials else "asks for credentials and none were set"
+            return RegistryAuthError(
+                f"{where} {given} (401 Unauthorized): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                "(or MLFLOW_TRACKING_TOKEN)",
+                status,
+            )
+        if status == 403:
+            return RegistryAuthError(f"{where} denied {method} {route} (403 Permission denied): {message}", status)
+        if status == 429 or status >= 500:
+            return RegistryUnavailableError(f"{where} answered {status} to {method} {route}: {message}")
+        if 300 <= status < 400:
+            return RegistryError(f"{where} redirected {method} {route} ({status}); redirects are not followed")
+        return RegistryError(f"{where} answered {status} to {method} {route}: {message}")
+
+
+def _model_version(data: dict[str, Any]) -> ModelVersion:
+    mv = data.get("model_version")
+    if not isinstance(mv, dict) or not isinstance(mv.get("name"), str):
+        raise RegistryError("the tracking server's answer has no model_version")
+    version = str(mv.get("version", ""))
+    if not version.isdigit() or len(version) > 18:
+        raise RegistryError(f"the tracking server named a model version {version[:40]!r}, not a number")
+    tags = {}
+    for tag in mv.get("tags") or []:  # (proto3 JSON leaves out empty lists)
+        if isinstance(tag, dict) and isinstance(tag.get("key"), str):
+            tags[tag["key"]] = str(tag.get("value", ""))
+    return ModelVersion(
+        name=mv["name"],
+        version=version,
+        status=str(mv.get("status", "")),
+        run_id=mv.get("run_id") or None,
+        source=mv.get("source") or None,
+        tags=tags,
+    )
+
+
+def _response_range(response: requests.Response, have: int) -> tuple[int | None, int | None]:
+    """Where the body starts in the file and the file's size (None if unknown); offset None: restart."""
+    if response.status_code == 416:
+        return None, None
+    if response.status_code == 206:
+        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        if not match or int(match.group(1)) != have:
+            return None, None
+        return have, int(match.group(3))
+    length = response.headers.get("Content-Length", "")
+    return 0, int(length) if length.isdigit() else None
+
+
+def _write_body(
+    response: requests.Response,
+    partial: Path,
+    offset: int,
+    path: str,
+    max_bytes: int,
+    deadline: float,
+    stop: threading.Event | None,
+) -> int:
+    """Append the body to `partial` from `offset`; the file's size afterwards. A broken link keeps what arrived."""
+    size = offset
+    with open(partial, "ab" if offset else "wb") as file:
+        try:
+            for chunk in response.iter_content(_CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    file.close()
+                    partial.unlink(missing_ok=True)
+                    raise UnsafeArchiveError(f"file {path!r} is over the limit of {max_bytes} bytes")
+                file.write(chunk)
+                if time.monotonic() > deadline:
+                    raise RegistryUnavailableError(f"the download of {path!r} ran out of time (resumed next time)")
+                if stop is not None and stop.is_set():
+                    raise RegistryUnavailableError(f"the download of {path!r} was interrupted: the server is stopping")
+        except requests.RequestException as err:
+            raise RegistryUnavailableError(f"the link dropped while downloading {path!r}: {_reason(err)}") from err
+    return size
+
+
+def _read_capped(response: requests.Response, limit: int, route: str) -> bytes:
+    chunks, size = [], 0
+    try:
+        for chunk in response.iter_content(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise RegistryError(f"{route}: the tracking server's answer is over {limit} bytes")
+            chunks.append(chunk)
+    except requests.RequestException as err:
+        raise RegistryUnavailableError(f"{route}: the link dropped while reading the answer: {_reason(err)}") from err
+    return b"".join(chunks)
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of a requests error (`ConnectionRefusedError: ...`), not urllib3's wrappers of it."""
+    inner = err.args[0] if err.args and isinstance(err.args[0], BaseException) else err
+    inner = getattr(inner, "reason", None) or inner
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    return f"{type(inner).__name__}: {inner}"
+
+
+def _error_message(response: requests.Response) -> str:
+    """MLflow's `error_code: message` (or the start of a plain-text body), bounded and on one line."""
+    try:
+        raw = next(response.iter_content(4096), b"")
+    except requests.RequestException:
+        raw = b""
+    text = raw.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict) and "message" in data:
+            text = f"{data.get('error_code', '')}: {data['message']}".lstrip(": ")
+    except ValueError:
+        pass
+    text = " ".join(re.sub(r"<[^>]*>", " ", text).split())  # (basic-auth answers in HTML)
+    return text[:MAX_ERROR_CHARS] or response.reason or ""
+
+
+def _check_tracking_uri(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInputError(
+            f"MLFLOW_TRACKING_URI={uri[:200]!r}: a following device talks to a tracking server over HTTP, "
+            "http(s)://host:port (not a file, sqlite or databricks URI)"
+        )
+    if parts.username or parts.password:
+        raise InvalidInputError(
+            "MLFLOW_TRACKING_URI holds credentials: put them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    if parts.query or parts.fragment:
+        raise InvalidInputError(f"MLFLOW_TRACKING_URI={uri[:200]!r}: no query or fragment, just http(s)://host:port")
+    return uri.rstrip("/")
+
+
+def _env_bool(environ: Mapping[str, str], name: str) -> bool:
+    value = environ.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE or not value:
+        return False
+    raise InvalidInputError(f"{name}={value!r}: use true or false")

@@ -1,0 +1,103 @@
+"""A smoke test in a child process: load a model and run one inference before a device switches to it.
+
+A device that follows a registry (server/follow.py) installs versions nobody checked on that
+device. Before `ModelStore.put` swaps one in, a short-lived child loads it and runs one inference
+with MLflow's saved input example where there is one, else random inputs from the model's tensor
+specs: a model that loads but cannot answer, or crashes the library while answering, is refused
+while the old version keeps serving. The child's last error line becomes the refusal's message.
+
+    python -m arachne_mlflow.server.smoke MODEL_DIR [EXAMPLE_JSON]    # exit 0 answered, 1 failed
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.server.probe import PROBE_TIMEOUT
+
+MAX_EXAMPLE_BYTES = 16 * 1024**2
+_MAX_MESSAGE = 1000
+
+
+def smoke_check(path: Path, name: str, example: Path | None = None, timeout: float = PROBE_TIMEOUT) -> None:
+    """Raise `InvalidInputError` unless the model at `path` loads and answers one inference in a child process."""
+    command = [sys.executable, "-m", "arachne_mlflow.server.smoke", str(path)]
+    if example is not None:
+        command.append(str(example))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.setdefault("TVM_USE_RUNTIME_LIB", "1")  # a child only loads and runs: TVM's compiler library is not needed
+    try:
+        result = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise InvalidInputError(f"model {name!r} did not load and answer within {timeout:.0f} s") from err
+    if result.returncode < 0:
+        try:
+            how = signal.Signals(-result.returncode).name
+        except ValueError:
+            how = f"signal {-result.returncode}"
+        raise InvalidInputError(f"model {name!r} crashed the runtime in its smoke test ({how})")
+    if result.returncode != 0:
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines() or ["(no message)"]
+        raise InvalidInputError(f"model {name!r} failed its smoke test: {lines[-1][:_MAX_MESSAGE]}")
+
+
+def smoke_inputs(specs: list, example: Path | None) -> list:
+    """One input per spec: from MLflow's saved input example when it fits the specs, else random."""
+    import numpy as np
+
+    from arachne_mlflow.runtime.base import random_tensor
+
+    if example is not None and example.stat().st_size <= MAX_EXAMPLE_BYTES:
+        try:
+            data: Any = json.loads(example.read_text())
+            if isinstance(data, dict) and "inputs" in data:  # (the serving form, `{"inputs": ...}`)
+                data = data["inputs"]
+            if isinstance(data, dict):
+                values = [data[spec.name] for spec in specs]
+            elif len(specs) == 1:
+                values = [data]
+            else:
+                raise KeyError("one unnamed example for several inputs")
+            return [spec.check(np.asarray(value, dtype=spec.dtype)) for spec, value in zip(specs, values)]
+        except (ValueError, TypeError, KeyError, RecursionError):
+            pass  # not an example of these tensors (a DataFrame's records...): random inputs below
+    return [random_tensor(spec) for spec in specs]
+
+
+def _main(argv: list[str]) -> int:
+    from arachne_mlflow import runtime
+    from arachne_mlflow.model.directory import read_model_dir
+
+    try:
+        module = runtime.load(read_model_dir(argv[0]))
+    except Exception as err:  # noqa: BLE001 (any failure to load is the message)
+        print(f"{type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    try:
+        outputs = module.infer(smoke_inputs(module.input_specs, Path(argv[1]) if len(argv) > 1 else None))
+        if len(outputs) != len(module.output_specs):
+            raise InvalidInputError(f"{len(outputs)} outputs, the model declares {len(module.output_specs)}")
+    except Exception as err:  # noqa: BLE001 (any failure of the inference is the message)
+        print(f"inference failed: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    finally:
+        module.done()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
