@@ -395,6 +395,7 @@ def test_a_push_to_a_following_device_leaves_it_to_pull(tracking_server, pull_mo
     with pytest.raises(MlflowException, match=f"follows models:/{registered}@prod"):
         deploy.update_deployment("det", f"models:/{registered}/{v2}", config={"report": "false"})
     assert _record(device)["revision"] == 1 and _running(device) == v1  # nothing was pushed
+    client.delete_registered_model(registered)  # and its desired state: `fleet sync` of everything skips it
 
 
 @pytest.mark.slow
