@@ -21,13 +21,15 @@ import struct
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.protocol import json_data
 from arachne_mlflow.protocol.datatypes import BFLOAT16, DATATYPES, from_datatype, to_datatype
+from arachne_mlflow.protocol.json_data import loads as _loads
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -47,20 +49,17 @@ _request_heads: dict[tuple, bytes] = {}
 _response_heads: dict[tuple, tuple] = {}
 
 
+class InputSpec(Protocol):
+    """What the codec needs of a model's input (`arachne_mlflow.model.spec.TensorSpec` has it)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def accepts_shape(self, shape: Sequence[int]) -> bool: ...
+
+
 # -- messages --------------------------------------------------------------------------
-
-
-def _loads(data: memoryview) -> Any:
-    """orjson (several times faster than the stdlib); the stdlib for what orjson refuses, such as the
-    NaN and Infinity literals tritonclient writes, and for the error message."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        return json.loads(bytes(data))
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise InvalidInputError(f"request body is not valid JSON: {type(err).__name__}: {err}") from err
 
 
 def _dumps(header: Mapping[str, Any]) -> bytes:
@@ -74,21 +73,47 @@ def _dumps(header: Mapping[str, Any]) -> bytes:
 
 def split_message(body: bytes, header_length: str | bytes | None) -> tuple[dict[str, Any], memoryview]:
     """The JSON header and the binary part of a V2 message (a view: nothing is copied)."""
+    size = _json_size(body, header_length)
     view = memoryview(body)
+    return _object(_loads(view[:size])), view[size:]
+
+
+def _split_request(
+    body: bytes, header_length: str | bytes | None, specs: Sequence[InputSpec] | None
+) -> tuple[dict[str, Any], memoryview, json_data.LiftedArrays | None]:
+    """`split_message`, but the numbers of a large JSON part are left as text (`json_data`) until
+    their tensors are checked; with `specs`, other JSON beyond a small size is refused unless the
+    model takes BYTES (its strings are the one thing that must be parsed as Python objects)."""
+    size = _json_size(body, header_length)
+    view = memoryview(body)
+    if size <= json_data.SMALL_MESSAGE:
+        return _object(_loads(view[:size])), view[size:], None
+    lifted = json_data.lift(body, size)
+    rest = lifted.rest_size
+    if rest > json_data.SMALL_MESSAGE and specs is not None and all(s.dtype.kind != "O" for s in specs):
+        raise InvalidInputError(
+            f"the request holds {rest} bytes of JSON besides lists of numbers, and the model takes no "
+            "BYTES input: send tensors as lists of numbers or as binary data"
+        )
+    return _object(_loads(lifted.header())), view[size:], lifted
+
+
+def _json_size(body: bytes, header_length: str | bytes | None) -> int:
     if header_length is None:
-        json_part, binary = view, view[len(view) :]
-    else:
-        try:
-            size = int(header_length)
-        except ValueError as err:
-            raise InvalidInputError(f"{HEADER_LENGTH} {header_length!r} is not a number") from err
-        if not 0 <= size <= len(view):
-            raise InvalidInputError(f"{HEADER_LENGTH} {size} is outside the body of {len(view)} bytes")
-        json_part, binary = view[:size], view[size:]
-    header = _loads(json_part)
+        return len(body)
+    try:
+        size = int(header_length)
+    except ValueError as err:
+        raise InvalidInputError(f"{HEADER_LENGTH} {header_length!r} is not a number") from err
+    if not 0 <= size <= len(body):
+        raise InvalidInputError(f"{HEADER_LENGTH} {size} is outside the body of {len(body)} bytes")
+    return size
+
+
+def _object(header: Any) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise InvalidInputError("request body must be a JSON object")
-    return header, binary
+    return header
 
 
 def _message_parts(header: Mapping[str, Any], blobs: Sequence[bytes | memoryview]) -> tuple[list, int | None]:
@@ -146,16 +171,22 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: tuple[tuple[str, bool], ...] | None  # (name, binary); None = every output
     binary_output: bool
-    id: str | None = None
+    id: str | int | float | None = None  # echoed as given (V2 says a string; numbers are echoed too)
 
 
-def decode_request(body: bytes, header_length: str | bytes | None) -> InferRequest:
-    """An infer request from its body and `Inference-Header-Content-Length` (None: all JSON)."""
+def decode_request(
+    body: bytes, header_length: str | bytes | None, inputs: Sequence[InputSpec] | None = None
+) -> InferRequest:
+    """An infer request from its body and `Inference-Header-Content-Length` (None: all JSON).
+
+    With `inputs` (the model's), each tensor's name, datatype and shape are checked against them
+    before its data is decoded: a request the model cannot take costs little more than its bytes.
+    """
     cached = _cached_layout(_request_layouts, body, header_length)
-    if cached is not None:
+    if cached is not None:  # (views on the body, checked by the model before it runs)
         (layout, outputs, binary_output, request_id), size = cached
         return InferRequest(_arrays(layout, body, size), outputs, binary_output, request_id)
-    header, binary = split_message(body, header_length)
+    header, binary, lifted = _split_request(body, header_length, inputs)
     params = header.get("parameters")
     if params is None:
         binary_output = False
@@ -166,13 +197,19 @@ def decode_request(body: bytes, header_length: str | bytes | None) -> InferReque
     outputs = header.get("outputs")
     if outputs is not None:
         outputs = _requested_outputs(outputs, binary_output)
-    request_id = header.get("id")
-    request_id = request_id if type(request_id) is str else None
-    inputs = decode_tensors(header.get("inputs"), binary)
-    layout = _binary_layout(header["inputs"], inputs)
+    request_id = _request_id(header.get("id"))
+    arrays = decode_tensors(header.get("inputs"), binary, inputs, lifted)
+    layout = _binary_layout(header["inputs"], arrays)
     if layout is not None:
         _remember_layout(_request_layouts, body, header_length, (layout, outputs, binary_output, request_id))
-    return InferRequest(inputs, outputs, binary_output, request_id)
+    return InferRequest(arrays, outputs, binary_output, request_id)
+
+
+def _request_id(value: Any) -> str | int | float | None:
+    """The request's `id`: a string, or a number (echoed as given: JSON writes both back exactly)."""
+    if value is None or type(value) in (str, float) or (type(value) is int and -(2**63) <= value < 2**64):
+        return value
+    raise InvalidInputError(f"'id' must be a string, got {str(value)[:100]!r}")
 
 
 def _requested_outputs(items: Any, binary_output: bool) -> tuple[tuple[str, bool], ...]:
@@ -326,14 +363,21 @@ def encode_tensor(name: str, array: Any, binary: bool) -> tuple[dict[str, Any], 
     return entry, None
 
 
-def decode_tensors(entries: Any, binary: memoryview) -> dict[str, np.ndarray]:
+def decode_tensors(
+    entries: Any,
+    binary: memoryview,
+    specs: Sequence[InputSpec] | None = None,
+    lifted: json_data.LiftedArrays | None = None,
+) -> dict[str, np.ndarray]:
     """Arrays from a list of V2 tensor entries and the binary part of the message, by name.
 
-    Binary tensors are read-only views on `binary` when aligned (zero copy); the binary part
-    must be used up exactly.
+    Binary tensors are views on `binary` when aligned (zero copy); the binary part
+    must be used up exactly. With `specs`, a tensor that none of them takes is refused before its
+    data is decoded; `lifted` holds the JSON data arrays `_split_request` left as text.
     """
     if type(entries) is not list:
         raise InvalidInputError("'inputs'/'outputs' must be a list of tensors")
+    wanted = None if specs is None else {spec.name: spec for spec in specs}
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     left = len(binary)
@@ -341,6 +385,8 @@ def decode_tensors(entries: Any, binary: memoryview) -> dict[str, np.ndarray]:
         name, dtype, shape, count = _describe(entry)
         if name in arrays:
             raise InvalidInputError(f"tensor {name!r} appears twice")
+        if wanted is not None:
+            check_input(wanted, name, dtype, shape)
         params = entry.get("parameters")
         size = None
         if params is not None:
@@ -348,7 +394,11 @@ def decode_tensors(entries: Any, binary: memoryview) -> dict[str, np.ndarray]:
                 raise InvalidInputError(f"tensor {name!r}: 'parameters' must be an object")
             size = params.get("binary_data_size")
         if size is None:
-            arrays[name] = _from_json(name, entry.get("data"), dtype, shape, count)
+            data = entry.get("data")
+            if lifted is not None and not isinstance(data, list):
+                arrays[name] = lifted.parse(data, name, dtype, shape)
+            else:
+                arrays[name] = _from_json(name, data, dtype, shape, count)
             continue
         if type(size) is not int or size < 0:
             raise InvalidInputError(f"tensor {name!r}: binary_data_size must be a non-negative integer")
@@ -360,6 +410,19 @@ def decode_tensors(entries: Any, binary: memoryview) -> dict[str, np.ndarray]:
     if left:
         raise InvalidInputError(f"{left} bytes of binary data are not claimed by any tensor")
     return arrays
+
+
+def check_input(specs: Mapping[str, InputSpec], name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """Refuse a tensor the model does not take, by its description alone (in the runtime's words)."""
+    spec = specs.get(name)
+    if spec is None:
+        raise InvalidInputError(f"the model has no input {name!r}; its inputs are {list(specs)}")
+    if dtype != spec.dtype:
+        raise InvalidInputError(
+            f"input {name!r}: expected dtype {spec.dtype.name} ({to_datatype(spec.dtype)}), got {to_datatype(dtype)}"
+        )
+    if not spec.accepts_shape(shape):
+        raise InvalidInputError(f"input {name!r}: expected shape {list(spec.shape)} (-1 = any), got {list(shape)}")
 
 
 def _describe(entry: Any) -> tuple[str, np.dtype, tuple[int, ...], int]:

@@ -14,6 +14,7 @@ serialized (its state lives in the instance).
 from __future__ import annotations
 
 import abc
+import math
 import statistics
 import threading
 import time
@@ -148,16 +149,37 @@ class RuntimeModule(abc.ABC):
             )
         return self._call([spec.check(v) for spec, v in zip(self.input_specs, inputs)])
 
-    def benchmark(self, warmup: int = 1, repeat: int = 10, number: int = 1) -> dict[str, float]:
-        """Time inference on random inputs made from the input details; milliseconds per run."""
+    def benchmark(
+        self,
+        warmup: int = 1,
+        repeat: int = 10,
+        number: int = 1,
+        *,
+        max_seconds: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> dict[str, float]:
+        """Time inference on random inputs made from the input details; milliseconds per run.
+
+        After `max_seconds`, or once `stop` is set, it ends after the repeat in progress (at least
+        one runs) and reports the repeats done.
+        """
         if repeat < 1 or number < 1 or warmup < 0:
             raise InvalidInputError("benchmark needs repeat >= 1, number >= 1 and warmup >= 0")
         inputs = [random_tensor(spec) for spec in self.input_specs]
         checked = [spec.check(v) for spec, v in zip(self.input_specs, inputs)]
+        deadline = math.inf if max_seconds is None else time.perf_counter() + max_seconds
+
+        def over() -> bool:
+            return time.perf_counter() > deadline or (stop is not None and stop.is_set())
+
         for _ in range(warmup):
+            if over():
+                break
             self._call(checked)
-        times = []
+        times: list[float] = []
         for _ in range(repeat):
+            if times and over():
+                break
             start = time.perf_counter()
             for _ in range(number):
                 self._call(checked)
@@ -168,7 +190,7 @@ class RuntimeModule(abc.ABC):
             "std": statistics.pstdev(times),
             "max": max(times),
             "min": min(times),
-            "repeat": repeat,
+            "repeat": len(times),
             "number": number,
         }
 

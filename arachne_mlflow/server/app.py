@@ -8,12 +8,14 @@ Starlette, by `infer_route.InferRoute`, with the same error handler.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,7 +27,7 @@ from starlette.types import ASGIApp
 from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.server.auth import HOW_TO_AUTHENTICATE, bearer_matches
 from arachne_mlflow.server.batching import BatchingPolicy
-from arachne_mlflow.server.dataplane import Dataplane
+from arachne_mlflow.server.dataplane import DEFAULT_BENCHMARK_SECONDS, Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.records import MAX_PROVENANCE_BYTES, check_provenance
 from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
@@ -37,7 +39,11 @@ _logger = logging.getLogger(__name__)
 
 PROVENANCE_HEADER = "Arachne-Provenance"
 DEFAULT_MAX_REQUEST_BYTES = 1024**3
+DEFAULT_MAX_JSON_BYTES = 64 * 1024**2
 _PUBLIC_PREFIX = "/v2/health/"
+# Running out of file descriptors (connections, uploads) is the server being full, not broken.
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+T = TypeVar("T")
 
 
 def create_app(
@@ -46,6 +52,8 @@ def create_app(
     max_upload_bytes: int | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_workers: int | None = None,
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+    benchmark_seconds: float = DEFAULT_BENCHMARK_SECONDS,
     batching: BatchingPolicy | None = None,
     grpc_port: int | None = None,
     grpc_host: str = "127.0.0.1",
@@ -63,8 +71,9 @@ def create_app(
     With `follow`, models follow registry aliases from start-up to shut-down (server/follow.py).
     """
     store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES, batching)
-    dataplane = Dataplane(store, max_workers, follow)
-    routes = _Routes(dataplane, max_request_bytes)
+    max_json_bytes = min(max_json_bytes, max_request_bytes)  # (a JSON body is a request body too)
+    dataplane = Dataplane(store, max_workers, follow, benchmark_seconds)
+    routes = _Routes(dataplane, max_json_bytes)
     if grpc_port is not None:
         from arachne_mlflow.server.grpc_service import GrpcServer  # the grpc extra, checked now
 
@@ -93,16 +102,16 @@ def create_app(
         },
     )
     app.state.dataplane = dataplane
-    front = InferRoute(app, dataplane, max_request_bytes, routes.error_response)
+    front = InferRoute(app, dataplane, max_request_bytes, max_json_bytes, routes.error_response)
     return _BearerAuth(front, token, dataplane) if token else front
 
 
 class _Routes:
     """The route handlers: HTTP in, dataplane call, HTTP out."""
 
-    def __init__(self, dataplane: Dataplane, max_request_bytes: int):
+    def __init__(self, dataplane: Dataplane, max_json_bytes: int):
         self.dp = dataplane
-        self.max_request_bytes = max_request_bytes
+        self.max_json_bytes = max_json_bytes  # the routes here take small JSON bodies (infer is InferRoute's)
 
     def table(self) -> list[Route]:
         m = "/v2/models/{model}"
@@ -195,7 +204,8 @@ class _Routes:
 
     async def benchmark(self, request: Request) -> Response:
         options = await self._json(request)
-        return JSONResponse(await self.dp.benchmark(request.path_params["model"], options))
+        work = self.dp.benchmark(request.path_params["model"], options)
+        return JSONResponse(await _unless_client_leaves(request, work))
 
     async def metrics(self, request: Request) -> Response:
         return Response(self.dp.metrics.render(), media_type=self.dp.metrics.content_type)
@@ -220,6 +230,11 @@ class _Routes:
         return JSONResponse({"error": err.detail}, status_code=err.status_code, headers=err.headers)
 
     async def on_crash(self, request: Request, err: Exception) -> Response:
+        if isinstance(err, OSError) and err.errno in _EXHAUSTED:
+            _logger.error("%s %s: %s", request.method, request.url.path, err)
+            self.dp.metrics.http_errors.labels("503").inc()
+            message = f"the server is out of file descriptors ({err.strerror}): try again later"
+            return JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "1"})
         _logger.exception("unexpected error on %s %s", request.method, request.url.path)
         self.dp.metrics.http_errors.labels("500").inc()
         return JSONResponse({"error": f"internal server error: {type(err).__name__}: {err}"}, status_code=500)
@@ -232,9 +247,9 @@ class _Routes:
             self.dp.check_version(name, request.path_params["version"])
         return name
 
-    async def _body(self, request: Request) -> bytes:
+    async def _body(self, request: Request) -> bytes | bytearray:
         return await read_body(
-            request.receive, request.headers.get("content-length", "").encode("latin-1") or None, self.max_request_bytes
+            request.receive, request.headers.get("content-length", "").encode("latin-1") or None, self.max_json_bytes
         )
 
     async def _json(self, request: Request) -> dict[str, Any]:
@@ -249,6 +264,27 @@ class _Routes:
         if not isinstance(data, dict):
             raise InvalidInputError("request body must be a JSON object")
         return data
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """The result of `work`, which is cancelled if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    hangup = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, hangup), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise InvalidInputError("the client disconnected before the answer was ready")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has hung up (the body has been read: nothing else comes before)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Body:

@@ -16,8 +16,9 @@ import contextlib
 import functools
 import io
 import platform
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,8 +34,10 @@ from arachne_mlflow.errors import (
     UnsafeArchiveError,
 )
 from arachne_mlflow.model.arch import machine_arch
+from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.protocol.datatypes import config_datatype, to_datatype
+from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
 from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStats
 from arachne_mlflow.server.metrics import Metrics, ModelSeries, RequestTimes, StoreCollector
@@ -47,7 +50,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 #: A protocol's infer codec: its request message -> InferRequest, and (model, outputs, request,
 #: version) -> its answer (REST: the V2 JSON/binary codec; gRPC: protocol.grpc.codec).
-Decode = Callable[[Any], codec.InferRequest]
+Decode = Callable[[Any, Sequence[TensorSpec]], codec.InferRequest]  # (message, the model's inputs)
 Encode = Callable[[str, dict[str, np.ndarray], codec.InferRequest, str], Any]
 
 EXTENSIONS = [
@@ -73,6 +76,9 @@ UPLOAD_IDLE_TIMEOUT = 120.0
 # A request whose model answers faster than this (recent average) runs on the event loop: two
 # thread hand-offs cost more than the inference itself, and block the loop for no longer.
 INLINE_SECONDS = 0.001
+# ... unless its body is larger than this: decoding it alone would hold up every other connection.
+INLINE_MAX_BYTES = 64 * 1024
+DEFAULT_BENCHMARK_SECONDS = 30.0
 # Seconds a follower may take to notice the server stops (a download stops at its next chunk).
 FOLLOWER_STOP_SECONDS = 5.0
 
@@ -80,16 +86,25 @@ FOLLOWER_STOP_SECONDS = 5.0
 class Dataplane:
     """Inference, metadata and repository operations over a `ModelStore`."""
 
-    def __init__(self, store: ModelStore, max_workers: int | None = None, follow: FollowConfig | None = None):
+    def __init__(
+        self,
+        store: ModelStore,
+        max_workers: int | None = None,
+        follow: FollowConfig | None = None,
+        benchmark_seconds: float = DEFAULT_BENCHMARK_SECONDS,
+    ):
         self.store = store
         self.metrics = Metrics()
         self.batch_stats: dict[str, BatchStats] = {}
         self.metrics.registry.register(BatchingCollector(self.batch_stats))
         self.metrics.registry.register(StoreCollector(store))
         self.ready = False
+        self.benchmark_seconds = benchmark_seconds
         self.followers: dict[str, Follower] = {}
         self._follow = follow
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="arachne-dataplane")
+        # Benchmarks run one at a time on a thread of their own: they never take the inference pool.
+        self._benchmarks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arachne-benchmark")
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -117,6 +132,7 @@ class Dataplane:
             await self.run_blocking(follower.join, FOLLOWER_STOP_SECONDS)
         await self.run_blocking(self.store.close)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._benchmarks.shutdown(wait=False, cancel_futures=True)
 
     # -- metadata --------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
@@ -186,25 +202,31 @@ class Dataplane:
 
     def check_version(self, name: str, version: str) -> None:
         """Only the served version of a model exists (V2 paths may name one)."""
-        served = str(self.store.record(name)["revision"])
-        if version != served:
-            raise ModelNotFoundError(f"model {name!r} has no version {version!r}; the served version is {served}")
+        _check_version(name, version, str(self.store.record(name)["revision"]))
 
     def model_ready(self, name: str) -> dict[str, Any]:
         self.store.get(name)
         return {"name": name, "ready": True}
 
     # -- inference -------------------------------------------------------------------------
-    async def infer(self, name: str, body: bytes, header_length: str | bytes | None) -> tuple[bytes, int | None]:
-        """Run one REST infer request (V2 JSON or binary); returns the response body and its JSON header length."""
-        return await self.infer_message(name, (body, header_length), _decode_rest, codec.encode_response)
+    async def infer(
+        self, name: str, body: bytes, header_length: str | bytes | None, version: str | None = None
+    ) -> tuple[bytes, int | None]:
+        """Run one REST infer request (V2 JSON or binary) on `version` of the model, if given; returns
+        the response body and its JSON header length."""
+        message = (body, header_length)
+        return await self.infer_message(name, message, _decode_rest, codec.encode_response, version, len(body))
 
-    async def infer_message(self, name: str, message: Any, decode: Decode, encode: Encode) -> Any:
-        """Run one infer request of any protocol: `decode` makes an InferRequest of `message`,
-        `encode` the protocol's answer of the outputs.
+    async def infer_message(
+        self, name: str, message: Any, decode: Decode, encode: Encode, version: str | None = None, size: int = 0
+    ) -> Any:
+        """Run one infer request of any protocol: `decode` makes an InferRequest of `message` for the
+        model's inputs (checking each tensor against them before decoding its data), `encode` the
+        protocol's answer of the outputs. `version` is checked on the model the request runs on (a
+        replace may have come since the request arrived); `size` is the message's, in bytes.
 
-        Batched models go through their batcher; of the rest, fast models run inline on the
-        event loop, others in the thread pool.
+        Batched models go through their batcher; of the rest, small requests to fast models run
+        inline on the event loop, others in the thread pool.
         """
         times = RequestTimes(time.perf_counter_ns())
         series = self.metrics.models.get(name)
@@ -214,9 +236,11 @@ class Dataplane:
         loaded = None
         try:
             loaded = self.store.acquire(name)
+            if version is not None:  # checked on the model taken: a replace may have come since the request
+                _check_version(name, version, loaded.revision)
             if loaded.batching is not None:
-                response = await self._infer_batched(name, loaded, message, decode, encode, times)
-            elif series.recent_seconds < INLINE_SECONDS:
+                response = await self._infer_batched(name, loaded, message, decode, encode, times, size)
+            elif series.recent_seconds < INLINE_SECONDS and size <= INLINE_MAX_BYTES:
                 response = self._infer(name, loaded, message, decode, encode, times)
             else:
                 response = await self.run_blocking(self._infer, name, loaded, message, decode, encode, times)
@@ -234,7 +258,7 @@ class Dataplane:
     ) -> Any:
         started = time.perf_counter_ns()
         times.queue = started - times.arrived
-        request = decode(message)
+        request = decode(message, loaded.module.input_specs)
         inputs = _ordered_inputs(loaded.input_names, request.inputs)
         decoded = time.perf_counter_ns()
         outputs = loaded.module.infer(inputs)
@@ -246,12 +270,22 @@ class Dataplane:
         return response
 
     async def _infer_batched(
-        self, name: str, loaded: LoadedModel, message: Any, decode: Decode, encode: Encode, times: RequestTimes
+        self,
+        name: str,
+        loaded: LoadedModel,
+        message: Any,
+        decode: Decode,
+        encode: Encode,
+        times: RequestTimes,
+        size: int,
     ) -> Any:
         """Decode and check on the event loop (a bad request is refused before it joins a batch), then
         wait for the batch. Batches run in the thread pool: while one runs, the loop takes in the next."""
         started = time.perf_counter_ns()
-        request = decode(message)
+        if size <= INLINE_MAX_BYTES:
+            request = decode(message, loaded.module.input_specs)
+        else:  # (off the event loop, as for a model that does not batch)
+            request = await self.run_blocking(decode, message, loaded.module.input_specs)
         ordered = _ordered_inputs(loaded.input_names, request.inputs)
         inputs = [spec.check(value) for spec, value in zip(loaded.module.input_specs, ordered)]
         times.compute_input = time.perf_counter_ns() - started
@@ -274,7 +308,8 @@ class Dataplane:
         return response
 
     async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
-        """Time the model on the server with `RuntimeModule.benchmark` (bounded repeat counts)."""
+        """Time the model on the server with `RuntimeModule.benchmark`: bounded repeat counts, at most
+        `benchmark_seconds`, one at a time; cancelling the call (the client hung up) stops it."""
         kwargs = {}
         for key, value in options.items():
             if key not in _BENCHMARK_LIMITS:
@@ -284,12 +319,21 @@ class Dataplane:
                 raise InvalidInputError(f"benchmark option {key!r} must be an integer in [{low}, {high}]")
             kwargs[key] = value
         self.store.get(name)  # unknown or unloaded models fail here, before a thread is taken
+        stop = threading.Event()
 
         def run() -> dict[str, Any]:
             with self.store.use(name) as loaded:
-                return loaded.module.benchmark(**kwargs)
+                module = loaded.module
+                if type(module).benchmark is not RuntimeModule.benchmark:  # a plugin's own: bounded by the counts
+                    return module.benchmark(**kwargs)
+                return module.benchmark(**kwargs, max_seconds=self.benchmark_seconds, stop=stop)
 
-        return {"name": name, **await self.run_blocking(run)}
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._benchmarks, run)
+        except asyncio.CancelledError:
+            stop.set()  # one that has not started is dropped; a running one ends after its current repeat
+            raise
+        return {"name": name, **result}
 
     # -- repository ------------------------------------------------------------------------
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
@@ -348,6 +392,8 @@ class Dataplane:
     async def delete(self, name: str) -> None:
         self._refuse_followed(name, "deleted")
         await self.run_blocking(self.store.delete, name)
+        self.metrics.forget(name)
+        self.batch_stats.pop(name, None)
 
     async def upload(
         self, name: str, chunks: AsyncIterator[bytes], provenance: dict[str, Any] | None
@@ -437,8 +483,13 @@ def _ordered_inputs(names: list[str], inputs: dict[str, np.ndarray]) -> list[np.
     raise InvalidInputError(f"the model's inputs are {names}; missing {missing}, unknown {unknown}")
 
 
-def _decode_rest(message: tuple[bytes, str | bytes | None]) -> codec.InferRequest:
-    return codec.decode_request(*message)
+def _check_version(name: str, version: str, served: str) -> None:
+    if version != served:
+        raise ModelNotFoundError(f"model {name!r} has no version {version!r}; the served version is {served}")
+
+
+def _decode_rest(message: tuple[bytes, str | bytes | None], inputs: Sequence[TensorSpec]) -> codec.InferRequest:
+    return codec.decode_request(*message, inputs)
 
 
 def _tensor_metadata(spec: Any, batches: bool = False) -> dict[str, Any]:

@@ -107,9 +107,14 @@ class InferenceServicer:
 
     # -- inference ---------------------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
-        self._check_version(request.model_name, request.model_version)
+        self._check_version(request.model_name, request.model_version)  # (and again on the model taken)
         return await self.dp.infer_message(
-            request.model_name, request, grpc_codec.decode_request, grpc_codec.encode_response
+            request.model_name,
+            request,
+            grpc_codec.decode_request,
+            grpc_codec.encode_response,
+            request.model_version or None,
+            request.ByteSize(),
         )
 
     # -- repository --------------------------------------------------------------------------

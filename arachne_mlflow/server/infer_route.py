@@ -47,12 +47,14 @@ class InferRoute:
         app: Any,
         dataplane: Dataplane,
         max_request_bytes: int,
+        max_json_bytes: int,
         error_response: Callable[[Request, Exception], Awaitable[Response]],
     ):
         self.app = app
         self.state = app.state
         self.dp = dataplane
         self.max_request_bytes = max_request_bytes
+        self.max_json_bytes = max_json_bytes
         self._error_response = error_response
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -81,7 +83,7 @@ class InferRoute:
         await send({"type": "http.response.body", "body": result})
 
     async def _infer(self, scope: dict, receive: Any, name: str, version: str | None) -> tuple[bytes, int | None]:
-        if version is not None:
+        if version is not None:  # before reading a body for nothing (the dataplane checks again once it has it)
             self.dp.check_version(name, version)
         length = header_length = encoding = None
         for key, value in scope["headers"]:
@@ -91,13 +93,20 @@ class InferRoute:
                 header_length = value
             elif key == b"content-encoding":
                 encoding = value.decode("latin-1").lower()
-        body = await read_body(receive, length, self.max_request_bytes)
+        # JSON costs more memory and time per byte than binary tensors: a lower cap on it.
+        if header_length is None:
+            limit = self.max_json_bytes
+        elif header_length.isdigit() and int(header_length) > self.max_json_bytes:
+            raise RequestTooLarge(f"the JSON part of the request exceeds the limit of {self.max_json_bytes} bytes")
+        else:
+            limit = self.max_request_bytes
+        body = await read_body(receive, length, limit)
         if encoding is not None and encoding != "identity":
-            body = await self.dp.run_blocking(_decompress, body, encoding, self.max_request_bytes)
-        return await self.dp.infer(name, body, header_length)
+            body = await self.dp.run_blocking(_decompress, body, encoding, limit)
+        return await self.dp.infer(name, body, header_length, version)
 
 
-async def read_body(receive: Any, declared: bytes | None, limit: int) -> bytes:
+async def read_body(receive: Any, declared: bytes | None, limit: int) -> bytes | bytearray:
     """The whole request body, at most `limit` bytes; a client that hangs up is a client error."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"request body of {declared.decode()} bytes exceeds the limit of {limit}")
@@ -105,19 +114,17 @@ async def read_body(receive: Any, declared: bytes | None, limit: int) -> bytes:
     if message["type"] == "http.request" and not message.get("more_body", False):
         body = message.get("body", b"")  # the common case: the whole body in one message
     else:
-        parts, size = [], 0
+        body = bytearray()  # grown in place: a list of parts and their join would hold the body twice
         while True:
             if message["type"] != "http.request":
                 raise InvalidInputError("the client disconnected before sending the whole body")
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
+            if len(body) + len(chunk) > limit:
                 raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
-            parts.append(chunk)
+            body += chunk
             if not message.get("more_body", False):
                 break
             message = await receive()
-        body = b"".join(parts)
     if len(body) > limit:
         raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
     return body

@@ -42,6 +42,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1024,
         help="largest request body, decompressed (MiB): an infer request holds its tensors in memory",
     )
+    parser.add_argument(
+        "--max-json-mb",
+        type=int,
+        default=64,
+        help="largest JSON part of an infer request (MiB); binary tensors go up to --max-request-mb",
+    )
+    parser.add_argument(
+        "--head-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a request line and headers may take to arrive before the connection is closed",
+    )
+    parser.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=None,
+        help="open connections and running requests beyond which new requests get 503 (default: no limit)",
+    )
+    parser.add_argument(
+        "--benchmark-seconds",
+        type=float,
+        default=30.0,
+        help="longest a server-side benchmark may run (it stops early, reporting the repeats done)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="inference threads (default: Python's choice)")
     parser.add_argument(
         "--graceful-timeout",
@@ -96,6 +120,7 @@ def serve(args: argparse.Namespace) -> int:
     from arachne_mlflow.errors import ArachneError
     from arachne_mlflow.server.app import create_app
     from arachne_mlflow.server.batching import BatchingPolicy
+    from arachne_mlflow.server.http_limits import head_limited_protocol
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     # A device server only runs TVM libraries: TVM's runtime library is enough, its compiler is not loaded.
@@ -115,7 +140,9 @@ def serve(args: argparse.Namespace) -> int:
             token=args.token,
             max_upload_bytes=args.max_upload_mb * 1024**2,
             max_request_bytes=args.max_request_mb * 1024**2,
+            max_json_bytes=args.max_json_mb * 1024**2,
             max_workers=args.workers,
+            benchmark_seconds=args.benchmark_seconds,
             batching=batching,
             grpc_port=args.grpc_port,
             grpc_host=args.host,
@@ -133,6 +160,8 @@ def serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
+        http=head_limited_protocol(head_timeout=args.head_timeout),
+        limit_concurrency=args.limit_concurrency,
         timeout_graceful_shutdown=args.graceful_timeout,
         server_header=False,  # no software banner; one header less to write and parse per request
     )

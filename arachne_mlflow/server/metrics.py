@@ -208,6 +208,11 @@ class Metrics:
             "arachne_follow_updates", "Versions installed by following the registry", ["model"], registry=self.registry
         )
 
+    def forget(self, name: str) -> None:
+        """Drop every series of model `name` (deleted: its name may never come back)."""
+        self.models.pop(name, None)
+        self.load_seconds.remove(name)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -8,7 +8,7 @@ only form tritonclient reads for every datatype.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,8 +37,12 @@ _CONTENTS = {
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
-def decode_request(request: pb.ModelInferRequest) -> codec.InferRequest:
-    """The arrays of a `ModelInferRequest` by name, and the outputs it asks for."""
+def decode_request(
+    request: pb.ModelInferRequest, inputs: Sequence[codec.InputSpec] | None = None
+) -> codec.InferRequest:
+    """The arrays of a `ModelInferRequest` by name, and the outputs it asks for; with `inputs` (the
+    model's), each tensor is checked against them before its data is decoded."""
+    wanted = None if inputs is None else {spec.name: spec for spec in inputs}
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(
@@ -51,6 +55,8 @@ def decode_request(request: pb.ModelInferRequest) -> codec.InferRequest:
         if name in inputs:
             raise InvalidInputError(f"tensor {name!r} appears twice")
         _refuse_unsupported(tensor.parameters, f"input {name!r}")
+        if wanted is not None:
+            codec.check_input(wanted, name, from_datatype(tensor.datatype), tuple(tensor.shape))
         if raw:
             if tensor.contents.ByteSize():
                 raise InvalidInputError(f"input {name!r}: give its data in contents or raw_input_contents, not both")
