@@ -178,6 +178,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
                     "state": r.state,
                     "before": r.before,
                     "after": r.after,
+                    "seconds": round(r.seconds, 3),
                     **({"error": r.error} if r.state == FAILED else {}),
                 }
                 for r in outcome.results

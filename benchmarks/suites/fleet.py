@@ -6,10 +6,14 @@ file (group @bench), with the tiny ONNX model (two versions, other weights) in a
 - update unchanged: `update` with the same model URI (every device answers "unchanged"),
 - status: `fleet status` of the deployment (the registry, then every device asked at once),
 - sync: `fleet sync` after the alias moved to another version (a push to every device),
-- sync unchanged: `fleet sync` again (nothing to do).
+- sync unchanged: `fleet sync` again (nothing to do),
+- rollback: `fleet rollback` (every device serves the version it kept again, from its own disk).
+Pushes and syncs take the default strategy (rolling, 25% of the devices a batch, each device gated by
+a smoke inference before the next batch starts).
 Each row has the client's wall time, its CPU seconds per device (this process, all its threads:
 on a 2-core machine the devices' own CPU dominates wall time) and the growth of its resident
-memory at the peak. Targets: update-unchanged of 100 devices <= 5 s, status of 100 <= 2 s.
+memory at the peak, and the slowest device's own seconds. Targets: update-unchanged of 100 devices
+<= 5 s, status of 100 <= 2 s.
 
 `ARACHNE_BENCH_DEVICE_PYTHON` names the interpreter of an environment with what a device installs
 (`pip install "arachne-mlflow[device-onnx]"`) to run the device servers with; by default they run
@@ -80,6 +84,7 @@ def _round(root: Path, registry, ports: list[int]) -> list[dict]:
 
     from arachne_mlflow.deployments.desired_state import DesiredState
     from arachne_mlflow.deployments.fleet import sync
+    from arachne_mlflow.deployments.rollback import rollback
     from arachne_mlflow.deployments.status import status
     from arachne_mlflow.deployments.targets import settings
 
@@ -104,6 +109,7 @@ def _round(root: Path, registry, ports: list[int]) -> list[dict]:
         ("status", lambda: status([name], options, DesiredState(registry)), _all_in_sync),
         ("sync", move_alias_then_sync, _synced("deployed")),
         ("sync unchanged", lambda: sync([name], options, DesiredState(registry)), _synced("unchanged")),
+        ("rollback", lambda: [rollback(name, None, options, DesiredState(registry))], _synced("rolled-back")),
     ]
     rows = []
     for step, action, check in steps:
@@ -118,6 +124,9 @@ def _round(root: Path, registry, ports: list[int]) -> list[dict]:
             "client_peak_growth_mb": growth,
             "errors": 0 if problem is None else 1,
         }
+        slowest = _slowest(result)
+        if slowest is not None:
+            row["slowest_device_s"] = slowest
         if target is not None and n == TARGET_DEVICES:
             row["target"] = f"<= {target:g} s for {TARGET_DEVICES} devices"
             row["met"] = seconds <= target and problem is None
@@ -150,6 +159,14 @@ def _measure(action) -> tuple[float, float, float, object]:
         done.set()
         sampler.join()
     return seconds, cpu, peak[0] - before, result
+
+
+def _slowest(result) -> float | None:
+    """The longest a device of this step took (None for `status`, which does not time devices)."""
+    if isinstance(result, dict):
+        return max(d["seconds"] for d in result["devices"])
+    outcomes = [r for r in result if hasattr(r, "results")]
+    return max(r.seconds for r in outcomes[0].results) if outcomes else None
 
 
 def _all_states(state: str):
