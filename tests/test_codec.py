@@ -130,6 +130,12 @@ def _entry(**kw):
         ({"inputs": [_entry(data=[1.0])]}, b"", "needs 2 elements"),
         ({"inputs": [_entry(data=[1.0, "2"])]}, b"", "not FP32"),
         ({"inputs": [_entry(data=[True, False])]}, b"", "not FP32"),
+        ({"inputs": [_entry(shape=[1, 2], data=[[1.0, None]])]}, b"", "not FP32"),  # nested, then checked
+        ({"inputs": [_entry(shape=[2, 1], data=[[1.0], [False]])]}, b"", "not FP32"),
+        ({"inputs": [_entry(datatype="INT32", data=[1, 2.5])]}, b"", "not INT32"),
+        ({"inputs": [_entry(datatype="UINT8", data=[1, True])]}, b"", "not UINT8"),
+        ({"inputs": [_entry(datatype="BOOL", data=[True, 1])]}, b"", "not BOOL"),
+        ({"inputs": [_entry(datatype="BYTES", data=["a", 1])]}, b"", "must be strings"),
         ({"inputs": [_entry(shape=[2, -1], data=[])]}, b"", "non-negative"),
         ({"inputs": [_entry(shape=[1 << 30, 1 << 30], parameters={"binary_data_size": 8})]}, b"\0" * 8, "more than"),
         ({"inputs": [_entry(parameters={"binary_data_size": 4})]}, b"\0" * 4, "needs 8 bytes"),

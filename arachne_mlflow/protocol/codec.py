@@ -487,14 +487,18 @@ def _from_bytes(name: str, blob: memoryview, dtype: np.dtype, shape: tuple[int, 
 def _from_json(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...], count: int) -> np.ndarray:
     if not isinstance(data, list):
         raise InvalidInputError(f"tensor {name!r}: needs 'data' (a list) or parameters.binary_data_size")
-    try:
-        flat = data if all(not isinstance(x, list) for x in data) else list(_flatten(data))
-    except RecursionError as err:
-        raise InvalidInputError(f"tensor {name!r}: 'data' is nested too deeply") from err
+    types = set(map(type, data))  # (a JSON parser makes exact types: a set of them checks every element at C speed)
+    flat = data
+    if list in types:
+        try:
+            flat = list(_flatten(data))
+        except RecursionError as err:
+            raise InvalidInputError(f"tensor {name!r}: 'data' is nested too deeply") from err
+        types = set(map(type, flat))
     if len(flat) != count:
         raise InvalidInputError(f"tensor {name!r}: shape {list(shape)} needs {count} elements, 'data' has {len(flat)}")
     if dtype.kind == "O":
-        if not all(isinstance(x, str) for x in flat):
+        if not types <= {str}:
             raise InvalidInputError(f"tensor {name!r}: BYTES data must be strings")
         array = np.empty(count, dtype=object)
         try:
@@ -502,7 +506,7 @@ def _from_json(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...], co
         except UnicodeEncodeError as err:
             raise InvalidInputError(f"tensor {name!r}: BYTES data holds a string that is not valid Unicode") from err
         return array.reshape(shape)
-    if not all(_json_fits(x, dtype) for x in flat):
+    if not types <= _JSON_TYPES.get("f" if dtype == BFLOAT16 else dtype.kind, {int}):
         raise InvalidInputError(f"tensor {name!r}: 'data' holds values that are not {to_datatype(dtype)}")
     try:
         return np.array(flat, dtype=dtype).reshape(shape)
@@ -510,15 +514,9 @@ def _from_json(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...], co
         raise InvalidInputError(f"tensor {name!r}: 'data' does not fit {to_datatype(dtype)}: {err}") from err
 
 
-def _json_fits(value: Any, dtype: np.dtype) -> bool:
-    """JSON numbers for numeric tensors, booleans for BOOL: no strings or objects cast silently."""
-    if dtype.kind == "b":
-        return isinstance(value, bool)
-    if isinstance(value, bool):
-        return False
-    if dtype.kind == "f" or dtype == BFLOAT16:
-        return isinstance(value, (int, float))
-    return isinstance(value, int)
+#: The JSON values each kind of tensor takes: numbers for numeric tensors, booleans for BOOL, no
+#: strings or objects cast silently (and `true` is no number: bool is a type of its own here).
+_JSON_TYPES = {"b": {bool}, "f": {int, float}}
 
 
 def _flatten(data: Iterable[Any]) -> Iterable[Any]:
