@@ -188,6 +188,27 @@ def test_deeply_nested_data_is_refused(depth):
         codec.decode_request(body, None)
 
 
+def test_json_answers_are_written_from_the_arrays_memory_and_read_back_exactly():
+    request = codec.InferRequest({}, None, False)
+    floats = np.random.default_rng(3).standard_normal((4, 256)).astype(np.float32)
+    outputs = {
+        "f": floats,
+        "big_endian": floats.astype(">f4"),  # orjson cannot write these from memory: lists instead
+        "strided": floats[:, ::2],
+        "bf16": np.array([1.5, -2.25], datatypes.BFLOAT16),
+        "nan": np.array([np.nan, 1.0], np.float32),
+        "b": np.array([True, False]),
+        "u64": np.array([2**64 - 1], np.uint64),
+    }
+    body, length = codec.encode_response("m", outputs, request)
+    assert length is None and b"NaN" in body and b"18446744073709551615" in body
+    assert b"0.10000000149011612" not in codec.encode_response("m", {"f": np.array([0.1], np.float32)}, request)[0]
+    decoded = codec.decode_response(body, None)
+    for name, array in outputs.items():
+        assert decoded[name].dtype == array.dtype.newbyteorder("=") and decoded[name].shape == array.shape
+        np.testing.assert_array_equal(decoded[name], array)  # bit for bit: float32 written shortest, read exactly
+
+
 def test_nan_and_inf_pass_through_json():
     array = np.array([np.nan, np.inf, -np.inf], np.float32)
     np.testing.assert_equal(_round_trip({"f": array}, False).inputs["f"], array)

@@ -283,6 +283,7 @@ def _memory_cases():
     binary = {"parameters": {"binary_data_output": True}}
     return {
         "JSON floats": (_json_body("x", "FP32", [250_000, 4], x.ravel().tolist(), **binary), {}, 200),
+        "JSON floats, JSON answer": (_json_body("x", "FP32", [250_000, 4], x.ravel().tolist()), {}, 200),
         "JSON short floats": (_json_body("x", "FP32", [1_000_000, 4], short, **binary), {}, 200),
         "JSON wrong shape": (_json_body("x", "FP32", [800_000, 5], short), {}, 400),
         "JSON unknown input": (_json_body("z", "FP32", [1_000_000, 4], short), {}, 400),

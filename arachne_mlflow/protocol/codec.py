@@ -64,11 +64,20 @@ class InputSpec(Protocol):
 
 def _dumps(header: Mapping[str, Any]) -> bytes:
     """orjson, unless it wrote `null` (our headers hold none, so a NaN or Infinity became one):
-    then the stdlib, which keeps them as NaN/Infinity literals the way tritonclient does."""
-    data = orjson.dumps(header)
+    then the stdlib, which keeps them as NaN/Infinity literals the way tritonclient does.
+
+    Tensor data may be a flat numpy array (`encode_tensor`): orjson writes it from the array's
+    memory, without a Python object per element."""
+    data = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
     if b"null" in data:
-        data = json.dumps(header, separators=(",", ":")).encode()
+        data = json.dumps(header, separators=(",", ":"), default=_as_list).encode()
     return data
+
+
+def _as_list(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def split_message(body: bytes, header_length: str | bytes | None) -> tuple[dict[str, Any], memoryview]:
@@ -359,7 +368,9 @@ def encode_tensor(name: str, array: Any, binary: bool) -> tuple[dict[str, Any], 
     if datatype == "BYTES":
         entry["data"] = _texts(name, array)
     else:
-        entry["data"] = array.ravel().tolist()
+        flat = array.ravel()
+        # orjson writes native numbers and booleans from the array's memory (_dumps); bfloat16 (kind V) as a list
+        entry["data"] = flat if flat.dtype.isnative and flat.dtype.kind in "biuf" else flat.tolist()
     return entry, None
 
 
