@@ -163,10 +163,12 @@ def _measure(action) -> tuple[float, float, float, object]:
 
 def _slowest(result) -> float | None:
     """The longest a device of this step took (None for `status`, which does not time devices)."""
-    if isinstance(result, dict):
+    from arachne_mlflow.deployments.fleet import Outcome
+
+    if isinstance(result, dict):  # the plugin's answer
         return max(d["seconds"] for d in result["devices"])
-    outcomes = [r for r in result if hasattr(r, "results")]
-    return max(r.seconds for r in outcomes[0].results) if outcomes else None
+    (found,) = result
+    return max(r.seconds for r in found.results) if isinstance(found, Outcome) else None
 
 
 def _all_states(state: str):
