@@ -49,6 +49,7 @@ quickstart: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 test: system-deps lint $(OLD_VENV)/.installed
 	ARACHNE_OLD_PYTHON_VENV=$(OLD_VENV) $(PY) -m pytest
