@@ -16,6 +16,7 @@ import tritonclient.http as httpclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
+from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.runtime.onnx import ONNXRuntimeModule
 from arachne_mlflow.server.store import ModelStore
 from tests.helpers import models
@@ -187,3 +188,20 @@ def test_a_request_above_max_batch_size_is_refused_and_small_ones_stay_fast(serv
         assert refused.message() == "inference request batch-size must be <= 8 for 'mlp_own'"
     # wide margins for a busy machine: without the refusal a 1-row request waits behind the 40,000 rows' run
     assert max(latencies) < 1.0 + 10 * baseline, (baseline, latencies)
+
+
+def test_a_batch_is_declared_at_save_time_and_checked(tmp_path):
+    from arachne_mlflow.flavors import onnx as onnx_flavor
+    from arachne_mlflow.model.directory import read_model_dir
+
+    declared = {"max_batch_size": 8, "dynamic_batching": False}
+    onnx_flavor.save_model(models.onnx_mlp(), tmp_path / "mlp", batching=declared)
+    assert read_model_dir(tmp_path / "mlp").batching == declared
+    assert read_model_dir(tmp_path / "mlp").mlmodel["flavors"]["arachne"]["batching"] == declared
+    onnx_flavor.save_model(models.onnx_mlp(), tmp_path / "plain")
+    assert read_model_dir(tmp_path / "plain").batching is None
+    with pytest.raises(InvalidInputError, match="dynamic leading"):
+        onnx_flavor.save_model(models.onnx_linear(1), tmp_path / "fixed", batching={"max_batch_size": 4})
+    with pytest.raises(InvalidInputError, match="unknown keys"):
+        onnx_flavor.save_model(models.onnx_mlp(), tmp_path / "typo", batching={"max_batch_size": 4, "delay": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp", "plain"]  # a refused save leaves nothing
