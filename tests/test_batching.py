@@ -117,21 +117,30 @@ def test_settings_read_and_bounded():
             BatchingSettings.from_flag(bad)
 
 
-def test_policy_flags_over_the_model_and_only_models_that_can_batch(modules):
+def test_policy_flags_over_the_model_and_only_models_that_declare_a_batch(modules):
     mlp, fixed = modules["mlp"], modules["fixed"]
     assert batchable(mlp.input_specs, mlp.output_specs) and not batchable(fixed.input_specs, fixed.output_specs)
     policy = BatchingPolicy.from_flags(["8,100", "mine=4", "never=off"])
     own = {"max_batch_size": 2}
+    declared = {"max_batch_size": 4, "preferred_batch_size": [2], "dynamic_batching": False}
     specs = (mlp.input_specs, mlp.output_specs)
-    assert policy.settings_for("other", None, *specs) == BatchingSettings(8, (), 100)  # the default
-    assert policy.settings_for("other", own, *specs) == BatchingSettings(2)  # the model's own over the default
+    # the server-wide flag: not for a model that declares no batch, however dynamic its first dimension
+    assert policy.settings_for("other", None, *specs) is None and "declares no batch" in policy.skipped["other"]
+    assert policy.settings_for("other", own, *specs) == BatchingSettings(2) and "other" not in policy.skipped
+    assert policy.settings_for("decl", declared, *specs) == BatchingSettings(4, (), 100)  # capped by the model's
+    assert BatchingPolicy().settings_for("decl", declared, *specs) is None  # the batcher is the server's to turn on
     assert policy.settings_for("mine", own, *specs) == BatchingSettings(4)  # a flag naming it over the model's
-    assert policy.settings_for("never", own, *specs) is None
+    assert policy.settings_for("mine", None, *specs) == BatchingSettings(4)  # (the operator's word for it)
+    assert policy.settings_for("never", own, *specs) is None and "never" not in policy.skipped
     assert policy.settings_for("other", None, fixed.input_specs, fixed.output_specs) is None
     assert policy.settings_for("mine", None, fixed.input_specs, fixed.output_specs) is None
-    with pytest.raises(InvalidInputError, match="dynamic leading"):
-        policy.settings_for("other", own, fixed.input_specs, fixed.output_specs)
+    for config in (own, declared):
+        with pytest.raises(InvalidInputError, match="dynamic leading"):
+            policy.settings_for("other", config, fixed.input_specs, fixed.output_specs)
+    with pytest.raises(InvalidInputError, match="dynamic_batching"):
+        policy.settings_for("other", {"max_batch_size": 2, "dynamic_batching": "no"}, *specs)
     assert BatchingPolicy().settings_for("any", None, *specs) is None  # off unless asked for
+    assert BatchingPolicy().skipped == {}
     with pytest.raises(InvalidInputError):
         BatchingPolicy.from_flags(["=4"])
 
@@ -150,18 +159,20 @@ def test_mixed_batch_sizes_answer_exactly_what_each_request_alone_gets(modules, 
     assert batcher.stats.rows == sum(sizes)
 
 
-def test_requests_of_another_shape_or_too_many_rows_run_alone(modules, rng):
+def test_requests_of_another_shape_run_alone_and_too_many_rows_are_refused(modules, rng):
     any_shape = modules["any_shape"]
     requests = [[rng.standard_normal(shape).astype(np.float32)] for shape in [(2, 3), (1, 5), (1, 3), (9, 3)]]
     answers, batcher = _drive(any_shape, BatchingSettings(8), requests)
-    for request, answer in zip(requests, answers):
+    for request, answer in zip(requests[:3], answers):
         np.testing.assert_array_equal(answer[0], any_shape.infer(request)[0], strict=True)
     # (2,3) and (1,3) share a batch; (1,5) has another width; (9,3) has more rows than max_batch_size
-    assert _batches(batcher) == 3 and batcher.stats.rows == 13
+    assert isinstance(answers[3], InvalidInputError) and answers[3].status_code == 400
+    assert str(answers[3]) == "inference request batch-size must be <= 8 for 'model'"  # Triton's words
+    assert _batches(batcher) == 2 and batcher.stats.rows == 4
     start = time.perf_counter()
-    [answer], _ = _drive(any_shape, BatchingSettings(8, (), 5_000_000), [requests[3]])
+    answers, _ = _drive(any_shape, BatchingSettings(8, (), 5_000_000), [[np.ones((0, 3), np.float32)]])
     assert time.perf_counter() - start < 4.0  # a request that can join no batch does not wait the 5 s delay
-    np.testing.assert_array_equal(answer[0], any_shape.infer(requests[3])[0], strict=True)
+    assert answers[0][0].shape == (0, 3)
 
 
 def test_a_failing_request_in_a_batch_fails_alone(modules):

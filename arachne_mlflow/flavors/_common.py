@@ -41,6 +41,7 @@ from mlflow.utils.requirements_utils import _get_pinned_requirement
 from arachne_mlflow import __version__
 from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.model.batching import BatchingSettings, batchable
 from arachne_mlflow.model.directory import (
     FLAVOR_NAME,
     ArachneModel,
@@ -209,8 +210,13 @@ def save_model(
     pip_requirements=None,
     extra_pip_requirements=None,
     metadata: dict[str, Any] | None = None,
+    batching: dict[str, Any] | None = None,
 ) -> None:
-    """Write an MLflow model directory at `path` (which must not exist or be empty)."""
+    """Write an MLflow model directory at `path` (which must not exist or be empty).
+
+    `batching` declares that the model's first dimension is a batch (MLmodel's `arachne.batching`,
+    see `model/batching.py`): a device server batches only the models that declare one.
+    """
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     path = Path(path).absolute()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -246,6 +252,8 @@ def save_model(
             block["extra_files"] = files.extra_files
         if dtypes := tensor_dtypes(*specs):
             block["tensor_dtypes"] = dtypes
+        if batching is not None:
+            block["batching"] = _checked_batching(batching, specs)
         mlflow_model.add_flavor(FLAVOR_NAME, **block, arachne_mlflow_version=__version__, code=code_dir)
         for name, conf in files.extra_flavors.items():
             mlflow_model.add_flavor(name, **conf, code=code_dir)
@@ -258,6 +266,18 @@ def save_model(
         if not created:
             path.mkdir()  # it was an empty directory: leave it as found
         raise
+
+
+def _checked_batching(batching: Any, specs: Specs) -> dict[str, Any]:
+    """The `batching` declaration, refused if its keys are wrong or the model's tensors cannot batch."""
+    BatchingSettings.from_config(batching, "batching")
+    if not batchable(*specs):
+        shapes = {spec.name: list(spec.shape) for spec in (*specs[0], *specs[1])}
+        raise InvalidInputError(
+            f"batching declares a batch, but a batch needs a dynamic leading dimension (-1) on every input and "
+            f"output; the model's tensors are {shapes}"
+        )
+    return dict(batching)
 
 
 def log_model(flavor, model: Any, name: str | None, **kwargs: Any):

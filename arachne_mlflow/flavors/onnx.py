@@ -56,6 +56,7 @@ def save_model(
     pip_requirements=None,
     extra_pip_requirements=None,
     metadata: dict[str, Any] | None = None,
+    batching: dict[str, Any] | None = None,
     runtime_options: dict[str, Any] | None = None,
     save_as_external_data: bool = False,
 ) -> None:
@@ -65,6 +66,7 @@ def save_model(
     one `model.onnx` (one file is simplest to ship to a device) unless the model is over 2 GB or
     `save_as_external_data` is set. `runtime_options` are `providers`, `provider_options` and
     `sess_options` (a dict) for onnxruntime, used at every load.
+    `batching` declares the first dimension a batch (MLmodel `arachne.batching`, docs/flavors.md).
     """
     options = _check_runtime_options(runtime_options)
 
@@ -92,6 +94,7 @@ def save_model(
         pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements,
         metadata=metadata,
+        batching=batching,
     )
 
 

@@ -52,11 +52,13 @@ def save_model(
     pip_requirements=None,
     extra_pip_requirements=None,
     metadata: dict[str, Any] | None = None,
+    batching: dict[str, Any] | None = None,
     runtime_options: dict[str, Any] | None = None,
 ) -> None:
     """Save a TFLite model (a `.tflite` path or the model bytes) as an MLflow model at `path`.
 
     `runtime_options` are LiteRT interpreter options (`num_threads`, ...) used at every load.
+    `batching` declares the first dimension a batch (MLmodel `arachne.batching`, docs/flavors.md).
     """
 
     def write(directory: Path) -> _common.ModelFiles:
@@ -76,6 +78,7 @@ def save_model(
         pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements,
         metadata=metadata,
+        batching=batching,
     )
 
 

@@ -65,6 +65,7 @@ def save_model(
     pip_requirements=None,
     extra_pip_requirements=None,
     metadata: dict[str, Any] | None = None,
+    batching: dict[str, Any] | None = None,
     runtime_options: dict[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
     params_file: str | os.PathLike | None = None,
@@ -80,6 +81,7 @@ def save_model(
     `model` is a library path (`.so`/`.tar` from `export_library`), a Relax executable, or a
     Relax `IRModule` (compiled here with `tvm.compile` for `target`, default llvm). Detached
     weights come as `params` (name -> array) or `params_file` (TVM's param-dict format).
+    `batching` declares the first dimension a batch (MLmodel `arachne.batching`, docs/flavors.md).
     `target` is a TVM target: a kind name, its JSON form, a dict or a `tvm.target.Target`.
     `tvm_device` (default cpu, or the env.yaml's) is where it runs; `arch` the CPU it was built
     for (default: the target's `mtriple` CPU when compiled here, else this machine's: pass it for
@@ -146,6 +148,7 @@ def save_model(
         pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements,
         metadata=metadata,
+        batching=batching,
     )
 
 

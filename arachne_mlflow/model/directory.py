@@ -9,7 +9,8 @@ It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
       tvm: {device: cpu, target: "...", arch: x86_64, params_file: params.bin}   # TVM only
       extra_files: [model.onnx.data]    # other files loading needs (optional)
       tensor_dtypes: {inputs: {x: bfloat16}, outputs: {y: bfloat16}}   # (optional, see below)
-      batching: {max_batch_size: 16, max_queue_delay_microseconds: 500}   # the device server's (optional)
+      batching: {max_batch_size: 16, max_queue_delay_microseconds: 500}   # dim 0 is a batch (optional, see
+                                                                          # model/batching.py)
       arachne_mlflow_version: "..."
 
 The tensor spec comes from MLflow's `signature` (tensor-based), stored beside it in MLmodel.

@@ -1,17 +1,18 @@
 """Dynamic batching: concurrent infer requests of one model merged along dim 0, run once, split back.
 
 The settings mean what they mean in Triton's dynamic batcher: `max_batch_size` (rows of one
-merged run), `preferred_batch_size` (sizes run as soon as they can be formed), and
-`max_queue_delay_microseconds` (how long the oldest waiting request may be held for others to
-join). They come from the model's MLmodel (`arachne.batching: {...}`) or the server's
-`--batching` flag, and apply only to models whose every input and output has a dynamic leading
-dimension.
+merged run, and of one request), `preferred_batch_size` (sizes run as soon as they can be formed),
+and `max_queue_delay_microseconds` (how long the oldest waiting request may be held for others to
+join). A dynamic first dimension is not proof of a batch (a sequence model mixes its rows), so a
+model batches only when its MLmodel declares that its first dimension is a batch (the
+`arachne.batching` block, as Triton's per-model `max_batch_size`) or the server's `--batching`
+names it; a server-wide `--batching` applies to declaring models only, and says which it skipped.
 
-A request joins only requests of its own kind (every input's dtype and non-batch dimensions
-equal); a request that cannot fit a batch at all (more rows than `max_batch_size`, inputs of
-unequal leading sizes) runs alone. Batches of a model run one after the other: while one runs,
-the next fills. A merged run that fails is retried request by request, so one request's failure
-is never another's.
+A request with more rows than `max_batch_size` is refused (400, Triton's wording); a request joins
+only requests of its own kind (every input's dtype and non-batch dimensions equal); one that
+cannot share a batch (no rows, inputs of unequal leading sizes) runs alone. Batches of a model run
+one after the other: while one runs, the next fills. A merged run that fails is retried request
+by request, so one request's failure is never another's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,91 +31,22 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.model.batching import BatchingSettings, batchable
 from arachne_mlflow.model.spec import TensorSpec
 
 _logger = logging.getLogger(__name__)
-
-#: Bounds on settings read from an uploaded MLmodel or a flag.
-MAX_BATCH_SIZE = 4096
-MAX_QUEUE_DELAY_US = 10_000_000
-MAX_PREFERRED_SIZES = 16
-_KEYS = ("max_batch_size", "preferred_batch_size", "max_queue_delay_microseconds")
 
 SIZE_BUCKETS = tuple(2**i for i in range(13))  # 1 ... MAX_BATCH_SIZE
 QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
-@dataclass(frozen=True)
-class BatchingSettings:
-    """Triton's `max_batch_size` and `dynamic_batching` for one model."""
-
-    max_batch_size: int
-    preferred_batch_size: tuple[int, ...] = ()
-    max_queue_delay_microseconds: int = 0
-
-    @classmethod
-    def from_config(cls, config: Any, where: str = "batching") -> BatchingSettings:
-        """Settings from a mapping (MLmodel's `arachne.batching`), every value checked."""
-        if not isinstance(config, Mapping):
-            raise InvalidInputError(f"{where} must be a mapping with keys {list(_KEYS)}")
-        unknown = sorted(set(config) - set(_KEYS))
-        if unknown:
-            raise InvalidInputError(f"{where}: unknown keys {unknown}; known: {list(_KEYS)}")
-        if "max_batch_size" not in config:
-            raise InvalidInputError(f"{where} needs max_batch_size")
-        size = _bounded_int(config["max_batch_size"], 1, MAX_BATCH_SIZE, f"{where}.max_batch_size")
-        delay = _bounded_int(
-            config.get("max_queue_delay_microseconds", 0),
-            0,
-            MAX_QUEUE_DELAY_US,
-            f"{where}.max_queue_delay_microseconds",
-        )
-        preferred = config.get("preferred_batch_size") or []
-        if isinstance(preferred, int):
-            preferred = [preferred]
-        if not isinstance(preferred, list) or len(preferred) > MAX_PREFERRED_SIZES:
-            raise InvalidInputError(
-                f"{where}.preferred_batch_size must be a list of at most {MAX_PREFERRED_SIZES} sizes"
-            )
-        sizes = sorted({_bounded_int(p, 1, size, f"{where}.preferred_batch_size") for p in preferred})
-        return cls(size, tuple(sizes), delay)
-
-    @classmethod
-    def from_flag(cls, text: str) -> BatchingSettings:
-        """`max_batch_size[,max_queue_delay_microseconds]`, as the `--batching` flag writes them."""
-        parts = text.split(",")
-        if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
-            raise InvalidInputError(f"--batching {text!r}: expected max_batch_size[,max_queue_delay_microseconds]")
-        values = dict(zip(("max_batch_size", "max_queue_delay_microseconds"), (int(p) for p in parts)))
-        return cls.from_config(values, "--batching")
-
-    def to_config(self) -> dict[str, Any]:
-        """The settings as Triton's model configuration writes them."""
-        return {
-            "max_batch_size": self.max_batch_size,
-            "dynamic_batching": {
-                "preferred_batch_size": list(self.preferred_batch_size),
-                "max_queue_delay_microseconds": self.max_queue_delay_microseconds,
-            },
-        }
-
-
-def _bounded_int(value: Any, low: int, high: int, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidInputError(f"{where} must be an integer in [{low}, {high}], got {value!r}")
-    return value
-
-
-def batchable(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> bool:
-    """Whether requests can be merged along dim 0: every tensor's leading dimension is dynamic."""
-    return bool(inputs) and all(spec.shape and spec.shape[0] == -1 for spec in (*inputs, *outputs))
-
-
 class BatchingPolicy:
-    """Which models batch, and how: the server's `--batching` flags over each model's own settings.
+    """Which models batch, and how: the server's `--batching` flags over each model's own declaration.
 
-    A flag naming a model overrides its MLmodel (`None`: never batch it); the default flag
-    applies to every model that can batch and has no settings of its own.
+    A flag naming a model overrides its MLmodel (`None`: never batch it). The server-wide flag
+    applies only to models whose MLmodel declares a batch and leaves the batcher to the server
+    (`dynamic_batching: false`), capped by their `max_batch_size`; the models it skips are in
+    `skipped`, with why.
     """
 
     def __init__(
@@ -123,6 +54,7 @@ class BatchingPolicy:
     ):
         self.default = default
         self.per_model = dict(per_model or {})
+        self.skipped: dict[str, str] = {}
 
     @classmethod
     def from_flags(cls, flags: Sequence[str]) -> BatchingPolicy:
@@ -143,9 +75,10 @@ class BatchingPolicy:
     ) -> BatchingSettings | None:
         """The settings model `name` runs with; `config` is its MLmodel `arachne.batching` (None: absent).
 
-        A model that asks for batching in its MLmodel but cannot batch is refused (its author
-        made a mistake); a flag is not applied to a model that cannot batch.
+        A model that declares a batch in its MLmodel but cannot batch is refused (its author made
+        a mistake); a flag is not applied to a model that cannot batch.
         """
+        self.skipped.pop(name, None)
         can_batch = batchable(inputs, outputs)
         if name in self.per_model:
             settings = self.per_model[name]
@@ -158,11 +91,30 @@ class BatchingPolicy:
             if not can_batch:
                 shapes = {spec.name: list(spec.shape) for spec in (*inputs, *outputs)}
                 raise InvalidInputError(
-                    f"model {name!r} asks for batching (arachne.batching), but batching needs a dynamic leading "
+                    f"model {name!r} declares a batch (arachne.batching), but batching needs a dynamic leading "
                     f"dimension (-1) on every input and output; its tensors are {shapes}"
                 )
-            return settings
-        return self.default if can_batch else None
+            if config.get("dynamic_batching", True):
+                return settings
+            return None if self.default is None else self.default.capped(settings.max_batch_size)
+        if self.default is not None:
+            self._skip(name)
+        return None
+
+    def _skip(self, name: str) -> None:
+        """The server-wide flag does not apply to model `name`: remember why, and say so."""
+        reason = (
+            "its MLmodel declares no batch dimension (arachne.batching); a dynamic first dimension is not "
+            "proof of a batch"
+        )
+        self.skipped[name] = reason
+        _logger.warning(
+            "model %r: --batching %s does not apply: %s; name it (--batching %s=MAX_BATCH_SIZE[,DELAY_US]) to batch it",
+            name,
+            self.default.to_flag(),  # type: ignore[union-attr]
+            reason,
+            name,
+        )
 
 
 class BatchStats:
@@ -215,7 +167,9 @@ class Batcher:
         run: Callable[[list[np.ndarray]], Awaitable[list[np.ndarray]]],
         stats: BatchStats | None = None,
         executed: Callable[[int, int], None] | None = None,
+        name: str = "model",
     ):
+        self.name = name
         self.settings = settings
         self.stats = stats if stats is not None else BatchStats()
         self._run = run
@@ -227,10 +181,15 @@ class Batcher:
 
     async def submit(self, inputs: list[np.ndarray], times: Any = None) -> list[np.ndarray]:
         """The model's outputs for `inputs` (checked arrays, one per model input), as if run alone;
-        `times` (a `metrics.RequestTimes`) gets the request's `queue` and `compute_infer`."""
+        `times` (a `metrics.RequestTimes`) gets the request's `queue` and `compute_infer`.
+        More rows than `max_batch_size` are refused, as Triton refuses them (and in its words)."""
         loop = asyncio.get_running_loop()
         rows = inputs[0].shape[0]
-        if rows == 0 or rows > self.settings.max_batch_size or any(a.shape[0] != rows for a in inputs):
+        if rows > self.settings.max_batch_size:
+            raise InvalidInputError(
+                f"inference request batch-size must be <= {self.settings.max_batch_size} for '{self.name}'"
+            )
+        if rows == 0 or any(a.shape[0] != rows for a in inputs):
             key: Any = object()  # joins no other request
         else:
             key = tuple([(a.dtype, a.shape[1:]) for a in inputs])

@@ -168,8 +168,9 @@ class Dataplane:
         """Triton's model configuration (`ModelConfig` JSON): what perf_analyzer reads first.
 
         With dynamic batching on, `max_batch_size` is the batcher's and `dims` leave out the
-        batch dimension (the metadata shapes keep it, as -1); otherwise `max_batch_size` is 0 and
-        `dims` are the whole shapes.
+        batch dimension (the metadata shapes keep it, as -1); otherwise `max_batch_size` is 0,
+        `dims` are the whole shapes, and a server-wide `--batching` that skipped the model says why
+        in `parameters`.
         """
         record, inputs, outputs = self.store.spec(name)
         batching = self.batching(name)
@@ -188,6 +189,8 @@ class Dataplane:
         }
         if batching is not None:
             config.update(batching.to_config())  # max_batch_size and dynamic_batching
+        elif skipped := self.store.batching.skipped.get(name):
+            config["parameters"] = {"arachne.batching": {"string_value": f"--batching does not apply: {skipped}"}}
         return config
 
     def statistics(self, name: str | None = None) -> dict[str, Any]:
@@ -300,6 +303,7 @@ class Dataplane:
                 run,
                 stats,
                 executed=lambda rows, infer_ns: triton.executed(rows, 0, infer_ns, 0),
+                name=name,
             )
         outputs = await batcher.submit(inputs, times)
         encoding = time.perf_counter_ns()

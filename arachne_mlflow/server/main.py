@@ -79,8 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="[MODEL=]MAX_BATCH_SIZE[,DELAY_US]",
         help="merge concurrent requests along dim 0 (Triton's dynamic batching): MODEL=16,500 for one model "
-        "(over its MLmodel's arachne.batching), MODEL=off to never batch it, 16,500 for every model that can "
-        "batch and has no settings of its own; repeatable",
+        "(over its MLmodel's arachne.batching), MODEL=off to never batch it, 16,500 for the models whose MLmodel "
+        "declares a batch and leaves the batcher to the server (arachne.batching.dynamic_batching: false; "
+        "capped by their max_batch_size; the others are logged as skipped); repeatable",
     )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument(

@@ -193,6 +193,31 @@ def onnx_lookup(rows: int = 10):
     return _onnx_model(graph)
 
 
+def onnx_rows_not_a_batch(width: int = 4):
+    """x[N, width] -> x's rows in reverse order minus their mean over dim 0 [N, width]: a dynamic first
+    dimension that is not a batch (every output row depends on every input row), as in a sequence model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = [
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "start"),
+        numpy_helper.from_array(np.array([np.iinfo(np.int64).min], dtype=np.int64), "end"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "axis"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "step"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", ["x", "start", "end", "axis", "step"], ["reversed"]),
+            helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["reversed", "mean"], ["y"]),
+        ],
+        "rows_not_a_batch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        consts,
+    )
+    return _onnx_model(graph)
+
+
 def _keras_seed():
     import tensorflow as tf
 
