@@ -180,7 +180,7 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: tuple[tuple[str, bool], ...] | None  # (name, binary); None = every output
     binary_output: bool
-    id: str | int | float | None = None  # echoed as given (V2 says a string; numbers are echoed too)
+    id: str | None = None  # echoed in the answer (a number sent as the id comes back as a string)
 
 
 def decode_request(
@@ -214,10 +214,13 @@ def decode_request(
     return InferRequest(arrays, outputs, binary_output, request_id)
 
 
-def _request_id(value: Any) -> str | int | float | None:
-    """The request's `id`: a string, or a number (echoed as given: JSON writes both back exactly)."""
-    if value is None or type(value) in (str, float) or (type(value) is int and -(2**63) <= value < 2**64):
+def _request_id(value: Any) -> str | None:
+    """The request's `id`, a string as the protocol's schema says; a number sent by a lenient client
+    becomes its JSON text, so the answer never carries an id of another type than a string."""
+    if value is None or type(value) is str:
         return value
+    if type(value) is float or (type(value) is int and -(2**63) <= value < 2**64):
+        return json.dumps(value)
     raise InvalidInputError(f"'id' must be a string, got {str(value)[:100]!r}")
 
 

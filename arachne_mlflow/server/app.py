@@ -34,6 +34,7 @@ from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
 
 if TYPE_CHECKING:
     from arachne_mlflow.server.follow import FollowConfig
+    from arachne_mlflow.server.grpc_service import ConnectionLimits
 
 _logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def create_app(
     grpc_tls: tuple[str, str] | None = None,
     grpc_grace: float = 5.0,
     follow: FollowConfig | None = None,
+    grpc_limits: ConnectionLimits | None = None,
 ) -> ASGIApp:
     """The device server application over the model store directory `model_store`.
 
@@ -67,7 +69,8 @@ def create_app(
     `batching` says which models batch their requests (`--batching`; default: those whose MLmodel asks).
     With `grpc_port` (0: any free port, then in `app.state.grpc_port`), the gRPC service runs
     beside it on the same event loop, started and stopped by the lifespan; `grpc_tls` is
-    (certificate file, key file), `grpc_grace` the seconds calls may take to finish at shut-down.
+    (certificate file, key file), `grpc_grace` the seconds calls may take to finish at shut-down,
+    `grpc_limits` its `ConnectionLimits` (server/grpc_service.py).
     With `follow`, models follow registry aliases from start-up to shut-down (server/follow.py).
     """
     store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES, batching)
@@ -84,7 +87,9 @@ def create_app(
         try:
             if grpc_port is not None:
                 tls = None if grpc_tls is None else (Path(grpc_tls[0]).read_bytes(), Path(grpc_tls[1]).read_bytes())
-                grpc_server = await GrpcServer.start(dataplane, grpc_host, grpc_port, token, max_request_bytes, tls)
+                grpc_server = await GrpcServer.start(
+                    dataplane, grpc_host, grpc_port, token, max_request_bytes, tls, grpc_limits
+                )
                 app.state.grpc_port = grpc_server.port
             yield
         finally:

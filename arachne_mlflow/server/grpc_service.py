@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from arachne_mlflow.errors import (
@@ -27,9 +28,11 @@ from arachne_mlflow.errors import (
 try:
     import grpc
     from google.protobuf import json_format
+    from google.protobuf.message import DecodeError
 
     from arachne_mlflow.protocol.grpc import codec as grpc_codec
     from arachne_mlflow.protocol.grpc import inference_pb2 as pb
+    from arachne_mlflow.protocol.grpc.wire import check_parse_cost
 except ImportError as err:  # pragma: no cover (CI installs the extra)
     raise MissingDependencyError("--grpc-port needs gRPC: pip install 'arachne-mlflow[grpc]'") from err
 
@@ -46,6 +49,9 @@ PUBLIC = frozenset({"ServerLive", "ServerReady"})
 _GRPC_MAX_LENGTH = 2**31 - 1
 #: Streams one connection may have open at once (each can hold a message up to the size limit).
 MAX_CONCURRENT_STREAMS = 100
+#: The flow-control window of a stream no handler reads: what a peer can park in a stream it never
+#: completes. A call being read gets the window its message needs, whatever this is.
+STREAM_WINDOW = 16 * 1024
 # The gRPC status of each HTTP status an ArachneError carries; anything else is INTERNAL.
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -137,6 +143,25 @@ class InferenceServicer:
             self.dp.check_version(name, version)
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one gRPC peer may hold: connections that stay open past these bounds are closed."""
+
+    #: Connections open at once; beyond it new ones are closed at once (descriptors stay for REST).
+    max_connections: int = 256
+    #: Seconds a connection with no call in progress stays open.
+    idle_timeout: float = 30.0
+    #: Seconds a new connection has to complete the HTTP/2 (and TLS) handshake.
+    handshake_timeout: float = 5.0
+
+    def options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.max_connection_idle_ms", int(self.idle_timeout * 1000)),
+            ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout * 1000)),
+        ]
+
+
 class GrpcServer:
     """A `grpc.aio` server of the service on one address, in the running event loop."""
 
@@ -153,17 +178,25 @@ class GrpcServer:
         token: str | None = None,
         max_message_bytes: int = _GRPC_MAX_LENGTH,
         tls: tuple[bytes, bytes] | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> GrpcServer:
         """Serve on `host:port` (0: a free port); `tls` is (certificate chain, private key) in PEM."""
+        max_message_bytes = min(max_message_bytes, _GRPC_MAX_LENGTH)
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", min(max_message_bytes, _GRPC_MAX_LENGTH)),
+                ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
                 ("grpc.so_reuseport", 0),
+                # Windows stay at STREAM_WINDOW: bandwidth-delay probing would grow every stream's
+                # (and the transport's read buffers) to megabytes for a peer that never sends a token.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
+                *(limits or ConnectionLimits()).options(),
             ]
         )
-        server.add_generic_rpc_handlers((_handlers(InferenceServicer(dataplane), dataplane, token),))
+        servicer = InferenceServicer(dataplane)
+        server.add_generic_rpc_handlers((_handlers(servicer, dataplane, token, max_message_bytes),))
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             if tls is None:
@@ -185,35 +218,60 @@ class GrpcServer:
         await self._server.stop(grace)
 
 
-def _handlers(servicer: InferenceServicer, dataplane: Dataplane, token: str | None) -> Any:
+def _handlers(servicer: InferenceServicer, dataplane: Dataplane, token: str | None, max_message_bytes: int) -> Any:
     """The generic handler of every RPC the servicer has, each wrapped in auth and error mapping.
 
     Registered by hand under the wire name `SERVICE`, so our proto package (renamed, see the
     .proto) does not show, and no generated `_pb2_grpc` module (with its own version pin) is needed.
+    Each is registered as request-streaming, though clients send one message: grpc.aio reads a
+    unary request into memory before its handler runs, a streaming one only when the handler asks,
+    so the token is checked before a byte of the message is kept.
     """
     expected = token.encode() if token else None
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in service.methods:
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _guarded(method.name, getattr(servicer, method.name), dataplane, expected),
-            request_deserializer=getattr(pb, method.input_type.name).FromString,
+        parse = _parser(getattr(pb, method.input_type.name), max_message_bytes)
+        handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+            _guarded(method.name, getattr(servicer, method.name), dataplane, expected, parse),
+            request_deserializer=None,  # (raw bytes: checked, then parsed, by `parse`)
             response_serializer=_serialize,
         )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
+def _parser(message_class: Any, max_bytes: int) -> Callable[[bytes], Any]:
+    """A message's parser that first refuses what would cost more than `max_bytes` once parsed."""
+
+    def parse(raw: bytes) -> Any:
+        check_parse_cost(raw, message_class.DESCRIPTOR, max_bytes)
+        try:
+            return message_class.FromString(raw)
+        except DecodeError as err:
+            raise InvalidInputError(f"the request is not a well-formed {message_class.__name__}: {err}") from err
+
+    return parse
+
+
 def _guarded(
-    name: str, call: Callable[[Any, Any], Awaitable[Any]], dataplane: Dataplane, token: bytes | None
+    name: str,
+    call: Callable[[Any, Any], Awaitable[Any]],
+    dataplane: Dataplane,
+    token: bytes | None,
+    parse: Callable[[bytes], Any],
 ) -> Callable[[Any, Any], Awaitable[Any]]:
-    """`call` behind the bearer token (unless public), its errors answered as gRPC statuses."""
+    """`call` behind the bearer token (unless public), checked before the message is read; its
+    errors answered as gRPC statuses."""
     needs_token = token is not None and name not in PUBLIC
 
-    async def guarded(request: Any, context: Any) -> Any:
+    async def guarded(requests: Any, context: Any) -> Any:
         if needs_token and not bearer_matches(_authorization(context), token):
             return await _abort(context, dataplane, grpc.StatusCode.UNAUTHENTICATED, HOW_TO_AUTHENTICATE)
         try:
-            return await call(request, context)
+            raw = await context.read()
+            if raw is grpc.aio.EOF:
+                raise InvalidInputError(f"the {name} call carries no request message")
+            return await call(parse(raw), context)
         except ArachneError as err:
             return await _abort(context, dataplane, status_code(err), str(err))
         except Exception as err:

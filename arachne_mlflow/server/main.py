@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import resource
 import socket
 from pathlib import Path
 
@@ -32,6 +33,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="also serve the protocol over gRPC on this port, same host, token and TLS (needs arachne-mlflow[grpc])",
+    )
+    parser.add_argument(
+        "--grpc-max-connections",
+        type=int,
+        default=None,
+        help="gRPC connections open at once; beyond it new ones are closed, so gRPC never takes the file "
+        "descriptors REST needs (default: a quarter of the descriptor limit, at most 256)",
+    )
+    parser.add_argument(
+        "--grpc-idle-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a gRPC connection with no call in progress stays open (a new one has --head-timeout "
+        "to complete its handshake)",
     )
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
@@ -149,6 +164,7 @@ def serve(args: argparse.Namespace) -> int:
             grpc_host=args.host,
             grpc_tls=(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None,
             grpc_grace=args.graceful_timeout,
+            grpc_limits=_grpc_limits(args),
             follow=_follow_config(args),
         )
     except ArachneError as err:
@@ -195,6 +211,21 @@ def _follow_config(args: argparse.Namespace):
         interval=args.follow_interval,
         device=args.device_name,
     )
+
+
+def _grpc_limits(args: argparse.Namespace):
+    """The `--grpc-*` connection flags as `ConnectionLimits`, or None without `--grpc-port`."""
+    if args.grpc_port is None:
+        return None
+    from arachne_mlflow.server.grpc_service import ConnectionLimits
+
+    max_connections = args.grpc_max_connections
+    if max_connections is None:
+        descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        max_connections = 256 if descriptors == resource.RLIM_INFINITY else max(1, min(256, descriptors // 4))
+    if max_connections < 1 or not args.grpc_idle_timeout > 0 or not args.head_timeout > 0:
+        raise SystemExit("--grpc-max-connections, --grpc-idle-timeout and --head-timeout must be positive")
+    return ConnectionLimits(max_connections, args.grpc_idle_timeout, args.head_timeout)
 
 
 def _is_loopback(host: str) -> bool:

@@ -380,7 +380,10 @@ class ModelStore:
         with self._guard:
             entry = self._entries.get(name)
         if entry is None:
-            raise ModelNotFoundError(f"no model {name!r} on this server; models: {sorted(self._entries)}")
+            raise ModelNotFoundError(  # (Triton's words too: its example clients look for them)
+                f"no model {name!r} on this server (Request for unknown model: '{name}' is not found); "
+                f"models: {sorted(self._entries)}"
+            )
         return entry
 
     @contextmanager

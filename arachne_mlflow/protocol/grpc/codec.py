@@ -106,7 +106,7 @@ def _from_contents(tensor: Any) -> np.ndarray:
         array[:] = list(values)
         return array.reshape(shape)
     try:
-        return np.array(values, dtype=dtype).reshape(shape)
+        return np.fromiter(values, dtype=dtype, count=count).reshape(shape)  # (no list of Python numbers)
     except (OverflowError, ValueError) as err:
         raise InvalidInputError(f"input {name!r}: {field} holds values that do not fit {datatype}: {err}") from err
 
