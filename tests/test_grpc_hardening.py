@@ -114,9 +114,10 @@ def test_partial_messages_on_many_streams_hold_little(grpc_server):
     """20 connections x 100 streams, each the start of a 1 MiB message that never completes."""
 
     async def attack():
-        connections = [await RawGrpcConnection("127.0.0.1", grpc_server.grpc_port).open() for _ in range(20)]
-        sent = 0
-        for connection in connections:
+        connections, sent = [], 0
+        for _ in range(20):  # each opened when its calls start: the server closes a connection idle for 2 s
+            connection = await RawGrpcConnection("127.0.0.1", grpc_server.grpc_port).open()
+            connections.append(connection)
             for _ in range(100):
                 stream = await connection.start_call(INFER)
                 sent += await connection.send(stream, grpc_message_prefix(MiB) + bytes(40_000), timeout=1)
