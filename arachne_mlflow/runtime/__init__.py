@@ -52,8 +52,9 @@ def init(
     extracted into a private temporary directory; `model_dir` an MLflow model directory with
     the `arachne` flavor, or a directory holding one model file and its env.yaml. Other keyword
     arguments go to the backend (`num_threads`, `providers`, `tvm_device`, ...). With
-    `rpc_info={"host", "port"[, "token"]}` the model runs on that device server instead
-    (`RemoteRuntimeModule`, the same methods).
+    `rpc_info={"host", "port"}` (or `{"device": "cam-1"}`, a fleet file's device) the model runs on
+    that device server instead (`RemoteRuntimeModule`, the same methods); its token is
+    `rpc_info["token"]`, else `$ARACHNE_TOKEN` (docs/runtime.md, "Remote mode").
     """
     cls = get_runtime_class(runtime)
     workdir = None
