@@ -12,9 +12,12 @@ OLD_VENV ?= .venv-old-python
 .PHONY: quickstart test test-fast test-old-python old-python lint benchmark benchmark-peers system-deps grpc-stubs
 
 $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
+	@echo "make: first use: installing arachne-mlflow with every extra into $(VENV) (TensorFlow, onnxruntime, TVM," \
+	  "MLflow and the test tools: about 2 GB, a few minutes on a fast connection; nothing is shown meanwhile)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[all,test]" -e examples/runtime_plugin
+	@echo "make: $(VENV) is ready"
 	touch $@
 
 # System packages the tests need, installed only when missing (as root, sudo otherwise; quietly): Debian's
@@ -23,13 +26,17 @@ $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 CROSS_CC := aarch64-linux-gnu-gcc
 APT_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 system-deps:
-	@missing=""; \
+	@missing=""; why=""; \
 	echo 'int f(void) { return 0; }' | $(CROSS_CC) -shared -x c - -o /dev/null 2>/dev/null \
-	  || missing="gcc-aarch64-linux-gnu libc6-dev-arm64-cross"; \
-	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
-	$(OLD_PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3 python3-venv"; \
+	  || { missing="gcc-aarch64-linux-gnu libc6-dev-arm64-cross"; \
+	       why="the aarch64 cross compiler (tests/test_tvm_cross.py builds a TVM model for a Jetson)"; }; \
+	command -v systemd-analyze >/dev/null \
+	  || { missing="$$missing systemd"; why="$$why; systemd-analyze (checks the unit in SECURITY.md)"; }; \
+	$(OLD_PYTHON) -c 'import ensurepip, venv' 2>/dev/null \
+	  || { missing="$$missing python3 python3-venv"; why="$$why; Debian's python3 (tests/test_old_python.py)"; }; \
 	[ -z "$$missing" ] || { \
 	  command -v apt-get >/dev/null || { echo "install these (Debian's names): $$missing" >&2; exit 1; }; \
+	  echo "make system-deps: installing $$missing with apt-get, once: $${why#; }"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO $(APT_INSTALL) $$missing >/dev/null 2>&1 \
 	    || { $$SUDO apt-get update -qq && $$SUDO $(APT_INSTALL) $$missing >/dev/null; }; }

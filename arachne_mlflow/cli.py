@@ -19,15 +19,33 @@ def _runtimes(args: argparse.Namespace) -> int:
 
 def _benchmark(args: argparse.Namespace) -> int:
     from arachne_mlflow import runtime
+    from arachne_mlflow.errors import InvalidInputError
 
-    options = json.loads(args.options) if args.options else {}
+    try:
+        options = json.loads(args.options) if args.options else {}
+    except ValueError as err:
+        raise InvalidInputError(f"--options must be a JSON object, e.g. '{{\"num_threads\": 2}}': {err}") from err
+    if not isinstance(options, dict):
+        raise InvalidInputError(f"--options must be a JSON object, e.g. '{{\"num_threads\": 2}}', got {args.options}")
     with runtime.init(args.runtime, model_file=args.model_file, env_file=args.env_file, **options) as module:
         result = module.benchmark(warmup=args.warmup, repeat=args.repeat, number=args.number)
     print(json.dumps(result, indent=2))
     return 0
 
 
+_LEGACY_FLAGS = {"runtime": "--runtime (tflite, onnx or tvm)", "env_file": "--env-file (an env.yaml with model_spec)"}
+
+
 def _import_legacy(args: argparse.Namespace) -> int:
+    from arachne_mlflow.flavors.legacy import MissingLegacyArgumentError
+
+    try:
+        return _convert_legacy(args)
+    except MissingLegacyArgumentError as err:
+        raise err.naming(_LEGACY_FLAGS) from err
+
+
+def _convert_legacy(args: argparse.Namespace) -> int:
     from arachne_mlflow.flavors.legacy import log_legacy_model, save_legacy_model
 
     source = {
@@ -132,14 +150,37 @@ def _add_fleet(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from arachne_mlflow.errors import ArachneError
-
+    """Run a sub-command. A user's mistake (a bad input, a missing file or device, a library not
+    installed, an error MLflow reports) is one line on stderr and exit code 1; a bug keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ArachneError as err:
-        print(f"arachne-mlflow: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:
+        message = user_error(err)
+        if message is None:
+            raise
+        print(f"arachne-mlflow: error: {message}", file=sys.stderr)
         return 1
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line message for an error that is the user's to fix; None for a bug."""
+    from arachne_mlflow.errors import ArachneError
+
+    if isinstance(err, ArachneError):
+        return _one_line(str(err))
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # (loaded when MLflow raised it)
+    if mlflow_exceptions is not None and isinstance(err, mlflow_exceptions.MlflowException):
+        return _one_line(err.message)
+    if isinstance(err, OSError) and err.filename is not None:  # a path the user gave
+        return _one_line(f"{err.strerror or err}: {err.filename}")
+    return None
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split()) or "failed"
 
 
 if __name__ == "__main__":

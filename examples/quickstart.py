@@ -18,6 +18,7 @@ MLFLOW_TRACKING_URI says otherwise. Nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
 import socket
@@ -26,7 +27,8 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up lines
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # and its oneDNN notice
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -66,13 +68,16 @@ def build_onnx():
 
 
 def build_tflite() -> bytes:
+    import absl.logging
     import tensorflow as tf
 
+    absl.logging.set_verbosity(absl.logging.ERROR)
     inputs = tf.keras.Input(shape=(4,), name="x")
     dense = tf.keras.layers.Dense(3, activation="relu", name="y")
     model = tf.keras.Model(inputs, dense(inputs))
     dense.set_weights([W, B])
-    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints "Saved artifact at '/tmp/...'"
+        return tf.lite.TFLiteConverter.from_keras_model(model).convert()
 
 
 def build_tvm(onnx_model):

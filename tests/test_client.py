@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import numpy as np
 import pytest
 
-from arachne_mlflow.client import DeviceClient
+from arachne_mlflow.client import DeviceClient, failures
 from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError, ModelNotFoundError
 from tests.helpers.servers import ServerProcess, free_port
 from tests.helpers.tls import self_signed_cert
@@ -30,6 +31,36 @@ def test_unreachable_server_names_host_and_port():
     assert caught.value.status_code == 503
 
 
+@pytest.mark.parametrize("call", ["control", "infer"])
+def test_unreachable_says_why_in_words(call):
+    """Refused, or a connection that never opens: the cause in words, not urllib3's "Max retries
+    exceeded ... (Caused by NewConnectionError(...))" chain; the device by its fleet name and address."""
+    with socket.socket() as full:  # a listener that never accepts, its queue full: a connect hangs
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = []
+        with contextlib.suppress(TimeoutError):
+            for _ in range(4):
+                queued.append(socket.create_connection(full.getsockname(), timeout=0.5))
+        for port, reason in ((free_port(), "connection refused"), (full.getsockname()[1], "timed out connecting")):
+            with DeviceClient("127.0.0.1", port, name="cam-1", connect_timeout=0.5, timeout=1) as device:
+                with pytest.raises(DeviceUnreachableError) as caught:
+                    device.infer("m", {"x": np.ones((1, 2), np.float32)}) if call == "infer" else device.ready()
+            message = str(caught.value)
+            assert message.startswith(f"device cam-1 (127.0.0.1:{port}) is unreachable: {reason}"), message
+            assert not [bad for bad in ("Max retries", "Errno", "HTTPConnection", "Caused by") if bad in message]
+        for connection in queued:
+            connection.close()
+
+
+def test_a_name_that_does_not_resolve_is_said_so():
+    with pytest.raises(socket.gaierror) as caught:  # a real resolver error, made without the network
+        socket.getaddrinfo("cam-1.local", 5051, flags=socket.AI_NUMERICHOST)
+    assert failures.reason(caught.value).startswith("name not resolved")
+    wrapped = failures.unreachable("device cam-1 (cam-1.local:5051)", OSError("wrapper"))
+    assert str(wrapped) == "device cam-1 (cam-1.local:5051) is unreachable: wrapper"
+
+
 def test_infer_times_out_on_a_server_that_never_answers():
     """The infer connection's timeout (kept by the kernel on Linux) ends a call the server never
     answers, as an unreachable-device error that says it timed out; the connection is dropped."""
@@ -37,7 +68,7 @@ def test_infer_times_out_on_a_server_that_never_answers():
         port = silent.getsockname()[1]
         with DeviceClient("127.0.0.1", port, timeout=0.3) as device:
             with pytest.raises(
-                DeviceUnreachableError, match=r"127.0.0.1:\d+ is unreachable \(TimeoutError\): timed out"
+                DeviceUnreachableError, match=r"127.0.0.1:\d+ is unreachable: timed out waiting for an answer$"
             ):
                 device.infer("tiny", {"x": np.ones((1, 16), np.float32)})
             assert not device._transport._idle

@@ -9,7 +9,9 @@ import pytest
 
 from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.client import DeviceClient
-from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError
+from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError, UnauthorizedError
+from arachne_mlflow.runtime.rpc_info import client_options
+from tests.helpers.fleet import fleet_file
 from tests.helpers.servers import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow  # real server processes (or the benchmarks): `make test-fast` skips them
@@ -135,7 +137,7 @@ def test_many_threads_share_one_remote_module(rpc_info, tflite_two_inputs_file):
 
 def test_rpc_errors(rpc_info, onnx_linear_file):
     with pytest.raises(InvalidInputError, match="'host' and 'port'"):
-        arachne_runtime.init("onnx", model_file=str(onnx_linear_file), rpc_info={"host": "x"})
+        arachne_runtime.init("onnx", model_file=str(onnx_linear_file), rpc_info={"port": 5051})
     with pytest.raises(InvalidInputError, match="unknown rpc_info keys"):
         arachne_runtime.init("onnx", model_file=str(onnx_linear_file), rpc_info={**rpc_info, "pot": 1})
     port = free_port()
@@ -166,3 +168,34 @@ def test_remote_legacy_package(tmp_path, rpc_info, device, tvm_linear):
         np.testing.assert_equal(remote.infer(x)[0], local.infer(x)[0])
         name = remote.model_name
     assert device.model_record(name) is None
+
+
+def test_the_token_comes_from_arachne_token_like_the_plugin(server, onnx_linear_file, monkeypatch, rng):
+    """The README tour's step 6: `rpc_info={"host", "port"}` against a device started with --token."""
+    address = {"host": "127.0.0.1", "port": server.port}
+    monkeypatch.delenv("ARACHNE_TOKEN", raising=False)
+    with pytest.raises(UnauthorizedError, match="ARACHNE_TOKEN"):
+        arachne_runtime.init("onnx", model_file=str(onnx_linear_file), rpc_info=address)
+    monkeypatch.setenv("ARACHNE_TOKEN", "tok")
+    x = rng.standard_normal((1, 4)).astype(np.float32)
+    with arachne_runtime.init("onnx", model_file=str(onnx_linear_file), rpc_info=address) as remote:
+        assert remote.infer([x])[0].shape == (1, 3)
+
+
+def test_a_fleet_device_by_name(server, onnx_linear_file, tmp_path, monkeypatch, rng):
+    """`device` (or a `host` without a port) names a device of the fleet file: its address and token_env."""
+    cam_0 = {"address": f"127.0.0.1:{server.port}", "token_env": "CAM_TOKEN"}
+    fleet = fleet_file(tmp_path / "fleet.yaml", [], extra={"cam-0": cam_0, "cam-9": "127.0.0.1:9"})
+    monkeypatch.setenv("ARACHNE_FLEET", str(fleet))
+    monkeypatch.setenv("CAM_TOKEN", "tok")
+    monkeypatch.setenv("ARACHNE_TOKEN", "not-this-one")
+    x = rng.standard_normal((1, 4)).astype(np.float32)
+    for rpc_info in ({"device": "cam-0"}, {"host": "cam-0"}):
+        with arachne_runtime.init("onnx", model_file=str(onnx_linear_file), rpc_info=rpc_info) as remote:
+            assert remote.device == f"127.0.0.1:{server.port}" and remote.infer([x])[0].shape == (1, 3)
+    with pytest.raises(InvalidInputError, match=r"no device 'cam-7' in fleet file .*'cam-0', 'cam-9'"):
+        arachne_runtime.init("onnx", model_file=str(onnx_linear_file), rpc_info={"device": "cam-7"})
+    assert client_options({"host": "jetson-1"})["port"] == 5051  # not a fleet device: the default port
+    monkeypatch.setenv("ARACHNE_FLEET", str(tmp_path / "none.yaml"))
+    with pytest.raises(InvalidInputError, match="fleet file .*none.yaml does not exist"):
+        client_options({"device": "cam-0"})

@@ -24,11 +24,11 @@ from urllib.parse import quote
 import numpy as np
 
 from arachne_mlflow.client.address import authority, base_url, socket_host
+from arachne_mlflow.client.failures import unreachable
 from arachne_mlflow.client.transport import Transport
 from arachne_mlflow.errors import (
     ArachneError,
     ConflictError,
-    DeviceUnreachableError,
     InsufficientStorageError,
     InvalidInputError,
     ModelNotFoundError,
@@ -41,6 +41,10 @@ from arachne_mlflow.protocol import codec
 from arachne_mlflow.protocol.names import check_name
 
 PROVENANCE_HEADER = "Arachne-Provenance"
+HOW_TO_SEND_A_TOKEN = (
+    "set ARACHNE_TOKEN to the token the device was started with (serve --token), or pass it "
+    "(rpc_info 'token', -C token=, or the variable the fleet file's token_env names)"
+)
 _HEADER_LENGTH_KEY = codec.HEADER_LENGTH.lower().encode()
 _JSON_HEADERS = b"Content-Type: application/json\r\n"
 _BINARY_HEADERS = f"{codec.HEADER_LENGTH}: %d\r\n".encode()  # (tritonclient sends no Content-Type either)
@@ -64,7 +68,8 @@ class DeviceClient:
     answer (seconds); `upload_timeout` bounds uploads, which include loading the model on the
     server. `host` may be a name, an IPv4 or an IPv6 literal (`::1` or `[::1]`).
     `trust_env` lets requests read proxies and .netrc from the environment; it is off because a
-    device is usually on the local network, and those look-ups cost time on every call.
+    device is usually on the local network, and those look-ups cost time on every call. `name`
+    (a fleet file's name for the device) is how errors name it, beside its address.
     """
 
     def __init__(
@@ -79,11 +84,13 @@ class DeviceClient:
         upload_timeout: float = 600.0,
         trust_env: bool = False,
         connect_timeout: float = 3.0,
+        name: str | None = None,
     ):
         import requests
 
         self.host, self.port = socket_host(host), int(port)
         self.address = authority(self.host, self.port)
+        self.where = f"device {name} ({self.address})" if name else f"device server at {self.address}"
         self.url = base_url(self.host, self.port, tls)
         self.timeout, self.upload_timeout, self.connect_timeout = timeout, upload_timeout, connect_timeout
         self._requests = requests
@@ -102,6 +109,7 @@ class DeviceClient:
             _ssl_context(ca_cert, verify) if tls else None,
             headers=self._auth,
             connect_timeout=connect_timeout,
+            where=self.where,
         )
 
     # -- health and metadata ---------------------------------------------------------------
@@ -264,12 +272,8 @@ class DeviceClient:
                 verify=self._verify,
                 **kwargs,
             )
-        except self._requests.exceptions.SSLError as err:
-            raise DeviceUnreachableError(f"TLS with the device server at {self.address} failed: {err}") from err
         except (self._requests.exceptions.ConnectionError, self._requests.exceptions.Timeout) as err:
-            raise DeviceUnreachableError(
-                f"device server at {self.address} is unreachable ({type(err).__name__}): {err}"
-            ) from err
+            raise unreachable(self.where, err) from err
         if check and response.status_code >= 400:
             raise _error(response.status_code, response.content, self.address)
         return response
@@ -287,6 +291,8 @@ def _error(status: int, content: bytes, where: str) -> ArachneError:
     except (ValueError, KeyError, TypeError):
         message = content[:500].decode("utf-8", errors="replace")
     error_class = _ERRORS.get(status, ArachneError)
+    if status == 401:
+        message += f"; {HOW_TO_SEND_A_TOKEN}"
     return error_class(f"device server {where}: {message} (HTTP {status})")
 
 

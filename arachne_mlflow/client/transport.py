@@ -23,6 +23,7 @@ from collections import deque
 import httptools
 
 from arachne_mlflow.client.address import authority
+from arachne_mlflow.client.failures import ConnectTimeoutError, unreachable
 from arachne_mlflow.errors import DeviceUnreachableError
 
 MAX_IDLE = 16
@@ -41,7 +42,10 @@ class _Connection:
     def __init__(
         self, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None, connect_timeout: float
     ):
-        sock = socket.create_connection((host, port), timeout=connect_timeout)
+        try:
+            sock = socket.create_connection((host, port), timeout=connect_timeout)
+        except TimeoutError as err:
+            raise ConnectTimeoutError(f"timed out connecting after {connect_timeout} s") from err
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(timeout)
         self._tls = ssl_context is not None
@@ -125,7 +129,8 @@ class _Response:
 class Transport:
     """POSTs to `host:port` over pooled persistent connections (HTTPS when `ssl_context`).
 
-    `headers` go with every request (the bearer token). `connect_timeout` bounds opening a
+    `headers` go with every request (the bearer token); `where` is how errors name the device.
+    `connect_timeout` bounds opening a
     connection, `timeout` each wait for the server once connected; `host` is a socket's (an IPv6
     literal without brackets).
     """
@@ -138,10 +143,12 @@ class Transport:
         ssl_context: ssl.SSLContext | None,
         headers: dict[str, str] | None = None,
         connect_timeout: float | None = None,
+        where: str | None = None,
     ):
         self.host, self.port, self.timeout = host, port, timeout
         self.connect_timeout = timeout if connect_timeout is None else connect_timeout
         self.address = authority(host, port)
+        self.where = where or f"device server at {self.address}"
         self._ssl_context = ssl_context
         self._idle: deque[_Connection] = deque()  # append/pop are atomic
         fixed = [f"Host: {self.address}\r\n", *[f"{k}: {v}\r\n" for k, v in (headers or {}).items()]]
@@ -199,7 +206,6 @@ class Transport:
         return _Connection(self.host, self.port, self.timeout, self._ssl_context, self.connect_timeout)
 
     def _unreachable(self, err: BaseException) -> DeviceUnreachableError:
-        reason = "the connection closed without a response" if isinstance(err, _Stale) else str(err)
-        return DeviceUnreachableError(
-            f"device server at {self.address} is unreachable ({type(err).__name__}): {reason}"
-        )
+        if isinstance(err, _Stale):
+            return DeviceUnreachableError(f"{self.where} is unreachable: the connection closed without a response")
+        return unreachable(self.where, err)

@@ -7,6 +7,11 @@ alias that moves meanwhile cannot mix one version's files with another's number.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +20,9 @@ from arachne_mlflow.model.digest import files_digest
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
 
 REGISTRY_PREFIX = "models:/"
+PROGRESS_BAR_VARIABLE = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+_quiet_guard = threading.Lock()
+_quiet_downloads = 0
 
 
 @dataclass(frozen=True)
@@ -88,9 +96,10 @@ def resolve(model_uri: str, dst_path: str, client: Any = None, pinned: RegistryV
     import mlflow
 
     registry = pinned or registry_version(model_uri, client)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=registry.pinned_uri if registry else model_uri, dst_path=dst_path
-    )
+    with _no_progress_bar_off_terminal():
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=registry.pinned_uri if registry else model_uri, dst_path=dst_path
+        )
     model = read_model_dir(local)
     files = sorted(set(model.files()))
     provenance: dict[str, Any] = {
@@ -109,6 +118,28 @@ def resolve(model_uri: str, dst_path: str, client: Any = None, pinned: RegistryV
         {k: v for k, v in provenance.items() if v is not None},
         registry,
     )
+
+
+@contextlib.contextmanager
+def _no_progress_bar_off_terminal() -> Iterator[None]:
+    """MLflow's download progress bars, off while downloading when stderr is no terminal (a log file or
+    a CI job gets a line per redraw); a setting of the caller's own is kept, and the variable is put
+    back once the last download running in this process ends."""
+    global _quiet_downloads
+    on_terminal = getattr(sys.stderr, "isatty", None) is not None and sys.stderr.isatty()
+    with _quiet_guard:
+        quiet = not on_terminal and (_quiet_downloads > 0 or PROGRESS_BAR_VARIABLE not in os.environ)
+        if quiet:
+            _quiet_downloads += 1
+            os.environ[PROGRESS_BAR_VARIABLE] = "false"
+    try:
+        yield
+    finally:
+        if quiet:
+            with _quiet_guard:
+                _quiet_downloads -= 1
+                if _quiet_downloads == 0:
+                    os.environ.pop(PROGRESS_BAR_VARIABLE, None)
 
 
 def quote_filter(value: str) -> str:

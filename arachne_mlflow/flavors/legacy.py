@@ -2,14 +2,17 @@
 
 `model_spec` becomes the signature, `tvm_device` the TVM flavor's device, and the old pip
 `dependencies` extra pip requirements, except the DNN libraries the flavor's own (current,
-pinned) requirements replace. Other dependencies (cuda, cudnn, tensorrt) go to the model's
-metadata as `legacy_dependencies`, since pip cannot install them.
+pinned) requirements replace and pins that contradict arachne-mlflow's own requirements
+(`numpy==1.21.0` where it needs `numpy>=1.24`: MLflow would warn at every load, and pip could not
+install both), each dropped with a log line. Other dependencies (cuda, cudnn, tensorrt) go to
+the model's metadata as `legacy_dependencies`, since pip cannot install them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +22,25 @@ from typing import Any
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.model.legacy import LegacyEnv, extract_package, read_env_file
 
+_logger = logging.getLogger(__name__)
+
 RUNTIME_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx", ".so": "tvm", ".tar": "tvm"}
+# How the Python functions name what the old files may lack; the CLI names its flags instead.
+ARGUMENTS = {"runtime": "runtime= (tflite, onnx or tvm)", "env_file": "env_file= (an env.yaml with model_spec)"}
+
+
+class MissingLegacyArgumentError(InvalidInputError):
+    """The old files do not say something the import needs; `argument` is the key of what to pass."""
+
+    def __init__(self, template: str, argument: str):
+        super().__init__(template.format(argument=ARGUMENTS[argument]))
+        self.template, self.argument = template, argument
+
+    def naming(self, names: dict[str, str]) -> InvalidInputError:
+        """The same error, naming what to pass as `names` says (the CLI's flags)."""
+        return InvalidInputError(self.template.format(argument=names[self.argument]))
+
+
 # Old pip packages that the flavors' default requirements supersede.
 SUPERSEDED = {"tvm", "apache-tvm", "tensorflow", "tensorflow-cpu", "tflite-runtime", "onnx", "onnxruntime"}
 
@@ -52,18 +73,19 @@ def _legacy_arguments(package_tar, model_file, env_file, runtime, kwargs) -> Ite
         env = read_env_file(env_file) if env_file is not None else LegacyEnv()
         runtime = runtime or RUNTIME_BY_SUFFIX.get(Path(model_file).suffix)
         if runtime not in ("tflite", "onnx", "tvm"):
-            raise InvalidInputError(
-                f"cannot tell the runtime of {Path(model_file).name}: pass runtime= (tflite, onnx or tvm)"
+            raise MissingLegacyArgumentError(
+                f"cannot tell the runtime of {Path(model_file).name}: pass {{argument}}", "runtime"
             )
-        yield (
-            importlib.import_module(f"arachne_mlflow.flavors.{runtime}"),
-            os.fspath(model_file),
-            _arguments(runtime, env, kwargs),
-        )
+        flavor = importlib.import_module(f"arachne_mlflow.flavors.{runtime}")
+        yield flavor, os.fspath(model_file), _arguments(runtime, env, kwargs, flavor)
 
 
-def _arguments(runtime: str, env: LegacyEnv, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _arguments(runtime: str, env: LegacyEnv, kwargs: dict[str, Any], flavor: Any) -> dict[str, Any]:
     arguments = dict(kwargs)
+    if runtime == "tvm" and not env.inputs and not any(arguments.get(k) for k in ("signature", "model_spec")):
+        raise MissingLegacyArgumentError(
+            "a TVM library carries no tensor spec and the old files give none: pass {argument}", "env_file"
+        )
     if env.inputs and arguments.get("signature") is None and arguments.get("model_spec") is None:
         if runtime == "tvm":
             arguments["model_spec"] = env.model_spec
@@ -74,6 +96,7 @@ def _arguments(runtime: str, env: LegacyEnv, kwargs: dict[str, Any]) -> dict[str
     if runtime == "tvm" and env.tvm_device:
         arguments.setdefault("tvm_device", env.tvm_device)
     pip, other = split_dependencies(env.dependencies)
+    pip = drop_contradicting_pins(pip, [*flavor.get_default_pip_requirements(), *own_requirements()])
     if pip and not any(
         arguments.get(k) is not None for k in ("pip_requirements", "extra_pip_requirements", "conda_env")
     ):
@@ -104,3 +127,47 @@ def split_dependencies(dependencies: list[Any]) -> tuple[list[str], dict[str, st
                     if str(name).lower() not in SUPERSEDED:
                         pip.append(f"{name}=={version}" if version else str(name))
     return pip, other
+
+
+def own_requirements() -> list[str]:
+    """What installing arachne-mlflow with its `mlflow` extra requires (what a logged model needs)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        declared = [Requirement(text) for text in requires("arachne-mlflow") or ()]
+    except PackageNotFoundError:  # (run from a source tree that is not installed)
+        return []
+    return [str(r) for r in declared if r.marker is None or r.marker.evaluate({"extra": "mlflow"})]
+
+
+def drop_contradicting_pins(pip: list[str], ours: list[str]) -> list[str]:
+    """`pip` without the requirements whose versions none of `ours` (for the same package) allows."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    required: dict[str, list[Requirement]] = {}
+    for text in ours:
+        requirement = Requirement(text)
+        required.setdefault(canonicalize_name(requirement.name), []).append(requirement)
+    kept = []
+    for text in pip:
+        try:
+            old = Requirement(text)
+        except InvalidRequirement:
+            kept.append(text)
+            continue
+        pinned = [s.version for s in old.specifier if s.operator in ("==", "===")]
+        clashes = [
+            str(r) for r in required.get(canonicalize_name(old.name), ()) if pinned and pinned[0] not in r.specifier
+        ]
+        if clashes:
+            _logger.warning(
+                "dropped %s from the old env.yaml's dependencies: arachne-mlflow requires %s (the model keeps that)",
+                text,
+                " and ".join(clashes),
+            )
+            continue
+        kept.append(text)
+    return kept

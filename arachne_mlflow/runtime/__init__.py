@@ -7,6 +7,7 @@ m.set_input(0, x); m.run(); y = m.get_output(0)
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -51,8 +52,9 @@ def init(
     extracted into a private temporary directory; `model_dir` an MLflow model directory with
     the `arachne` flavor, or a directory holding one model file and its env.yaml. Other keyword
     arguments go to the backend (`num_threads`, `providers`, `tvm_device`, ...). With
-    `rpc_info={"host", "port"[, "token"]}` the model runs on that device server instead
-    (`RemoteRuntimeModule`, the same methods).
+    `rpc_info={"host", "port"}` (or `{"device": "cam-1"}`, a fleet file's device) the model runs on
+    that device server instead (`RemoteRuntimeModule`, the same methods); its token is
+    `rpc_info["token"]`, else `$ARACHNE_TOKEN` (docs/runtime.md, "Remote mode").
     """
     cls = get_runtime_class(runtime)
     workdir = None
@@ -85,7 +87,7 @@ def init(
 
             module = RemoteRuntimeModule(runtime, rpc_info, model_file, **options)
         else:
-            module = cls(model_file, **options)  # positional: earlier plugins name it `model`
+            module = _construct(cls, model_file, options)
     except BaseException:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -93,6 +95,27 @@ def init(
     if workdir is not None:
         module._on_done(shutil.rmtree, workdir, True)
     return module
+
+
+def _construct(cls: type[RuntimeModule], model_file: str | None, options: dict[str, Any]) -> RuntimeModule:
+    """A backend gets the model file first; a plugin written for the earlier Arachne Runtime, whose
+    `init` passed it as the keyword `model`, gets it that way (`__init__(self, model, ...)` or only
+    `**kwargs`), so the earlier plugins load unchanged."""
+    if _takes_model_keyword(cls):
+        return cls(model=model_file, **options)
+    return cls(model_file, **options)
+
+
+def _takes_model_keyword(cls: type) -> bool:
+    try:
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # (after self)
+    except (TypeError, ValueError):  # a constructor written in C: the positional convention
+        return False
+    kinds = {p.kind for p in parameters}
+    if any(p.name == "model" and p.kind is not inspect.Parameter.POSITIONAL_ONLY for p in parameters):
+        return True
+    positional = {inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD}
+    return inspect.Parameter.VAR_KEYWORD in kinds and not kinds & {*positional, inspect.Parameter.VAR_POSITIONAL}
 
 
 def _init_mlflow_model_dir(

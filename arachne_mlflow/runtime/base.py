@@ -141,8 +141,11 @@ class RuntimeModule(abc.ABC):
             raise InvalidInputError("get_output() before run(): call run() first")
         raise self._unknown(index_or_name, self.output_specs, "output")
 
-    def infer(self, inputs: Sequence[Any]) -> list[np.ndarray]:
-        """Check `inputs` (one per model input, in order) and return every output; thread-safe."""
+    def infer(self, inputs: Sequence[Any] | Mapping[str, Any]) -> list[np.ndarray]:
+        """Check `inputs` (one per model input, in order, or a dict by input name) and return every
+        output; thread-safe."""
+        if isinstance(inputs, Mapping):
+            inputs = self._by_name(inputs)
         if len(inputs) != len(self.input_specs):
             raise InvalidInputError(
                 f"expected {len(self.input_specs)} inputs {[s.name for s in self.input_specs]}, got {len(inputs)}"
@@ -219,6 +222,17 @@ class RuntimeModule(abc.ABC):
             return self._infer(inputs)
         with self._lock:
             return self._infer(inputs)
+
+    def _by_name(self, inputs: Mapping[str, Any]) -> list[Any]:
+        """A dict of inputs in input order; a name the model lacks is named (not a shape error)."""
+        names = [spec.name for spec in self.input_specs]
+        unknown = [key for key in inputs if key not in names]
+        missing = [name for name in names if name not in inputs]
+        if unknown or missing:
+            problems = [f"no input {', '.join(map(repr, unknown))}"] if unknown else []
+            problems += [f"missing {missing}"] if missing else []
+            raise InvalidInputError(f"the model's inputs are {names}: {'; '.join(problems)}")
+        return [inputs[name] for name in names]
 
     @staticmethod
     def _unknown(key: Any, specs: list[TensorSpec], what: str) -> InvalidInputError:

@@ -1,5 +1,8 @@
 """The remote backend: `runtime.init(..., rpc_info={"host", "port"})` runs the model on a device server.
 
+`rpc_info` names the device (an address, or a fleet file's device) and how to reach it; the token
+comes from it or from `$ARACHNE_TOKEN` (`rpc_info.py`).
+
 The model file and its options are packed into a temporary MLflow-format model directory and
 uploaded once under a name derived from its digest (nothing is sent when the server already
 has it). Inputs stay on the client until `run()`, which is one request with binary tensors;
@@ -25,8 +28,7 @@ from arachne_mlflow.model.directory import ArachneModel, read_model_dir
 from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.protocol.datatypes import from_datatype
 from arachne_mlflow.runtime.base import RuntimeModule
-
-_RPC_KEYS = {"host", "port", "token", "tls", "ca_cert", "verify", "timeout", "connect_timeout", "trust_env"}
+from arachne_mlflow.runtime.rpc_info import client_options
 
 
 class RemoteRuntimeModule(RuntimeModule):
@@ -41,7 +43,7 @@ class RemoteRuntimeModule(RuntimeModule):
 
         self.runtime_name = runtime
         self.model_name: str | None = None
-        self._client = DeviceClient(**_client_options(rpc_info))
+        self._client = DeviceClient(**client_options(rpc_info))
         self._workdir = tempfile.TemporaryDirectory(prefix="arachne-remote-")
         try:
             self._files = _pack(Path(self._workdir.name), runtime, model_file, options).files()
@@ -95,15 +97,6 @@ class RemoteRuntimeModule(RuntimeModule):
         finally:
             self._client.close()
             self._workdir.cleanup()
-
-
-def _client_options(rpc_info: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(rpc_info, Mapping) or "host" not in rpc_info or "port" not in rpc_info:
-        raise InvalidInputError(f"rpc_info must be a dict with 'host' and 'port', got {rpc_info!r}")
-    unknown = set(rpc_info) - _RPC_KEYS
-    if unknown:
-        raise InvalidInputError(f"unknown rpc_info keys {sorted(unknown)}; known: {sorted(_RPC_KEYS)}")
-    return dict(rpc_info)
 
 
 def _pack(workdir: Path, runtime: str, model_file: str | None, options: dict[str, Any]) -> ArachneModel:
