@@ -25,17 +25,19 @@ from typing import Any
 from arachne_mlflow.deployments.converge import PULLING, ROLLED_BACK, DeviceResult
 from arachne_mlflow.deployments.source import quote_filter
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.protocol.device_state import (  # the record's contract, shared with pulling devices
+    DEVICES_PREFIX,
+    MAX_ERROR_CHARS,
+    SUMMARY_KEY,
+    fit_version_tag,
+)
 
 DEPLOY_PREFIX = "arachne.deploy."
-DEVICES_PREFIX = "arachne.devices."
 MARKER_KEY = "arachne.deployed"
 ROLLED_OUT, ROLLING, HALTED, DELETING = "rolled-out", "rolling", "halted", "deleting"
 # registered_model_tags.value is VARCHAR(5000) in MLflow's SQL schema (Postgres and MySQL enforce it);
-# model_version_tags.value is TEXT, bounded by MLflow's own check on registry tag values.
+# model_version_tags.value is TEXT, bounded by MLflow's own check on registry tag values (device_state).
 MAX_MODEL_TAG = 5000
-MAX_VERSION_TAG = 100_000
-MAX_ERROR_CHARS = 300  # of one device's error on a version tag
-SUMMARY_KEY = "_summary"  # on a version tag too large for every device (no device name starts with "_")
 _SEARCH_PAGE = 1000
 
 
@@ -240,29 +242,6 @@ class DesiredState:
 
     def _set_version_tag(self, model: str, version: str, key: str, entries: dict[str, Any]) -> None:
         self.client.set_model_version_tag(model, version, key, fit_version_tag(entries))
-
-
-def fit_version_tag(entries: dict[str, Any], limit: int = MAX_VERSION_TAG) -> str:
-    """The device entries as JSON within `limit` characters: when every device does not fit,
-    counts by state and as many failed devices (then others) as fit; `fleet status` asks the
-    devices themselves for the rest."""
-    text = json.dumps(entries, sort_keys=True)
-    if len(text) <= limit:
-        return text
-    counts: dict[str, int] = {}
-    for entry in entries.values():
-        state = entry.get("state", "unknown") if isinstance(entry, dict) else "unknown"
-        counts[state] = counts.get(state, 0) + 1
-    summary: dict[str, Any] = {SUMMARY_KEY: {"devices": len(entries), **counts}}
-    ordered = sorted(entries.items(), key=lambda item: (item[1].get("state") != "failed", item[0]))
-    size = len(json.dumps(summary))
-    for device, entry in ordered:
-        grows = len(json.dumps(device)) + len(json.dumps(entry)) + 4  # ', ' before it and ': ' inside
-        if size + grows > limit:
-            break
-        summary[device] = entry
-        size += grows
-    return json.dumps(summary, sort_keys=True)
 
 
 def now() -> str:

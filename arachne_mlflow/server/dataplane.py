@@ -79,7 +79,8 @@ INLINE_SECONDS = 0.001
 # ... unless its body is larger than this: decoding it alone would hold up every other connection.
 INLINE_MAX_BYTES = 64 * 1024
 DEFAULT_BENCHMARK_SECONDS = 30.0
-# Seconds a follower may take to notice the server stops (a download stops at its next chunk).
+# Seconds a follower may take to notice the server stops (a registry request ends at once; a smoke test or an
+# install in progress runs to its end).
 FOLLOWER_STOP_SECONDS = 5.0
 
 
@@ -147,6 +148,7 @@ class Dataplane:
         }
 
     def model_metadata(self, name: str) -> dict[str, Any]:
+        self._check_installed(name)
         record, inputs, outputs = self.store.spec(name)
         batches = self.batching(name) is not None
         return {
@@ -208,6 +210,7 @@ class Dataplane:
         _check_version(name, version, str(self.store.record(name)["revision"]))
 
     def model_ready(self, name: str) -> dict[str, Any]:
+        self._check_installed(name)
         self.store.get(name)
         return {"name": name, "ready": True}
 
@@ -234,6 +237,7 @@ class Dataplane:
         times = RequestTimes(time.perf_counter_ns())
         series = self.metrics.models.get(name)
         if series is None:
+            self._check_installed(name)
             self.store.get(name)  # unknown or unloaded models fail here, before they have a series
             series = self.metrics.models.setdefault(name, ModelSeries())
         loaded = None
@@ -361,6 +365,18 @@ class Dataplane:
             raise ModelNotFoundError(f"model {name!r} is not on this device yet: {_waiting(follower)}") from err
         record["follow"] = follower.status()
         return record
+
+    def _check_installed(self, name: str) -> None:
+        """A followed model before its first install: a 404 that says what it follows and how that goes."""
+        follower = self.followers.get(name)
+        if follower is None:
+            return
+        try:
+            self.store.record(name)
+        except ModelNotFoundError as err:
+            raise ModelNotFoundError(
+                f"model {name!r} is followed on this device and not installed yet (not ready): {_waiting(follower)}"
+            ) from err
 
     def _refuse_followed(self, name: str, what: str) -> None:
         follower = self.followers.get(name)

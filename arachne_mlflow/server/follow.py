@@ -51,6 +51,7 @@ from arachne_mlflow.errors import (
 from arachne_mlflow.model.archive import stream_tar
 from arachne_mlflow.model.digest import tree_files
 from arachne_mlflow.model.directory import ENVIRONMENT_FILES, MLMODEL, read_model_dir
+from arachne_mlflow.protocol import device_state
 from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.metrics import Metrics
 from arachne_mlflow.server.registry_client import ModelRef, ModelVersion, RegistryClient
@@ -60,15 +61,12 @@ from arachne_mlflow.server.store import ModelStore, read_checked
 _logger = logging.getLogger(__name__)
 
 FOLLOW_DIR = ".follow"  # under the store root; not a model name, so the store leaves it alone
-DEVICES_TAG_PREFIX = "arachne.devices."
 DEFAULT_INTERVAL = 60.0
 BACKOFF_FACTOR_CAP = 10  # an unreachable server is retried at most every 10 intervals...
 BACKOFF_SECONDS_CAP = 3600.0  # ...and at most every hour
 PULL_TIMEOUT = 3600.0  # one try at downloading a version; the next try resumes where it stopped
 MAX_MLMODEL_BYTES = 1024**2
 MAX_FILES = 1000
-MAX_TAG_VALUE = 100_000  # MLflow's limit on a model-version tag value
-MAX_REPORTED_ERROR = 300  # as the push side bounds a device's error on the same tag
 REPORT_ATTEMPTS = 3
 _PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+ -]{0,254}$")
 
@@ -135,6 +133,8 @@ class Follower:
         self.directory = store.root / FOLLOW_DIR / name
         self.directory.mkdir(parents=True, exist_ok=True)
         self._stop = threading.Event()
+        registry.stop = self._stop  # a registry request in progress ends when the follower stops
+        self.pull_seconds = PULL_TIMEOUT
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._random = random.Random()
@@ -164,7 +164,7 @@ class Follower:
         self._thread.start()
 
     def stop(self) -> None:
-        """Ask the thread to end (a download in progress stops at its next chunk)."""
+        """Ask the thread to end (a registry request or download in progress ends at once)."""
         self._stop.set()
 
     def join(self, timeout: float | None = None) -> None:
@@ -282,7 +282,7 @@ class Follower:
     def _download(self, mv: ModelVersion, stage: Path) -> Path:
         """MLmodel first, then the files it names, into `stage/files` (the example beside it)."""
         files, work = stage / "files", stage / "partial"
-        deadline = time.monotonic() + PULL_TIMEOUT
+        deadline = time.monotonic() + self.pull_seconds
         left = self.store.max_upload_bytes
 
         def fetch(path: str, dest: Path, limit: int) -> int:
@@ -376,15 +376,12 @@ class Follower:
         Other devices write the same tag, so the write is read back and tried again when another
         one replaced it meanwhile. Credentials that may not write (403) leave the state to the log.
         """
-        entry: dict[str, Any] = {"state": state, "at": _iso()}
-        if revision is not None:
-            entry["revision"] = revision
-        if error:
-            entry["error"] = error[:MAX_REPORTED_ERROR]
+        entry = device_state.entry(state, _iso(), revision=revision, error=error)
         if self._last_report == (mv.version, state, revision, entry.get("error")):
             return  # tried already (written, or refused as read-only)
-        key = DEVICES_TAG_PREFIX + self.name
-        if not _same_entry(_devices_tag(mv.tags.get(key)).get(self.device), entry):  # (tags as of the check)
+        key = device_state.tag_key(self.name)
+        listed = device_state.parse_tag(mv.tags.get(key)).get(self.device)  # (tags as of the check)
+        if not device_state.same_entry(listed, entry):
             try:
                 self._write_entry(mv, key, entry)
             except RegistryAuthError as err:
@@ -395,34 +392,31 @@ class Follower:
         self._last_report = (mv.version, state, revision, entry.get("error"))
 
     def _write_entry(self, mv: ModelVersion, key: str, entry: dict[str, Any]) -> None:
-        """Read the tag, put `entry` in, write it, read it back; again if another device's write replaced ours."""
+        """Read the tag, merge `entry` in, write it, read it back; again if another device's write replaced ours."""
         for attempt in range(REPORT_ATTEMPTS):
             if attempt:
                 self._stop.wait(self._random.uniform(0.1, 1.0))
-            devices = _devices_tag(self.registry.get_version(mv.name, mv.version).tags.get(key))
-            devices[self.device] = entry
-            value = json.dumps(devices, sort_keys=True, separators=(",", ":"))
-            if len(value) > MAX_TAG_VALUE:
-                _logger.warning("follow %s: %s on version %s is full: not recorded", self.name, key, mv.version)
-                return
-            self.registry.set_version_tag(mv.name, mv.version, key, value)
-            written = _devices_tag(self.registry.get_version(mv.name, mv.version).tags.get(key))
-            if _same_entry(written.get(self.device), entry):
+            current = self.registry.get_version(mv.name, mv.version).tags.get(key)
+            self.registry.set_version_tag(
+                mv.name, mv.version, key, device_state.merge_entry(current, self.device, entry)
+            )
+            written = device_state.parse_tag(self.registry.get_version(mv.name, mv.version).tags.get(key))
+            if device_state.same_entry(written.get(self.device), entry):
                 return
         _logger.warning("follow %s: other devices kept rewriting %s; state not recorded", self.name, key)
 
     def _unreport(self, version: str) -> None:
         """Take this device off the tag of the version it ran before (it runs another now)."""
-        key = DEVICES_TAG_PREFIX + self.name
+        key, model = device_state.tag_key(self.name), self.ref.registered_model
         try:
-            devices = _devices_tag(self.registry.get_version(self.ref.registered_model, version).tags.get(key))
-            if devices.pop(self.device, None) is None:
+            current = self.registry.get_version(model, version).tags.get(key)
+            if self.device not in device_state.parse_tag(current):
                 return
-            if devices:
-                value = json.dumps(devices, sort_keys=True, separators=(",", ":"))
-                self.registry.set_version_tag(self.ref.registered_model, version, key, value)
+            value = device_state.drop_entry(current, self.device)
+            if value is not None:
+                self.registry.set_version_tag(model, version, key, value)
             else:
-                self.registry.delete_version_tag(self.ref.registered_model, version, key)
+                self.registry.delete_version_tag(model, version, key)
         except RegistryAuthError as err:
             self._read_only(err)
         except RegistryError as err:
@@ -479,22 +473,6 @@ def _example_path(mlmodel: Mapping[str, Any]) -> str | None:
     if not isinstance(path, str):
         return None
     return check_artifact_path(path)
-
-
-def _devices_tag(value: str | None) -> dict[str, Any]:
-    """The `arachne.devices.<name>` tag as a dict (a value that is not a JSON object counts as empty)."""
-    try:
-        devices = json.loads(value) if value else {}
-    except (ValueError, RecursionError):
-        return {}
-    return devices if isinstance(devices, dict) else {}
-
-
-def _same_entry(old: Any, new: dict[str, Any]) -> bool:
-    """The same state, revision and error (the time aside): nothing to write."""
-    if not isinstance(old, dict):
-        return False
-    return all(old.get(k) == new.get(k) for k in ("state", "revision", "error"))
 
 
 def _logged_model_id(source: str | None) -> str | None:

@@ -4,8 +4,10 @@ A device that follows a registry alias (`serve --follow`) needs only READ on the
 it resolves the alias, then fetches each file through `/model-versions/get-artifact`, which the
 server authorizes by the registered model (the `mlflow-artifacts` proxy routes would need READ on
 the experiment as well). Credentials and TLS come from MLflow's own environment variables, applied
-as MLflow applies them. Every answer is bounded in size and time before it is parsed, redirects
-are refused, and a file download resumes with an HTTP Range request after a dropped link.
+as MLflow applies them. Every answer is bounded in size, in parsed size (objects and arrays) and
+in total time (`deadline_http`: whatever the sender's pace, and the follower's stop ends it at
+once), every field is type-checked before use, redirects are refused, and a file download resumes
+with an HTTP Range request after a dropped link.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
+import urllib3
 
 from arachne_mlflow.errors import (
     InvalidInputError,
@@ -31,14 +34,19 @@ from arachne_mlflow.errors import (
     RegistryUnavailableError,
     UnsafeArchiveError,
 )
+from arachne_mlflow.protocol import bounded_json
+from arachne_mlflow.server.deadline_http import Deadline, GuardedAdapter
 
 API = "/api/2.0/mlflow"
 ARTIFACT_ROUTE = "/model-versions/get-artifact"  # (MLflow serves it without the /api/2.0 prefix)
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0  # seconds without a byte before a request is given up
+JSON_SECONDS = 120.0  # a JSON answer's whole request, head and body, however slowly it arrives
 MAX_JSON_BYTES = 8 * 1024**2
+MAX_JSON_CONTAINERS = 20_000  # objects and arrays in one answer (each tag is one; a parser's memory grows with them)
 MAX_ERROR_CHARS = 300
-_CHUNK = 1 << 16  # what a dropped link can cost: the chunk being read is lost
+_CHUNK = 1 << 16  # the most one read takes (a read returns what has arrived, however little)
+_IDENTITY = ("", "identity")  # the only content encoding taken (asked for with Accept-Encoding: identity)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
 
@@ -122,7 +130,12 @@ class RegistryClient:
     def __init__(self, tracking_uri: str, session: requests.Session | None = None):
         self.tracking_uri = _check_tracking_uri(tracking_uri)
         self.session = session or requests.Session()
+        for scheme in ("http://", "https://"):
+            self.session.mount(scheme, GuardedAdapter())
+        self.session.headers["Accept-Encoding"] = "identity"
         self.timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
+        self.json_seconds = JSON_SECONDS
+        self.stop: threading.Event | None = None  # the follower's: set, it ends the request in progress
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> RegistryClient:
@@ -139,7 +152,9 @@ class RegistryClient:
         session = requests.Session()
         session.auth, session.verify, session.cert = self.session.auth, self.session.verify, self.session.cert
         session.headers.update(self.session.headers)
-        return RegistryClient(self.tracking_uri, session)
+        clone = RegistryClient(self.tracking_uri, session)
+        clone.timeout, clone.json_seconds = self.timeout, self.json_seconds
+        return clone
 
     @property
     def has_credentials(self) -> bool:
@@ -148,21 +163,27 @@ class RegistryClient:
     # -- the registry ----------------------------------------------------------------------
     def resolve(self, ref: ModelRef) -> ModelVersion:
         """The model version `ref` names now (an alias is looked up, a version fetched)."""
-        if ref.alias is not None:
-            params = {"name": ref.registered_model, "alias": ref.alias}
-            return _model_version(self._get_json(f"{API}/registered-models/alias", params))
-        return self.get_version(ref.registered_model, str(ref.version))
+        if ref.alias is None:
+            return self.get_version(ref.registered_model, str(ref.version))
+        route = f"{API}/registered-models/alias"
+        mv = _model_version(self._get_json(route, {"name": ref.registered_model, "alias": ref.alias}), route)
+        return _named(mv, route, ref.registered_model)
 
     def get_version(self, name: str, version: str) -> ModelVersion:
-        return _model_version(self._get_json(f"{API}/model-versions/get", {"name": name, "version": version}))
+        route = f"{API}/model-versions/get"
+        return _named(
+            _model_version(self._get_json(route, {"name": name, "version": version}), route), route, name, version
+        )
 
     def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
         body = {"name": name, "version": version, "key": key, "value": value}
-        self._send("POST", f"{API}/model-versions/set-tag", json=body).close()
+        with Deadline(self.json_seconds, self.stop):
+            self._send("POST", f"{API}/model-versions/set-tag", json=body).close()
 
     def delete_version_tag(self, name: str, version: str, key: str) -> None:
         body = {"name": name, "version": version, "key": key}
-        self._send("DELETE", f"{API}/model-versions/delete-tag", json=body).close()
+        with Deadline(self.json_seconds, self.stop):
+            self._send("DELETE", f"{API}/model-versions/delete-tag", json=body).close()
 
     # -- files -----------------------------------------------------------------------------
     def fetch_artifact(
@@ -194,23 +215,24 @@ class RegistryClient:
         for _ in range(2):  # a partial file the server no longer matches (416, a wrong range) restarts once
             have = partial.stat().st_size if partial.is_file() else 0
             etag = etag_file.read_text() if have and etag_file.is_file() else ""
-            headers = {"Accept-Encoding": "identity"}
-            if have and etag:
-                headers.update({"Range": f"bytes={have}-", "If-Range": etag})
-            response = self._send("GET", ARTIFACT_ROUTE, ok=(200, 206, 404, 416), params=params, headers=headers)
-            with response:
-                if response.status_code == 404:
-                    raise ModelNotFoundError(f"model version {name}/{version} has no file {path!r} in the registry")
-                offset, total = _response_range(response, have)
-                if offset is None:
-                    partial.unlink(missing_ok=True)
-                    etag_file.unlink(missing_ok=True)
-                    continue
-                if total is not None and total > max_bytes:
-                    partial.unlink(missing_ok=True)
-                    raise UnsafeArchiveError(f"file {path!r} is {total} bytes, over the limit of {max_bytes} bytes")
-                etag_file.write_text(response.headers.get("ETag", ""))
-                size = _write_body(response, partial, offset, path, max_bytes, deadline, stop)
+            headers = {"Range": f"bytes={have}-", "If-Range": etag} if have and etag else {}
+            with Deadline(deadline - time.monotonic(), stop or self.stop) as bounds:
+                response = self._send(
+                    "GET", ARTIFACT_ROUTE, bounds, ok=(200, 206, 404, 416), params=params, headers=headers
+                )
+                with response:
+                    if response.status_code == 404:
+                        raise ModelNotFoundError(f"model version {name}/{version} has no file {path!r} in the registry")
+                    offset, total = _response_range(response, have)
+                    if offset is None:
+                        partial.unlink(missing_ok=True)
+                        etag_file.unlink(missing_ok=True)
+                        continue
+                    if total is not None and total > max_bytes:
+                        partial.unlink(missing_ok=True)
+                        raise UnsafeArchiveError(f"file {path!r} is {total} bytes, over the limit of {max_bytes} bytes")
+                    etag_file.write_text(response.headers.get("ETag", ""))
+                    size = _write_body(response, partial, offset, path, max_bytes, bounds)
             if total is not None and size != total:
                 raise RegistryUnavailableError(f"the download of {path!r} stopped after {size} of {total} bytes")
             os.replace(partial, dest)
@@ -220,37 +242,52 @@ class RegistryClient:
 
     # -- HTTP ------------------------------------------------------------------------------
     def _get_json(self, route: str, params: dict[str, str]) -> dict[str, Any]:
-        with self._send("GET", route, params=params) as response:
-            body = _read_capped(response, MAX_JSON_BYTES, route)
+        """The JSON object the server answers, read within `json_seconds` and bounded before it is parsed."""
+        with Deadline(self.json_seconds, self.stop) as bounds:
+            with self._send("GET", route, bounds, params=params) as response:
+                body = _read_capped(response, MAX_JSON_BYTES, route, bounds)
         try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as err:
-            raise RegistryError(f"{route}: the tracking server's answer is not JSON") from err
+            data = bounded_json.loads(
+                body,
+                f"{route}: the tracking server's answer",
+                max_bytes=MAX_JSON_BYTES,
+                max_containers=MAX_JSON_CONTAINERS,
+            )
+        except InvalidInputError as err:
+            raise RegistryError(str(err)) from err
         if not isinstance(data, dict):
             raise RegistryError(f"{route}: the tracking server's answer is not a JSON object")
         return data
 
-    def _send(self, method: str, route: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> requests.Response:
+    def _send(
+        self, method: str, route: str, bounds: Deadline | None = None, ok: tuple[int, ...] = (200,), **kwargs: Any
+    ) -> requests.Response:
         """One request, streamed; an answer outside `ok` becomes the matching `RegistryError`."""
         try:
             response = self.session.request(
                 method, self.tracking_uri + route, timeout=self.timeout, allow_redirects=False, stream=True, **kwargs
             )
-        except requests.exceptions.SSLError as err:
-            raise RegistryError(
-                f"TLS with the tracking server {self.tracking_uri} failed: {err}; set MLFLOW_TRACKING_SERVER_CERT_PATH "
-                "to the CA bundle that signed its certificate"
-            ) from err
-        except (requests.ConnectionError, requests.Timeout) as err:
-            raise RegistryUnavailableError(
-                f"the tracking server {self.tracking_uri} cannot be reached: {_reason(err)}"
-            ) from err
         except requests.RequestException as err:
-            raise RegistryError(f"request to the tracking server {self.tracking_uri} failed: {err}") from err
+            raise self._failure(err, bounds, f"{method} {route}") from err
         if response.status_code in ok:
             return response
         with response:
             raise self._error(method, route, response)
+
+    def _failure(self, err: requests.RequestException, bounds: Deadline | None, what: str) -> RegistryError:
+        """The error a request that got no answer raises: the one table of transport failures."""
+        if bounds is not None and bounds.check() is not None:
+            return _expired(bounds, what)
+        if isinstance(err, requests.exceptions.SSLError):
+            return RegistryError(
+                f"TLS with the tracking server {self.tracking_uri} failed: {err}; set MLFLOW_TRACKING_SERVER_CERT_PATH "
+                "to the CA bundle that signed its certificate"
+            )
+        if isinstance(err, (requests.ConnectionError, requests.Timeout)):
+            return RegistryUnavailableError(
+                f"the tracking server {self.tracking_uri} cannot be reached: {_reason(err)}"
+            )
+        return RegistryError(f"request to the tracking server {self.tracking_uri} failed: {err}")
 
     def _error(self, method: str, route: str, response: requests.Response) -> RegistryError:
         status = response.status_code
@@ -272,25 +309,45 @@ class RegistryClient:
         return RegistryError(f"{where} answered {status} to {method} {route}: {message}")
 
 
-def _model_version(data: dict[str, Any]) -> ModelVersion:
+def _model_version(data: dict[str, Any], route: str) -> ModelVersion:
+    """The answer's `model_version`, every field it uses type-checked (a wrong one is the registry's error)."""
     mv = data.get("model_version")
-    if not isinstance(mv, dict) or not isinstance(mv.get("name"), str):
-        raise RegistryError("the tracking server's answer has no model_version")
-    version = str(mv.get("version", ""))
+    if not isinstance(mv, dict):
+        raise RegistryError(f"{route}: the tracking server's answer has no model_version object")
+    fields = {key: _field(mv, key, route) for key in ("name", "version", "status", "run_id", "source")}
+    version = fields["version"] or ""
     if not version.isdigit() or len(version) > 18:
-        raise RegistryError(f"the tracking server named a model version {version[:40]!r}, not a number")
-    tags = {}
-    for tag in mv.get("tags") or []:  # (proto3 JSON leaves out empty lists)
-        if isinstance(tag, dict) and isinstance(tag.get("key"), str):
-            tags[tag["key"]] = str(tag.get("value", ""))
+        raise RegistryError(f"{route}: the tracking server named a model version {version[:40]!r}, not a number")
+    tags = mv.get("tags", [])  # (proto3 JSON leaves out empty lists)
+    if not isinstance(tags, list) or not all(isinstance(tag, dict) for tag in tags):
+        raise RegistryError(f"{route}: the tracking server's model_version.tags is not a list of objects")
     return ModelVersion(
-        name=mv["name"],
+        name=fields["name"] or "",
         version=version,
-        status=str(mv.get("status", "")),
-        run_id=mv.get("run_id") or None,
-        source=mv.get("source") or None,
-        tags=tags,
+        status=fields["status"] or "",
+        run_id=fields["run_id"] or None,
+        source=fields["source"] or None,
+        tags={_field(tag, "key", route) or "": _field(tag, "value", route) or "" for tag in tags},
     )
+
+
+def _field(obj: dict[str, Any], key: str, route: str) -> str | None:
+    """A string field of the answer, or None where it is left out; any other type is the registry's error."""
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise RegistryError(f"{route}: the tracking server's {key!r} is a {type(value).__name__}, not a string")
+    return value
+
+
+def _named(mv: ModelVersion, route: str, name: str, version: str | None = None) -> ModelVersion:
+    """`mv`, if it is the version of `name` that was asked for (an answer about another model installs nothing)."""
+    if mv.name != name or (version is not None and mv.version != version):
+        asked = f"{name!r} version {version}" if version is not None else repr(name)
+        raise RegistryError(
+            f"{route}: the tracking server answered with version {mv.version} of {mv.name[:200]!r}, "
+            f"not of the model asked for ({asked[:200]})"
+        )
+    return mv
 
 
 def _response_range(response: requests.Response, have: int) -> tuple[int | None, int | None]:
@@ -307,45 +364,54 @@ def _response_range(response: requests.Response, have: int) -> tuple[int | None,
 
 
 def _write_body(
-    response: requests.Response,
-    partial: Path,
-    offset: int,
-    path: str,
-    max_bytes: int,
-    deadline: float,
-    stop: threading.Event | None,
+    response: requests.Response, partial: Path, offset: int, path: str, max_bytes: int, bounds: Deadline
 ) -> int:
     """Append the body to `partial` from `offset`; the file's size afterwards. A broken link keeps what arrived."""
     size = offset
     with open(partial, "ab" if offset else "wb") as file:
-        try:
-            for chunk in response.iter_content(_CHUNK):
-                size += len(chunk)
-                if size > max_bytes:
-                    file.close()
-                    partial.unlink(missing_ok=True)
-                    raise UnsafeArchiveError(f"file {path!r} is over the limit of {max_bytes} bytes")
-                file.write(chunk)
-                if time.monotonic() > deadline:
-                    raise RegistryUnavailableError(f"the download of {path!r} ran out of time (resumed next time)")
-                if stop is not None and stop.is_set():
-                    raise RegistryUnavailableError(f"the download of {path!r} was interrupted: the server is stopping")
-        except requests.RequestException as err:
-            raise RegistryUnavailableError(f"the link dropped while downloading {path!r}: {_reason(err)}") from err
+        for chunk in _chunks(response, bounds, f"the download of {path!r}"):
+            size += len(chunk)
+            if size > max_bytes:
+                file.close()
+                partial.unlink(missing_ok=True)
+                raise UnsafeArchiveError(f"file {path!r} is over the limit of {max_bytes} bytes")
+            file.write(chunk)
     return size
 
 
-def _read_capped(response: requests.Response, limit: int, route: str) -> bytes:
+def _read_capped(response: requests.Response, limit: int, route: str, bounds: Deadline) -> bytes:
     chunks, size = [], 0
-    try:
-        for chunk in response.iter_content(1 << 16):
-            size += len(chunk)
-            if size > limit:
-                raise RegistryError(f"{route}: the tracking server's answer is over {limit} bytes")
-            chunks.append(chunk)
-    except requests.RequestException as err:
-        raise RegistryUnavailableError(f"{route}: the link dropped while reading the answer: {_reason(err)}") from err
+    for chunk in _chunks(response, bounds, f"{route}: the answer"):
+        size += len(chunk)
+        if size > limit:
+            raise RegistryError(f"{route}: the tracking server's answer is over {limit} bytes")
+        chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _chunks(response: requests.Response, bounds: Deadline, what: str) -> Iterator[bytes]:
+    """The body as it arrives, each read returning what has come (however little), the bounds checked after each."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in _IDENTITY:
+        raise RegistryError(f"{what} came encoded as {encoding[:40]!r}; only identity was asked for")
+    while True:
+        try:
+            chunk = response.raw.read1(_CHUNK, decode_content=False)
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            if bounds.check() is not None:
+                raise _expired(bounds, what) from err
+            raise RegistryUnavailableError(f"{what}: the link dropped: {_reason(err)} (resumed next time)") from err
+        if bounds.check() is not None:  # (a cut link may look like a body's end)
+            raise _expired(bounds, what)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _expired(bounds: Deadline, what: str) -> RegistryUnavailableError:
+    if bounds.expired == "stop":
+        return RegistryUnavailableError(f"{what} was interrupted: the server is stopping")
+    return RegistryUnavailableError(f"{what} ran out of time (tried again at the next check)")
 
 
 def _reason(err: BaseException) -> str:
