@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ def sign_release_dir(path: str | os.PathLike, key: str | os.PathLike, password: 
     """Sign every file of `path` (the model's files and the release statement) into `path/arachne-release.sig`
     with model-signing's key signer; returns the key's fingerprint."""
     model_signing = _model_signing()
-    fingerprint = _signing_fingerprint(key, password)
+    fingerprint = check_signing_key(key, password)
     path = Path(path)
     hashing = model_signing.hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE], ignore_git_paths=False)
     signature = path / SIGNATURE_FILE
@@ -78,7 +79,7 @@ def _model_signing():
     return model_signing
 
 
-def _signing_fingerprint(key: str | os.PathLike, password: str | None) -> str:
+def check_signing_key(key: str | os.PathLike, password: str | None) -> str:
     """The fingerprint of the private key's public half; a clear error for what model-signing cannot use."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -106,10 +107,7 @@ def sign_model_version(
 
     client = client or MlflowClient()
     version = resolve_version(model_uri, client)
-    if not version.model_id:
-        raise InvalidInputError(
-            f"{model_uri} has no logged model (registered from a run's files): log it with log_model and register that"
-        )
+    model_id = logged_model_id(version)
     signed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     artifact_path = signature_path(version.name, version.version)
     with tempfile.TemporaryDirectory(prefix="arachne-sign-") as tmp:
@@ -122,7 +120,7 @@ def sign_model_version(
         out.mkdir()
         for name in (RELEASE_FILE, SIGNATURE_FILE):
             shutil.copyfile(stage / name, out / name)
-        client.log_model_artifacts(version.model_id, str(out), artifact_path=artifact_path)
+        client.log_model_artifacts(model_id, str(out), artifact_path=artifact_path)
     tag = {"key": fingerprint, "signed_at": signed_at, "path": artifact_path, "format": "model-signing/v1.0"}
     client.set_model_version_tag(version.name, version.version, SIGNATURE_TAG, json.dumps(tag, sort_keys=True))
     return SignedRelease(version.name, int(version.version), fingerprint, signed_at, artifact_path)
@@ -139,12 +137,7 @@ def verify_model_version(model_uri: str, trusted: list[TrustedKey] | list[str | 
     with tempfile.TemporaryDirectory(prefix="arachne-verify-") as tmp:
         download = _download(client, version, Path(tmp) / "model")
         layout = release_layout(download, version.name, version.version, Path(tmp) / "release")
-        release = verify_dir(layout, keys, registered_model=version.name)
-    if release.version != int(version.version):
-        raise InvalidInputError(
-            f"{model_uri}: the signature is for version {release.version} of {version.name!r}, not {version.version}"
-        )
-    return release
+        return verify_dir(layout, keys, registered_model=version.name, version=int(version.version))
 
 
 def release_layout(download: str | os.PathLike, name: str, version: int | str, dest: str | os.PathLike) -> Path:
@@ -175,6 +168,17 @@ def resolve_version(model_uri: str, client):
     if not name or not number.isdigit():
         raise InvalidInputError(f"{model_uri!r}: give a registered version, models:/NAME/VERSION or models:/NAME@ALIAS")
     return client.get_model_version(name, number)
+
+
+def logged_model_id(version) -> str:
+    """The logged model a registered version points to (MLflow 3 registers `models:/m-<id>` as its source)."""
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)", version.source or "")
+    if version.model_id or match:
+        return version.model_id or match.group(1)
+    raise InvalidInputError(
+        f"models:/{version.name}/{version.version} comes from {version.source!r}, not from a logged model: log the "
+        "model with log_model (MLflow 3) and register that, then sign it"
+    )
 
 
 def _download(client, version, dest: Path) -> Path:

@@ -238,11 +238,13 @@ def verify_files(
     trusted: list[TrustedKey],
     *,
     registered_model: str | None = None,
+    version: int | None = None,
     sha256: Mapping[str, str] | None = None,
     signature: str | os.PathLike | None = None,
 ) -> Release:
     """Check that the files `names` under `root` (the release statement among them) are exactly what a
-    trusted key signed, and return the release. `registered_model` refuses a release of another model.
+    trusted key signed, and return the release. `registered_model` refuses a release of another model,
+    `version` a release of another version (a signature replayed onto it).
     `sha256` (file -> hex, from the install's own pass: `digest.hash_files`) saves hashing them again."""
     root = Path(root)
     signer, manifest = open_bundle(read_bundle(signature or root / SIGNATURE_FILE), trusted)
@@ -266,6 +268,10 @@ def verify_files(
             f"the signature is for a release of {body['registered_model']!r} version {body['version']}, "
             f"not of {registered_model!r}"
         )
+    if version is not None and body["version"] != int(version):
+        raise UntrustedModelError(
+            f"the signature is for version {body['version']} of {body['registered_model']!r}, not version {version}"
+        )
     return Release(body["registered_model"], body["version"], signer.fingerprint, signer.source, body.get("signed_at"))
 
 
@@ -274,6 +280,7 @@ def verify_dir(
     trusted: list[TrustedKey],
     *,
     registered_model: str | None = None,
+    version: int | None = None,
     sha256: Mapping[str, str] | None = None,
     strict: bool = True,
 ) -> Release:
@@ -285,7 +292,7 @@ def verify_dir(
     names = set(read_model_dir(path, check_files=False).files()) | {RELEASE_FILE}
     if strict:
         names |= _present_files(path) - {SIGNATURE_FILE}
-    return verify_files(path, names, trusted, registered_model=registered_model, sha256=sha256)
+    return verify_files(path, names, trusted, registered_model=registered_model, version=version, sha256=sha256)
 
 
 def _present_files(path: Path) -> set[str]:
