@@ -73,6 +73,31 @@ def _fleet(args: argparse.Namespace) -> int:
     return run_fleet_command(args)
 
 
+def _sign(args: argparse.Namespace) -> int:
+    import os
+
+    from arachne_mlflow.flavors.signing import sign_model_version
+
+    password = os.environ.get(args.password_env) if args.password_env else None
+    signed = sign_model_version(args.model_uri, args.key, password)
+    print(
+        f"signed models:/{signed.registered_model}/{signed.version} with key {signed.key[:16]}... "
+        f"at {signed.signed_at} (artifact {signed.artifact_path})"
+    )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from arachne_mlflow.flavors.signing import verify_model_version
+
+    release = verify_model_version(args.model_uri, args.key)
+    print(
+        f"verified models:/{release.registered_model}/{release.version}: signed by {release.signer_source} "
+        f"(key {release.signer[:16]}...) at {release.signed_at or 'an unrecorded time'}"
+    )
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from arachne_mlflow.server.main import serve
 
@@ -121,7 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     _add_fleet(commands)
+    _add_signing(commands)
     return parser
+
+
+def _add_signing(commands: argparse._SubParsersAction) -> None:
+    """`sign` and `verify`: a registered model version's release signature (OpenSSF model-signing format)."""
+    sign = commands.add_parser(
+        "sign", help="sign a registered model version with a release key and store the signature with it"
+    )
+    sign.add_argument("model_uri", metavar="MODEL_URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    sign.add_argument("--key", required=True, metavar="PEM", help="the elliptic-curve private key (PEM)")
+    sign.add_argument("--password-env", metavar="VAR", help="the variable holding the key's password, if encrypted")
+    sign.set_defaults(func=_sign)
+    verify = commands.add_parser(
+        "verify", help="check that a registered model version is signed by a trusted key, as a device checks it"
+    )
+    verify.add_argument("model_uri", metavar="MODEL_URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    verify.add_argument(
+        "--key",
+        required=True,
+        action="append",
+        metavar="PUB",
+        help="a trusted public key (PEM) or a directory of them (*.pub, *.pem); repeat for several",
+    )
+    verify.set_defaults(func=_verify)
 
 
 def _add_fleet(commands: argparse._SubParsersAction) -> None:

@@ -99,3 +99,15 @@ class RegistryAuthError(RegistryError):
 class HealthGateError(ArachneError):
     """A device took a new version but failed its health gate (not ready, a smoke inference that
     failed, broke the signature or was too slow, errors rising after the switch)."""
+
+
+class UntrustedModelError(ArachneError):
+    """A model this device must verify is unsigned, signed by a key it does not trust, or signed as
+    a release of another registered model."""
+
+    status_code = 403
+
+
+class TamperedModelError(InvalidInputError):
+    """A model's files differ from the manifest its signature covers (a changed byte, a file added or
+    removed), or the signature itself is malformed."""

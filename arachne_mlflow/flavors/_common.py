@@ -280,10 +280,27 @@ def _checked_batching(batching: Any, specs: Specs) -> dict[str, Any]:
     return dict(batching)
 
 
-def log_model(flavor, model: Any, name: str | None, **kwargs: Any):
-    """Log through `Model.log`, which calls `flavor.save_model`; returns MLflow's `ModelInfo`."""
+def log_model(
+    flavor, model: Any, name: str | None, signing_key: str | None = None, signing_password: str | None = None, **kwargs
+):
+    """Log through `Model.log`, which calls `flavor.save_model`; returns MLflow's `ModelInfo`.
+
+    `signing_key` (an elliptic-curve private key, PEM) signs the registered version once it exists
+    (`flavors/signing.py`): the release names its version, which registering assigns after the upload,
+    and MLflow may rewrite MLmodel after the flavor wrote it; so it needs `registered_model_name`.
+    """
+    if signing_key is not None and not kwargs.get("registered_model_name"):
+        raise InvalidInputError("signing_key signs a registered version: give registered_model_name too")
+    if signing_key is not None:
+        from arachne_mlflow.flavors.signing import check_signing_key, sign_model_version
+
+        check_signing_key(signing_key, signing_password)  # a key that cannot sign is refused before logging
     kwargs.setdefault("artifact_path", None)  # MLflow 3 names the model with `name`; artifact_path is deprecated
-    return Model.log(name=name, flavor=flavor, model=model, **kwargs)
+    info = Model.log(name=name, flavor=flavor, model=model, **kwargs)
+    if signing_key is not None:
+        uri = f"models:/{kwargs['registered_model_name']}/{info.registered_model_version}"
+        sign_model_version(uri, signing_key, signing_password)
+    return info
 
 
 def load_model(runtime: str, model_uri: str, dst_path: str | None = None, **runtime_options: Any):
