@@ -50,6 +50,7 @@ from arachne_mlflow.model.directory import (
 from arachne_mlflow.model.variants import this_machine, unmet_requirements
 
 VARIANTS_DIR = "variants"
+_EXAMPLE_WORDS = {"input_example": "input example", "generated": "generated example"}
 _FLAVORS = {
     "onnx": "arachne_mlflow.flavors.onnx",
     "tvm": "arachne_mlflow.flavors.tvm",
@@ -231,48 +232,55 @@ def _write_variants(
     """Each build saved by its flavor into a scratch directory, checked, then its files moved to `variants/<name>/`."""
     scratch = directory / ".variants-scratch"
     blocks: list[dict[str, Any]] = []
-    reference: tuple[str, list[np.ndarray] | None] | None = None
-    inputs = None
     try:
+        saved = {name: _save_build(build, scratch / name, signature) for name, build in builds.items()}
+        signature = signature or _model_signature(list(saved.values()))
+        specs = _common.from_mlflow_signature(signature)
+        for name, model in saved.items():  # the flavors checked a given signature; an inferred one is checked here
+            try:
+                _common.check_signature(signature, (model.inputs, model.outputs), model.runtime, model.runtime != "tvm")
+            except InvalidInputError as err:
+                raise InvalidInputError(f"variant {name!r} does not match the model's signature: {err}") from err
+        inputs, example = example_inputs(input_example, specs[0])
+        reference: tuple[str, list[np.ndarray] | None] | None = None
         for name, build in builds.items():
-            saved = _save_build(build, scratch / name, signature)
-            if signature is None:  # the reference's, which every later build must match
-                signature = ModelSignature.from_dict(saved.mlmodel["signature"])
-            if inputs is None:
-                inputs, example = example_inputs(input_example, saved.inputs)
-            outputs, why_not = _run_here(saved, build, inputs)
+            outputs, why_not = _run_here(saved[name], build, inputs)
             if reference is None:
                 reference = (name, outputs)
                 check = {"reference": True, "ran": outputs is not None}
             else:
-                check = _check_against(name, build, reference, outputs)
-            check["signature"] = "matches"  # checked by the build's flavor, structurally where it cannot run
+                check = _check_against(name, build, reference, outputs, example)
+            check["signature"] = "matches"
             if why_not:
                 check["not_run"] = why_not
             else:
                 check["example"] = example
-            blocks.append(_variant_block(name, build, saved, check, directory, move=not build.saved))
+            blocks.append(_variant_block(name, build, saved[name], check, directory, move=not build.saved))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     first = blocks[0]
-    specs = _common.from_mlflow_signature(signature)
     return _common.ModelFiles(
         first["model_file"],
         runtime_options=first.get("runtime_options") or {},
         tvm=first.get("tvm") or {},
         specs=specs,
-        loadable=False,  # each build was loaded (where it runs here) and checked by its flavor above
+        loadable=False,  # each build was loaded (where it runs here) and checked above
         extra_files=first.get("extra_files") or [],
         variants=blocks,
     )
 
 
+def _model_signature(saved: list[ArachneModel]) -> ModelSignature:
+    """The first build's signature whose output names are the network's (a TVM library names none)."""
+    named = [model for model in saved if model.runtime != "tvm"] or saved
+    return ModelSignature.from_dict(named[0].mlmodel["signature"])
+
+
 def _save_build(build: Variant, target: Path, signature: ModelSignature | None) -> ArachneModel:
     if build.saved:
         saved = read_model_dir(build.model)
-        if signature is not None and saved.mlmodel.get("signature"):
-            given = ModelSignature.from_dict(saved.mlmodel["signature"])
-            _common.check_signature(signature, _common.from_mlflow_signature(given), saved.runtime, output_names=False)
+        if signature is not None:
+            _common.check_signature(signature, (saved.inputs, saved.outputs), saved.runtime, saved.runtime != "tvm")
         return saved
     flavor = importlib.import_module(_FLAVORS[build.runtime])
     flavor.save_model(build.model, target, signature=signature, **build.save_kwargs)
@@ -294,7 +302,11 @@ def _with_requires(saved: ArachneModel, build: Variant) -> ArachneModel:
 
 
 def _check_against(
-    name: str, build: Variant, reference: tuple[str, list[np.ndarray] | None], outputs: list[np.ndarray] | None
+    name: str,
+    build: Variant,
+    reference: tuple[str, list[np.ndarray] | None],
+    outputs: list[np.ndarray] | None,
+    example: str,
 ) -> dict[str, Any]:
     """The agreement of `outputs` with the reference's; `InvalidInputError` with the figures when outside tolerance."""
     ref_name, ref_outputs = reference
@@ -304,7 +316,7 @@ def _check_against(
     figures = compare_outputs(ref_outputs, outputs, tolerance)
     if not figures.pop("within_tolerance"):
         raise InvalidInputError(
-            f"variant {name!r} disagrees with the reference variant {ref_name!r} on the input example: "
+            f"variant {name!r} disagrees with the reference variant {ref_name!r} on the {_EXAMPLE_WORDS[example]}: "
             f"{figures['summary']} (its tolerance: {tolerance}; pass Variant(..., tolerance=...) if that is expected)"
         )
     figures.pop("summary")
