@@ -147,3 +147,22 @@ def test_bad_variants_lists_are_refused(tmp_path, variants, message):
 def test_an_unknown_variant_name_is_refused(variants_dir):
     with pytest.raises(InvalidInputError, match=r"has no variant 'nope': it has \['tvm-jetson', 'onnx-gpu'"):
         read_model_dir(variants_dir, check_files=False, variant="nope")
+
+
+def test_this_machine_is_asked_only_what_the_variants_need(tmp_path):
+    from arachne_mlflow.model.variants import this_machine
+
+    block = [
+        {
+            "name": "gpu",
+            "runtime": "onnx",
+            "model_file": "a.onnx",
+            "requires": {"providers": ["CUDAExecutionProvider"]},
+        },
+        {"name": "cpu", "runtime": "onnx", "model_file": "b.onnx", "requires": {"providers": "CPUExecutionProvider"}},
+    ]
+    model = read_model_dir(_write(tmp_path / "m", {"variants": block}), check_files=False)
+    assert model.variant_name == "cpu"  # this machine's onnxruntime has the CPU provider only
+    assert "providers" not in next(r for r in this_machine()["runtimes"] if r["name"] == "onnx")
+    onnx = next(r for r in this_machine(model.variants)["runtimes"] if r["name"] == "onnx")
+    assert "CPUExecutionProvider" in onnx["providers"] and onnx["version"]

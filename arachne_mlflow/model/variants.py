@@ -34,13 +34,16 @@ if TYPE_CHECKING:
 REQUIRES_KEYS = ("arch", "runtime", "providers", "tvm_devices", "min_version")
 #: TVM device kinds asked about when a variant needs one other than the CPU.
 TVM_DEVICE_KINDS = ("cpu", "cuda", "rocm", "opencl", "vulkan", "metal")
-TVM_DEVICES_TIMEOUT = 120.0
+ASK_TIMEOUT = 120.0
+#: The runtime registry's entry-point group (runtime/registry.py), for plugins.
+ENTRY_POINT_GROUP = "arachne_mlflow.runtimes"
 _MODULES = {"onnx": ("onnxruntime",), "tvm": ("tvm",), "tflite": ("ai_edge_litert", "tflite_runtime", "tensorflow")}
 _DISTRIBUTIONS = {
     "onnx": ("onnxruntime", "onnxruntime-gpu"),
     "tvm": ("apache-tvm", "tvm"),
     "tflite": ("ai-edge-litert", "tflite-runtime", "tensorflow", "tensorflow-cpu"),
 }
+_ASK_PROVIDERS = "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
 _ASK_TVM_DEVICES = "import json, sys, tvm; print(json.dumps([k for k in sys.argv[1:] if tvm.runtime.device(k).exist]))"
 
 
@@ -145,21 +148,29 @@ def this_machine(variants: Sequence[ArachneModel] = ()) -> dict[str, Any]:
     (in a child process, unless the library is loaded here) only when one of `variants` needs them."""
     needs = [requirements(v) for v in variants]
     report: dict[str, Any] = {"arch": machine_arch(), "runtimes": []}
-    from arachne_mlflow.runtime import list_runtimes
-
-    for name in list_runtimes():
+    for name in _runtime_names():
         modules = _MODULES.get(name)
         if modules is not None and not any(importlib.util.find_spec(m) for m in modules):
             continue
         entry: dict[str, Any] = {"name": name, "version": _installed_version(name)}
         if name == "onnx" and any(n["runtime"] == "onnx" and n.get("providers") for n in needs):
-            from arachne_mlflow.runtime.onnx_build import onnxruntime_build
-
-            entry["providers"] = (onnxruntime_build() or {}).get("providers")
+            entry["providers"] = _ask("onnxruntime", "providers", _ASK_PROVIDERS)
         if name == "tvm" and any(n["runtime"] == "tvm" and n.get("tvm_devices") for n in needs):
-            entry["devices"] = _tvm_devices()
+            entry["devices"] = _ask("tvm", "devices", _ASK_TVM_DEVICES, *TVM_DEVICE_KINDS)
         report["runtimes"].append(entry)
     return report
+
+
+def _runtime_names() -> list[str]:
+    """The built-in runtimes and the plugins: entry points, and those registered in this process
+    when the runtime registry is loaded (this layer does not import it)."""
+    from importlib.metadata import entry_points
+
+    names = [*_MODULES, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))]
+    registry = sys.modules.get("arachne_mlflow.runtime.registry")
+    if registry is not None:
+        names += registry.list_runtimes()
+    return list(dict.fromkeys(names))
 
 
 def _installed_version(runtime: str) -> str | None:
@@ -173,28 +184,31 @@ def _installed_version(runtime: str) -> str | None:
     return None
 
 
-_tvm_devices_found: list[str] | None = None
+_asked: dict[str, list[str] | None] = {}
 
 
-def _tvm_devices() -> list[str] | None:
-    """The TVM devices that exist here (None: TVM could not say); a child asks unless TVM is loaded."""
-    global _tvm_devices_found
-    if _tvm_devices_found is not None:
-        return _tvm_devices_found
-    tvm = sys.modules.get("tvm")
-    if tvm is not None:
-        _tvm_devices_found = [kind for kind in TVM_DEVICE_KINDS if tvm.runtime.device(kind).exist]
-        return _tvm_devices_found
-    try:
-        result = subprocess.run(
-            [sys.executable, "-c", _ASK_TVM_DEVICES, *TVM_DEVICE_KINDS],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=TVM_DEVICES_TIMEOUT,
-        )
-        found = json.loads(result.stdout) if result.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        found = None
-    _tvm_devices_found = found if isinstance(found, list) else None
-    return _tvm_devices_found
+def _ask(module: str, what: str, code: str, *args: str) -> list[str] | None:
+    """onnxruntime's providers or TVM's devices (None: the library could not say), asked once per
+    process: of the library when it is loaded here, else of a child (a DNN library costs the
+    server tens of MB, and a broken build must not take it down)."""
+    if what in _asked:
+        return _asked[what]
+    loaded = sys.modules.get(module)
+    if loaded is not None and what == "providers":
+        found: Any = list(loaded.get_available_providers())
+    elif loaded is not None:
+        found = [kind for kind in args if loaded.runtime.device(kind).exist]
+    else:
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", code, *args],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=ASK_TIMEOUT,
+            )
+            found = json.loads(result.stdout) if result.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            found = None
+    _asked[what] = found if isinstance(found, list) else None
+    return _asked[what]
