@@ -98,6 +98,12 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _variants(args: argparse.Namespace) -> int:
+    from arachne_mlflow.flavors.variants_cli import run_variants_command
+
+    return run_variants_command(args)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from arachne_mlflow.server.main import serve
 
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_fleet(commands)
     _add_signing(commands)
+    _add_variants(commands)
     return parser
 
 
@@ -171,6 +178,31 @@ def _add_signing(commands: argparse._SubParsersAction) -> None:
         help="a trusted public key (PEM) or a directory of them (*.pub, *.pem); repeat for several",
     )
     verify.set_defaults(func=_verify)
+
+
+def _add_variants(commands: argparse._SubParsersAction) -> None:
+    """`variants build` and `variants show` (defined here: importing the flavor would import MLflow)."""
+    variants = commands.add_parser("variants", help="one model version holding several builds of one network")
+    actions = variants.add_subparsers(dest="variants_command", required=True)
+    build = actions.add_parser(
+        "build", help="build the usual variants of an ONNX file (as is, int8, TVM here, TVM for aarch64) into one model"
+    )
+    build.add_argument("onnx_file", metavar="MODEL.onnx")
+    build.add_argument(
+        "--builds",
+        default="onnx,onnx-int8,tvm-host,tvm-aarch64",
+        help="comma-separated, in the model's order (the first is the reference; default: %(default)s)",
+    )
+    build.add_argument("--input-example", metavar="FILE.npy", help="the example the variants are checked on")
+    build.add_argument("--work-dir", metavar="DIR", help="keep each build here (default: a temporary directory)")
+    target = build.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output", metavar="DIR", help="save the model to this new directory")
+    target.add_argument("--name", help="log the model under this name to the tracking server (MLFLOW_TRACKING_URI)")
+    build.add_argument("--registered-model-name", help="with --name: also register it under this name")
+    show = actions.add_parser("show", help="a model's variants, their checks, and which one this machine runs")
+    show.add_argument("model_dir", metavar="MODEL_DIR")
+    show.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    variants.set_defaults(func=_variants)
 
 
 def _add_fleet(commands: argparse._SubParsersAction) -> None:

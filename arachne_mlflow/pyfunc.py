@@ -18,8 +18,11 @@ from arachne_mlflow.model.spec import BFLOAT16
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> ArachneModelWrapper:
-    """Load the model at `path`; `model_config` (from `mlflow.pyfunc.load_model`) overrides runtime options."""
-    return ArachneModelWrapper(runtime.load(read_model_dir(path), **(model_config or {})))
+    """Load the model at `path`; `model_config` (from `mlflow.pyfunc.load_model`) overrides runtime options,
+    and of a model with variants its `variant` names the one to load (default: the first that runs here)."""
+    options = dict(model_config or {})
+    variant = options.pop("variant", None) or None
+    return ArachneModelWrapper(runtime.load(read_model_dir(path, variant=variant), **options))
 
 
 class ArachneModelWrapper:

@@ -51,6 +51,7 @@ from arachne_mlflow.model.directory import (
     tensor_dtypes,
 )
 from arachne_mlflow.model.spec import TensorSpec
+from arachne_mlflow.model.variants import choose_variant, this_machine
 
 _logger = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class ModelFiles:
     extra_files: list[str] = field(default_factory=list)
     #: Further MLflow flavor blocks to write (MLflow's own `onnx` flavor).
     extra_flavors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The `variants` list of a model with several builds (flavors/variants.py); the fields above
+    #: then describe the first (reference) one.
+    variants: list[dict[str, Any]] | None = None
 
 
 # -- requirements -------------------------------------------------------------------------
@@ -239,7 +243,7 @@ def save_model(
             conda_env=_CONDA_ENV_FILE_NAME,
             python_env=_PYTHON_ENV_FILE_NAME,
             # MLflow lets `load_model(model_config=...)` override only the keys stored here
-            model_config=dict(files.runtime_options) or None,
+            model_config={"variant": ""} if files.variants else dict(files.runtime_options) or None,
         )
         block: dict[str, Any] = {
             "runtime": runtime,
@@ -254,6 +258,8 @@ def save_model(
             block["tensor_dtypes"] = dtypes
         if batching is not None:
             block["batching"] = _checked_batching(batching, specs)
+        if files.variants:
+            block["variants"] = files.variants
         mlflow_model.add_flavor(FLAVOR_NAME, **block, arachne_mlflow_version=__version__, code=code_dir)
         for name, conf in files.extra_flavors.items():
             mlflow_model.add_flavor(name, **conf, code=code_dir)
@@ -303,16 +309,40 @@ def log_model(
     return info
 
 
-def load_model(runtime: str, model_uri: str, dst_path: str | None = None, **runtime_options: Any):
-    """Download the model at `model_uri` and load it with the unified runtime (a `RuntimeModule`)."""
+def load_model(
+    runtime: str | None,
+    model_uri: str,
+    dst_path: str | None = None,
+    variant: str | None = None,
+    **runtime_options: Any,
+):
+    """Download the model at `model_uri` and load it with the unified runtime (a `RuntimeModule`).
+
+    Of a model with variants it loads `variant`, else the first of `runtime`'s (any runtime's
+    when None) that runs on this machine.
+    """
     local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
-    model = read_model_dir(local_path)
-    if model.runtime != runtime:
+    model = read_model_dir(local_path, variant=variant)
+    if model.has_variants and variant is None and runtime is not None and model.runtime != runtime:
+        model = _first_of_runtime(model, runtime, model_uri)
+    if runtime is not None and model.runtime != runtime:
         raise InvalidInputError(
             f"{model_uri} is a {model.runtime!r} model: load it with arachne_mlflow.flavors.{model.runtime}.load_model"
         )
     _add_code_from_conf_to_system_path(local_path, model.mlmodel["flavors"][FLAVOR_NAME])
     return arachne_runtime.load(model, **runtime_options)
+
+
+def _first_of_runtime(model: ArachneModel, runtime: str, model_uri: str) -> ArachneModel:
+    """The first variant of `runtime` that runs here (the model's choice was another runtime's)."""
+    of_runtime = [v for v in model.variants if v.runtime == runtime]
+    if not of_runtime:
+        raise InvalidInputError(
+            f"{model_uri} has no {runtime!r} variant (its variants: "
+            f"{[(v.variant_name, v.runtime) for v in model.variants]}): load it with arachne_mlflow.flavors.variants"
+        )
+    chosen = choose_variant(of_runtime, this_machine(of_runtime)).required(f"this machine ({runtime} variants)")
+    return model.variant(chosen.variant_name)
 
 
 def load_pyfunc(path: str, model_config: dict[str, Any] | None = None):

@@ -13,6 +13,13 @@ It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
                                                                           # model/batching.py)
       arachne_mlflow_version: "..."
 
+A model may instead hold several builds of one network (`variants`, see model/variants.py and
+docs/flavors.md): each lists its own runtime, files, options, `requires`, `tolerance` and the
+`check` made when it was logged; the signature, `tensor_dtypes` and `batching` are the model's.
+The keys above then describe the reference (first) variant, for readers older than variants.
+`read_model_dir` returns the variant this machine (or `device`) runs first, as an `ArachneModel`
+whose `variants` lists them all; a model without variants is a one-variant model.
+
 The tensor spec comes from MLflow's `signature` (tensor-based), stored beside it in MLmodel.
 
 MLmodel comes from whoever uploads a model to a device server, so it is read within bounds: at
@@ -30,7 +37,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -40,6 +49,7 @@ import yaml
 from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError, ModelNotFoundError
 from arachne_mlflow.model.arch import machine_arch, normalize_arch
 from arachne_mlflow.model.spec import BFLOAT16, TensorSpec
+from arachne_mlflow.model.variants import REQUIRES_KEYS, VariantChoice, choose_variant, this_machine
 
 FLAVOR_NAME = "arachne"
 MLMODEL = "MLmodel"
@@ -48,6 +58,10 @@ ENVIRONMENT_FILES = ("requirements.txt", "python_env.yaml", "conda.yaml")
 MAX_MLMODEL_BYTES = 1024**2
 MAX_YAML_DEPTH = 32
 MAX_YAML_NODES = 100_000
+MAX_VARIANTS = 16
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: The keys of a variant's `tolerance` (agreement with the reference variant, checked when logged).
+TOLERANCE_KEYS = ("atol", "rtol", "top1")
 
 
 @dataclass
@@ -65,6 +79,18 @@ class ArachneModel:
     batching: dict[str, Any] | None = None
     version: str | None = None
     mlmodel: dict[str, Any] = field(default_factory=dict)
+    #: The variant these fields describe (a model without variants: its runtime's name).
+    variant_name: str = ""
+    #: Whether MLmodel lists variants (False: the single block of a model saved before them).
+    has_variants: bool = False
+    #: Every variant, in the model's order (a model without variants: itself).
+    variants: list[ArachneModel] = field(default_factory=list, repr=False)
+    requires: dict[str, Any] = field(default_factory=dict)
+    tolerance: dict[str, Any] = field(default_factory=dict)
+    #: What was measured against the reference variant when the model was logged.
+    check: dict[str, Any] = field(default_factory=dict)
+    #: Set when no variant runs here: why each cannot (these fields then describe the first).
+    choice: VariantChoice | None = field(default=None, repr=False)
 
     @property
     def model_spec(self) -> dict[str, Any] | None:
@@ -74,12 +100,26 @@ class ArachneModel:
         return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
 
     def files(self) -> list[str]:
-        """The files this model consists of (relative paths): MLmodel, what it names, its environment."""
-        names = [MLMODEL, self.model_file, *self.extra_files]
-        if self.tvm.get("params_file"):
-            names.append(self.tvm["params_file"])
+        """The files this model (this variant of it) consists of: MLmodel, what it names, its environment."""
+        names = [MLMODEL, *self.variant_files()]
         names += [name for name in ENVIRONMENT_FILES if (self.path / name).is_file()]
         return names
+
+    def variant_files(self) -> list[str]:
+        """The files of this variant alone (relative paths): its model file, params and extra files."""
+        names = [self.model_file, *self.extra_files]
+        if self.tvm.get("params_file"):
+            names.append(self.tvm["params_file"])
+        return names
+
+    def variant(self, name: str) -> ArachneModel:
+        """The variant called `name`, with `variants` listing them all."""
+        for view in self.variants:
+            if view.variant_name == name:
+                return replace(view, variants=self.variants)
+        raise InvalidInputError(
+            f"model {self.path.name!r} has no variant {name!r}: it has {[v.variant_name for v in self.variants]}"
+        )
 
     def init_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """Keyword arguments for `runtime.init` that load this model."""
@@ -94,7 +134,9 @@ class ArachneModel:
         return kwargs
 
     def check_compatible(self) -> None:
-        """Raise `IncompatibleModelError` when this machine cannot run the model (TVM arch)."""
+        """Raise `IncompatibleModelError` when this machine cannot run the model (no variant, TVM arch)."""
+        if self.choice is not None:
+            self.choice.required(f"this machine (model {self.path.name!r})")
         arch = self.tvm.get("arch")
         if self.runtime == "tvm" and arch and normalize_arch(arch) != machine_arch():
             raise IncompatibleModelError(
@@ -103,11 +145,18 @@ class ArachneModel:
             )
 
 
-def read_model_dir(path: str | os.PathLike, check_files: bool = True) -> ArachneModel:
+def read_model_dir(
+    path: str | os.PathLike,
+    check_files: bool = True,
+    variant: str | None = None,
+    device: Mapping[str, Any] | None = None,
+) -> ArachneModel:
     """Read `path/MLmodel`; raise a clear error if it is missing or has no `arachne` flavor.
 
     `check_files=False` reads MLmodel alone (a device that follows a registry reads it first to
     learn which files to download); every file name is still checked to stay inside the directory.
+    Of a model with variants it returns `variant` (a name), else the first variant that `device`
+    (default: this machine) can run and, with `check_files`, whose files are here.
     """
     path = Path(path)
     mlmodel_path = path / MLMODEL
@@ -124,17 +173,8 @@ def read_model_dir(path: str | os.PathLike, check_files: bool = True) -> Arachne
     conf = flavors[FLAVOR_NAME] or {}
     if not isinstance(conf, dict):
         raise InvalidInputError(f"{mlmodel_path}: the '{FLAVOR_NAME}' flavor must be a mapping")
-    for key, kind in (("runtime_options", dict), ("tvm", dict), ("extra_files", list), ("batching", dict)):
-        if not isinstance(conf.get(key) or kind(), kind):
-            raise InvalidInputError(f"{mlmodel_path}: '{FLAVOR_NAME}.{key}' must be a {kind.__name__}")
-    for key in ("runtime", "model_file"):
-        if not isinstance(conf.get(key), str):
-            raise InvalidInputError(f"{mlmodel_path}: the '{FLAVOR_NAME}' flavor lacks '{key}'")
-    model_file = _relative_name(conf["model_file"], mlmodel_path)
-    tvm = dict(conf.get("tvm") or {})
-    if tvm.get("params_file"):
-        tvm["params_file"] = _relative_name(tvm["params_file"], mlmodel_path)
-    extra_files = [_relative_name(name, mlmodel_path) for name in conf.get("extra_files") or []]
+    if not isinstance(conf.get("batching") or {}, dict):
+        raise InvalidInputError(f"{mlmodel_path}: '{FLAVOR_NAME}.batching' must be a dict")
     try:
         inputs, outputs = parse_signature(mlmodel.get("signature"))
     except InvalidInputError:
@@ -144,23 +184,126 @@ def read_model_dir(path: str | os.PathLike, check_files: bool = True) -> Arachne
     dtypes = conf.get("tensor_dtypes") or {}
     if not isinstance(dtypes, dict):
         raise InvalidInputError(f"{mlmodel_path}: '{FLAVOR_NAME}.tensor_dtypes' must be a mapping")
-    inputs = _with_dtypes(inputs, dtypes.get("inputs"), f"{mlmodel_path}: tensor_dtypes.inputs")
-    outputs = _with_dtypes(outputs, dtypes.get("outputs"), f"{mlmodel_path}: tensor_dtypes.outputs")
-    if check_files and not (path / model_file).exists():
-        raise ModelNotFoundError(f"model file {model_file!r} named in {mlmodel_path} is missing")
-    return ArachneModel(
+    shared = ArachneModel(
         path=path,
-        runtime=conf["runtime"],
-        model_file=model_file,
-        runtime_options=dict(conf.get("runtime_options") or {}),
-        tvm=tvm,
-        extra_files=extra_files,
+        runtime="",
+        model_file="",
         batching=dict(conf["batching"]) if conf.get("batching") is not None else None,
-        inputs=inputs,
-        outputs=outputs,
+        inputs=_with_dtypes(inputs, dtypes.get("inputs"), f"{mlmodel_path}: tensor_dtypes.inputs"),
+        outputs=_with_dtypes(outputs, dtypes.get("outputs"), f"{mlmodel_path}: tensor_dtypes.outputs"),
         version=conf.get("arachne_mlflow_version"),
         mlmodel=mlmodel,
     )
+    if "variants" in conf:
+        views = _read_variants(conf["variants"], shared, mlmodel_path)
+    else:
+        views = [_read_variant(conf, shared, str(mlmodel_path), name=None)]
+    model = _select(views, check_files, variant, device)
+    if check_files and not (path / model.model_file).exists():
+        raise ModelNotFoundError(f"model file {model.model_file!r} named in {mlmodel_path} is missing")
+    return model
+
+
+def _read_variants(blocks: Any, shared: ArachneModel, mlmodel_path: Path) -> list[ArachneModel]:
+    where = f"{mlmodel_path}: '{FLAVOR_NAME}.variants'"
+    if not isinstance(blocks, list) or not blocks or len(blocks) > MAX_VARIANTS:
+        raise InvalidInputError(f"{where} must be a list of 1 to {MAX_VARIANTS} variants")
+    views = []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict):
+            raise InvalidInputError(f"{where}[{i}] must be a mapping")
+        name = block.get("name")
+        if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
+            raise InvalidInputError(f"{where}[{i}].name {name!r} must match {VARIANT_NAME.pattern}")
+        if any(view.variant_name == name for view in views):
+            raise InvalidInputError(f"{where}: two variants are called {name!r}")
+        views.append(_read_variant(block, shared, f"{where}[{name}]", name=name))
+    return views
+
+
+def _read_variant(block: dict[str, Any], shared: ArachneModel, where: str, name: str | None) -> ArachneModel:
+    """One variant's view: its own runtime, files and options over the model's signature and batching."""
+    kinds = {"runtime_options": dict, "tvm": dict, "extra_files": list, "requires": dict, "tolerance": dict}
+    for key, kind in (*kinds.items(), ("check", dict)):
+        if not isinstance(block.get(key) or kind(), kind):
+            raise InvalidInputError(f"{where}: '{FLAVOR_NAME}.{key}' must be a {kind.__name__}")
+    for key in ("runtime", "model_file"):
+        if not isinstance(block.get(key), str):
+            raise InvalidInputError(f"{where}: the '{FLAVOR_NAME}' flavor lacks '{key}'")
+    mlmodel_path = shared.path / MLMODEL
+    tvm = dict(block.get("tvm") or {})
+    if tvm.get("params_file"):
+        tvm["params_file"] = _relative_name(tvm["params_file"], mlmodel_path)
+    return replace(
+        shared,
+        runtime=block["runtime"],
+        model_file=_relative_name(block["model_file"], mlmodel_path),
+        runtime_options=dict(block.get("runtime_options") or {}),
+        tvm=tvm,
+        extra_files=[_relative_name(n, mlmodel_path) for n in block.get("extra_files") or []],
+        variant_name=name or block["runtime"],
+        has_variants=name is not None,
+        requires=checked_requires(block.get("requires") or {}, where),
+        tolerance=checked_tolerance(block.get("tolerance") or {}, where),
+        check=dict(block.get("check") or {}),
+    )
+
+
+def checked_requires(requires: dict[str, Any], where: str) -> dict[str, Any]:
+    """A variant's `requires` block, its lists of names as lists (a single name is a list of one)."""
+    unknown = sorted(set(requires) - set(REQUIRES_KEYS))
+    if unknown:
+        raise InvalidInputError(f"{where}: unknown 'requires' keys {unknown}: use {list(REQUIRES_KEYS)}")
+    checked = dict(requires)
+    for key in ("arch", "providers", "tvm_devices"):
+        value = checked.get(key)
+        if isinstance(value, str):
+            checked[key] = value = [value]
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise InvalidInputError(f"{where}: 'requires.{key}' must be a list of names")
+    for key in ("runtime", "min_version"):
+        if checked.get(key) is not None and not isinstance(checked[key], (str, int, float)):
+            raise InvalidInputError(f"{where}: 'requires.{key}' must be a string")
+        if checked.get(key) is not None:
+            checked[key] = str(checked[key])
+    return checked
+
+
+def checked_tolerance(tolerance: dict[str, Any], where: str) -> dict[str, float]:
+    """A variant's `tolerance` block: known keys, numbers >= 0, `top1` a fraction."""
+    unknown = sorted(set(tolerance) - set(TOLERANCE_KEYS))
+    if unknown:
+        raise InvalidInputError(f"{where}: unknown 'tolerance' keys {unknown}: use {list(TOLERANCE_KEYS)}")
+    for key, value in tolerance.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise InvalidInputError(f"{where}: 'tolerance.{key}' must be a number >= 0, got {value!r}")
+    if tolerance.get("top1", 0) > 1:
+        raise InvalidInputError(f"{where}: 'tolerance.top1' is a fraction of rows, at most 1")
+    return {key: float(value) for key, value in tolerance.items()}
+
+
+def _select(
+    views: list[ArachneModel], check_files: bool, name: str | None, device: Mapping[str, Any] | None
+) -> ArachneModel:
+    """The named variant, or the first that runs on `device` (and whose files are here); each listing all."""
+    top = replace(views[0], variants=views)
+    if name is not None:
+        return top.variant(name)
+    if len(views) == 1 and not views[0].has_variants:
+        return top
+    present = [v for v in views if all((v.path / f).exists() for f in v.variant_files())] if check_files else views
+    if not present:
+        raise ModelNotFoundError(
+            f"{views[0].path}: none of the variants' files are here: {[v.variant_name for v in views]}"
+        )
+    choice = choose_variant(present, this_machine(present) if device is None else device)
+    here = {v.variant_name for v in present}
+    choice.reasons.update(
+        {v.variant_name: ["its files are not in the model directory"] for v in views if v.variant_name not in here}
+    )
+    if choice.variant is None:
+        return replace(present[0], variants=views, choice=choice)
+    return replace(choice.variant, variants=views)
 
 
 def _read_mlmodel(path: Path) -> Any:

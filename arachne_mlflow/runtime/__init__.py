@@ -121,8 +121,9 @@ def _takes_model_keyword(cls: type) -> bool:
 def _init_mlflow_model_dir(
     runtime: str, model_dir: str | os.PathLike, rpc_info: dict[str, Any] | None, options: dict[str, Any]
 ) -> RuntimeModule:
-    """An MLflow model directory with the `arachne` flavor loads as its MLmodel says."""
-    model = read_model_dir(model_dir)
+    """An MLflow model directory with the `arachne` flavor loads as its MLmodel says (option `variant`:
+    which of its variants; default the first that runs here)."""
+    model = read_model_dir(model_dir, variant=options.pop("variant", None))
     if model.runtime != runtime:
         raise InvalidInputError(f"{model_dir} holds a {model.runtime!r} model, not {runtime!r}")
     if rpc_info is not None:
@@ -134,9 +135,12 @@ def _init_mlflow_model_dir(
     return load(model, **options)
 
 
-def load(model: ArachneModel, **overrides: Any) -> RuntimeModule:
+def load(model: ArachneModel, variant: str | None = None, **overrides: Any) -> RuntimeModule:
     """Load an MLflow model directory's `arachne` model as its MLmodel says; `overrides` replace
-    stored runtime options. A model built for another machine raises `IncompatibleModelError`."""
+    stored runtime options. `variant` names one of its variants (default: the one `model` describes,
+    chosen when it was read). A model built for another machine raises `IncompatibleModelError`."""
+    if variant is not None:
+        model = model.variant(variant)
     model.check_compatible()
     return init(**model.init_kwargs(**overrides))
 
