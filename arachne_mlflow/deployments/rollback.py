@@ -43,8 +43,10 @@ def rollback(name: str, target: str | None, settings: Settings, state: DesiredSt
     desired = state.find(name) if state else None
     if target is None and desired is None:
         raise InvalidInputError(f"the registry records no deployment {name!r}: name its devices with --target")
-    spec = target if target is not None else desired.target
-    devices = resolve_target(spec if spec.startswith(SCHEME) else f"{SCHEME}://{spec}", settings.fleet)
+    if target is not None:  # the user's own: addresses allowed
+        devices = resolve_target(target if target.startswith(SCHEME) else f"{SCHEME}://{target}", settings.fleet)
+    else:  # the registry's: the fleet file's devices and groups only
+        devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
     pinned = None
     if desired is not None and desired.previous_version:
         pinned = registry_version(f"models:/{desired.registered_model}/{desired.previous_version}", state.client)
