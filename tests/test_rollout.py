@@ -340,7 +340,7 @@ def test_max_failures_halts_and_a_halted_create_deletes_the_model(
     back = _record(up, "undone")
     assert (back["revision"], back["digest"]) == (before["revision"], before["digest"])
     code, _, err = fleet_command(capsys, "rollback", "unknown")
-    assert code == 1 and "the registry records no deployment 'unknown': name its devices with --target" in err
+    assert code == 2 and "the registry records no deployment 'unknown': name its devices with --target" in err  # usage
     get_deploy_client(f"arachne-jetson://127.0.0.1:{up.port}").delete_deployment("undone")
 
 

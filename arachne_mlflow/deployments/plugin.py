@@ -236,11 +236,11 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         """Whether `devices` include every device of the deployment's recorded target."""
         if existing.target == self.target:
             return True
-        try:
-            recorded = resolve_target(f"{SCHEME}://{existing.target}", options.fleet, recorded=True)
+        try:  # (only parsed: a recorded address is compared with the command's, never contacted)
+            recorded = resolve_target(f"{SCHEME}://{existing.target}", options.fleet)
         except InvalidInputError:
             return False
-        return set(recorded) <= set(devices)
+        return {d.address for d in recorded} <= {d.address for d in devices}
 
     def _records(self, name: str, devices: list[Device], options: Settings) -> dict[Device, Any]:
         connection = options.connection
