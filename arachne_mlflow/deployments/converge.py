@@ -20,6 +20,7 @@ from arachne_mlflow.model.arch import normalize_arch
 
 DEPLOYED, UNCHANGED, FAILED, DELETED, ABSENT = "deployed", "unchanged", "failed", "deleted", "absent"
 ROLLED_BACK, UNTOUCHED = "rolled-back", "untouched"  # (rollout.py, rollback.py)
+NEVER_HAD, FORGOTTEN = "never-had-it", "forgotten"  # delete: nothing to clean (the registry's ledger), or -C forget
 PULLING = "pulling"  # a device that follows the model's registry URI itself (serve --follow): nothing pushed
 UNKNOWN = "?"  # the label of what a device runs when it could not be asked
 T = TypeVar("T")

@@ -18,6 +18,7 @@ API is used, so any tracking server (and its permissions) works.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -25,11 +26,13 @@ from typing import Any
 from arachne_mlflow.deployments.converge import PULLING, ROLLED_BACK, DeviceResult
 from arachne_mlflow.deployments.source import quote_filter
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.protocol import bounded_json
 from arachne_mlflow.protocol.device_state import (  # the record's contract, shared with pulling devices
     DEVICES_PREFIX,
     MAX_ERROR_CHARS,
     SUMMARY_KEY,
     fit_version_tag,
+    parse_tag,
 )
 
 DEPLOY_PREFIX = "arachne.deploy."
@@ -39,6 +42,17 @@ ROLLED_OUT, ROLLING, HALTED, DELETING = "rolled-out", "rolling", "halted", "dele
 # model_version_tags.value is TEXT, bounded by MLflow's own check on registry tag values (device_state).
 MAX_MODEL_TAG = 5000
 _SEARCH_PAGE = 1000
+WRITER = "arachne-mlflow"  # the `by` of every desired state this tool writes: `fleet sync` acts on no other
+STATES = (ROLLED_OUT, ROLLING, HALTED, DELETING)
+
+
+@dataclass
+class Broken:
+    """A `arachne.deploy.*` tag that is not a desired state this tool wrote: reported, never acted on."""
+
+    deployment: str
+    registered_model: str
+    error: str
 
 
 @dataclass
@@ -60,6 +74,7 @@ class Desired:
     def tag_value(self) -> str:
         """The tag's JSON, the reason shortened to fit the registry's bound."""
         body = {k: v for k, v in asdict(self).items() if k not in ("deployment", "registered_model")}
+        body["by"] = WRITER
         if not body["updated_at"]:
             body["updated_at"] = now()
         text = json.dumps(body)
@@ -80,26 +95,52 @@ class Desired:
 
     @classmethod
     def from_tag(cls, deployment: str, registered_model: str, value: str) -> Desired:
+        """The desired state in a tag's JSON (parsed within bounds), or `InvalidInputError` saying
+        what is wrong with it: only what this tool wrote, with the types it writes, is accepted."""
+        where = f"registered model {registered_model!r}: tag {DEPLOY_PREFIX}{deployment}"
         try:
-            body = json.loads(value)
-            return cls(
+            body = bounded_json.loads(value, where, max_bytes=4 * MAX_MODEL_TAG, max_containers=64, max_depth=4)
+            if not isinstance(body, dict) or body.get("by") != WRITER:
+                raise InvalidInputError(f'{where} was not written by {WRITER} (no "by": "{WRITER}")')
+            desired = cls(
                 deployment,
                 registered_model,
-                str(body["target"]),
-                str(body["model_uri"]),
-                status=str(body.get("status", ROLLED_OUT)),
-                reason=str(body.get("reason", "")),
-                version=body.get("version"),
-                previous_version=body.get("previous_version"),
-                devices=dict(body.get("devices") or {}),
-                strategy=dict(body.get("strategy") or {"name": "all"}),
-                updated_at=str(body.get("updated_at", "")),
+                _text(body, "target"),
+                _text(body, "model_uri"),
+                status=_text(body, "status", ROLLED_OUT),
+                reason=_text(body, "reason", ""),
+                version=_version(body.get("version")),
+                previous_version=_version(body.get("previous_version")),
+                devices={str(k): int(v) for k, v in _mapping(body, "devices").items()},
+                strategy=_mapping(body, "strategy") or {"name": "all"},
+                updated_at=_text(body, "updated_at", ""),
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise InvalidInputError(
-                f"registered model {registered_model!r}: tag {DEPLOY_PREFIX}{deployment} is not a deployment's "
-                f"desired state ({err}); fix or delete the tag"
-            ) from err
+        except (InvalidInputError, TypeError, ValueError) as err:
+            message = str(err) if str(err).startswith(where) else f"{where}: {err}"
+            raise InvalidInputError(f"{message}; not a deployment's desired state: fix or delete the tag") from err
+        if desired.status not in STATES:
+            raise InvalidInputError(f"{where}: unknown status {desired.status!r}; fix or delete the tag")
+        return desired
+
+
+def _text(body: dict, key: str, default: str | None = None) -> str:
+    value = body.get(key, default)
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _version(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value.isdigit()):
+        return value
+    raise InvalidInputError(f"a version must be a number as a string, got {value!r}")
+
+
+def _mapping(body: dict, key: str) -> dict:
+    value = body.get(key) or {}
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{key} must be an object, got {type(value).__name__}")
+    return value
 
 
 class DesiredState:
@@ -119,13 +160,21 @@ class DesiredState:
         return max(found, key=lambda d: d.updated_at) if found else None
 
     def all(self) -> list[Desired]:
-        """Every deployment recorded in the registry, by name."""
-        found = []
+        """Every deployment recorded in the registry, by name (tags that are not a desired state left out)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[Desired], list[Broken]]:
+        """Every deployment recorded in the registry, and every `arachne.deploy.*` tag that is not one
+        (each one said apart, so that one bad tag stops no other deployment)."""
+        found, broken = [], []
         for model in self._search_models(f"tags.`{MARKER_KEY}` = 'true'"):
-            for key, value in model.tags.items():
-                if key.startswith(DEPLOY_PREFIX):
-                    found.append(Desired.from_tag(key[len(DEPLOY_PREFIX) :], model.name, value))
-        return sorted(found, key=lambda d: (d.deployment, d.registered_model))
+            for deployment, value in _deploy_tags(model):
+                try:
+                    found.append(Desired.from_tag(deployment, model.name, value))
+                except InvalidInputError as err:
+                    broken.append(Broken(deployment, model.name, str(err)))
+        key = lambda d: (d.deployment, d.registered_model)  # noqa: E731
+        return sorted(found, key=key), sorted(broken, key=key)
 
     def recorded(self, desired: Desired) -> dict[str, dict[str, dict[str, Any]]]:
         """What the version tags say of each device: device -> {version: entry}."""
@@ -173,7 +222,12 @@ class DesiredState:
             if result.ok:
                 arrived.add(device)
                 same = old.get("state") == "deployed" and old.get("revision") == result.revision
+                same = same and "last_error" not in old
                 entries[device] = old if same else {"state": "deployed", "revision": result.revision, "at": stamp}
+            elif old.get("state") == "deployed" and result.state != ROLLED_BACK:
+                # it had this version before the command failed on it: it keeps it, the failure is noted
+                error = (result.error or "")[:MAX_ERROR_CHARS]
+                entries[device] = {**old, "last_error": error, "last_error_at": stamp}
             else:
                 state = ROLLED_BACK if result.state == ROLLED_BACK else "failed"
                 error = (result.error or "")[:MAX_ERROR_CHARS]
@@ -199,11 +253,26 @@ class DesiredState:
 
     # -- plumbing --------------------------------------------------------------------------
     def _find_all(self, deployment: str) -> list[Desired]:
+        """The deployment's desired states; a tag of that name that is not one is left out (`remove_broken`)."""
         key = DEPLOY_PREFIX + deployment
-        return [
-            Desired.from_tag(deployment, model.name, model.tags[key])
-            for model in self._search_models(f"tags.`{key}` != ''")
-        ]
+        found = []
+        for model in self._search_models(f"tags.`{key}` != ''"):
+            try:
+                found.append(Desired.from_tag(deployment, model.name, model.tags[key]))
+            except InvalidInputError:
+                continue
+        return found
+
+    def remove_broken(self, deployment: str) -> list[str]:
+        """Delete the `arachne.deploy.<deployment>` tags that are not a desired state; the models they were on."""
+        key, removed = DEPLOY_PREFIX + deployment, []
+        for model in self._search_models(f"tags.`{key}` != ''"):
+            try:
+                Desired.from_tag(deployment, model.name, model.tags[key])
+            except InvalidInputError:
+                self.client.delete_registered_model_tag(model.name, key)
+                removed.append(model.name)
+        return removed
 
     def _drop(self, desired: Desired, tagged: dict, devices: set[str], keep: str | None = None) -> None:
         key = DEVICES_PREFIX + desired.deployment
@@ -231,17 +300,17 @@ class DesiredState:
         versions = self.client.search_model_versions(
             f"name = {quote_filter(desired.registered_model)} AND tags.`{key}` != ''"
         )
-        tagged = {}
-        for version in versions:
-            try:
-                entries = json.loads(version.tags[key])
-            except ValueError:
-                entries = {}  # not ours to read: rewritten on the next change
-            tagged[str(version.version)] = entries if isinstance(entries, dict) else {}
-        return tagged
+        # (a value that is not ours to read counts as empty: rewritten on the next change)
+        return {str(version.version): parse_tag(version.tags[key]) for version in versions}
 
     def _set_version_tag(self, model: str, version: str, key: str, entries: dict[str, Any]) -> None:
         self.client.set_model_version_tag(model, version, key, fit_version_tag(entries))
+
+
+def _deploy_tags(model: Any) -> Iterator[tuple[str, str]]:
+    for key, value in model.tags.items():
+        if key.startswith(DEPLOY_PREFIX):
+            yield key[len(DEPLOY_PREFIX) :], value
 
 
 def now() -> str:

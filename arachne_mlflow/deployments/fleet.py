@@ -16,8 +16,26 @@ from typing import Any, TextIO
 from mlflow.exceptions import MlflowException
 
 from arachne_mlflow.deployments import report
-from arachne_mlflow.deployments.converge import UNTOUCHED, DeviceResult, delete_device, on_devices, unchanged_device
-from arachne_mlflow.deployments.desired_state import DELETING, HALTED, ROLLED_OUT, ROLLING, Desired, DesiredState
+from arachne_mlflow.deployments.converge import (
+    FAILED,
+    FORGOTTEN,
+    NEVER_HAD,
+    PULLING,
+    UNTOUCHED,
+    DeviceResult,
+    delete_device,
+    on_devices,
+    unchanged_device,
+)
+from arachne_mlflow.deployments.desired_state import (
+    DELETING,
+    HALTED,
+    ROLLED_OUT,
+    ROLLING,
+    Broken,
+    Desired,
+    DesiredState,
+)
 from arachne_mlflow.deployments.inventory import resolve_target
 from arachne_mlflow.deployments.rollout import roll_out
 from arachne_mlflow.deployments.source import RegistryVersion, registry_version, resolve
@@ -45,6 +63,7 @@ class Outcome:
     registry_error: str | None = None  # the devices were dealt with, but the registry could not record it
     halted: str | None = None  # why the rollout stopped and undid itself (rollout.py)
     note: str = ""
+    usage: bool = False  # the error is the command's (a deployment name the registry does not know)
 
     @property
     def succeeded(self) -> int:
@@ -63,8 +82,8 @@ class Outcome:
         what = f"{self.action} of deployment {self.deployment!r}"
         if self.error:
             return f"{what} failed: {self.error}"
-        if self.note and not self.results:
-            return f"{what}: {self.note}"
+        if not self.results and (self.note or self.halted):
+            return f"{what}: {self.halted or self.note}"
         wanted = "without it" if self.action == "delete" else f"with {self.wanted()}"
         line = f"{what}: {self.succeeded} of {len(self.results)} devices {wanted}"
         if self.halted:
@@ -73,6 +92,13 @@ class Outcome:
             line += f" ({self.required} required)"
         if self.registry_error:
             line += f"; the registry could not record it: {self.registry_error}"
+        elif self.desired is not None and self.desired.status == DELETING:
+            line += (
+                "; the registry keeps it as deleting until every device is done "
+                "(-C forget=true forgets devices that cannot be reached)"
+            )
+        if self.note:
+            line += f"; {self.note}"
         return line
 
     def wanted(self) -> str:
@@ -101,11 +127,16 @@ def push(
     settings: Settings,
     state: DesiredState | None,
     existing: Desired | None = None,
+    whole: bool = True,
 ) -> Outcome:
-    """Bring every device to `model_uri` and record the desired state when it is a registry model.
+    """Bring every device to `model_uri` and record what happened when it is a registry model.
 
-    A push of a model outside the registry (a path, a run) records nothing, and forgets any
-    desired state `existing` held for the same deployment: `fleet sync` would undo it otherwise.
+    The registry is a ledger: a command on the deployment's `whole` target (or a new one) records
+    the desired state, unless no device got the model of a deployment not yet recorded (nothing is
+    recorded then); a command on part of it records its devices' entries only, and the
+    deployment's target and model stay as they were. A push of a model outside the registry (a
+    path, a run) records nothing, and forgets any desired state `existing` held for the same
+    deployment on its whole target: `fleet sync` would undo it otherwise.
     """
     outcome = Outcome(action, name, required=settings.required(len(devices)))
     pinned = registry_version(model_uri, state.client if state else None)
@@ -125,16 +156,73 @@ def push(
     if state is None:
         return outcome
     try:
-        if outcome.registry is not None:
-            outcome.desired = _desired(name, model_uri, target, outcome, settings.strategy, existing)
-            state.save(outcome.desired)
-            touched = [r for r in outcome.results if r.state != UNTOUCHED]
-            state.record_devices(outcome.desired, outcome.registry.version, touched)
-        elif existing is not None:
-            state.remove(existing)
+        _record_push(outcome, model_uri, target, settings, state, existing, whole)
     except MlflowException as err:  # (a user who may read the registry but not write it: 403)
         outcome.registry_error = str(err)
     return outcome
+
+
+def _record_push(
+    outcome: Outcome,
+    model_uri: str,
+    target: str,
+    settings: Settings,
+    state: DesiredState,
+    existing: Desired | None,
+    whole: bool,
+) -> None:
+    touched = [r for r in outcome.results if r.state != UNTOUCHED]
+    if outcome.registry is None:
+        if existing is not None and whole:
+            state.remove(existing)
+        return
+    if not whole:
+        _record_part(outcome, settings, state, existing, touched)
+        return
+    if existing is None and outcome.succeeded == 0:
+        outcome.note = f"nothing recorded in the registry: no device got {outcome.wanted()}"
+        return
+    outcome.desired = _desired(outcome.deployment, model_uri, target, outcome, settings.strategy, existing)
+    state.save(outcome.desired)
+    state.record_devices(outcome.desired, outcome.registry.version, touched)
+
+
+def _record_part(
+    outcome: Outcome, settings: Settings, state: DesiredState, existing: Desired, touched: list[DeviceResult]
+) -> None:
+    """A command on some of the deployment's devices: their entries, then the deployment's status
+    and counts as the ledger now says (its target and model URI unchanged)."""
+    registry = outcome.registry
+    if registry.registered_model != existing.registered_model:
+        outcome.note = (
+            f"nothing recorded: deployment {existing.deployment!r} deploys {existing.registered_model}, "
+            f"not {registry.registered_model} (update its whole target with -C retarget=true to change it)"
+        )
+        return
+    state.record_devices(existing, registry.version, touched)
+    if registry.version == existing.version and existing.status in (ROLLING, ROLLED_OUT):
+        outcome.desired = refreshed(existing, settings, state)
+
+
+def refreshed(existing: Desired, settings: Settings, state: DesiredState) -> Desired:
+    """`existing` with its status and counts as the version tags say of its target's devices (a
+    target the fleet file cannot resolve any more: left as it is)."""
+    try:
+        devices = resolve_target(f"{SCHEME}://{existing.target}", settings.fleet, recorded=True)
+    except ArachneError:
+        return existing
+    recorded = state.recorded(existing)
+    having = {"deployed", PULLING}
+    missing = [str(d) for d in devices if recorded.get(str(d), {}).get(existing.version, {}).get("state") not in having]
+    after = replace(existing, updated_at="")
+    after.devices = {"deployed": len(devices) - len(missing), **({"missing": len(missing)} if missing else {})}
+    after.status, after.reason = ROLLED_OUT, ""
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        after.status = ROLLING
+        after.reason = f"{len(missing)} of {len(devices)} devices without v{existing.version}: {shown}"
+    state.save(after)
+    return after
 
 
 def _everywhere_already(
@@ -160,29 +248,66 @@ def delete(
     settings: Settings,
     state: DesiredState | None,
     existing: Desired | None,
+    whole: bool = True,
 ) -> Outcome:
     """Remove `name` from every device; the registry forgets it once no device has it.
 
-    Until then its desired state says `deleting`, so that `fleet sync` finishes the job on the
-    devices that could not be reached instead of putting the model back on the others.
+    A device that could not be reached but never had the deployment (the ledger lists only its
+    failures) needs no cleaning; with `-C forget=true`, a device that could not be reached is
+    forgotten all the same (it may still serve the model). On the `whole` target, until every
+    device is done the desired state says `deleting`, so that `fleet sync` finishes the job
+    instead of putting the model back; on part of it, those devices' entries go and the
+    deployment stays.
     """
     connection = settings.connection
     results = on_devices(devices, lambda d: delete_device(d, connection, name), settings.workers(len(devices)))
     outcome = Outcome("delete", name, results, required=settings.required(len(devices)))
     if existing is None or state is None:
+        if settings.forget:
+            _forget_failed(results)
         return outcome
     try:
-        if all(r.ok for r in results):
+        ledger = state.recorded(existing)
+        for result in results:
+            entries = ledger.get(str(result.device), {}).values()
+            if result.state == FAILED and all(e.get("state") == FAILED for e in entries):
+                result.state, result.after = NEVER_HAD, "-"
+        if settings.forget:
+            _forget_failed(results)
+        done = [str(r.device) for r in results if r.ok]
+        if not whole:
+            state.forget_devices(existing, done)
+        elif all(r.ok for r in results):
             state.remove(existing)
-            return outcome
-        existing.status = DELETING
-        existing.reason = f"{len(results) - outcome.succeeded} devices still have it: {report.failures(results)}"
-        existing.devices = counts(results, "deleted")
-        state.save(existing)
-        state.forget_devices(existing, [str(r.device) for r in results if r.ok])
-        outcome.desired = existing
+        else:
+            existing.status = DELETING
+            existing.reason = f"{len(results) - outcome.succeeded} devices still have it: {report.failures(results)}"
+            existing.devices = counts(results, "deleted")
+            state.save(existing)
+            state.forget_devices(existing, done)
+            outcome.desired = existing
     except MlflowException as err:
         outcome.registry_error = str(err)
+    return outcome
+
+
+def _forget_failed(results: list[DeviceResult]) -> None:
+    for result in results:
+        if result.state == FAILED:
+            result.state = FORGOTTEN
+
+
+def forget(name: str, state: DesiredState, existing: Desired | None) -> Outcome:
+    """Forget deployment `name` without contacting a device (its target names nothing the fleet
+    file knows any more): its record, and any tag of that name that is not a desired state."""
+    outcome = Outcome("delete", name)
+    if existing is not None:
+        state.remove(existing)
+    removed = state.remove_broken(name)
+    if existing is None and not removed:
+        outcome.error = "the registry records no such deployment"
+    else:
+        outcome.note = "forgotten by the registry; no device was contacted"
     return outcome
 
 
@@ -191,28 +316,36 @@ def sync(names: Sequence[str], settings: Settings, state: DesiredState, stream: 
 
     A moved alias rolls out, a device that was down gets the model, a device added to a group
     gets it; a deployment that is already everywhere is left alone (nothing is written). A
-    `halted` rollout stays halted until a command starts it again.
+    `halted` rollout stays halted until a command starts it again. A tag that is not a desired
+    state this tool wrote, or a target naming what the fleet file does not know, is reported for
+    that deployment (nothing is contacted for it) and the others converge.
     """
-    recorded = [d for d in state.all() if not names or d.deployment in names]
-    missing = sorted(set(names) - {d.deployment for d in recorded})
-    outcomes = [Outcome("sync", n, error="no such deployment in the registry") for n in missing]
+    found, broken = state.scan()
+    recorded = [d for d in found if not names or d.deployment in names]
+    broken = [b for b in broken if not names or b.deployment in names]
+    missing = sorted(set(names) - {d.deployment for d in recorded} - {b.deployment for b in broken})
+    outcomes = [_broken(b) for b in broken]
     for desired in recorded:
         if desired.status == HALTED:
-            outcome = Outcome("sync", desired.deployment, note=f"halted ({desired.reason}); left as it is")
+            why = f"the rollout halted ({desired.reason}); left as it is until a command starts it again"
+            outcome = Outcome("sync", desired.deployment, halted=why)
         else:
             outcome = _sync_one(desired, settings, state)
-        if settings.report:
-            outcome.write(stream)
         outcomes.append(outcome)
-    for outcome in outcomes[: len(missing)]:
+    unknown = [Outcome("sync", n, error="no such deployment in the registry", usage=True) for n in missing]
+    for outcome in outcomes + unknown:
         if settings.report:
             outcome.write(stream)
-    return outcomes
+    return outcomes + unknown
+
+
+def _broken(broken: Broken) -> Outcome:
+    return Outcome("sync", broken.deployment, error=f"{broken.error} (nothing was contacted for it)")
 
 
 def _sync_one(desired: Desired, settings: Settings, state: DesiredState) -> Outcome:
     try:
-        devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet)
+        devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
         if desired.status == DELETING:
             return delete(desired.deployment, devices, settings, state, desired)
         settings = replace(settings, strategy=Strategy.from_recorded(desired.strategy))  # as the push chose

@@ -23,7 +23,7 @@ from arachne_mlflow.deployments.desired_state import DesiredState
 from arachne_mlflow.deployments.inputs import to_arrays
 from arachne_mlflow.deployments.inventory import resolve_target
 from arachne_mlflow.deployments.source import REGISTRY_PREFIX
-from arachne_mlflow.deployments.targets import Device, Settings, settings, target_of
+from arachne_mlflow.deployments.targets import SCHEME, Device, Settings, settings, target_of
 from arachne_mlflow.errors import ArachneError, DeviceUnreachableError, InvalidInputError
 from arachne_mlflow.model.directory import FLAVOR_NAME
 
@@ -56,16 +56,28 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
 
     def delete_deployment(self, name, config=None, endpoint=None):
         """Remove `name` from every device and from the registry's desired state. Idempotent, as
-        MLflow's contract asks: a device that does not have it (any more) is not an error."""
+        MLflow's contract asks: a device that does not have it (any more) is not an error. On part
+        of the deployment's target, only those devices' entries go; `-C forget=true` forgets devices
+        that cannot be reached (and a recorded target the fleet file no longer knows, uncontacted)."""
         options = _settings(config)
-        devices = self._devices(options)
         state = _registry(None)
         existing = state.find(name) if state else None
-        outcome = fleet.delete(name, devices, options, state, existing)
+        try:
+            devices = resolve_target(self.target_uri, options.fleet)
+        except InvalidInputError as err:
+            if not (options.forget and state is not None and existing is not None and existing.target == self.target):
+                raise MlflowException(str(err)) from err
+            outcome = fleet.forget(name, state, existing)
+        else:
+            whole = existing is None or self._covers(existing, devices, options)
+            if whole and state is not None:
+                state.remove_broken(name)
+            outcome = fleet.delete(name, devices, options, state, existing, whole)
         self._finish(outcome, options)
 
     def list_deployments(self, endpoint=None):
-        """Every deployment on any device, with the devices that hold it and its state there."""
+        """Every deployment on any device, with the devices that hold it and its state there (a device
+        that answered without it: `absent`)."""
         options = _settings(None)
         devices = self._devices(options)
         results = self._each(devices, options, lambda client: client.repository_index())
@@ -75,11 +87,15 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         found: dict[str, dict[str, Any]] = {}
         for device, entries in results.items():
             for entry in [] if device in failed else entries:
-                item = found.setdefault(entry["name"], {"name": entry["name"], "flavor": FLAVOR_NAME, "devices": []})
-                item["devices"].append({"device": str(device), "state": entry["state"]})
-        for device, error in failed.items():
-            for item in found.values():
-                item["devices"].append({"device": str(device), "state": "unreachable", "error": str(error)})
+                item = found.setdefault(entry["name"], {"name": entry["name"], "flavor": FLAVOR_NAME, "devices": {}})
+                item["devices"][device] = {"device": str(device), "state": entry["state"]}
+        for item in found.values():
+            absent = {"state": "absent"}
+            item["devices"] = [
+                item["devices"].get(d)
+                or ({"state": "unreachable", "error": str(failed[d])} if d in failed else absent) | {"device": str(d)}
+                for d in devices
+            ]
         return sorted(found.values(), key=lambda item: item["name"])
 
     def get_deployment(self, name, endpoint=None):
@@ -159,11 +175,12 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
                 raise MlflowException(f"update of deployment {name!r} needs a model URI (-m)")
             model_uri = existing.model_uri
         if action == "create" and not options.converge:
-            self._refuse_existing(name, devices, options, existing)
+            self._refuse_existing(name, model_uri, devices, options, existing)
         if action == "update" and existing is None:
             self._refuse_missing(name, devices, options)
+        whole = existing is None or options.retarget or existing.target == self.target
         try:
-            outcome = fleet.push(action, name, model_uri, self.target, devices, options, state, existing)
+            outcome = fleet.push(action, name, model_uri, self.target, devices, options, state, existing, whole)
         except ArachneError as err:
             raise MlflowException(f"cannot deploy {model_uri}: {err}") from err
         self._finish(outcome, options)
@@ -185,7 +202,9 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
             ],
         }
 
-    def _refuse_existing(self, name: str, devices: list[Device], options: Settings, existing: Any) -> None:
+    def _refuse_existing(
+        self, name: str, model_uri: str, devices: list[Device], options: Settings, existing: Any
+    ) -> None:
         if existing is not None:
             raise MlflowException(
                 f"deployment {name!r} exists: the registry wants {existing.model_uri} on {existing.target} "
@@ -193,7 +212,9 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
                 error_code=RESOURCE_ALREADY_EXISTS,
             )
         records = self._records(name, devices, options)
-        having = [str(d) for d, record in records.items() if isinstance(record, dict)]
+        having = [
+            str(d) for d, record in records.items() if isinstance(record, dict) and not _follows(record, model_uri)
+        ]
         if having:
             raise MlflowException(
                 f"deployment {name!r} exists on {', '.join(having)}: update it, or create with -C converge=true",
@@ -210,6 +231,16 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
             + (f" ({_report(failed)})" if failed else ""),
             error_code=RESOURCE_DOES_NOT_EXIST,
         )
+
+    def _covers(self, existing: Any, devices: list[Device], options: Settings) -> bool:
+        """Whether `devices` include every device of the deployment's recorded target."""
+        if existing.target == self.target:
+            return True
+        try:  # (only parsed: a recorded address is compared with the command's, never contacted)
+            recorded = resolve_target(f"{SCHEME}://{existing.target}", options.fleet)
+        except InvalidInputError:
+            return False
+        return {d.address for d in recorded} <= {d.address for d in devices}
 
     def _records(self, name: str, devices: list[Device], options: Settings) -> dict[Device, Any]:
         connection = options.connection
@@ -270,6 +301,11 @@ def _tracking_store_exists(mlflow: Any) -> bool:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///") :]).is_file()
     return Path(uri.removeprefix("file://")).is_dir()
+
+
+def _follows(record: dict[str, Any], model_uri: str) -> bool:
+    """A device that pulls `model_uri` itself (serve --follow): recording it is what create does."""
+    return (record.get("follow") or {}).get("model_uri") == model_uri
 
 
 def _device_state(device: Device, result: Any) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from arachne_mlflow.deployments.desired_state import HALTED, ROLLED_OUT, ROLLING
 from arachne_mlflow.deployments.fleet import Outcome, counts
 from arachne_mlflow.deployments.inventory import resolve_target
 from arachne_mlflow.deployments.source import ModelSource, RegistryVersion, registry_version, resolve
-from arachne_mlflow.deployments.targets import SCHEME, Connection, Device, Settings
+from arachne_mlflow.deployments.targets import SCHEME, Connection, Device, Settings, target_of
 from arachne_mlflow.errors import ArachneError, InvalidInputError
 
 
@@ -43,8 +43,10 @@ def rollback(name: str, target: str | None, settings: Settings, state: DesiredSt
     desired = state.find(name) if state else None
     if target is None and desired is None:
         raise InvalidInputError(f"the registry records no deployment {name!r}: name its devices with --target")
-    spec = target if target is not None else desired.target
-    devices = resolve_target(spec if spec.startswith(SCHEME) else f"{SCHEME}://{spec}", settings.fleet)
+    if target is not None:  # the user's own: addresses allowed
+        devices = resolve_target(target if target.startswith(SCHEME) else f"{SCHEME}://{target}", settings.fleet)
+    else:  # the registry's: the fleet file's devices and groups only
+        devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
     pinned = None
     if desired is not None and desired.previous_version:
         pinned = registry_version(f"models:/{desired.registered_model}/{desired.previous_version}", state.client)
@@ -56,7 +58,10 @@ def rollback(name: str, target: str | None, settings: Settings, state: DesiredSt
             devices, lambda d: rollback_device(d, connection, name, pinned, source), settings.workers(len(devices))
         )
     if desired is not None:
-        outcome.desired = _record(desired, pinned, outcome, state)
+        whole = target is None or target_of(target if target.startswith(SCHEME) else f"{SCHEME}://{target}") == (
+            desired.target
+        )
+        outcome.desired = _record(desired, pinned, outcome, state, whole)
     return outcome
 
 
@@ -92,8 +97,12 @@ def rollback_device(
         return DeviceResult(device, FAILED, before, before, time.perf_counter() - start, error=str(err))
 
 
-def _record(desired: Desired, pinned: RegistryVersion | None, outcome: Outcome, state: DesiredState) -> Desired:
-    """The desired state after a rollback: what the devices now run, pinned to its version."""
+def _record(
+    desired: Desired, pinned: RegistryVersion | None, outcome: Outcome, state: DesiredState, whole: bool
+) -> Desired:
+    """The desired state after a rollback of the `whole` target: what the devices now run, pinned to
+    its version; after one of part of it, those devices' entries only (the ledger: the deployment
+    still wants what it wanted)."""
     if pinned is None:  # the devices' own previous versions: what most of them run now names it
         versions = [
             (r.provenance or {}).get("version")
@@ -105,6 +114,12 @@ def _record(desired: Desired, pinned: RegistryVersion | None, outcome: Outcome, 
         version = str(max(set(versions), key=versions.count))
     else:
         version = pinned.version
+    if not whole:
+        try:
+            state.record_devices(desired, version, outcome.results)
+        except MlflowException as err:
+            outcome.registry_error = str(err)
+        return desired
     failed = [r for r in outcome.results if not r.ok]
     reason = f"fleet rollback from v{desired.version} to v{version}"
     if failed:

@@ -22,6 +22,9 @@ from arachne_mlflow.deployments.source import registry_version
 from arachne_mlflow.deployments.targets import SCHEME, Device, Settings
 from arachne_mlflow.errors import ArachneError, DeviceUnreachableError
 
+EXIT_OK, EXIT_DRIFT, EXIT_USAGE, EXIT_UNCHECKED = 0, 1, 2, 3
+_UNCHECKED = ("unreachable", "error")
+
 
 @dataclass
 class DeviceStatus:
@@ -49,6 +52,7 @@ class DeploymentStatus:
     devices: list[DeviceStatus] = field(default_factory=list)
     drift: list[str] = field(default_factory=list)
     error: str | None = None
+    usage: bool = False  # the error is the command's: a name the registry does not know
 
     @property
     def in_sync(self) -> bool:
@@ -57,7 +61,8 @@ class DeploymentStatus:
 
 def status(names: Sequence[str], settings: Settings, state: DesiredState) -> list[DeploymentStatus]:
     """The status of every deployment the registry records (or of those in `names`)."""
-    recorded = [d for d in state.all() if not names or d.deployment in names]
+    every, broken = state.scan()
+    recorded = [d for d in every if not names or d.deployment in names]
     statuses, pairs = [], []
     for desired in recorded:
         found, devices = _deployment(desired, settings, state)
@@ -72,11 +77,30 @@ def status(names: Sequence[str], settings: Settings, state: DesiredState) -> lis
         found.devices.append(_device_status(found, device, answer, tags))
     for found in statuses:
         found.drift += _drift(found)
-    for missing in sorted(set(names) - {d.deployment for d in recorded}):
-        statuses.append(
-            DeploymentStatus(missing, "", "", "", "", "", None, None, error="no such deployment in the registry")
-        )
+    for bad in broken:
+        if not names or bad.deployment in names:
+            statuses.append(
+                DeploymentStatus(bad.deployment, bad.registered_model, "", "", "", "", None, None, error=bad.error)
+            )
+    known = {s.deployment for s in statuses}
+    for missing in sorted(set(names) - known):
+        listed = ", ".join(sorted({d.deployment for d in every})) or "none"
+        error = f"no such deployment in the registry (deployments: {listed})"
+        statuses.append(DeploymentStatus(missing, "", "", "", "", "", None, None, error=error, usage=True))
     return statuses
+
+
+def exit_code(statuses: Sequence[DeploymentStatus]) -> int:
+    """0 every device of every deployment runs its desired version; 2 a name the registry does not
+    know; 3 something could not be checked (a device unreachable or refusing, a record or a target
+    the fleet file cannot read); 1 drift (a device without the desired version, an alias moved,
+    a rollout rolling, halted or deleting)."""
+    if any(s.usage for s in statuses):
+        return EXIT_USAGE
+    unchecked = any(s.error for s in statuses) or any(d.state in _UNCHECKED for s in statuses for d in s.devices)
+    if unchecked:
+        return EXIT_UNCHECKED
+    return EXIT_OK if all(s.in_sync for s in statuses) else EXIT_DRIFT
 
 
 def _deployment(desired: Desired, settings: Settings, state: DesiredState) -> tuple[DeploymentStatus, list[Device]]:
@@ -94,7 +118,7 @@ def _deployment(desired: Desired, settings: Settings, state: DesiredState) -> tu
         if desired.status != DELETING:
             now = registry_version(desired.model_uri, state.client)
             found.desired_version = now.version if now else None
-        return found, resolve_target(f"{SCHEME}://{desired.target}", settings.fleet)
+        return found, resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
     except (ArachneError, MlflowException) as err:  # an alias deleted, a group gone: said, and the others go on
         found.error = str(err)
         return found, []
@@ -161,6 +185,9 @@ def to_text(statuses: Sequence[DeploymentStatus]) -> str:
         return "no deployments recorded in the registry\n"
     parts = []
     for s in statuses:
+        if not s.target:  # (no desired state: a name the registry does not know, or a tag that is not one)
+            parts.append(f"{s.deployment}: {s.error}\n")
+            continue
         wanted = f" -> v{s.desired_version}" if s.desired_version else ""
         text = f"{s.deployment}: {s.model_uri}{wanted} on {s.target or '?'} ({s.status or 'unknown'})\n"
         if s.devices:

@@ -18,7 +18,7 @@ from typing import Any
 
 from arachne_mlflow.client.address import authority
 from arachne_mlflow.deployments.strategy import ROLLOUT_KEYS, Strategy, strategy_of
-from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.errors import InvalidInputError, UnauthorizedError
 
 SCHEME = "arachne-jetson"
 DEFAULT_DEVICE = "localhost:5051"
@@ -29,7 +29,7 @@ DEFAULT_UPLOAD_TIMEOUT = 600.0  # an upload's answer comes after the device has 
 PROBE_TIMEOUT = 3.0  # seconds to wait for a status answer, or for a model's metadata before predicting
 MAX_DEFAULT_PARALLEL = 256  # devices worked on at once unless -C parallel says otherwise
 CONNECTION_KEYS = ("token", "tls", "ca_cert", "timeout", "connect_timeout", "upload_timeout")
-FLEET_KEYS = ("fleet", "parallel", "min_success", "converge", "progress", "report")
+FLEET_KEYS = ("fleet", "parallel", "min_success", "converge", "progress", "report", "retarget", "forget")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _HOST_PORT = re.compile(r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?$")
@@ -66,14 +66,23 @@ class Connection:
     timeout: float = DEFAULT_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT
+    token_given: bool = False  # the token came from -C token (not $ARACHNE_TOKEN): it stands in for any device's
 
     def probing(self) -> Connection:
         """The same with a short wait for answers: for questions that must not hang on one device."""
         return replace(self, timeout=min(self.timeout, PROBE_TIMEOUT))
 
     def for_device(self, device: Device) -> Connection:
-        """The fleet file's settings for `device` win; what it leaves unset comes from here."""
+        """The fleet file's settings for `device` win; what it leaves unset comes from here.
+
+        A device whose `token_env` variable is unset is refused here, before any request, unless
+        `-C token` gave a token: otherwise the device's 401 would be all the user sees."""
         token = os.environ.get(device.token_env) if device.token_env else None
+        if device.token_env and not token and not self.token_given:
+            raise UnauthorizedError(
+                f"device {device}: its token_env variable {device.token_env} (fleet file) is not set; "
+                f"export {device.token_env}=<token> or pass -C token=...; nothing was sent to {device.address}"
+            )
         return replace(
             self,
             token=token or self.token,
@@ -109,6 +118,8 @@ class Settings:
     converge: bool = False  # create acts like update when the deployment exists
     progress: bool | None = None  # None: a bar on a terminal for large models
     report: bool = True  # the per-device table on stderr
+    retarget: bool = False  # create/update: the command's target becomes the deployment's recorded target
+    forget: bool = False  # delete: devices that cannot be reached are forgotten by the registry all the same
     strategy: Strategy = field(default_factory=Strategy)  # batches, canary, health gate (strategy.py)
 
     def workers(self, devices: int) -> int:
@@ -186,6 +197,7 @@ def settings(config: Mapping[str, Any] | None) -> Settings:
         timeout=_seconds(config, "timeout", env("ARACHNE_TIMEOUT"), DEFAULT_TIMEOUT),
         connect_timeout=_seconds(config, "connect_timeout", env("ARACHNE_CONNECT_TIMEOUT"), DEFAULT_CONNECT_TIMEOUT),
         upload_timeout=_seconds(config, "upload_timeout", None, DEFAULT_UPLOAD_TIMEOUT),
+        token_given=bool(config.get("token")),
     )
     parallel = config.get("parallel")
     if parallel is not None:
@@ -206,6 +218,8 @@ def settings(config: Mapping[str, Any] | None) -> Settings:
         converge=flag("converge", config.get("converge"), False),
         progress=None if progress is None else flag("progress", progress, False),
         report=flag("report", config.get("report"), True),
+        retarget=flag("retarget", config.get("retarget"), False),
+        forget=flag("forget", config.get("forget"), False),
         strategy=strategy_of(config),
     )
 
