@@ -175,3 +175,55 @@ def test_downloads_draw_no_progress_bar_off_a_terminal(mlflow_store, onnx_linear
     source.resolve(f"models:/bar-test/{info.registered_model_version}", str(tmp_path / "again"))
     assert "Downloading artifacts" in capfd.readouterr().err
     assert os.environ[source.PROGRESS_BAR_VARIABLE] == "true"
+
+
+def _mlflow_deployments(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`mlflow deployments ARGS` in a child process (MLflow's own CLI, our plugin inside it)."""
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "HOME": str(tmp_path),  # (no fleet file there)
+    }
+    environment.pop("ARACHNE_FLEET", None)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    return subprocess.run(
+        [str(mlflow), "deployments", *args], capture_output=True, text=True, timeout=300, env=environment
+    )
+
+
+@pytest.mark.slow
+def test_mlflow_deployments_user_errors_are_one_line_without_a_traceback(tmp_path, onnx_linear_file):
+    from tests.helpers.servers import free_port
+
+    model = tmp_path / "model"
+    arachne_onnx.save_model(str(onnx_linear_file), model)
+    closed = f"arachne-jetson://127.0.0.1:{free_port()}"
+    cases = {
+        "Model Version (name=nope, version=3) not found": (
+            "create",
+            "-t",
+            closed,
+            "--name",
+            "x",
+            "-m",
+            "models:/nope/3",
+        ),
+        "no such file or directory": ("create", "-t", closed, "--name", "x", "-m", str(tmp_path / "missing")),
+        "no fleet file": ("get", "-t", "arachne-jetson://@lyon", "--name", "x"),
+        "unreachable": ("create", "-t", closed, "--name", "x", "-m", str(model)),
+    }
+    for words, args in cases.items():
+        result = _mlflow_deployments(tmp_path, *args)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and words in errors[0], result.stderr
+
+
+def test_the_plugin_still_raises_mlflow_exceptions_for_python_callers(tmp_path):
+    from mlflow.deployments import get_deploy_client
+
+    client = get_deploy_client("arachne-jetson://127.0.0.1:1")
+    with pytest.raises(MlflowException, match="no such file or directory"):
+        client.create_deployment("x", str(tmp_path / "missing"))

@@ -12,14 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-
+from arachne_mlflow.deployments.errors import DeploymentError, user_errors
 from arachne_mlflow.deployments.source import resolve
 from arachne_mlflow.errors import ArachneError
 from arachne_mlflow.model.archive import stream_tar
 from arachne_mlflow.model.directory import FLAVOR_NAME
 
 
+@user_errors
 def run_local(name: str, model_uri: str, flavor: str | None = None, config: dict[str, Any] | None = None) -> None:
     """Put the model in a model store and serve it (Ctrl-C stops).
 
@@ -29,18 +29,18 @@ def run_local(name: str, model_uri: str, flavor: str | None = None, config: dict
     from arachne_mlflow.server.main import add_arguments, serve
 
     if flavor not in (None, FLAVOR_NAME):
-        raise MlflowException(f"run-local serves the {FLAVOR_NAME!r} flavor, not {flavor!r}")
+        raise DeploymentError(f"run-local serves the {FLAVOR_NAME!r} flavor, not {flavor!r}")
     config = dict(config or {})
     parser = argparse.ArgumentParser(prog="mlflow deployments run-local", add_help=False, exit_on_error=False)
     add_arguments(parser)
     known = set(vars(parser.parse_args([])))
     unknown = sorted(set(config) - known)
     if unknown:
-        raise MlflowException(f"unknown config {unknown}; run-local takes {sorted(known)}")
+        raise DeploymentError(f"unknown config {unknown}; run-local takes {sorted(known)}")
     try:
         args = parser.parse_args([f"--{key.replace('_', '-')}={value}" for key, value in config.items()])
     except argparse.ArgumentError as err:
-        raise MlflowException(f"bad run-local config: {err}") from err
+        raise DeploymentError(f"bad run-local config: {err}") from err
     with contextlib.ExitStack() as stack:
         if not config.get("model_store"):
             args.model_store = stack.enter_context(tempfile.TemporaryDirectory(prefix="arachne-run-local-"))
@@ -48,7 +48,7 @@ def run_local(name: str, model_uri: str, flavor: str | None = None, config: dict
             try:
                 _install(name, resolve(model_uri, tmp), Path(args.model_store).expanduser(), Path(tmp, "model.tar"))
             except ArachneError as err:
-                raise MlflowException(f"cannot run {model_uri} locally: {err}") from err
+                raise DeploymentError(f"cannot run {model_uri} locally: {err}") from err
         serve(args)
 
 

@@ -4,8 +4,9 @@ Every command acts on each device of the target in parallel and reports each one
 stderr); `create` and `update` converge the devices to the model, batch by batch with a health
 gate per device (rollout.py), and, for a registry model, record the desired state in the registry
 (desired_state.py) for `arachne-mlflow fleet sync`. A command that leaves any device without what
-was asked raises `MlflowException` naming the devices, unless `-C min_success=N` (or `P%`) allows
-it; a halted rollout (undone on the devices it updated) always does.
+was asked raises `DeploymentError` naming the devices, unless `-C min_success=N` (or `P%`) allows
+it; a halted rollout (undone on the devices it updated) always does. `DeploymentError` is an
+`MlflowException` that MLflow's CLI prints as one line (errors.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from dataclasses import asdict
 from typing import Any
 
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
-from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST
 
 from arachne_mlflow.deployments import fleet
 from arachne_mlflow.deployments.converge import FAILED, on_devices, read_device
 from arachne_mlflow.deployments.desired_state import DesiredState
+from arachne_mlflow.deployments.errors import DeploymentError, user_errors
 from arachne_mlflow.deployments.inputs import to_arrays
 from arachne_mlflow.deployments.inventory import resolve_target
 from arachne_mlflow.deployments.source import REGISTRY_PREFIX
@@ -36,24 +37,28 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
     resolved at each call, so a fleet file's groups are read as they are then.
     """
 
+    @user_errors
     def __init__(self, target_uri: str):
         super().__init__(target_uri)
         try:
             self.target = target_of(target_uri)
         except InvalidInputError as err:
-            raise MlflowException(str(err)) from err
+            raise DeploymentError(str(err)) from err
 
     # -- deployments ---------------------------------------------------------------------
+    @user_errors
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
         """Push the model to every device. Refused when the deployment exists (in the registry or on
         any device) unless `-C converge=true`, which makes it an update."""
         return self._push("create", name, model_uri, flavor, config)
 
+    @user_errors
     def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
         """Bring every device to the model (absent: create, other: replace, same: unchanged); each
         serves the old version until the new one loads. Without a model URI, the registry's."""
         return self._push("update", name, model_uri, flavor, config)
 
+    @user_errors
     def delete_deployment(self, name, config=None, endpoint=None):
         """Remove `name` from every device and from the registry's desired state. Idempotent, as
         MLflow's contract asks: a device that does not have it (any more) is not an error. On part
@@ -66,7 +71,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
             devices = resolve_target(self.target_uri, options.fleet)
         except InvalidInputError as err:
             if not (options.forget and state is not None and existing is not None and existing.target == self.target):
-                raise MlflowException(str(err)) from err
+                raise DeploymentError(str(err)) from err
             outcome = fleet.forget(name, state, existing)
         else:
             whole = existing is None or self._covers(existing, devices, options)
@@ -75,6 +80,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
             outcome = fleet.delete(name, devices, options, state, existing, whole)
         self._finish(outcome, options)
 
+    @user_errors
     def list_deployments(self, endpoint=None):
         """Every deployment on any device, with the devices that hold it and its state there (a device
         that answered without it: `absent`)."""
@@ -83,7 +89,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         results = self._each(devices, options, lambda client: client.repository_index())
         failed = {d: r for d, r in results.items() if isinstance(r, ArachneError)}
         if failed and len(failed) == len(devices):
-            raise MlflowException(f"could not list deployments: {_report(failed)}")
+            raise DeploymentError(f"could not list deployments: {_report(failed)}")
         found: dict[str, dict[str, Any]] = {}
         for device, entries in results.items():
             for entry in [] if device in failed else entries:
@@ -98,6 +104,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
             ]
         return sorted(found.values(), key=lambda item: item["name"])
 
+    @user_errors
     def get_deployment(self, name, endpoint=None):
         """Provenance, runtime and signature of the newest copy, the state on each device, and what
         the registry wants (`desired`) when it records the deployment."""
@@ -114,7 +121,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         records = {d: r for d, r in results.items() if isinstance(r, dict)}
         if not records:
             failed = {d: r for d, r in results.items() if isinstance(r, ArachneError)}
-            raise MlflowException(
+            raise DeploymentError(
                 f"no deployment {name!r} on {', '.join(map(str, devices))}"
                 + (f" ({_report(failed)})" if failed else ""),
                 error_code=RESOURCE_DOES_NOT_EXIST,
@@ -136,6 +143,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
             described["desired"] = asdict(desired)
         return described
 
+    @user_errors
     def predict(self, deployment_name=None, inputs=None, endpoint=None):
         """Run the deployment on the first device that answers; returns `{"predictions": ...}`.
 
@@ -160,19 +168,19 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
                 continue
             values = {key: value.tolist() for key, value in outputs.items()}
             return PredictionsResponse({"predictions": next(iter(values.values())) if len(values) == 1 else values})
-        raise MlflowException(f"prediction with deployment {deployment_name!r} failed: {_report(errors)}")
+        raise DeploymentError(f"prediction with deployment {deployment_name!r} failed: {_report(errors)}")
 
     # -- helpers -------------------------------------------------------------------------
     def _push(self, action: str, name: str, model_uri: str | None, flavor: str | None, config: dict | None) -> dict:
         if flavor not in (None, FLAVOR_NAME):
-            raise MlflowException(f"target {self.target_uri} deploys the {FLAVOR_NAME!r} flavor, not {flavor!r}")
+            raise DeploymentError(f"target {self.target_uri} deploys the {FLAVOR_NAME!r} flavor, not {flavor!r}")
         options = _settings(config)
         devices = self._devices(options)
         state = _registry(model_uri)
         existing = state.find(name) if state else None
         if model_uri is None:
             if existing is None:
-                raise MlflowException(f"update of deployment {name!r} needs a model URI (-m)")
+                raise DeploymentError(f"update of deployment {name!r} needs a model URI (-m)")
             model_uri = existing.model_uri
         if action == "create" and not options.converge:
             self._refuse_existing(name, model_uri, devices, options, existing)
@@ -182,7 +190,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         try:
             outcome = fleet.push(action, name, model_uri, self.target, devices, options, state, existing, whole)
         except ArachneError as err:
-            raise MlflowException(f"cannot deploy {model_uri}: {err}") from err
+            raise DeploymentError(f"cannot deploy {model_uri}: {err}") from err
         self._finish(outcome, options)
         return {
             "name": name,
@@ -206,7 +214,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         self, name: str, model_uri: str, devices: list[Device], options: Settings, existing: Any
     ) -> None:
         if existing is not None:
-            raise MlflowException(
+            raise DeploymentError(
                 f"deployment {name!r} exists: the registry wants {existing.model_uri} on {existing.target} "
                 f"(tag on registered model {existing.registered_model!r}); update it, or create with -C converge=true",
                 error_code=RESOURCE_ALREADY_EXISTS,
@@ -216,7 +224,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
             str(d) for d, record in records.items() if isinstance(record, dict) and not _follows(record, model_uri)
         ]
         if having:
-            raise MlflowException(
+            raise DeploymentError(
                 f"deployment {name!r} exists on {', '.join(having)}: update it, or create with -C converge=true",
                 error_code=RESOURCE_ALREADY_EXISTS,
             )
@@ -226,7 +234,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         if any(isinstance(record, dict) for record in records.values()):
             return
         failed = {d: r for d, r in records.items() if isinstance(r, ArachneError)}
-        raise MlflowException(
+        raise DeploymentError(
             f"no deployment {name!r} to update on {', '.join(map(str, devices))} nor in the registry: create it"
             + (f" ({_report(failed)})" if failed else ""),
             error_code=RESOURCE_DOES_NOT_EXIST,
@@ -252,13 +260,13 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         if options.report:
             outcome.write()
         if not outcome.ok:
-            raise MlflowException(outcome.summary())
+            raise DeploymentError(outcome.summary())
 
     def _devices(self, options: Settings) -> list[Device]:
         try:
             return resolve_target(self.target_uri, options.fleet)
         except InvalidInputError as err:
-            raise MlflowException(str(err)) from err
+            raise DeploymentError(str(err)) from err
 
     def _each(self, devices: list[Device], options: Settings, action: Any) -> dict[Device, Any]:
         """`action(client)` on every device in parallel; an `ArachneError` comes back as the result."""
@@ -278,7 +286,7 @@ def _settings(config: dict | None) -> Settings:
     try:
         return settings(config)
     except InvalidInputError as err:
-        raise MlflowException(str(err)) from err
+        raise DeploymentError(str(err)) from err
 
 
 def _registry(model_uri: str | None) -> DesiredState | None:

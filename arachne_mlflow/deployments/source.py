@@ -13,8 +13,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.model.archive import tar_size
 from arachne_mlflow.model.digest import files_digest
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
@@ -96,6 +98,10 @@ def resolve(model_uri: str, dst_path: str, client: Any = None, pinned: RegistryV
     import mlflow
 
     registry = pinned or registry_version(model_uri, client)
+    if registry is None and ":/" not in model_uri and not Path(model_uri).exists():
+        raise InvalidInputError(
+            f"model {model_uri!r}: no such file or directory, and not a model URI (models:/, runs:/)"
+        )
     with _no_progress_bar_off_terminal():
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=registry.pinned_uri if registry else model_uri, dst_path=dst_path
