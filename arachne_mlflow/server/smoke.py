@@ -12,7 +12,6 @@ while the old version keeps serving. The child's last error line becomes the ref
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.server.probe import PROBE_TIMEOUT
+from arachne_mlflow.server.probe import PROBE_TIMEOUT, child_env, die_with_parent
 
 MAX_EXAMPLE_BYTES = 16 * 1024**2
 _MAX_MESSAGE = 1000
@@ -31,8 +30,6 @@ def smoke_check(path: Path, name: str, example: Path | None = None, timeout: flo
     command = [sys.executable, "-m", "arachne_mlflow.server.smoke", str(path)]
     if example is not None:
         command.append(str(example))
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.setdefault("TVM_USE_RUNTIME_LIB", "1")  # a child only loads and runs: TVM's compiler library is not needed
     try:
         result = subprocess.run(
             command,
@@ -40,7 +37,7 @@ def smoke_check(path: Path, name: str, example: Path | None = None, timeout: flo
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             timeout=timeout,
-            env=env,
+            env=child_env(),  # (the child dies with the server: `die_with_parent`)
         )
     except subprocess.TimeoutExpired as err:
         raise InvalidInputError(f"model {name!r} did not load and answer within {timeout:.0f} s") from err
@@ -79,6 +76,7 @@ def smoke_inputs(specs: list, example: Path | None) -> list:
 
 
 def _main(argv: list[str]) -> int:
+    die_with_parent()
     from arachne_mlflow import runtime
     from arachne_mlflow.model.directory import read_model_dir
 
