@@ -13,6 +13,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import yaml
@@ -149,8 +150,6 @@ def test_a_reupload_that_differs_only_in_a_link_is_probed(tmp_path, mlflow_model
 
 
 def _x():
-    import numpy as np
-
     return np.ones((1, 4), np.float32)
 
 
@@ -265,3 +264,64 @@ def test_a_hanging_load_at_start_up_holds_nothing_hostage_and_dies_with_the_serv
                 process.kill()
                 process.wait()
         assert _gone(store, 10), f"probe children left after cycle {cycle}: {_probe_children(store)}"
+
+
+# -- one smoke policy; uploads smoke-tested before they switch ----------------------------------------
+def test_the_gate_and_the_pull_smoke_test_choose_the_same_inputs(tmp_path):
+    from arachne_mlflow.deployments import gate
+    from arachne_mlflow.flavors import onnx as arachne_onnx
+    from arachne_mlflow.model.directory import read_model_dir
+    from arachne_mlflow.model.smoke_policy import example_path
+    from arachne_mlflow.server.smoke import smoke_inputs
+
+    cases = [(models.onnx_linear("N"), np.array([[1.5, -2.0, 0.25, 4.0]])), (models.onnx_linear("N"), None)]
+    cases.append((models.onnx_lookup(), None))  # integer indices: zeros on both paths
+    for i, (onnx_model, example) in enumerate(cases):
+        arachne_onnx.save_model(onnx_model, tmp_path / str(i), input_example=example)
+        model = read_model_dir(tmp_path / str(i))
+        pulled = smoke_inputs(model.inputs, example_path(model))
+        pushed = gate.smoke_of(model).inputs
+        assert [spec.name for spec in model.inputs] == list(pushed)
+        for value, spec in zip(pulled, model.inputs):
+            np.testing.assert_array_equal(pushed[spec.name], value)
+            assert value.dtype == spec.dtype
+
+
+def test_an_upload_that_fails_its_smoke_inference_is_refused_before_it_switches(tmp_path, mlflow_models):
+    from tests.helpers.model_dirs import runtime_details, write_model_dir
+
+    spec = runtime_details("onnx", _onnx_file(tmp_path / "linear.onnx", models.onnx_linear("N")))
+    broken = {
+        "cannot answer": (models.onnx_reshape_fails(), "failed its smoke inference: .*Reshape"),
+        "answers outside its signature": (models.onnx_wider_than_declared(), "broke the signature: output 'y'"),
+    }
+    server = ThreadServer(tmp_path / "store", grpc=False).start()
+    try:
+        with DeviceClient("127.0.0.1", server.port) as device:
+            device.upload_model("m", mlflow_models["onnx_linear"])
+            before = device.model_record("m")
+            for i, (onnx_model, message) in enumerate(broken.values()):
+                model_dir = write_model_dir(
+                    tmp_path / f"bad{i}", "onnx", _onnx_file(tmp_path / f"{i}.onnx", onnx_model), spec
+                )
+                for name in ("m", "new"):
+                    with pytest.raises(ArachneError, match=message) as caught:
+                        device.upload_model(name, model_dir, force=True)
+                    assert caught.value.status_code == 400
+                assert device.model_record("m") == before and device.model_record("new") is None
+            assert device.infer("m", {"x": _x()})["y"].shape == (1, 3)
+        assert sorted(p.name for p in (tmp_path / "store" / "m").iterdir()) == [
+            "CURRENT.json",
+            before_dir(tmp_path / "store", "m"),
+        ]
+    finally:
+        server.stop()
+
+
+def before_dir(store: Path, name: str) -> str:
+    return _version_dir(store, name).name
+
+
+def _onnx_file(path: Path, onnx_model) -> Path:
+    path.write_bytes(onnx_model.SerializeToString())
+    return path

@@ -5,7 +5,11 @@ driver that segfaults, a model file that trips a bug in a DNN library would take
 down. Loading each model first in a child turns such a crash into a refused upload, or at start-up
 into a quarantined model, while the server stays up.
 
-    python -m arachne_mlflow.server.probe MODEL_DIR...    # one JSON report per model on stdout
+    python -m arachne_mlflow.server.probe [--smoke] MODEL_DIR...    # one JSON report per model on stdout
+
+With `--smoke` (an upload's probe) the child also runs each model's smoke inference, by the smoke
+policy the health gate and pull mode apply (server/smoke.py `run_smoke`): a model that loads but
+cannot answer, or answers outside its signature, is refused before it replaces anything.
 
 The child loads each model in turn, frees it, and reports success or the error's type and message,
 so the server neither loads a model that fails nor imports its library to say why. A child that
@@ -84,9 +88,11 @@ def probe_load(
     consequence: str = "it was not installed",
     timeout: float = PROBE_TIMEOUT,
     stop: threading.Event | None = None,
+    smoke: bool = False,
 ) -> None:
-    """Raise the error loading `model` gives in a child (`InvalidInputError` if it crashes or hangs one)."""
-    error = probe_many({name: model}, consequence, timeout, stop)[name]
+    """Raise the error loading `model` (and, `smoke`, its smoke inference) gives in a child
+    (`InvalidInputError` if it crashes or hangs one)."""
+    error = probe_many({name: model}, consequence, timeout, stop, smoke)[name]
     if error is not None:
         raise error
 
@@ -96,6 +102,7 @@ def probe_many(
     consequence: str,
     timeout: float = PROBE_TIMEOUT,
     stop: threading.Event | None = None,
+    smoke: bool = False,
 ) -> dict[str, ArachneError | None]:
     """Probe every model (by name), one child per runtime, `PROBE_WORKERS` at a time; None means it loads.
 
@@ -106,13 +113,13 @@ def probe_many(
         groups.setdefault(model.runtime, []).append((name, model.path))
     results: dict[str, ArachneError | None] = {}
     with ThreadPoolExecutor(max(1, min(PROBE_WORKERS, len(groups)))) as pool:
-        for found in pool.map(lambda group: _probe_group(group, consequence, timeout, stop), groups.values()):
+        for found in pool.map(lambda group: _probe_group(group, consequence, timeout, stop, smoke), groups.values()):
             results.update(found)
     return results
 
 
 def _probe_group(
-    group: list[tuple[str, Path]], consequence: str, timeout: float, stop: threading.Event | None
+    group: list[tuple[str, Path]], consequence: str, timeout: float, stop: threading.Event | None, smoke: bool
 ) -> dict[str, ArachneError | None]:
     results: dict[str, ArachneError | None] = {}
     pending = list(group)
@@ -121,7 +128,7 @@ def _probe_group(
             for name, _ in pending:
                 results[name] = InvalidInputError(f"model {name!r} was not loaded: the server is stopping")
             break
-        reports, failure, hung = _run_child([path for _, path in pending], timeout, stop)
+        reports, failure, hung = _run_child([path for _, path in pending], timeout, stop, smoke)
         for (name, _), report in zip(pending, reports):
             results[name] = _error(name, report)
         pending = pending[len(reports) :]
@@ -152,9 +159,11 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def _run_child(paths: list[Path], timeout: float, stop: threading.Event | None = None) -> tuple[list[dict], str, bool]:
+def _run_child(
+    paths: list[Path], timeout: float, stop: threading.Event | None = None, smoke: bool = False
+) -> tuple[list[dict], str, bool]:
     """Reports of a child that probes `paths`; why it stopped early (empty when it did not); whether it hung."""
-    command = [sys.executable, "-m", "arachne_mlflow.server.probe", *map(str, paths)]
+    command = [sys.executable, "-m", "arachne_mlflow.server.probe", *(["--smoke"] if smoke else []), *map(str, paths)]
     reports: list[dict] = []
     failure, hung = "", False
     with tempfile.TemporaryFile() as stderr:
@@ -224,6 +233,8 @@ def _error(name: str, report: dict) -> ArachneError | None:
     """The error a child reported, as the same `ArachneError` class (None when the model loaded)."""
     if report.get("ok"):
         return None
+    if report.get("smoke"):
+        return InvalidInputError(f"model {name!r} loads but failed its smoke inference: {report.get('message', '')}")
     cls = getattr(errors, str(report.get("error")), None)
     if isinstance(cls, type) and issubclass(cls, ArachneError):
         return cls(report.get("message", ""))
@@ -233,6 +244,8 @@ def _error(name: str, report: dict) -> ArachneError | None:
 
 def _main(paths: list[str]) -> None:
     die_with_parent()
+    smoke = paths[:1] == ["--smoke"]
+    paths = paths[1:] if smoke else paths
     reports = os.dup(1)
     os.dup2(2, 1)  # what libraries print goes to stderr, not into the reports
     from arachne_mlflow import runtime
@@ -245,8 +258,10 @@ def _main(paths: list[str]) -> None:
     devices_sent = False
     for path in paths:
         try:
-            runtime.load(read_model_dir(path)).done()
-            report = {"ok": True}
+            model = read_model_dir(path)
+            module = runtime.load(model)
+            report = _smoke_report(module, model) if smoke else {"ok": True}
+            module.done()
         except ArachneError as err:
             report = {"ok": False, "error": type(err).__name__, "message": str(err)}
         except Exception as err:  # noqa: BLE001 (reported to the server, which names the model)
@@ -258,6 +273,17 @@ def _main(paths: list[str]) -> None:
     if not devices_sent and "tvm" in sys.modules:
         _send(reports, {"tvm_devices": _tvm_devices_here()})
     os._exit(0)  # skip the libraries' teardown: it may hang or crash once every report is out
+
+
+def _smoke_report(module, model) -> dict:
+    """The report of `module`'s smoke inference (in a child, after it loaded)."""
+    from arachne_mlflow.server.smoke import run_smoke
+
+    try:
+        run_smoke(module, model)
+    except Exception as err:  # noqa: BLE001 (reported to the server, which names the model)
+        return {"ok": False, "smoke": True, "message": f"{type(err).__name__}: {' '.join(str(err).split())}"[:1000]}
+    return {"ok": True}
 
 
 def _send(descriptor: int, message: dict) -> None:

@@ -157,7 +157,8 @@ class ModelStore:
         self._entries: dict[str, _Entry] = {}
         self._name_locks: dict[str, _NameLock] = {}  # only while an operation on the name runs or waits
         self._guard = threading.Lock()
-        self._proven: dict[str, None] = {}  # digests of versions that loaded in this process, oldest first
+        # digests of versions that loaded in this process, oldest first: whether they answered a smoke inference
+        self._proven: dict[str, bool] = {}
         self._stopping = threading.Event()  # set by `close`: probes under way stop, start-up loads no more
 
     # -- start-up and shut-down ------------------------------------------------------------
@@ -327,7 +328,7 @@ class ModelStore:
                 }
                 if replaced is not None:
                     record["previous"] = _without_previous(replaced.record)
-                loaded = self._load_proven(model, record, "it was not installed", digest=record["digest"])
+                loaded = self._load_proven(model, record, "it was not installed", digest=record["digest"], smoke=True)
                 sync_tree(directory / version_dir)  # on disk before CURRENT.json names it (power cuts)
                 write_record(directory, record)
             except BaseException as err:
@@ -450,16 +451,25 @@ class ModelStore:
         _logger.error("model %r did not load: %s", name, err)
 
     def _load_proven(
-        self, model: ArachneModel, record: dict[str, Any], consequence: str, trusted: bool = True, digest: str = ""
+        self,
+        model: ArachneModel,
+        record: dict[str, Any],
+        consequence: str,
+        trusted: bool = True,
+        digest: str = "",
+        smoke: bool = False,
     ) -> LoadedModel:
         """Load `model` here, once a child has loaded it (unless, `trusted`, the same files, as they
-        are on disk now, loaded here before). `digest`: of its files, when it was just computed."""
+        are on disk now, loaded here before); with `smoke` (uploads), once it has also answered its
+        smoke inference there. `digest`: of its files, when it was just computed."""
         digest = digest or tree_digest(model.path)
-        if not trusted or digest not in self._proven:
-            probe_load(model, record["name"], consequence, stop=self._stopping)
-        return self._load(model, record, digest)
+        if not trusted or self._proven.get(digest) is not True and (smoke or digest not in self._proven):
+            probe_load(model, record["name"], consequence, stop=self._stopping, smoke=smoke)
+        return self._load(model, record, digest, smoke)
 
-    def _load(self, model: ArachneModel, record: dict[str, Any], digest_before: str = "") -> LoadedModel:
+    def _load(
+        self, model: ArachneModel, record: dict[str, Any], digest_before: str = "", smoked: bool = False
+    ) -> LoadedModel:
         """Load `model` in this process and remember its files' digests as proven: `digest_before`
         (the files a child loaded) and the files as the load left them (a loader may write beside the
         model: TVM links a `.tar` library into `<name>.tar.so` at each load)."""
@@ -480,8 +490,7 @@ class ModelStore:
         digests = {digest_before, tree_digest(model.path)} - {""}
         with self._guard:
             for digest in digests:
-                self._proven.pop(digest, None)
-                self._proven[digest] = None
+                self._proven[digest] = self._proven.pop(digest, False) or smoked
             while len(self._proven) > MAX_PROVEN:
                 del self._proven[next(iter(self._proven))]
         return LoadedModel(module, record, time.perf_counter() - start, batching)
