@@ -2,9 +2,9 @@
 
 Right after an upload the plugin asks the device, within `gate_timeout` seconds: is the model
 ready, and does a smoke inference answer without error, with the outputs the model's signature
-names, of its dtypes and shapes (-1 matches any)? The smoke inference sends the model's own input
-example (MLflow's saved `input_example`), or random inputs of the signature's specs when it has
-none (zeros for integers, which are often indices). With `gate_seconds`, the device's error
+names, of its dtypes and shapes (-1 matches any)? Its inputs and checks are the one smoke policy
+(model/smoke_policy.py) that a pulling device's smoke test uses too: the model's saved input
+example when it fits, else generated inputs of the signature's specs. With `gate_seconds`, the device's error
 counter for the model (`arachne_inference_errors_total` on its /metrics) is watched that long
 after the switch: errors rising fail the gate, so a model that answers the smoke test but fails
 the clients' requests is caught too.
@@ -22,9 +22,10 @@ import numpy as np
 from arachne_mlflow.deployments.strategy import Strategy
 from arachne_mlflow.deployments.targets import Connection, Device
 from arachne_mlflow.errors import ArachneError, HealthGateError, InvalidInputError
+from arachne_mlflow.model import smoke_policy
 from arachne_mlflow.model.directory import ArachneModel
 from arachne_mlflow.model.spec import TensorSpec
-from arachne_mlflow.protocol.datatypes import from_datatype, to_datatype
+from arachne_mlflow.protocol.datatypes import from_datatype
 
 ERRORS_METRIC = "arachne_inference_errors"
 WATCH_INTERVAL = 0.5  # seconds between two looks at the error counter
@@ -44,13 +45,10 @@ def smoke_of(model: ArachneModel) -> Smoke:
     saved example that cannot be read fails the command there)."""
     if not model.inputs:  # no signature: the device's specs decide (at the gate)
         return Smoke(None, model.outputs)
-    example = _saved_example(model)
-    if example is None:
-        return Smoke({spec.name: _random(spec) for spec in model.inputs}, model.outputs)
-    from arachne_mlflow.deployments.inputs import to_arrays
-
-    specs = [{"name": s.name, "datatype": to_datatype(s.dtype), "shape": list(s.shape)} for s in model.inputs]
-    return Smoke(to_arrays(example, specs), model.outputs)
+    path = smoke_policy.example_path(model)
+    example = smoke_policy.load_example(path) if path is not None else None
+    inputs = smoke_policy.smoke_inputs(model.inputs, example)
+    return Smoke({spec.name: value for spec, value in zip(model.inputs, inputs)}, model.outputs)
 
 
 def check(device: Device, connection: Connection, name: str, smoke: Smoke, strategy: Strategy) -> None:
@@ -71,7 +69,8 @@ def check(device: Device, connection: Connection, name: str, smoke: Smoke, strat
             in_time()
             inputs = smoke.inputs
             if inputs is None:
-                inputs = {spec.name: _random(spec) for spec in _specs(metadata["inputs"])}
+                specs = _specs(metadata["inputs"])
+                inputs = {spec.name: value for spec, value in zip(specs, smoke_policy.smoke_inputs(specs))}
             baseline = inference_errors(client.metrics(), name) if strategy.gate_seconds else 0.0
             outputs = client.infer(name, dict(inputs))
         except HealthGateError:
@@ -85,15 +84,11 @@ def check(device: Device, connection: Connection, name: str, smoke: Smoke, strat
 
 
 def check_outputs(outputs: Mapping[str, np.ndarray], expected: Sequence[TensorSpec]) -> None:
-    """The smoke inference's outputs are the signature's: same names, dtypes and shapes."""
-    names = [spec.name for spec in expected]
-    if sorted(outputs) != sorted(names):
-        raise HealthGateError(f"the smoke inference answered outputs {sorted(outputs)}; the signature has {names}")
-    for spec in expected:
-        try:
-            spec.check(outputs[spec.name], "output")
-        except InvalidInputError as err:
-            raise HealthGateError(f"the smoke inference broke the signature: {err}") from err
+    """The smoke inference's outputs are the signature's: same names, dtypes and shapes (the smoke policy's check)."""
+    try:
+        smoke_policy.check_outputs(outputs, expected)
+    except InvalidInputError as err:
+        raise HealthGateError(str(err)) from err
 
 
 def inference_errors(metrics: str, name: str) -> float:
@@ -123,34 +118,6 @@ def _watch(client: Any, device: Device, name: str, baseline: float, seconds: flo
             )
 
 
-def _saved_example(model: ArachneModel) -> Any:
-    """MLflow's saved input example of `model` (named arrays for a tensor signature), or None."""
-    if not model.mlmodel.get("saved_input_example_info"):
-        return None
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    try:
-        return Model.load(str(model.path)).load_input_example(str(model.path))
-    except (MlflowException, OSError, ValueError, KeyError) as err:
-        raise InvalidInputError(
-            f"the input example saved with the model at {model.path} cannot be read ({err}): the health gate "
-            "needs it; log the model again with a valid input_example"
-        ) from err
-
-
 def _specs(metadata: Sequence[Mapping[str, Any]]) -> list[TensorSpec]:
     """TensorSpecs of a device's V2 tensor metadata."""
     return [TensorSpec.create(m["name"], from_datatype(m["datatype"]), m["shape"]) for m in metadata]
-
-
-def _random(spec: TensorSpec) -> np.ndarray:
-    """Random numbers (floats, bools) for `spec`; zeros for integers, which are often indices (zero
-    is valid for any table) and empty strings for strings."""
-    from arachne_mlflow.runtime.base import random_tensor
-
-    if spec.dtype.kind == "O":
-        return np.full(spec.example_shape(), b"", dtype=object)
-    if spec.dtype.kind in "iu":
-        return np.zeros(spec.example_shape(), spec.dtype)
-    return random_tensor(spec)

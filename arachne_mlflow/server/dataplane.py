@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import functools
 import io
+import logging
 import platform
 import threading
 import time
@@ -47,6 +48,7 @@ from arachne_mlflow.server.store import LoadedModel, ModelStore
 if TYPE_CHECKING:
     from arachne_mlflow.server.follow import FollowConfig, Follower
 
+_logger = logging.getLogger(__name__)
 T = TypeVar("T")
 #: A protocol's infer codec: its request message -> InferRequest, and (model, outputs, request,
 #: version) -> its answer (REST: the V2 JSON/binary codec; gRPC: protocol.grpc.codec).
@@ -82,6 +84,10 @@ DEFAULT_BENCHMARK_SECONDS = 30.0
 # Seconds a follower may take to notice the server stops (a registry request ends at once; a smoke test or an
 # install in progress runs to its end).
 FOLLOWER_STOP_SECONDS = 5.0
+# Seconds start-up waits for the stored models before the server answers; the rest load in the
+# background (/v2/health/ready says 503 until they have), so a model whose load hangs holds up
+# neither the health checks nor a SIGTERM.
+STARTUP_WAIT_SECONDS = 5.0
 
 
 class Dataplane:
@@ -107,6 +113,7 @@ class Dataplane:
         # Benchmarks run one at a time on a thread of their own: they never take the inference pool.
         self._benchmarks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arachne-benchmark")
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
+        self._starting: asyncio.Task | None = None
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """The one way blocking work leaves the event loop."""
@@ -114,7 +121,17 @@ class Dataplane:
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     async def start(self) -> None:
-        await self.run_blocking(self.store.open)
+        """List the stored models, then load them, waiting at most `STARTUP_WAIT_SECONDS` for that."""
+        found = await self.run_blocking(self.store.scan)
+        self._starting = asyncio.create_task(self._load_stored(found))
+        await asyncio.wait({self._starting}, timeout=STARTUP_WAIT_SECONDS)
+
+    async def _load_stored(self, found: Any) -> None:
+        try:
+            await self.run_blocking(self.store.load_stored, found)
+        except Exception:  # the server stays up, not ready, and says why in its log
+            _logger.exception("the stored models could not be loaded")
+            return
         list_tvm_devices_in_background()  # for `GET /v2`, unless start-up probed a TVM model
         for entry in self.store.index():
             if entry["state"] == "READY":
@@ -127,6 +144,8 @@ class Dataplane:
 
     async def close(self) -> None:
         self.ready = False
+        if self._starting is not None:
+            self._starting.cancel()  # no followers start now; `store.close` stops the probes under way
         for follower in self.followers.values():
             follower.stop()
         for follower in self.followers.values():

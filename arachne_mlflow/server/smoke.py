@@ -2,27 +2,27 @@
 
 A device that follows a registry (server/follow.py) installs versions nobody checked on that
 device. Before `ModelStore.put` swaps one in, a short-lived child loads it and runs one inference
-with MLflow's saved input example where there is one, else random inputs from the model's tensor
-specs: a model that loads but cannot answer, or crashes the library while answering, is refused
-while the old version keeps serving. The child's last error line becomes the refusal's message.
+under the smoke policy the push side's health gate applies too (model/smoke_policy.py: MLflow's
+saved input example where it fits, else generated inputs; the outputs checked against the
+signature): a model that loads but cannot answer, answers outside its signature, or crashes the
+library while answering, is refused while the old version keeps serving. The child's last error
+line becomes the refusal's message.
 
     python -m arachne_mlflow.server.smoke MODEL_DIR [EXAMPLE_JSON]    # exit 0 answered, 1 failed
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.server.probe import PROBE_TIMEOUT
+from arachne_mlflow.model import smoke_policy
+from arachne_mlflow.model.smoke_policy import MAX_EXAMPLE_BYTES  # noqa: F401 (follow.py bounds its download with it)
+from arachne_mlflow.server.probe import PROBE_TIMEOUT, child_env, die_with_parent
 
-MAX_EXAMPLE_BYTES = 16 * 1024**2
 _MAX_MESSAGE = 1000
 
 
@@ -31,8 +31,6 @@ def smoke_check(path: Path, name: str, example: Path | None = None, timeout: flo
     command = [sys.executable, "-m", "arachne_mlflow.server.smoke", str(path)]
     if example is not None:
         command.append(str(example))
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.setdefault("TVM_USE_RUNTIME_LIB", "1")  # a child only loads and runs: TVM's compiler library is not needed
     try:
         result = subprocess.run(
             command,
@@ -40,7 +38,7 @@ def smoke_check(path: Path, name: str, example: Path | None = None, timeout: flo
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             timeout=timeout,
-            env=env,
+            env=child_env(),  # (the child dies with the server: `die_with_parent`)
         )
     except subprocess.TimeoutExpired as err:
         raise InvalidInputError(f"model {name!r} did not load and answer within {timeout:.0f} s") from err
@@ -56,41 +54,34 @@ def smoke_check(path: Path, name: str, example: Path | None = None, timeout: flo
 
 
 def smoke_inputs(specs: list, example: Path | None) -> list:
-    """One input per spec: from MLflow's saved input example when it fits the specs, else random."""
-    import numpy as np
+    """One input per spec, by the smoke policy, from the example file at `example` (if any)."""
+    return smoke_policy.smoke_inputs(specs, smoke_policy.load_example(example) if example is not None else None)
 
-    from arachne_mlflow.runtime.base import random_tensor
 
-    if example is not None and example.stat().st_size <= MAX_EXAMPLE_BYTES:
-        try:
-            data: Any = json.loads(example.read_text())
-            if isinstance(data, dict) and "inputs" in data:  # (the serving form, `{"inputs": ...}`)
-                data = data["inputs"]
-            if isinstance(data, dict):
-                values = [data[spec.name] for spec in specs]
-            elif len(specs) == 1:
-                values = [data]
-            else:
-                raise KeyError("one unnamed example for several inputs")
-            return [spec.check(np.asarray(value, dtype=spec.dtype)) for spec, value in zip(specs, values)]
-        except (ValueError, TypeError, KeyError, RecursionError):
-            pass  # not an example of these tensors (a DataFrame's records...): random inputs below
-    return [random_tensor(spec) for spec in specs]
+def run_smoke(module, model, example: Path | None = None) -> None:
+    """One inference of the loaded `module` of `model` by the smoke policy; `InvalidInputError` if its
+    answer is not the signature's (MLmodel's outputs, else the module's)."""
+    example = example if example is not None else smoke_policy.example_path(model)
+    outputs = module.infer(smoke_inputs(module.input_specs, example))
+    if len(outputs) != len(module.output_specs):
+        raise InvalidInputError(f"{len(outputs)} outputs, the model declares {len(module.output_specs)}")
+    named = {spec.name: value for spec, value in zip(module.output_specs, outputs)}
+    smoke_policy.check_outputs(named, model.outputs or module.output_specs)
 
 
 def _main(argv: list[str]) -> int:
+    die_with_parent()
     from arachne_mlflow import runtime
     from arachne_mlflow.model.directory import read_model_dir
 
     try:
-        module = runtime.load(read_model_dir(argv[0]))
+        model = read_model_dir(argv[0])
+        module = runtime.load(model)
     except Exception as err:  # noqa: BLE001 (any failure to load is the message)
         print(f"{type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     try:
-        outputs = module.infer(smoke_inputs(module.input_specs, Path(argv[1]) if len(argv) > 1 else None))
-        if len(outputs) != len(module.output_specs):
-            raise InvalidInputError(f"{len(outputs)} outputs, the model declares {len(module.output_specs)}")
+        run_smoke(module, model, Path(argv[1]) if len(argv) > 1 else None)
     except Exception as err:  # noqa: BLE001 (any failure of the inference is the message)
         print(f"inference failed: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
         return 1

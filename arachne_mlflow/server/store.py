@@ -15,8 +15,10 @@ deleted. Until the rename the old version keeps serving; if anything fails, ever
 upload is removed at once and nothing else changes (a full disk is a 507). A rollback swaps the
 served and the previous version the same way. At start-up every stored model is loaded in child
 processes first, so one that crashes its process is quarantined (UNAVAILABLE, with the reason)
-instead of taking the server down at every start. A version whose files have loaded in this
-process before (a rollback, a re-upload) is not probed again.
+instead of taking the server down at every start. A version whose files, as they are on disk
+now, have loaded in this process before (a rollback, a re-upload) is not probed again: the digest
+that says so covers every file and symbolic link (model/digest.py `tree_digest`) and is computed
+again before each load, so files changed on disk since they loaded are probed again.
 
 Calls are blocking: the dataplane runs them in its thread pool. Operations on one name are
 serialized; other names are not held up.
@@ -31,8 +33,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,7 +42,7 @@ from typing import Any, BinaryIO
 from arachne_mlflow import runtime
 from arachne_mlflow.errors import ArachneError, ConflictError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from arachne_mlflow.model.archive import safe_extract
-from arachne_mlflow.model.digest import files_digest, tree_files
+from arachne_mlflow.model.digest import tree_digest
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
 from arachne_mlflow.protocol.names import NAME_PATTERN, check_name
 from arachne_mlflow.runtime import RuntimeModule
@@ -65,6 +67,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
 # Digests of loaded versions remembered so that they load without a child next time (a bound, not a cache size).
 MAX_PROVEN = 1024
 QUARANTINED = "it is quarantined (not loaded): delete it, upload another version or roll it back"
+STARTING = "the server is starting: it is being loaded"
 
 
 class LoadedModel:
@@ -118,6 +121,12 @@ class LoadedModel:
 
 
 @dataclass
+class _NameLock:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    holders: int = 0  # operations running or waiting on the name
+
+
+@dataclass
 class _Entry:
     record: dict[str, Any]
     loaded: LoadedModel | None = None
@@ -146,17 +155,24 @@ class ModelStore:
             (self.root / MARKER).write_text("arachne-mlflow device server model store\n")
         self.max_upload_bytes = max_upload_bytes
         self._entries: dict[str, _Entry] = {}
-        self._name_locks: dict[str, threading.Lock] = {}
+        self._name_locks: dict[str, _NameLock] = {}  # only while an operation on the name runs or waits
         self._guard = threading.Lock()
-        self._proven: dict[str, None] = {}  # digests of versions that loaded in this process, oldest first
+        # digests of versions that loaded in this process, oldest first: whether they answered a smoke inference
+        self._proven: dict[str, bool] = {}
+        self._stopping = threading.Event()  # set by `close`: probes under way stop, start-up loads no more
 
     # -- start-up and shut-down ------------------------------------------------------------
     def open(self) -> None:
-        """Clean up interrupted uploads and load every stored model, each first in a child process.
+        """`scan` then `load_stored`: every stored model loaded (or quarantined) when it returns."""
+        self.load_stored(self.scan())
 
-        A model that fails or crashes there is recorded as UNAVAILABLE with its reason, not loaded.
+    def scan(self) -> dict[str, _Entry]:
+        """Clean up interrupted uploads and list the stored models (UNAVAILABLE until `load_stored`).
+
+        Quick (no model loads): a server runs it before it takes requests, so that no upload can
+        start in a directory this cleanup removes.
         """
-        checked: dict[str, ArachneModel] = {}
+        found: dict[str, _Entry] = {}
         for directory in sorted(p for p in self.root.iterdir() if p.is_dir()):
             name = directory.name
             if not NAME_PATTERN.match(name):
@@ -167,21 +183,42 @@ class ModelStore:
                 shutil.rmtree(directory, ignore_errors=True)
                 continue
             _remove_all_but(directory, {CURRENT, *_version_dirs(record)})
-            self._entries[name] = _Entry(record)
-            try:
-                checked[name] = read_checked(directory / record["version_dir"])
-            except ArachneError as err:
-                self._failed(name, err)
-        for name, error in probe_many(checked, QUARANTINED).items():
-            if error is not None:
-                self._failed(name, error)
-                continue
-            try:
-                self._entries[name].loaded = self._load(checked[name], self._entries[name].record)
-            except ArachneError as err:
-                self._failed(name, err)
+            found[name] = _Entry(record, reason=STARTING)
+        with self._guard:
+            self._entries.update(found)
+        return found
+
+    def load_stored(self, found: dict[str, _Entry]) -> None:
+        """Load the models `scan` found, each first in a child process (a model that fails or
+        crashes there is UNAVAILABLE with its reason). Each name is held meanwhile, so a change
+        to it waits; one that came first (a delete, an upload) is left alone."""
+        with ExitStack() as held:
+            for name in sorted(found):
+                held.enter_context(self._name_lock(name))
+            found = {name: entry for name, entry in found.items() if self._entries.get(name) is entry}
+            checked: dict[str, ArachneModel] = {}
+            for name, entry in found.items():
+                try:
+                    checked[name] = read_checked(self.root / name / entry.record["version_dir"])
+                except ArachneError as err:
+                    self._failed(name, err)
+            probed = probe_many(checked, QUARANTINED, stop=self._stopping)
+            for name, error in probed.items():
+                if self._stopping.is_set():
+                    return
+                try:
+                    if error is not None:
+                        raise error
+                    loaded = self._load(checked[name], found[name].record)
+                except ArachneError as err:
+                    self._failed(name, err)
+                    continue
+                with self._guard:
+                    found[name].loaded, found[name].reason = loaded, ""
 
     def close(self) -> None:
+        """Free every model; a start-up still probing models stops (its children are killed)."""
+        self._stopping.set()
         with self._guard:
             entries = list(self._entries.values())
         for entry in entries:
@@ -284,14 +321,14 @@ class ModelStore:
                     "revision": _next_revision(replaced.record) if replaced else 1,
                     "version_dir": version_dir,
                     "runtime": model.runtime,
-                    "digest": files_digest(directory / version_dir, tree_files(directory / version_dir)),
+                    "digest": tree_digest(directory / version_dir),
                     "bytes": version_bytes(directory / version_dir),
                     "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "provenance": provenance,
                 }
                 if replaced is not None:
                     record["previous"] = _without_previous(replaced.record)
-                loaded = self._load_proven(model, record, "it was not installed")
+                loaded = self._load_proven(model, record, "it was not installed", digest=record["digest"], smoke=True)
                 sync_tree(directory / version_dir)  # on disk before CURRENT.json names it (power cuts)
                 write_record(directory, record)
             except BaseException as err:
@@ -388,10 +425,19 @@ class ModelStore:
 
     @contextmanager
     def _name_lock(self, name: str) -> Iterator[None]:
+        """Serialize operations on `name`; the lock exists only while one runs or waits (a request
+        naming an unknown model leaves nothing behind)."""
         with self._guard:
-            lock = self._name_locks.setdefault(name, threading.Lock())
-        with lock:
-            yield
+            lock = self._name_locks.setdefault(name, _NameLock())
+            lock.holders += 1
+        try:
+            with lock.lock:
+                yield
+        finally:
+            with self._guard:
+                lock.holders -= 1
+                if not lock.holders:
+                    del self._name_locks[name]
 
     def _install(self, name: str, record: dict[str, Any], loaded: LoadedModel) -> _Entry | None:
         """Serve `loaded` as `name` (its record already on disk); the version it replaces is freed
@@ -403,19 +449,33 @@ class ModelStore:
             old.loaded.retire()
         return old
 
-    def _failed(self, name: str, err: ArachneError) -> None:
+    def _failed(self, name: str, err: Exception) -> None:
         self._entries[name].reason = str(err)
         _logger.error("model %r did not load: %s", name, err)
 
     def _load_proven(
-        self, model: ArachneModel, record: dict[str, Any], consequence: str, trusted: bool = True
+        self,
+        model: ArachneModel,
+        record: dict[str, Any],
+        consequence: str,
+        trusted: bool = True,
+        digest: str = "",
+        smoke: bool = False,
     ) -> LoadedModel:
-        """Load `model` here, once a child has loaded it (unless, `trusted`, the same files loaded here before)."""
-        if not trusted or record["digest"] not in self._proven:
-            probe_load(model, record["name"], consequence)
-        return self._load(model, record)
+        """Load `model` here, once a child has loaded it (unless, `trusted`, the same files, as they
+        are on disk now, loaded here before); with `smoke` (uploads), once it has also answered its
+        smoke inference there. `digest`: of its files, when it was just computed."""
+        digest = digest or tree_digest(model.path)
+        if not trusted or self._proven.get(digest) is not True and (smoke or digest not in self._proven):
+            probe_load(model, record["name"], consequence, stop=self._stopping, smoke=smoke)
+        return self._load(model, record, digest, smoke)
 
-    def _load(self, model: ArachneModel, record: dict[str, Any]) -> LoadedModel:
+    def _load(
+        self, model: ArachneModel, record: dict[str, Any], digest_before: str = "", smoked: bool = False
+    ) -> LoadedModel:
+        """Load `model` in this process and remember its files' digests as proven: `digest_before`
+        (the files a child loaded) and the files as the load left them (a loader may write beside the
+        model: TVM links a `.tar` library into `<name>.tar.so` at each load)."""
         start = time.perf_counter()
         try:
             module = runtime.load(model)
@@ -430,10 +490,11 @@ class ModelStore:
         except ArachneError:
             module.done()
             raise
+        digests = {digest_before, tree_digest(model.path)} - {""}
         with self._guard:
-            self._proven.pop(record["digest"], None)
-            self._proven[record["digest"]] = None
-            if len(self._proven) > MAX_PROVEN:
+            for digest in digests:
+                self._proven[digest] = self._proven.pop(digest, False) or smoked
+            while len(self._proven) > MAX_PROVEN:
                 del self._proven[next(iter(self._proven))]
         return LoadedModel(module, record, time.perf_counter() - start, batching)
 

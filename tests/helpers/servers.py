@@ -145,6 +145,10 @@ class ThreadServer:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the in-thread server did not start")
             time.sleep(0.02)
+        while not self.dataplane.ready:  # stored models may still load after the server answers
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-thread server did not become ready")
+            time.sleep(0.02)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         self.grpc_port = getattr(self.app.state, "grpc_port", None)
         return self
