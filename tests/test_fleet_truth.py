@@ -309,3 +309,16 @@ def test_list_of_a_group_shows_an_absent_device(fleet, fleet_devices):
         assert states == {"cam-0": "READY", "cam-1": "absent"}
     finally:
         client.delete_deployment("solo")
+
+
+def test_a_record_of_an_earlier_release_is_adopted_by_an_update(fleet, fleet_devices, capsys):
+    path, env = fleet
+    cli(env, "create", "-t", "arachne-jetson://@lyon", "--name", "older", "-m", f"models:/{MODEL}/1")
+    earlier = {key: value for key, value in deploy_tag("older").items() if key != "by"}
+    MlflowClient().set_registered_model_tag(MODEL, "arachne.deploy.older", json.dumps(earlier))
+    code, _, err = fleet_command(capsys, "sync", "older")
+    assert code != 0 and "not written by" in err  # not acted on
+    cli(env, "update", "-t", "arachne-jetson://@lyon", "--name", "older", "-m", f"models:/{MODEL}/1")
+    assert deploy_tag("older")["by"] == WRITER
+    assert fleet_command(capsys, "sync", "older")[0] == 0 and status(capsys, "older")[0] == 0
+    cli(env, "delete", "-t", "arachne-jetson://@lyon", "--name", "older")
