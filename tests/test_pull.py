@@ -377,6 +377,8 @@ def test_a_push_to_a_following_device_leaves_it_to_pull(tracking_server, pull_mo
     from mlflow.deployments import get_deploy_client
     from mlflow.exceptions import MlflowException
 
+    from arachne_mlflow.deployments.desired_state import DesiredState
+
     dirs, _ = pull_models
     client, registered = _client(tracking_server), _unique("pushed")
     v1, v2 = _register(client, registered, dirs["v1"]), _register(client, registered, dirs["v2"])
@@ -385,9 +387,12 @@ def test_a_push_to_a_following_device_leaves_it_to_pull(tracking_server, pull_mo
     _wait(lambda: _rolled(device, v1))
     deploy = get_deploy_client(f"arachne-jetson://127.0.0.1:{device.port}")
     states = lambda result: [d["state"] for d in result["devices"]]  # noqa: E731
-    assert states(deploy.update_deployment("det", f"models:/{registered}@prod", config={"report": "false"})) == [
+    # a fleet of pulling devices is recorded with `create`, as docs/deployments.md says
+    assert states(deploy.create_deployment("det", f"models:/{registered}@prod", config={"report": "false"})) == [
         "unchanged"
     ]
+    desired = DesiredState(client).find("det")
+    assert (desired.registered_model, desired.model_uri) == (registered, f"models:/{registered}@prod")
     client.set_registered_model_alias(registered, "prod", v2)
     assert states(deploy.update_deployment("det", f"models:/{registered}@prod", config={"report": "false"})) == [
         "pulling"
