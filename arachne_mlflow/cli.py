@@ -104,6 +104,12 @@ def _variants(args: argparse.Namespace) -> int:
     return run_variants_command(args)
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from arachne_mlflow.profiling.commands import run
+
+    return run(args)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from arachne_mlflow.server.main import serve
 
@@ -154,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fleet(commands)
     _add_signing(commands)
     _add_variants(commands)
+    from arachne_mlflow.profiling.commands import add_parser as add_profile
+
+    add_profile(commands, _profile)
     return parser
 
 

@@ -17,7 +17,19 @@ from benchmarks import models, report
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before MLflow is imported: no calls out
 
-SUITES = ["runtime", "pyfunc", "remote", "throughput", "batching", "deploy", "cold_start", "tricks", "fleet", "signing"]
+SUITES = [
+    "runtime",
+    "pyfunc",
+    "remote",
+    "throughput",
+    "batching",
+    "deploy",
+    "cold_start",
+    "tricks",
+    "fleet",
+    "signing",
+    "profile",
+]
 OPTIONAL_SUITES = ["peers"]
 
 

@@ -190,6 +190,8 @@ class RuntimeModule(abc.ABC):
         return {
             "mean": statistics.fmean(times),
             "median": statistics.median(times),
+            "p90": _percentile(times, 90),
+            "p99": _percentile(times, 99),
             "std": statistics.pstdev(times),
             "max": max(times),
             "min": min(times),
@@ -271,6 +273,12 @@ def _positions(specs: Sequence[TensorSpec]) -> dict[int | str, int]:
         positions[i] = i
         positions.setdefault(spec.name, i)
     return positions
+
+
+def _percentile(times: list[float], q: float) -> float:
+    """The nearest-rank `q`th percentile: a time that was measured, never an interpolation."""
+    ranked = sorted(times)
+    return ranked[max(0, math.ceil(q / 100 * len(ranked)) - 1)]
 
 
 def random_tensor(spec: TensorSpec, dynamic: int = 1, seed: int = 0) -> np.ndarray:

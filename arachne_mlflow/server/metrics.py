@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
@@ -179,6 +179,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.models: dict[str, ModelSeries] = {}
         self.registry.register(_InferenceCollector(self.models))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes: a profile's memory figures
         self.load_seconds = Gauge(
             "arachne_model_load_seconds", "Seconds the last load of each model took", ["model"], registry=self.registry
         )
