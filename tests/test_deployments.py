@@ -24,12 +24,12 @@ from mlflow.deployments.cli import commands
 from mlflow.exceptions import MlflowException
 
 from arachne_mlflow.client import DeviceClient
-from arachne_mlflow.deployments import run_local
-from arachne_mlflow.deployments.inventory import resolve_target
-from arachne_mlflow.deployments.targets import Device
+from arachne_mlflow.deployments.local import run_local
+from arachne_mlflow.deployments.targets import resolve_target
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.flavors import onnx as arachne_onnx
 from arachne_mlflow.flavors import tflite as arachne_tflite
+from arachne_mlflow.fleet.device import Device
 from tests.helpers import models
 from tests.helpers.model_dirs import write_model_dir
 from tests.helpers.servers import ServerProcess, free_port
