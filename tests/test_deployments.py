@@ -435,3 +435,18 @@ def test_quickstart_end_to_end(tmp_path):
     assert re.search(r"quickstart-onnx: models:/arachne-quickstart-onnx@champion -> v1 on @lab", done.stdout)
     assert len(re.findall(r"\ncam-2 +v1 +v1 +READY +yes\n", done.stdout)) == 3 and "drift" not in done.stdout
     assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_the_package_and_the_fleet_command_line_import_no_mlflow():
+    """MLflow loads `deployments.mlflow_plugin`; the package, the `fleet` parser and the fleet file's reader
+    (which the remote runtime uses) import no MLflow."""
+    code = (
+        "import sys\n"
+        "import arachne_mlflow.deployments, arachne_mlflow.deployments.commands, arachne_mlflow.fleet.inventory\n"
+        "import arachne_mlflow.runtime.rpc_info\n"
+        "from arachne_mlflow import cli\n"
+        "cli.build_parser().parse_args(['fleet', 'sync', '--watch', '5'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
