@@ -67,12 +67,6 @@ def _convert_legacy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fleet(args: argparse.Namespace) -> int:
-    from arachne_mlflow.deployments.commands import run_fleet_command
-
-    return run_fleet_command(args)
-
-
 def _sign(args: argparse.Namespace) -> int:
     import os
 
@@ -157,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     serve.set_defaults(func=_serve)
 
-    _add_fleet(commands)
+    from arachne_mlflow.deployments.commands import add_fleet_command
+
+    add_fleet_command(commands)
     _add_signing(commands)
     _add_variants(commands)
     from arachne_mlflow.profiling.commands import add_parser as add_profile
@@ -212,31 +208,6 @@ def _add_variants(commands: argparse._SubParsersAction) -> None:
     show.add_argument("model_dir", metavar="MODEL_DIR")
     show.add_argument("--json", action="store_true", help="print JSON instead of a table")
     variants.set_defaults(func=_variants)
-
-
-def _add_fleet(commands: argparse._SubParsersAction) -> None:
-    """`fleet status`, `fleet sync` and `fleet rollback` (defined here: importing the plugin would import MLflow)."""
-    fleet = commands.add_parser("fleet", help="what the MLflow registry wants on the devices, against what they run")
-    actions = fleet.add_subparsers(dest="fleet_command", required=True)
-    status = actions.add_parser("status", help="desired vs actual version on every device, and the drift")
-    status.add_argument("names", nargs="*", metavar="NAME", help="deployments to show (default: every one)")
-    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    sync = actions.add_parser("sync", help="bring every device of each deployment to the registry's desired state")
-    sync.add_argument("names", nargs="*", metavar="NAME", help="deployments to sync (default: every one)")
-    sync.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until interrupted")
-    rollback = actions.add_parser(
-        "rollback", help="every device of a deployment back to its previous version (instant where the device kept it)"
-    )
-    rollback.add_argument("name", metavar="NAME", help="the deployment")
-    rollback.add_argument(
-        "--target", metavar="TARGET", help="devices to roll back: @group, names or host:port (default: the registry's)"
-    )
-    for action in (status, sync, rollback):
-        action.add_argument(
-            "--fleet", metavar="PATH", help="the fleet file (default $ARACHNE_FLEET or ~/.arachne-mlflow/fleet.yaml)"
-        )
-        action.add_argument("--parallel", type=int, metavar="N", help="devices worked on at once (default: all)")
-    fleet.set_defaults(func=_fleet)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,12 +24,12 @@ from mlflow.deployments.cli import commands
 from mlflow.exceptions import MlflowException
 
 from arachne_mlflow.client import DeviceClient
-from arachne_mlflow.deployments import run_local
-from arachne_mlflow.deployments.inventory import resolve_target
-from arachne_mlflow.deployments.targets import Device
+from arachne_mlflow.deployments.local import run_local
+from arachne_mlflow.deployments.targets import resolve_target
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.flavors import onnx as arachne_onnx
 from arachne_mlflow.flavors import tflite as arachne_tflite
+from arachne_mlflow.fleet.device import Device
 from tests.helpers import models
 from tests.helpers.model_dirs import write_model_dir
 from tests.helpers.servers import ServerProcess, free_port
@@ -435,3 +435,18 @@ def test_quickstart_end_to_end(tmp_path):
     assert re.search(r"quickstart-onnx: models:/arachne-quickstart-onnx@champion -> v1 on @lab", done.stdout)
     assert len(re.findall(r"\ncam-2 +v1 +v1 +READY +yes\n", done.stdout)) == 3 and "drift" not in done.stdout
     assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_the_package_and_the_fleet_command_line_import_no_mlflow():
+    """MLflow loads `deployments.mlflow_plugin`; the package, the `fleet` parser and the fleet file's reader
+    (which the remote runtime uses) import no MLflow."""
+    code = (
+        "import sys\n"
+        "import arachne_mlflow.deployments, arachne_mlflow.deployments.commands, arachne_mlflow.fleet.inventory\n"
+        "import arachne_mlflow.runtime.rpc_info\n"
+        "from arachne_mlflow import cli\n"
+        "cli.build_parser().parse_args(['fleet', 'sync', '--watch', '5'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

@@ -23,10 +23,11 @@ from mlflow.exceptions import MlflowException
 
 from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.deployments.desired_state import SUMMARY_KEY, fit_version_tag
-from arachne_mlflow.deployments.inventory import FleetFileError, load_inventory, resolve_target
-from arachne_mlflow.deployments.targets import Device, settings
+from arachne_mlflow.deployments.targets import resolve_target, settings
 from arachne_mlflow.errors import DeviceUnreachableError, InvalidInputError
 from arachne_mlflow.flavors import onnx as arachne_onnx
+from arachne_mlflow.fleet.device import Device
+from arachne_mlflow.fleet.inventory import FleetFileError, load_inventory
 from tests.conftest import FLEET_TOKEN
 from tests.helpers import models
 from tests.helpers.fleet import deploy, fleet_command, fleet_file, on_server, table_rows

@@ -21,9 +21,11 @@ from mlflow.types import TensorSpec as MlflowTensorSpec
 from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.deployments import gate
 from arachne_mlflow.deployments.strategy import Strategy, strategy_of
-from arachne_mlflow.deployments.targets import Connection, Device, settings
+from arachne_mlflow.deployments.targets import settings
 from arachne_mlflow.errors import HealthGateError, InvalidInputError
 from arachne_mlflow.flavors import onnx as arachne_onnx
+from arachne_mlflow.fleet.connection import Connection
+from arachne_mlflow.fleet.device import Device
 from arachne_mlflow.model.directory import read_model_dir
 from arachne_mlflow.model.spec import TensorSpec
 from tests.conftest import FLEET_TOKEN

@@ -1,9 +1,10 @@
-"""`arachne-mlflow fleet status`, `fleet sync` and `fleet rollback`: the command line of status.py, fleet.py
-and rollback.py.
+"""`arachne-mlflow fleet status`, `fleet sync` and `fleet rollback`: their flags, and the command line of
+status.py, operations.py and rollback.py.
 
 The registry is MLflow's (`MLFLOW_TRACKING_URI`); connection settings come from the
 environment (`ARACHNE_TOKEN`, `ARACHNE_TLS`, ...) and the fleet file, as for the plugin's
-`list`, `get` and `predict`.
+`list`, `get` and `predict`. The `arachne-mlflow` parser imports this module for every command,
+so what imports MLflow is imported when a `fleet` command runs.
 """
 
 from __future__ import annotations
@@ -11,18 +12,38 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
+import threading
+from typing import Any
 
-from arachne_mlflow.deployments import status as fleet_status
-from arachne_mlflow.deployments.desired_state import DesiredState
-from arachne_mlflow.deployments.fleet import Outcome, sync
-from arachne_mlflow.deployments.inventory import find_inventory
-from arachne_mlflow.deployments.rollback import rollback
-from arachne_mlflow.deployments.status import EXIT_DRIFT, EXIT_OK, EXIT_USAGE
-from arachne_mlflow.deployments.targets import settings
+from arachne_mlflow import reconcile
 from arachne_mlflow.errors import ArachneError, InvalidInputError
 
 _logger = logging.getLogger(__name__)
+
+
+def add_fleet_command(commands: argparse._SubParsersAction) -> None:
+    """`fleet status`, `fleet sync` and `fleet rollback` under `commands` (the `arachne-mlflow` parser's)."""
+    fleet = commands.add_parser("fleet", help="what the MLflow registry wants on the devices, against what they run")
+    actions = fleet.add_subparsers(dest="fleet_command", required=True)
+    status = actions.add_parser("status", help="desired vs actual version on every device, and the drift")
+    status.add_argument("names", nargs="*", metavar="NAME", help="deployments to show (default: every one)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    sync = actions.add_parser("sync", help="bring every device of each deployment to the registry's desired state")
+    sync.add_argument("names", nargs="*", metavar="NAME", help="deployments to sync (default: every one)")
+    sync.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until interrupted")
+    rollback = actions.add_parser(
+        "rollback", help="every device of a deployment back to its previous version (instant where the device kept it)"
+    )
+    rollback.add_argument("name", metavar="NAME", help="the deployment")
+    rollback.add_argument(
+        "--target", metavar="TARGET", help="devices to roll back: @group, names or host:port (default: the registry's)"
+    )
+    for action in (status, sync, rollback):
+        action.add_argument(
+            "--fleet", metavar="PATH", help="the fleet file (default $ARACHNE_FLEET or ~/.arachne-mlflow/fleet.yaml)"
+        )
+        action.add_argument("--parallel", type=int, metavar="N", help="devices worked on at once (default: all)")
+    fleet.set_defaults(func=run_fleet_command)
 
 
 def run_fleet_command(args: argparse.Namespace) -> int:
@@ -31,6 +52,11 @@ def run_fleet_command(args: argparse.Namespace) -> int:
     A fleet file named with --fleet or $ARACHNE_FLEET that is missing or wrong is a usage error
     (2), said before the registry is read."""
     from mlflow.exceptions import MlflowException
+
+    from arachne_mlflow.deployments.desired_state import DesiredState
+    from arachne_mlflow.deployments.status import EXIT_USAGE
+    from arachne_mlflow.deployments.targets import settings
+    from arachne_mlflow.fleet.inventory import find_inventory
 
     config = {"fleet": args.fleet, "parallel": args.parallel}
     try:
@@ -46,7 +72,12 @@ def run_fleet_command(args: argparse.Namespace) -> int:
         raise ArachneError(f"the MLflow registry ({_tracking_uri()}) answered: {err}") from err
 
 
-def _run(args: argparse.Namespace, options, state: DesiredState) -> int:
+def _run(args: argparse.Namespace, options, state) -> int:
+    from arachne_mlflow.deployments import status as fleet_status
+    from arachne_mlflow.deployments.operations import sync
+    from arachne_mlflow.deployments.rollback import rollback
+    from arachne_mlflow.deployments.status import EXIT_USAGE
+
     if args.fleet_command == "status":
         found = fleet_status.status(args.names, options, state)
         sys.stdout.write(fleet_status.to_json(found) + "\n" if args.json else fleet_status.to_text(found))
@@ -65,28 +96,36 @@ def _run(args: argparse.Namespace, options, state: DesiredState) -> int:
     return _watch(args, options, state)
 
 
-def outcome_code(outcomes: list[Outcome]) -> int:
-    """`fleet sync` and `fleet rollback`: 0 every deployment reached its desired state, 2 a name
-    the registry does not know, 1 anything else left undone (see the report)."""
+def outcome_code(outcomes: list[Any]) -> int:
+    """`fleet sync` and `fleet rollback` (their `operations.Outcome`s): 0 every deployment reached its
+    desired state, 2 a name the registry does not know, 1 anything else left undone (see the report)."""
+    from arachne_mlflow.deployments.status import EXIT_DRIFT, EXIT_OK, EXIT_USAGE
+
     if any(outcome.usage for outcome in outcomes):
         return EXIT_USAGE
     return EXIT_OK if all(outcome.ok for outcome in outcomes) else EXIT_DRIFT
 
 
-def _watch(args: argparse.Namespace, options, state: DesiredState) -> int:
-    """Sync every `--watch` seconds until interrupted: the fleet's controller, run anywhere."""
+def _watch(args: argparse.Namespace, options, state) -> int:
+    """Sync every `--watch` seconds until interrupted: the fleet's controller, run anywhere. A sync that
+    fails (a registry that is down for a while) is logged and tried again at the next period."""
+    from arachne_mlflow.deployments.operations import sync
+
     if args.watch <= 0:
         raise SystemExit("arachne-mlflow fleet sync: --watch takes a number of seconds > 0")
+
+    def one_sync() -> reconcile.Outcome:
+        sync(args.names, options, state)
+        return reconcile.DONE
+
+    def failed(err: Exception, delay: float) -> None:
+        _logger.error("fleet sync failed, trying again in %s s: %s", args.watch, err)
+
     try:
-        while True:
-            started = time.monotonic()
-            try:
-                sync(args.names, options, state)
-            except Exception as err:  # noqa: BLE001  (a registry that is down for a while must not stop the watch)
-                _logger.error("fleet sync failed, trying again in %s s: %s", args.watch, err)
-            time.sleep(max(0.0, args.watch - (time.monotonic() - started)))
+        reconcile.run(one_sync, reconcile.Schedule(args.watch, from_start=True), threading.Event(), on_error=failed)
     except KeyboardInterrupt:
-        return 0
+        pass
+    return 0
 
 
 def _tracking_uri() -> str:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from arachne_mlflow.deployments.converge import PULLING, ROLLED_BACK, DeviceResult
+from arachne_mlflow.deployments.results import PULLING, ROLLED_BACK, DeviceResult
 from arachne_mlflow.deployments.source import quote_filter
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.protocol import bounded_json

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TextIO
 
-from arachne_mlflow.deployments.converge import DeviceResult
+from arachne_mlflow.deployments.results import DeviceResult
 
 MAX_ERROR_COLUMN = 160  # characters of an error in a table row (the exception has all of it)
 

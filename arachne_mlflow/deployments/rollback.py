@@ -19,21 +19,15 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from arachne_mlflow.deployments.converge import (
-    FAILED,
-    ROLLED_BACK,
-    UNCHANGED,
-    DeviceResult,
-    on_devices,
-    push_device,
-    version_label,
-)
+from arachne_mlflow.deployments.converge import on_devices, push_device
 from arachne_mlflow.deployments.desired_state import HALTED, ROLLED_OUT, ROLLING, Desired, DesiredState
-from arachne_mlflow.deployments.fleet import Outcome, counts
-from arachne_mlflow.deployments.inventory import resolve_target
+from arachne_mlflow.deployments.operations import Outcome, counts
+from arachne_mlflow.deployments.results import FAILED, ROLLED_BACK, UNCHANGED, DeviceResult, version_label
 from arachne_mlflow.deployments.source import ModelSource, RegistryVersion, registry_version, resolve
-from arachne_mlflow.deployments.targets import SCHEME, Connection, Device, Settings, target_of
+from arachne_mlflow.deployments.targets import SCHEME, Settings, resolve_target, target_of
 from arachne_mlflow.errors import ArachneError, InvalidInputError
+from arachne_mlflow.fleet.connection import Connection
+from arachne_mlflow.fleet.device import Device
 
 
 def rollback(name: str, target: str | None, settings: Settings, state: DesiredState | None) -> Outcome:

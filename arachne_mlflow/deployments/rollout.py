@@ -18,21 +18,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from arachne_mlflow.deployments import gate
-from arachne_mlflow.deployments.converge import (
-    DEPLOYED,
-    FAILED,
-    ROLLED_BACK,
-    UNTOUCHED,
-    DeviceResult,
-    on_devices,
-    push_device,
-    read_device,
-    version_label,
-)
+from arachne_mlflow.deployments.converge import on_devices, push_device, read_device
+from arachne_mlflow.deployments.results import DEPLOYED, FAILED, ROLLED_BACK, UNTOUCHED, DeviceResult, version_label
 from arachne_mlflow.deployments.source import ModelSource
 from arachne_mlflow.deployments.strategy import CANARY, Strategy
-from arachne_mlflow.deployments.targets import Connection, Device, Settings
+from arachne_mlflow.deployments.targets import Settings
 from arachne_mlflow.errors import ArachneError, HealthGateError
+from arachne_mlflow.fleet.connection import Connection
+from arachne_mlflow.fleet.device import Device
 
 _logger = logging.getLogger(__name__)
 GATE_FAILED = "health gate failed: "  # the start of a device's error when its gate failed

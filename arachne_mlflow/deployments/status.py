@@ -15,12 +15,13 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from arachne_mlflow.deployments import report
-from arachne_mlflow.deployments.converge import UNKNOWN, on_devices, read_device, version_label
+from arachne_mlflow.deployments.converge import on_devices, read_device
 from arachne_mlflow.deployments.desired_state import DELETING, ROLLED_OUT, Desired, DesiredState
-from arachne_mlflow.deployments.inventory import resolve_target
+from arachne_mlflow.deployments.results import UNKNOWN, version_label
 from arachne_mlflow.deployments.source import registry_version
-from arachne_mlflow.deployments.targets import SCHEME, Device, Settings
+from arachne_mlflow.deployments.targets import SCHEME, Settings, resolve_target
 from arachne_mlflow.errors import ArachneError, DeviceUnreachableError
+from arachne_mlflow.fleet.device import Device
 
 EXIT_OK, EXIT_DRIFT, EXIT_USAGE, EXIT_UNCHECKED = 0, 1, 2, 3
 _UNCHECKED = ("unreachable", "error")

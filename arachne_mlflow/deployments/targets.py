@@ -4,107 +4,32 @@ arachne-jetson                               ARACHNE_DEVICE, default localhost:5
 arachne-jetson://jetson-1:5051               one device
 arachne-jetson:/jetson-1:5051                the form `mlflow deployments` also accepts
 arachne-jetson://jetson-1:5051,jetson-2      several devices (the port defaults to 5051)
-arachne-jetson://cam-1,@lyon,@all            devices and groups of the fleet file (inventory.py)
+arachne-jetson://cam-1,@lyon,@all            devices and groups of the fleet file (fleet/inventory.py)
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from arachne_mlflow.client.address import authority
 from arachne_mlflow.deployments.strategy import ROLLOUT_KEYS, Strategy, strategy_of
-from arachne_mlflow.errors import InvalidInputError, UnauthorizedError
+from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.fleet.connection import CONNECTION_KEYS, Connection, connection_of, flag
+from arachne_mlflow.fleet.device import SCHEME, Device, parse_address
+from arachne_mlflow.fleet.inventory import Inventory, find_inventory, fleet_path
 
-SCHEME = "arachne-jetson"
 DEFAULT_DEVICE = "localhost:5051"
-DEFAULT_PORT = 5051
-DEFAULT_TIMEOUT = 10.0  # seconds to wait for an answer to a control call or a prediction
-DEFAULT_CONNECT_TIMEOUT = 3.0  # seconds to open a connection: a device that is off costs no more
-DEFAULT_UPLOAD_TIMEOUT = 600.0  # an upload's answer comes after the device has loaded the model
-PROBE_TIMEOUT = 3.0  # seconds to wait for a status answer, or for a model's metadata before predicting
 MAX_DEFAULT_PARALLEL = 256  # devices worked on at once unless -C parallel says otherwise
-CONNECTION_KEYS = ("token", "tls", "ca_cert", "timeout", "connect_timeout", "upload_timeout")
 FLEET_KEYS = ("fleet", "parallel", "min_success", "converge", "progress", "report", "retarget", "forget")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-_HOST_PORT = re.compile(r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?$")
 
 
-@dataclass(frozen=True)
-class Device:
-    """One device server. `name` is its name in the fleet file (None for a bare `host:port`);
-    `token_env`, `tls` and `ca_cert` are the fleet file's settings for it (None: not set there)."""
-
-    host: str
-    port: int
-    name: str | None = None
-    token_env: str | None = field(default=None, compare=False)
-    tls: bool | None = field(default=None, compare=False)
-    ca_cert: str | None = field(default=None, compare=False)
-    labels: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def address(self) -> str:
-        return authority(self.host, self.port)
-
-    def __str__(self) -> str:
-        return self.name or self.address
-
-
-@dataclass(frozen=True)
-class Connection:
-    """How to talk to the devices of a target: token, TLS, CA bundle, timeouts."""
-
-    token: str | None = None
-    tls: bool = False
-    ca_cert: str | None = None
-    timeout: float = DEFAULT_TIMEOUT
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT
-    token_given: bool = False  # the token came from -C token (not $ARACHNE_TOKEN): it stands in for any device's
-
-    def probing(self) -> Connection:
-        """The same with a short wait for answers: for questions that must not hang on one device."""
-        return replace(self, timeout=min(self.timeout, PROBE_TIMEOUT))
-
-    def for_device(self, device: Device) -> Connection:
-        """The fleet file's settings for `device` win; what it leaves unset comes from here.
-
-        A device whose `token_env` variable is unset is refused here, before any request, unless
-        `-C token` gave a token: otherwise the device's 401 would be all the user sees."""
-        token = os.environ.get(device.token_env) if device.token_env else None
-        if device.token_env and not token and not self.token_given:
-            raise UnauthorizedError(
-                f"device {device}: its token_env variable {device.token_env} (fleet file) is not set; "
-                f"export {device.token_env}=<token> or pass -C token=...; nothing was sent to {device.address}"
-            )
-        return replace(
-            self,
-            token=token or self.token,
-            tls=self.tls if device.tls is None else device.tls,
-            ca_cert=device.ca_cert or self.ca_cert,
-        )
-
-    def client(self, device: Device):
-        """A `DeviceClient` for `device` (a context manager)."""
-        from arachne_mlflow.client import DeviceClient
-
-        conn = self.for_device(device)
-        return DeviceClient(
-            device.host,
-            device.port,
-            token=conn.token,
-            tls=conn.tls,
-            ca_cert=conn.ca_cert,
-            timeout=conn.timeout,
-            connect_timeout=conn.connect_timeout,
-            upload_timeout=conn.upload_timeout,
-        )
+class UnknownTargetError(InvalidInputError):
+    """A target names something the fleet file does not know: reported, never contacted."""
 
 
 @dataclass(frozen=True)
@@ -153,32 +78,6 @@ def target_of(target_uri: str) -> str:
     return ",".join(target_parts(target_uri))
 
 
-def split_address(part: str, where: str) -> tuple[str, int | None]:
-    """`host`, `host:port`, `[v6]:port` as (host, port or None); `where` says what to name in an error."""
-    match = _HOST_PORT.match(part)
-    port = int(match["port"]) if match and match["port"] else None
-    if not match or (port is not None and not 0 < port < 65536):
-        raise InvalidInputError(f"{where}: {part!r} is not host:port; use {SCHEME}://host:port[,host:port...]")
-    return match["ip6"] or match["host"], port
-
-
-def parse_address(part: str, where: str) -> Device:
-    host, port = split_address(part, where)
-    return Device(host, port or DEFAULT_PORT)
-
-
-def flag(name: str, value: Any, default: bool) -> bool:
-    """The yes/no setting `name` given as a string (`-C tls=true`) or a bool; `default` when not given."""
-    if value is None or value == "":
-        return default
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text not in _TRUE | _FALSE:
-        raise InvalidInputError(f"config {name} must be true or false, got {value!r}")
-    return text in _TRUE
-
-
 def settings(config: Mapping[str, Any] | None) -> Settings:
     """The settings of one command from `config` (`-C key=value`, strings) and the environment.
 
@@ -189,16 +88,7 @@ def settings(config: Mapping[str, Any] | None) -> Settings:
     unknown = sorted(set(config) - known)
     if unknown:
         raise InvalidInputError(f"unknown config {unknown}; known: {sorted(known)}")
-    env = os.environ.get
-    connection = Connection(
-        token=config.get("token") or env("ARACHNE_TOKEN") or None,
-        tls=flag("tls", config.get("tls", env("ARACHNE_TLS")), False),
-        ca_cert=config.get("ca_cert") or env("ARACHNE_CA_CERT") or None,
-        timeout=_seconds(config, "timeout", env("ARACHNE_TIMEOUT"), DEFAULT_TIMEOUT),
-        connect_timeout=_seconds(config, "connect_timeout", env("ARACHNE_CONNECT_TIMEOUT"), DEFAULT_CONNECT_TIMEOUT),
-        upload_timeout=_seconds(config, "upload_timeout", None, DEFAULT_UPLOAD_TIMEOUT),
-        token_given=bool(config.get("token")),
-    )
+    connection = connection_of(config)
     parallel = config.get("parallel")
     if parallel is not None:
         if not str(parallel).isdigit() or int(parallel) < 1:
@@ -224,14 +114,65 @@ def settings(config: Mapping[str, Any] | None) -> Settings:
     )
 
 
-def _seconds(config: Mapping[str, Any], key: str, env_value: str | None, default: float) -> float:
-    value = config.get(key, env_value)
-    if value is None or value == "":
-        return default
+def resolve_target(target_uri: str, fleet: str | None = None, *, recorded: bool = False) -> list[Device]:
+    """The devices a target URI names, in order, without duplicates.
+
+    `@group` and device names come from the fleet file; with a fleet file, a name without a port
+    that is not one of its devices is an error naming the file (never a DNS lookup). `host:port`
+    is the fleet file's device of that address when there is one (with its settings), else, for a
+    target given on the command line, that address. A `recorded` target (read from the registry,
+    which others may write) names only the fleet file's devices and groups: anything else is
+    refused before any device is contacted.
+    """
+    parts = target_parts(target_uri)
+    inventory = find_inventory(fleet)
+    if recorded and inventory is None:
+        path, _ = fleet_path(fleet)
+        raise UnknownTargetError(
+            f"the registry's target {target_of(target_uri)!r} is not contacted: there is no fleet file {path} "
+            "(a target recorded in the registry may only name the fleet file's devices and groups)"
+        )
+    devices: list[Device] = []
+    for part in parts:
+        found = _resolve_part(part, target_uri, inventory, fleet, recorded)
+        devices += [d for d in found if d not in devices]
+    return devices
+
+
+def _resolve_part(
+    part: str, target_uri: str, inventory: Inventory | None, fleet: str | None, recorded: bool
+) -> list[Device]:
+    if part.startswith("@"):
+        if inventory is None:
+            path, _ = fleet_path(fleet)
+            raise InvalidInputError(f"target {target_uri!r} names group {part} but there is no fleet file {path}")
+        found = inventory.group(part[1:])
+        if not found:
+            raise InvalidInputError(f"group {part} of fleet file {inventory.path} has no devices")
+        return found
+    if inventory is not None and part in inventory.devices:
+        return [inventory.devices[part]]
+    device = parse_address(part, f"target {target_uri!r}")
+    known = inventory and next((d for d in inventory.devices.values() if d.address == device.address), None)
+    if known:
+        return [known]
+    if recorded:
+        raise UnknownTargetError(
+            f"the registry's target names {part!r}, which is no device of fleet file {inventory.path}: "
+            "not contacted (a target recorded in the registry may only name the fleet file's devices and groups; "
+            "add the device to the fleet file, or delete the deployment)"
+        )
+    if inventory is not None and ":" not in part and not _is_ip(device.host):
+        raise UnknownTargetError(
+            f"no device {part!r} in fleet file {inventory.path} (devices: {', '.join(sorted(inventory.devices))}); "
+            f"a device outside the file is host:port"
+        )
+    return [device]
+
+
+def _is_ip(host: str) -> bool:
     try:
-        seconds = float(value)
-    except ValueError as err:
-        raise InvalidInputError(f"config {key} must be a number of seconds, got {value!r}") from err
-    if not seconds > 0:
-        raise InvalidInputError(f"config {key} must be more than 0 seconds, got {value!r}")
-    return seconds
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

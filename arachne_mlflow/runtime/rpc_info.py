@@ -16,7 +16,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from arachne_mlflow.errors import InvalidInputError, MissingDependencyError
+from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.fleet.connection import connection_of
+from arachne_mlflow.fleet.inventory import find_inventory, fleet_path
 
 DEFAULT_PORT = 5051
 KEYS = {"host", "port", "device", "token", "tls", "ca_cert", "verify", "timeout", "connect_timeout", "trust_env"}
@@ -54,15 +56,7 @@ def client_options(rpc_info: Mapping[str, Any]) -> dict[str, Any]:
 
 def _fleet_device(name: str, required: bool) -> dict[str, Any]:
     """Address, token, TLS and CA bundle of fleet device `name` ({} when not in the fleet file and not
-    `required`), read by the deployments plugin's own code."""
-    try:  # (the deployments package imports MLflow)
-        from arachne_mlflow.deployments.inventory import find_inventory, fleet_path
-        from arachne_mlflow.deployments.targets import settings
-    except ImportError as err:
-        raise MissingDependencyError(
-            f"rpc_info names {name!r} without a port: reading the fleet file needs the host tools "
-            f"(pip install 'arachne-mlflow[mlflow,client]'), or give rpc_info 'host' and 'port' ({err})"
-        ) from err
+    `required`), read as the deployments plugin reads it."""
     inventory = find_inventory()
     device = inventory.devices.get(name) if inventory is not None else None
     if device is None:
@@ -76,7 +70,7 @@ def _fleet_device(name: str, required: bool) -> dict[str, Any]:
         raise InvalidInputError(
             f"no device {name!r} in fleet file {inventory.path}; its devices: {sorted(inventory.devices)}"
         )
-    connection = settings({}).connection.for_device(device)
+    connection = connection_of({}).for_device(device)
     found = {"host": device.host, "port": device.port, "name": name, "token": connection.token, "tls": connection.tls}
     if connection.ca_cert:
         found["ca_cert"] = connection.ca_cert

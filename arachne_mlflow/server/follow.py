@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from arachne_mlflow import reconcile
 from arachne_mlflow.errors import (
     ArachneError,
     InvalidInputError,
@@ -138,6 +139,9 @@ class Follower:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._random = random.Random()
+        self.schedule = reconcile.Schedule(
+            interval, jitter=0.5, backoff_cap=BACKOFF_FACTOR_CAP, max_backoff=BACKOFF_SECONDS_CAP
+        )
         self._logged_error = ""
         self._warned_read_only = False
         self._last_report: tuple | None = None
@@ -179,24 +183,24 @@ class Follower:
         return status
 
     def _run(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                unreachable = self.check()
-            except Exception:  # a bug must not end following: logged with its traceback, retried
-                _logger.exception("follow %s: unexpected error", self.name)
-                unreachable = True
-            failures = failures + 1 if unreachable else 0
-            delay = self._delay(failures)
-            self._set(next_check=_iso(time.time() + delay))
-            self._stop.wait(delay)
+        reconcile.run(
+            self._pass, self.schedule, self._stop, on_error=self._unexpected, on_wait=self._waiting, rng=self._random
+        )
+
+    def _pass(self) -> reconcile.Outcome:
+        """One check; an unreachable tracking server is a transient failure (the loop backs off)."""
+        return reconcile.RETRY if self.check() else reconcile.DONE
+
+    def _unexpected(self, err: Exception, delay: float) -> None:
+        """A bug must not end following: logged with its traceback, retried after the back-off."""
+        _logger.error("follow %s: unexpected error", self.name, exc_info=err)
+
+    def _waiting(self, delay: float) -> None:
+        self._set(next_check=_iso(time.time() + delay))
 
     def _delay(self, failures: int) -> float:
         """Seconds to the next check: the interval, doubled per failure in a row (capped), times 0.5-1."""
-        base = self.interval
-        if failures:
-            base = min(self.interval * 2.0 ** (failures - 1), self.interval * BACKOFF_FACTOR_CAP, BACKOFF_SECONDS_CAP)
-        return base * self._random.uniform(0.5, 1.0)
+        return self.schedule.delay(failures, self._random)
 
     # -- one check -------------------------------------------------------------------------
     def check(self) -> bool:

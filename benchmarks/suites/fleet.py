@@ -83,7 +83,7 @@ def _round(root: Path, registry, ports: list[int]) -> list[dict]:
     from mlflow.deployments import get_deploy_client
 
     from arachne_mlflow.deployments.desired_state import DesiredState
-    from arachne_mlflow.deployments.fleet import sync
+    from arachne_mlflow.deployments.operations import sync
     from arachne_mlflow.deployments.rollback import rollback
     from arachne_mlflow.deployments.status import status
     from arachne_mlflow.deployments.targets import settings
@@ -163,7 +163,7 @@ def _measure(action) -> tuple[float, float, float, object]:
 
 def _slowest(result) -> float | None:
     """The longest a device of this step took (None for `status`, which does not time devices)."""
-    from arachne_mlflow.deployments.fleet import Outcome
+    from arachne_mlflow.deployments.operations import Outcome
 
     if isinstance(result, dict):  # the plugin's answer
         return max(d["seconds"] for d in result["devices"])

@@ -16,7 +16,6 @@ Errors name the file, the line and the key, from PyYAML's marks.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Iterator
@@ -26,16 +25,9 @@ from typing import Any
 
 import yaml
 
-from arachne_mlflow.deployments.targets import (
-    DEFAULT_PORT,
-    Device,
-    flag,
-    parse_address,
-    split_address,
-    target_of,
-    target_parts,
-)
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.fleet.connection import flag
+from arachne_mlflow.fleet.device import DEFAULT_PORT, Device, split_address
 
 DEFAULT_PATH = Path("~/.arachne-mlflow/fleet.yaml")
 ALL = "all"
@@ -48,10 +40,6 @@ _DEVICE_KEYS = ("address", "labels", *_DEFAULT_KEYS)
 
 class FleetFileError(InvalidInputError):
     """The fleet file is missing or wrong; the message names the file, line and key."""
-
-
-class UnknownTargetError(InvalidInputError):
-    """A target names something the fleet file does not know: reported, never contacted."""
 
 
 @dataclass(frozen=True)
@@ -87,70 +75,6 @@ def find_inventory(explicit: str | None = None) -> Inventory | None:
             raise FleetFileError(f"fleet file {path} does not exist")
         return None
     return load_inventory(path)
-
-
-def resolve_target(target_uri: str, fleet: str | None = None, *, recorded: bool = False) -> list[Device]:
-    """The devices a target URI names, in order, without duplicates.
-
-    `@group` and device names come from the fleet file; with a fleet file, a name without a port
-    that is not one of its devices is an error naming the file (never a DNS lookup). `host:port`
-    is the fleet file's device of that address when there is one (with its settings), else, for a
-    target given on the command line, that address. A `recorded` target (read from the registry,
-    which others may write) names only the fleet file's devices and groups: anything else is
-    refused before any device is contacted.
-    """
-    parts = target_parts(target_uri)
-    inventory = find_inventory(fleet)
-    if recorded and inventory is None:
-        path, _ = fleet_path(fleet)
-        raise UnknownTargetError(
-            f"the registry's target {target_of(target_uri)!r} is not contacted: there is no fleet file {path} "
-            "(a target recorded in the registry may only name the fleet file's devices and groups)"
-        )
-    devices: list[Device] = []
-    for part in parts:
-        found = _resolve_part(part, target_uri, inventory, fleet, recorded)
-        devices += [d for d in found if d not in devices]
-    return devices
-
-
-def _resolve_part(
-    part: str, target_uri: str, inventory: Inventory | None, fleet: str | None, recorded: bool
-) -> list[Device]:
-    if part.startswith("@"):
-        if inventory is None:
-            path, _ = fleet_path(fleet)
-            raise InvalidInputError(f"target {target_uri!r} names group {part} but there is no fleet file {path}")
-        found = inventory.group(part[1:])
-        if not found:
-            raise InvalidInputError(f"group {part} of fleet file {inventory.path} has no devices")
-        return found
-    if inventory is not None and part in inventory.devices:
-        return [inventory.devices[part]]
-    device = parse_address(part, f"target {target_uri!r}")
-    known = inventory and next((d for d in inventory.devices.values() if d.address == device.address), None)
-    if known:
-        return [known]
-    if recorded:
-        raise UnknownTargetError(
-            f"the registry's target names {part!r}, which is no device of fleet file {inventory.path}: "
-            "not contacted (a target recorded in the registry may only name the fleet file's devices and groups; "
-            "add the device to the fleet file, or delete the deployment)"
-        )
-    if inventory is not None and ":" not in part and not _is_ip(device.host):
-        raise UnknownTargetError(
-            f"no device {part!r} in fleet file {inventory.path} (devices: {', '.join(sorted(inventory.devices))}); "
-            f"a device outside the file is host:port"
-        )
-    return [device]
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def load_inventory(path: str | os.PathLike) -> Inventory:

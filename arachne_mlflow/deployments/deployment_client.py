@@ -17,15 +17,16 @@ from typing import Any
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST
 
-from arachne_mlflow.deployments import fleet
-from arachne_mlflow.deployments.converge import FAILED, on_devices, read_device
+from arachne_mlflow.deployments import operations
+from arachne_mlflow.deployments.converge import on_devices, read_device
 from arachne_mlflow.deployments.desired_state import DesiredState
 from arachne_mlflow.deployments.errors import DeploymentError, user_errors
 from arachne_mlflow.deployments.inputs import to_arrays
-from arachne_mlflow.deployments.inventory import resolve_target
+from arachne_mlflow.deployments.results import FAILED
 from arachne_mlflow.deployments.source import REGISTRY_PREFIX
-from arachne_mlflow.deployments.targets import SCHEME, Device, Settings, settings, target_of
+from arachne_mlflow.deployments.targets import SCHEME, Settings, resolve_target, settings, target_of
 from arachne_mlflow.errors import ArachneError, DeviceUnreachableError, InvalidInputError
+from arachne_mlflow.fleet.device import Device
 from arachne_mlflow.model.directory import FLAVOR_NAME
 
 
@@ -72,12 +73,12 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         except InvalidInputError as err:
             if not (options.forget and state is not None and existing is not None and existing.target == self.target):
                 raise DeploymentError(str(err)) from err
-            outcome = fleet.forget(name, state, existing)
+            outcome = operations.forget(name, state, existing)
         else:
             whole = existing is None or self._covers(existing, devices, options)
             if whole and state is not None:
                 state.remove_broken(name)
-            outcome = fleet.delete(name, devices, options, state, existing, whole)
+            outcome = operations.delete(name, devices, options, state, existing, whole)
         self._finish(outcome, options)
 
     @user_errors
@@ -188,7 +189,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
             self._refuse_missing(name, devices, options)
         whole = existing is None or options.retarget or existing.target == self.target
         try:
-            outcome = fleet.push(action, name, model_uri, self.target, devices, options, state, existing, whole)
+            outcome = operations.push(action, name, model_uri, self.target, devices, options, state, existing, whole)
         except ArachneError as err:
             raise DeploymentError(f"cannot deploy {model_uri}: {err}") from err
         self._finish(outcome, options)
@@ -255,7 +256,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
         found = on_devices(devices, lambda d: read_device(d, connection, name), options.workers(len(devices)))
         return dict(zip(devices, found))
 
-    def _finish(self, outcome: fleet.Outcome, options: Settings) -> None:
+    def _finish(self, outcome: operations.Outcome, options: Settings) -> None:
         """The per-device table on stderr; an exception unless enough devices got what was asked."""
         if options.report:
             outcome.write()

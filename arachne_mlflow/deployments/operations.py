@@ -16,17 +16,7 @@ from typing import Any, TextIO
 from mlflow.exceptions import MlflowException
 
 from arachne_mlflow.deployments import report
-from arachne_mlflow.deployments.converge import (
-    FAILED,
-    FORGOTTEN,
-    NEVER_HAD,
-    PULLING,
-    UNTOUCHED,
-    DeviceResult,
-    delete_device,
-    on_devices,
-    unchanged_device,
-)
+from arachne_mlflow.deployments.converge import delete_device, on_devices, unchanged_device
 from arachne_mlflow.deployments.desired_state import (
     DELETING,
     HALTED,
@@ -36,12 +26,13 @@ from arachne_mlflow.deployments.desired_state import (
     Desired,
     DesiredState,
 )
-from arachne_mlflow.deployments.inventory import resolve_target
+from arachne_mlflow.deployments.results import FAILED, FORGOTTEN, NEVER_HAD, PULLING, UNTOUCHED, DeviceResult
 from arachne_mlflow.deployments.rollout import roll_out
 from arachne_mlflow.deployments.source import RegistryVersion, registry_version, resolve
 from arachne_mlflow.deployments.strategy import Strategy
-from arachne_mlflow.deployments.targets import SCHEME, Device, Settings
+from arachne_mlflow.deployments.targets import SCHEME, Settings, resolve_target
 from arachne_mlflow.errors import ArachneError
+from arachne_mlflow.fleet.device import Device
 
 # Models at least this large get a progress bar when stderr is a terminal (`-C progress=...` decides otherwise).
 PROGRESS_MIN_BYTES = 1 << 20
