@@ -39,8 +39,7 @@ def device_predictor(
     """A callable that runs model `name` on the one device `target` names (`-C`-style `config`:
     token, tls, timeouts). It returns the output `output` (default: the first), or, with `classes`,
     its argmax over the last axis (a classifier's labels)."""
-    from arachne_mlflow.deployments.inventory import resolve_target
-    from arachne_mlflow.deployments.targets import settings
+    from arachne_mlflow.deployments.targets import resolve_target, settings
 
     chosen = settings(config)
     devices = resolve_target(target, chosen.fleet)

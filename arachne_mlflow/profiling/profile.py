@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arachne_mlflow.deployments.converge import on_devices
-from arachne_mlflow.deployments.inventory import resolve_target
 from arachne_mlflow.deployments.source import ModelSource, resolve
-from arachne_mlflow.deployments.targets import Device, Settings, settings
+from arachne_mlflow.deployments.targets import Device, Settings, resolve_target, settings
 from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.model.device_kind import DeviceKind, device_kind
 from arachne_mlflow.model.directory import ArachneModel
