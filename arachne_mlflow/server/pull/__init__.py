@@ -1,0 +1,1 @@
+"""Pull mode (`serve --follow`): the device keeps a served model at the version a registry alias names."""
