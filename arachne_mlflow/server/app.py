@@ -33,7 +33,7 @@ from arachne_mlflow.server.records import MAX_PROVENANCE_BYTES, check_provenance
 from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
 
 if TYPE_CHECKING:
-    from arachne_mlflow.server.follow import FollowConfig
+    from arachne_mlflow.server.pull.follow import FollowConfig
     from arachne_mlflow.server.grpc_service import ConnectionLimits
 
 _logger = logging.getLogger(__name__)

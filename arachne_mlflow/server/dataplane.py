@@ -46,7 +46,7 @@ from arachne_mlflow.server.probe import known_tvm_devices, list_tvm_devices_in_b
 from arachne_mlflow.server.store import LoadedModel, ModelStore
 
 if TYPE_CHECKING:
-    from arachne_mlflow.server.follow import FollowConfig, Follower
+    from arachne_mlflow.server.pull.follow import FollowConfig, Follower
 
 _logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -137,7 +137,7 @@ class Dataplane:
             if entry["state"] == "READY":
                 self.metrics.load_seconds.labels(entry["name"]).set(self.store.get(entry["name"]).load_seconds)
         if self._follow is not None:
-            from arachne_mlflow.server.follow import start_followers
+            from arachne_mlflow.server.pull.follow import start_followers
 
             self.followers = start_followers(self._follow, self.store, self.metrics)
         self.ready = True

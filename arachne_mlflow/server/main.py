@@ -196,8 +196,8 @@ def _follow_config(args: argparse.Namespace):
     if not args.follow:
         return None
     try:
-        from arachne_mlflow.server.follow import FollowConfig, parse_follows
-        from arachne_mlflow.server.registry_client import RegistryClient
+        from arachne_mlflow.server.pull.follow import FollowConfig, parse_follows
+        from arachne_mlflow.server.pull.registry_client import RegistryClient
     except ModuleNotFoundError as err:
         if err.name != "requests":
             raise

@@ -277,7 +277,7 @@ def _main(paths: list[str]) -> None:
 
 def _smoke_report(module, model) -> dict:
     """The report of `module`'s smoke inference (in a child, after it loaded)."""
-    from arachne_mlflow.server.smoke import run_smoke
+    from arachne_mlflow.server.pull.smoke import run_smoke
 
     try:
         run_smoke(module, model)

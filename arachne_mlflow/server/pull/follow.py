@@ -54,8 +54,8 @@ from arachne_mlflow.model.directory import ENVIRONMENT_FILES, MLMODEL, read_mode
 from arachne_mlflow.protocol import device_state
 from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.metrics import Metrics
-from arachne_mlflow.server.registry_client import ModelRef, ModelVersion, RegistryClient
-from arachne_mlflow.server.smoke import MAX_EXAMPLE_BYTES, smoke_check
+from arachne_mlflow.server.pull.registry_client import ModelRef, ModelVersion, RegistryClient
+from arachne_mlflow.server.pull.smoke import MAX_EXAMPLE_BYTES, smoke_check
 from arachne_mlflow.server.store import ModelStore, read_checked
 
 _logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ signature): a model that loads but cannot answer, answers outside its signature,
 library while answering, is refused while the old version keeps serving. The child's last error
 line becomes the refusal's message.
 
-    python -m arachne_mlflow.server.smoke MODEL_DIR [EXAMPLE_JSON]    # exit 0 answered, 1 failed
+    python -m arachne_mlflow.server.pull.smoke MODEL_DIR [EXAMPLE_JSON]    # exit 0 answered, 1 failed
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _MAX_MESSAGE = 1000
 
 def smoke_check(path: Path, name: str, example: Path | None = None, timeout: float = PROBE_TIMEOUT) -> None:
     """Raise `InvalidInputError` unless the model at `path` loads and answers one inference in a child process."""
-    command = [sys.executable, "-m", "arachne_mlflow.server.smoke", str(path)]
+    command = [sys.executable, "-m", "arachne_mlflow.server.pull.smoke", str(path)]
     if example is not None:
         command.append(str(example))
     try:
