@@ -9,6 +9,10 @@ import os
 import resource
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from arachne_mlflow.server.settings import ServerSettings
 
 _logger = logging.getLogger("arachne_mlflow.server")
 
@@ -135,7 +139,6 @@ def serve(args: argparse.Namespace) -> int:
 
     from arachne_mlflow.errors import ArachneError
     from arachne_mlflow.server.app import create_app
-    from arachne_mlflow.server.batching import BatchingPolicy
     from arachne_mlflow.server.http_limits import head_limited_protocol
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
@@ -150,23 +153,7 @@ def serve(args: argparse.Namespace) -> int:
             args.host,
         )
     try:
-        batching = BatchingPolicy.from_flags(args.batching)
-        app = create_app(
-            str(Path(args.model_store).expanduser()),
-            token=args.token,
-            max_upload_bytes=args.max_upload_mb * 1024**2,
-            max_request_bytes=args.max_request_mb * 1024**2,
-            max_json_bytes=args.max_json_mb * 1024**2,
-            max_workers=args.workers,
-            benchmark_seconds=args.benchmark_seconds,
-            batching=batching,
-            grpc_port=args.grpc_port,
-            grpc_host=args.host,
-            grpc_tls=(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None,
-            grpc_grace=args.graceful_timeout,
-            grpc_limits=_grpc_limits(args),
-            follow=_follow_config(args),
-        )
+        app = create_app(settings_from_args(args))
     except ArachneError as err:
         raise SystemExit(f"arachne-mlflow serve: error: {err}") from err
     uvicorn.run(
@@ -189,6 +176,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m arachne_mlflow.server", description=__doc__)
     add_arguments(parser)
     return serve(parser.parse_args(argv))
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The server's settings, once, from its flags (whose defaults read the environment)."""
+    from arachne_mlflow.server.batching import BatchingPolicy
+    from arachne_mlflow.server.settings import ServerSettings
+
+    return ServerSettings(
+        str(Path(args.model_store).expanduser()),
+        token=args.token,
+        max_upload_bytes=args.max_upload_mb * 1024**2,
+        max_request_bytes=args.max_request_mb * 1024**2,
+        max_json_bytes=args.max_json_mb * 1024**2,
+        max_workers=args.workers,
+        benchmark_seconds=args.benchmark_seconds,
+        batching=BatchingPolicy.from_flags(args.batching),
+        grpc_port=args.grpc_port,
+        grpc_host=args.host,
+        grpc_tls=(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None,
+        grpc_grace=args.graceful_timeout,
+        grpc_limits=_grpc_limits(args),
+        follow=_follow_config(args),
+    )
 
 
 def _follow_config(args: argparse.Namespace):
