@@ -32,7 +32,8 @@ from arachne_mlflow.model.directory import read_model_dir
 from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.server.app import create_app
 from arachne_mlflow.server.metrics import Metrics
-from arachne_mlflow.server.pull.follow import FollowConfig, Follower, check_artifact_path, parse_follows
+from arachne_mlflow.server.pull.download import check_artifact_path
+from arachne_mlflow.server.pull.follow import FollowConfig, Follower, parse_follows
 from arachne_mlflow.server.pull.registry_client import ModelRef, RegistryClient, session_from_env
 from arachne_mlflow.server.pull.smoke import smoke_inputs
 from arachne_mlflow.server.store import ModelStore
