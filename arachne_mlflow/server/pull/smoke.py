@@ -1,6 +1,6 @@
 """A smoke test in a child process: load a model and run one inference before a device switches to it.
 
-A device that follows a registry (server/follow.py) installs versions nobody checked on that
+A device that follows a registry (server/pull/follow.py) installs versions nobody checked on that
 device. Before `ModelStore.put` swaps one in, a short-lived child loads it and runs one inference
 under the smoke policy the push side's health gate applies too (model/smoke_policy.py: MLflow's
 saved input example where it fits, else generated inputs; the outputs checked against the
