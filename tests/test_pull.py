@@ -31,10 +31,11 @@ from arachne_mlflow.model.digest import files_digest
 from arachne_mlflow.model.directory import read_model_dir
 from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.server.app import create_app
-from arachne_mlflow.server.follow import FollowConfig, Follower, check_artifact_path, parse_follows
 from arachne_mlflow.server.metrics import Metrics
-from arachne_mlflow.server.registry_client import ModelRef, RegistryClient, session_from_env
-from arachne_mlflow.server.smoke import smoke_inputs
+from arachne_mlflow.server.pull.download import check_artifact_path
+from arachne_mlflow.server.pull.follow import FollowConfig, Follower, parse_follows
+from arachne_mlflow.server.pull.registry_client import ModelRef, RegistryClient, session_from_env
+from arachne_mlflow.server.pull.smoke import smoke_inputs
 from arachne_mlflow.server.store import ModelStore
 from tests.helpers import models
 from tests.helpers.mlflow_server import ADMIN, MlflowServer
@@ -514,7 +515,7 @@ def test_a_following_device_never_imports_mlflow(mlflow_server, pull_models, tmp
         modules = json.loads(_wait(lambda: (out / "modules.json").is_file() and (out / "modules.json").read_text()))
     finally:
         device.stop()
-    assert "arachne_mlflow.server.follow" in modules and "requests" in modules  # the follower ran here
+    assert "arachne_mlflow.server.pull.follow" in modules and "requests" in modules  # the follower ran here
     assert [m for m in modules if m == "mlflow" or m.startswith("mlflow.")] == []
 
 

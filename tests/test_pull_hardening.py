@@ -19,9 +19,9 @@ import requests
 
 from arachne_mlflow.errors import RegistryUnavailableError
 from arachne_mlflow.protocol import device_state
-from arachne_mlflow.server.follow import Follower
 from arachne_mlflow.server.metrics import Metrics
-from arachne_mlflow.server.registry_client import ModelRef, RegistryClient
+from arachne_mlflow.server.pull.follow import Follower
+from arachne_mlflow.server.pull.registry_client import ModelRef, RegistryClient
 from arachne_mlflow.server.store import ModelStore
 from tests.helpers import models
 from tests.helpers.hostile_registry import HostileRegistry

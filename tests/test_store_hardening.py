@@ -272,7 +272,7 @@ def test_the_gate_and_the_pull_smoke_test_choose_the_same_inputs(tmp_path):
     from arachne_mlflow.flavors import onnx as arachne_onnx
     from arachne_mlflow.model.directory import read_model_dir
     from arachne_mlflow.model.smoke_policy import example_path
-    from arachne_mlflow.server.smoke import smoke_inputs
+    from arachne_mlflow.server.pull.smoke import smoke_inputs
 
     cases = [(models.onnx_linear("N"), np.array([[1.5, -2.0, 0.25, 4.0]])), (models.onnx_linear("N"), None)]
     cases.append((models.onnx_lookup(), None))  # integer indices: zeros on both paths

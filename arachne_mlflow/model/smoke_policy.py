@@ -2,7 +2,7 @@
 
 Two paths test a model by running it once before it counts as deployed: the push side's health
 gate (deployments/gate.py, over the network) and a pulling device's child process
-(server/smoke.py). Both take their inputs and checks from here, so a model gets the same verdict
+(server/pull/smoke.py). Both take their inputs and checks from here, so a model gets the same verdict
 on both: MLflow's saved input example when it fits the model's inputs (numbers cast within their
 kind), else generated inputs of the specs (zeros for integers, which are often indices and zero
 is valid for any table; random floats and booleans; empty strings); the answer must have the

@@ -14,8 +14,7 @@ import errno
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,58 +25,38 @@ from starlette.types import ASGIApp
 
 from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.server.auth import HOW_TO_AUTHENTICATE, bearer_matches
-from arachne_mlflow.server.batching import BatchingPolicy
-from arachne_mlflow.server.dataplane import DEFAULT_BENCHMARK_SECONDS, Dataplane
+from arachne_mlflow.server.dataplane import Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.records import MAX_PROVENANCE_BYTES, check_provenance
-from arachne_mlflow.server.store import DEFAULT_MAX_UPLOAD_BYTES, ModelStore
-
-if TYPE_CHECKING:
-    from arachne_mlflow.server.follow import FollowConfig
-    from arachne_mlflow.server.grpc_service import ConnectionLimits
+from arachne_mlflow.server.settings import ServerSettings
+from arachne_mlflow.server.store import ModelStore
 
 _logger = logging.getLogger(__name__)
 
 PROVENANCE_HEADER = "Arachne-Provenance"
-DEFAULT_MAX_REQUEST_BYTES = 1024**3
-DEFAULT_MAX_JSON_BYTES = 64 * 1024**2
 _PUBLIC_PREFIX = "/v2/health/"
 # Running out of file descriptors (connections, uploads) is the server being full, not broken.
 _EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 T = TypeVar("T")
 
 
-def create_app(
-    model_store: str,
-    token: str | None = None,
-    max_upload_bytes: int | None = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    max_workers: int | None = None,
-    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
-    benchmark_seconds: float = DEFAULT_BENCHMARK_SECONDS,
-    batching: BatchingPolicy | None = None,
-    grpc_port: int | None = None,
-    grpc_host: str = "127.0.0.1",
-    grpc_tls: tuple[str, str] | None = None,
-    grpc_grace: float = 5.0,
-    follow: FollowConfig | None = None,
-    grpc_limits: ConnectionLimits | None = None,
-) -> ASGIApp:
-    """The device server application over the model store directory `model_store`.
+def create_app(settings: ServerSettings | str, **options: Any) -> ASGIApp:
+    """The device server application with `settings` (server/settings.py), or over the model store
+    directory `settings` with `options` as the other settings' values.
 
     Layers, outermost first: bearer auth (with a token), `InferRoute` (the infer paths), Starlette.
-    `batching` says which models batch their requests (`--batching`; default: those whose MLmodel asks).
-    With `grpc_port` (0: any free port, then in `app.state.grpc_port`), the gRPC service runs
-    beside it on the same event loop, started and stopped by the lifespan; `grpc_tls` is
-    (certificate file, key file), `grpc_grace` the seconds calls may take to finish at shut-down,
-    `grpc_limits` its `ConnectionLimits` (server/grpc_service.py).
-    With `follow`, models follow registry aliases from start-up to shut-down (server/follow.py).
+    The lifespan starts and stops the dataplane and, with `grpc_port`, the gRPC service beside it
+    on the same event loop.
     """
-    store = ModelStore(model_store, max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES, batching)
-    max_json_bytes = min(max_json_bytes, max_request_bytes)  # (a JSON body is a request body too)
-    dataplane = Dataplane(store, max_workers, follow, benchmark_seconds)
-    routes = _Routes(dataplane, max_json_bytes)
-    if grpc_port is not None:
+    if not isinstance(settings, ServerSettings):
+        settings = ServerSettings(str(settings), **options)
+    elif options:
+        raise TypeError("create_app takes ServerSettings or a store directory with options, not both")
+    # (the batching policy is serving's: the store asks it at each load, the dataplane reads what it decided)
+    store = ModelStore(settings.model_store, settings.max_upload_bytes, serving=settings.batching.settings_for)
+    dataplane = Dataplane(store, settings)
+    routes = _Routes(dataplane, settings.max_json_bytes)
+    if settings.grpc_port is not None:
         from arachne_mlflow.server.grpc_service import GrpcServer  # the grpc extra, checked now
 
     @contextlib.asynccontextmanager
@@ -85,16 +64,13 @@ def create_app(
         await dataplane.start()
         grpc_server = None
         try:
-            if grpc_port is not None:
-                tls = None if grpc_tls is None else (Path(grpc_tls[0]).read_bytes(), Path(grpc_tls[1]).read_bytes())
-                grpc_server = await GrpcServer.start(
-                    dataplane, grpc_host, grpc_port, token, max_request_bytes, tls, grpc_limits
-                )
+            if settings.grpc_port is not None:
+                grpc_server = await GrpcServer.from_settings(dataplane, settings)
                 app.state.grpc_port = grpc_server.port
             yield
         finally:
             if grpc_server is not None:
-                await grpc_server.stop(grpc_grace)
+                await grpc_server.stop(settings.grpc_grace)
             await dataplane.close()
 
     app = Starlette(
@@ -107,8 +83,8 @@ def create_app(
         },
     )
     app.state.dataplane = dataplane
-    front = InferRoute(app, dataplane, max_request_bytes, max_json_bytes, routes.error_response)
-    return _BearerAuth(front, token, dataplane) if token else front
+    front = InferRoute(app, dataplane, settings.max_request_bytes, settings.max_json_bytes, routes.error_response)
+    return _BearerAuth(front, settings.token, dataplane) if settings.token else front
 
 
 class _Routes:
@@ -116,6 +92,7 @@ class _Routes:
 
     def __init__(self, dataplane: Dataplane, max_json_bytes: int):
         self.dp = dataplane
+        self.repo = dataplane.repository
         self.max_json_bytes = max_json_bytes  # the routes here take small JSON bodies (infer is InferRoute's)
 
     def table(self) -> list[Route]:
@@ -171,29 +148,29 @@ class _Routes:
 
     async def index(self, request: Request) -> Response:
         options = await self._json(request)
-        return JSONResponse(self.dp.index(ready_only=bool(options.get("ready"))))
+        return JSONResponse(self.repo.index(ready_only=bool(options.get("ready"))))
 
     async def load(self, request: Request) -> Response:
         parameters = (await self._json(request)).get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidInputError("'parameters' must be an object")
-        self.dp.check_load_parameters(parameters)
-        await self.dp.load(request.path_params["model"])
+        self.repo.check_load_parameters(parameters)
+        await self.repo.load(request.path_params["model"])
         return JSONResponse({})
 
     async def unload(self, request: Request) -> Response:
-        await self.dp.unload(request.path_params["model"])
+        await self.repo.unload(request.path_params["model"])
         return JSONResponse({})
 
     # -- extensions ------------------------------------------------------------------------
     async def model_record(self, request: Request) -> Response:
-        return JSONResponse(self.dp.record(request.path_params["model"]))
+        return JSONResponse(self.repo.record(request.path_params["model"]))
 
     async def upload(self, request: Request) -> Response:
         body = _Body(request)
         try:
             provenance = _parse_provenance(request.headers.get(PROVENANCE_HEADER))
-            response = JSONResponse(await self.dp.upload(request.path_params["model"], body.chunks(), provenance))
+            response = JSONResponse(await self.repo.upload(request.path_params["model"], body.chunks(), provenance))
         except Exception as err:  # noqa: BLE001 (answered as every error is; then the connection is closed)
             response = await self.error_response(request, err)
         if not body.complete:  # a refused upload is not read further: answer at once, then hang up
@@ -201,10 +178,10 @@ class _Routes:
         return response
 
     async def rollback(self, request: Request) -> Response:
-        return JSONResponse(await self.dp.rollback(request.path_params["model"]))
+        return JSONResponse(await self.repo.rollback(request.path_params["model"]))
 
     async def delete(self, request: Request) -> Response:
-        await self.dp.delete(request.path_params["model"])
+        await self.repo.delete(request.path_params["model"])
         return JSONResponse({})
 
     async def benchmark(self, request: Request) -> Response:

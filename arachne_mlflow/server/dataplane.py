@@ -1,8 +1,10 @@
-"""The protocol-independent core of the device server: what each route asks, answered with plain data.
+"""The protocol-independent core of the device server: inference and metadata, answered with plain data.
 
 Routes (REST and gRPC) hand messages and names in; the dataplane decodes them with the
 protocol's codec, runs blocking work (decoding, inference, loading, extraction) in one thread
-pool through `run_blocking`, and returns the protocol's answer or plain dicts. Models that are
+pool through `run_blocking`, and returns the protocol's answer or plain dicts. What the store
+holds and how that changes (index, upload, rollback, the followers) is its `repository`
+(server/repository.py), which runs in the same pool. Models that are
 not thread-safe are locked by their own RuntimeModule, so a slow model never holds up another.
 A model with batching settings has its requests checked here, then merged with others by its
 `Batcher` (server/batching.py).
@@ -12,28 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
-import io
 import logging
 import platform
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from arachne_mlflow import __version__
-from arachne_mlflow.errors import (
-    ArachneError,
-    ConflictError,
-    InvalidInputError,
-    ModelNotFoundError,
-    ModelNotReadyError,
-    UnsafeArchiveError,
-)
+from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from arachne_mlflow.model.arch import machine_arch
 from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.protocol import codec
@@ -42,11 +35,10 @@ from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
 from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStats
 from arachne_mlflow.server.metrics import Metrics, ModelSeries, RequestTimes, StoreCollector
-from arachne_mlflow.server.probe import known_tvm_devices, list_tvm_devices_in_background
+from arachne_mlflow.server.probe import known_tvm_devices
+from arachne_mlflow.server.repository import Repository
+from arachne_mlflow.server.settings import ServerSettings
 from arachne_mlflow.server.store import LoadedModel, ModelStore
-
-if TYPE_CHECKING:
-    from arachne_mlflow.server.follow import FollowConfig, Follower
 
 _logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,88 +63,59 @@ _LIBRARIES = {
     "tvm": ("apache-tvm", "tvm"),
 }
 _BENCHMARK_LIMITS = {"warmup": (0, 1000), "repeat": (1, 10_000), "number": (1, 1000)}
-# An upload holds a worker thread while its body streams in: cap them so inference keeps threads.
-MAX_CONCURRENT_UPLOADS = 2
-# Seconds an upload may go without sending a byte before it is abandoned (frees its thread).
-UPLOAD_IDLE_TIMEOUT = 120.0
 # A request whose model answers faster than this (recent average) runs on the event loop: two
 # thread hand-offs cost more than the inference itself, and block the loop for no longer.
 INLINE_SECONDS = 0.001
 # ... unless its body is larger than this: decoding it alone would hold up every other connection.
 INLINE_MAX_BYTES = 64 * 1024
-DEFAULT_BENCHMARK_SECONDS = 30.0
-# Seconds a follower may take to notice the server stops (a registry request ends at once; a smoke test or an
-# install in progress runs to its end).
-FOLLOWER_STOP_SECONDS = 5.0
-# Seconds start-up waits for the stored models before the server answers; the rest load in the
-# background (/v2/health/ready says 503 until they have), so a model whose load hangs holds up
-# neither the health checks nor a SIGTERM.
-STARTUP_WAIT_SECONDS = 5.0
 
 
 class Dataplane:
-    """Inference, metadata and repository operations over a `ModelStore`."""
+    """Inference and metadata over a `ModelStore`; its `repository` holds the repository operations.
 
-    def __init__(
-        self,
-        store: ModelStore,
-        max_workers: int | None = None,
-        follow: FollowConfig | None = None,
-        benchmark_seconds: float = DEFAULT_BENCHMARK_SECONDS,
-    ):
+    `settings` give the thread pool's size, the benchmarks' time limit, the batching policy (which
+    the store asks at each load: pass the store the same `settings.batching.settings_for`) and
+    what pull mode follows.
+    """
+
+    def __init__(self, store: ModelStore, settings: ServerSettings | None = None):
+        settings = settings or ServerSettings(str(store.root))
         self.store = store
+        self.settings = settings
+        self.batching_policy = settings.batching
         self.metrics = Metrics()
         self.batch_stats: dict[str, BatchStats] = {}
         self.metrics.registry.register(BatchingCollector(self.batch_stats))
         self.metrics.registry.register(StoreCollector(store))
-        self.ready = False
-        self.benchmark_seconds = benchmark_seconds
-        self.followers: dict[str, Follower] = {}
-        self._follow = follow
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="arachne-dataplane")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            settings.max_workers, thread_name_prefix="arachne-dataplane"
+        )
         # Benchmarks run one at a time on a thread of their own: they never take the inference pool.
         self._benchmarks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arachne-benchmark")
-        self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
-        self._starting: asyncio.Task | None = None
+        self.repository = Repository(store, self.metrics, self.run_blocking, settings.follow, self._forget)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """The one way blocking work leaves the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
+    @property
+    def ready(self) -> bool:
+        """Whether start-up has loaded the stored models (`/v2/health/ready`)."""
+        return self.repository.ready
+
     async def start(self) -> None:
-        """List the stored models, then load them, waiting at most `STARTUP_WAIT_SECONDS` for that."""
-        found = await self.run_blocking(self.store.scan)
-        self._starting = asyncio.create_task(self._load_stored(found))
-        await asyncio.wait({self._starting}, timeout=STARTUP_WAIT_SECONDS)
-
-    async def _load_stored(self, found: Any) -> None:
-        try:
-            await self.run_blocking(self.store.load_stored, found)
-        except Exception:  # the server stays up, not ready, and says why in its log
-            _logger.exception("the stored models could not be loaded")
-            return
-        list_tvm_devices_in_background()  # for `GET /v2`, unless start-up probed a TVM model
-        for entry in self.store.index():
-            if entry["state"] == "READY":
-                self.metrics.load_seconds.labels(entry["name"]).set(self.store.get(entry["name"]).load_seconds)
-        if self._follow is not None:
-            from arachne_mlflow.server.follow import start_followers
-
-            self.followers = start_followers(self._follow, self.store, self.metrics)
-        self.ready = True
+        await self.repository.start()
 
     async def close(self) -> None:
-        self.ready = False
-        if self._starting is not None:
-            self._starting.cancel()  # no followers start now; `store.close` stops the probes under way
-        for follower in self.followers.values():
-            follower.stop()
-        for follower in self.followers.values():
-            await self.run_blocking(follower.join, FOLLOWER_STOP_SECONDS)
-        await self.run_blocking(self.store.close)
+        await self.repository.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._benchmarks.shutdown(wait=False, cancel_futures=True)
+
+    def _forget(self, name: str) -> None:
+        """A deleted model's statistics go with it."""
+        self.metrics.forget(name)
+        self.batch_stats.pop(name, None)
 
     # -- metadata --------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
@@ -167,7 +130,7 @@ class Dataplane:
         }
 
     def model_metadata(self, name: str) -> dict[str, Any]:
-        self._check_installed(name)
+        self.repository.check_installed(name)
         record, inputs, outputs = self.store.spec(name)
         batches = self.batching(name) is not None
         return {
@@ -210,13 +173,13 @@ class Dataplane:
         }
         if batching is not None:
             config.update(batching.to_config())  # max_batch_size and dynamic_batching
-        elif skipped := self.store.batching.skipped.get(name):
+        elif skipped := self.batching_policy.skipped.get(name):
             config["parameters"] = {"arachne.batching": {"string_value": f"--batching does not apply: {skipped}"}}
         return config
 
     def statistics(self, name: str | None = None) -> dict[str, Any]:
         """Triton's inference statistics of one model, or of every loaded model."""
-        names = [name] if name else [entry["name"] for entry in self.index(ready_only=True)]
+        names = [name] if name else [entry["name"] for entry in self.repository.index(ready_only=True)]
         result = []
         for model in names:
             version = str(self.store.record(model)["revision"])
@@ -229,7 +192,7 @@ class Dataplane:
         _check_version(name, version, str(self.store.record(name)["revision"]))
 
     def model_ready(self, name: str) -> dict[str, Any]:
-        self._check_installed(name)
+        self.repository.check_installed(name)
         self.store.get(name)
         return {"name": name, "ready": True}
 
@@ -256,7 +219,7 @@ class Dataplane:
         times = RequestTimes(time.perf_counter_ns())
         series = self.metrics.models.get(name)
         if series is None:
-            self._check_installed(name)
+            self.repository.check_installed(name)
             self.store.get(name)  # unknown or unloaded models fail here, before they have a series
             series = self.metrics.models.setdefault(name, ModelSeries())
         loaded = None
@@ -353,7 +316,7 @@ class Dataplane:
                 module = loaded.module
                 if type(module).benchmark is not RuntimeModule.benchmark:  # a plugin's own: bounded by the counts
                     return module.benchmark(**kwargs)
-                return module.benchmark(**kwargs, max_seconds=self.benchmark_seconds, stop=stop)
+                return module.benchmark(**kwargs, max_seconds=self.settings.benchmark_seconds, stop=stop)
 
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._benchmarks, run)
@@ -361,153 +324,6 @@ class Dataplane:
             stop.set()  # one that has not started is dropped; a running one ends after its current repeat
             raise
         return {"name": name, **result}
-
-    # -- repository ------------------------------------------------------------------------
-    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        """The stored models, and followed models still waiting for their first version (UNAVAILABLE)."""
-        entries = self.store.index()
-        stored = {e["name"] for e in entries}
-        for name, follower in sorted(self.followers.items()):
-            if name not in stored:
-                entries.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": _waiting(follower)})
-        return [e for e in entries if e["state"] == "READY"] if ready_only else entries
-
-    def record(self, name: str) -> dict[str, Any]:
-        """The stored record; for a followed model also `follow`: what it follows, the version it runs,
-        when it last checked, the last error."""
-        follower = self.followers.get(name)
-        if follower is None:
-            return self.store.record(name)
-        try:
-            record = self.store.record(name)
-        except ModelNotFoundError as err:
-            raise ModelNotFoundError(f"model {name!r} is not on this device yet: {_waiting(follower)}") from err
-        record["follow"] = follower.status()
-        return record
-
-    def _check_installed(self, name: str) -> None:
-        """A followed model before its first install: a 404 that says what it follows and how that goes."""
-        follower = self.followers.get(name)
-        if follower is None:
-            return
-        try:
-            self.store.record(name)
-        except ModelNotFoundError as err:
-            raise ModelNotFoundError(
-                f"model {name!r} is followed on this device and not installed yet (not ready): {_waiting(follower)}"
-            ) from err
-
-    def _refuse_followed(self, name: str, what: str) -> None:
-        follower = self.followers.get(name)
-        if follower is not None:
-            raise ConflictError(
-                f"model {name!r} follows {follower.ref.uri} on this device (serve --follow): it cannot be {what} "
-                "here; move the alias in the registry instead"
-            )
-
-    def check_load_parameters(self, parameters: dict[str, Any]) -> None:
-        """Triton's load may carry a new configuration or model files: refused (upload the model instead)."""
-        for key in parameters:
-            if key == "config" or key.startswith("file:"):
-                raise InvalidInputError(
-                    f"load parameter {key!r} is not supported: a model changes by uploading it "
-                    "(PUT /v2/repository/models/{name}); load only loads the stored model again"
-                )
-
-    async def load(self, name: str) -> None:
-        loaded = await self.run_blocking(self.store.load, name)
-        self.metrics.load_seconds.labels(name).set(loaded.load_seconds)
-
-    async def unload(self, name: str) -> None:
-        await self.run_blocking(self.store.unload, name)
-
-    async def rollback(self, name: str) -> dict[str, Any]:
-        self._refuse_followed(name, "rolled back")
-        record = await self.run_blocking(self.store.rollback, name)
-        with contextlib.suppress(ArachneError):  # unloaded again meanwhile: nothing to record
-            self.metrics.load_seconds.labels(name).set(self.store.get(name).load_seconds)
-        return record
-
-    async def delete(self, name: str) -> None:
-        self._refuse_followed(name, "deleted")
-        await self.run_blocking(self.store.delete, name)
-        self.metrics.forget(name)
-        self.batch_stats.pop(name, None)
-
-    async def upload(
-        self, name: str, chunks: AsyncIterator[bytes], provenance: dict[str, Any] | None
-    ) -> dict[str, Any]:
-        """Extract the tar arriving in `chunks` into the store as it streams in, then load it.
-
-        A refused upload is not read any further (the route closes the connection); an accepted
-        one is read to its end (a tar's trailing padding), up to the upload cap.
-        """
-        reader = _StreamReader(chunks, asyncio.get_running_loop(), self.store.max_upload_bytes)
-        self._refuse_followed(name, "uploaded")
-        async with self._uploads:
-            record = await self.run_blocking(self.store.put, name, io.BufferedReader(reader, 1 << 16), provenance)
-        await reader.drain()
-        with contextlib.suppress(ArachneError):  # unloaded again meanwhile: nothing to record
-            self.metrics.load_seconds.labels(name).set(self.store.get(name).load_seconds)
-        return record
-
-
-class _StreamReader(io.RawIOBase):
-    """A blocking file over an async byte stream: a worker thread reads what the event loop receives."""
-
-    def __init__(self, chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop, max_bytes: int):
-        self._chunks = chunks
-        self._loop = loop
-        self._max_bytes = max_bytes
-        self._pending = b""
-        self._received = 0
-        self._eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending and not self._eof:
-            future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
-            try:
-                chunk = future.result(timeout=UPLOAD_IDLE_TIMEOUT)
-            except concurrent.futures.TimeoutError as err:
-                future.cancel()
-                raise InvalidInputError(f"upload stalled: no data for {UPLOAD_IDLE_TIMEOUT:.0f} s") from err
-            self._count(chunk)
-            self._pending = chunk
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        return size
-
-    async def drain(self) -> None:
-        """Read the rest of the body, up to the cap (beyond it, the route closes the connection unread)."""
-        with contextlib.suppress(ArachneError, asyncio.TimeoutError):
-            while not self._eof:
-                self._count(await asyncio.wait_for(self._next(), UPLOAD_IDLE_TIMEOUT))
-
-    def _count(self, chunk: bytes) -> None:
-        self._received += len(chunk)
-        self._eof = not chunk
-        if self._received > self._max_bytes:
-            raise UnsafeArchiveError(f"upload exceeds the limit of {self._max_bytes} bytes")
-
-    async def _next(self) -> bytes:
-        try:
-            return await self._chunks.__anext__()
-        except StopAsyncIteration:
-            return b""
-
-
-def _waiting(follower: Follower) -> str:
-    status = follower.status()
-    text = f"it follows {status['model_uri']} ({status['state']}"
-    if status["last_check"]:
-        text += f", last checked {status['last_check']}"
-    if status["last_error"]:
-        text += f"; last error: {status['last_error']}"
-    return text + ")"
 
 
 def _ordered_inputs(names: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

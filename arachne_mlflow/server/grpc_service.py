@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from arachne_mlflow.errors import (
@@ -38,6 +39,7 @@ except ImportError as err:  # pragma: no cover (CI installs the extra)
 
 from arachne_mlflow.server.auth import HOW_TO_AUTHENTICATE, bearer_matches
 from arachne_mlflow.server.dataplane import Dataplane
+from arachne_mlflow.server.settings import ServerSettings
 
 _logger = logging.getLogger(__name__)
 
@@ -125,17 +127,17 @@ class InferenceServicer:
 
     # -- repository --------------------------------------------------------------------------
     async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
-        return _message({"models": self.dp.index(ready_only=request.ready)}, pb.RepositoryIndexResponse())
+        return _message({"models": self.dp.repository.index(ready_only=request.ready)}, pb.RepositoryIndexResponse())
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> pb.RepositoryModelLoadResponse:
         name = request.model_name or request.repository_name  # KServe's client sends the name in field 1
-        self.dp.check_load_parameters(dict(request.parameters))
-        await self.dp.load(name)
+        self.dp.repository.check_load_parameters(dict(request.parameters))
+        await self.dp.repository.load(name)
         return pb.RepositoryModelLoadResponse(model_name=name, isLoaded=True)
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> pb.RepositoryModelUnloadResponse:
         name = request.model_name or request.repository_name
-        await self.dp.unload(name)
+        await self.dp.repository.unload(name)
         return pb.RepositoryModelUnloadResponse(model_name=name, isUnloaded=True)
 
     def _check_version(self, name: str, version: str) -> None:
@@ -168,6 +170,22 @@ class GrpcServer:
     def __init__(self, server: Any, port: int):
         self._server = server
         self.port = port
+
+    @classmethod
+    async def from_settings(cls, dataplane: Dataplane, settings: ServerSettings) -> GrpcServer:
+        """Serve with the server's settings: its `grpc_*` ones, its token and its request cap."""
+        tls = None
+        if settings.grpc_tls is not None:
+            tls = (Path(settings.grpc_tls[0]).read_bytes(), Path(settings.grpc_tls[1]).read_bytes())
+        return await cls.start(
+            dataplane,
+            settings.grpc_host,
+            settings.grpc_port or 0,
+            settings.token,
+            settings.max_request_bytes,
+            tls,
+            settings.grpc_limits,
+        )
 
     @classmethod
     async def start(

@@ -9,6 +9,10 @@ import os
 import resource
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from arachne_mlflow.server.settings import ServerSettings
 
 _logger = logging.getLogger("arachne_mlflow.server")
 
@@ -135,7 +139,6 @@ def serve(args: argparse.Namespace) -> int:
 
     from arachne_mlflow.errors import ArachneError
     from arachne_mlflow.server.app import create_app
-    from arachne_mlflow.server.batching import BatchingPolicy
     from arachne_mlflow.server.http_limits import head_limited_protocol
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
@@ -150,23 +153,7 @@ def serve(args: argparse.Namespace) -> int:
             args.host,
         )
     try:
-        batching = BatchingPolicy.from_flags(args.batching)
-        app = create_app(
-            str(Path(args.model_store).expanduser()),
-            token=args.token,
-            max_upload_bytes=args.max_upload_mb * 1024**2,
-            max_request_bytes=args.max_request_mb * 1024**2,
-            max_json_bytes=args.max_json_mb * 1024**2,
-            max_workers=args.workers,
-            benchmark_seconds=args.benchmark_seconds,
-            batching=batching,
-            grpc_port=args.grpc_port,
-            grpc_host=args.host,
-            grpc_tls=(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None,
-            grpc_grace=args.graceful_timeout,
-            grpc_limits=_grpc_limits(args),
-            follow=_follow_config(args),
-        )
+        app = create_app(settings_from_args(args))
     except ArachneError as err:
         raise SystemExit(f"arachne-mlflow serve: error: {err}") from err
     uvicorn.run(
@@ -191,13 +178,36 @@ def main(argv: list[str] | None = None) -> int:
     return serve(parser.parse_args(argv))
 
 
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The server's settings, once, from its flags (whose defaults read the environment)."""
+    from arachne_mlflow.server.batching import BatchingPolicy
+    from arachne_mlflow.server.settings import ServerSettings
+
+    return ServerSettings(
+        str(Path(args.model_store).expanduser()),
+        token=args.token,
+        max_upload_bytes=args.max_upload_mb * 1024**2,
+        max_request_bytes=args.max_request_mb * 1024**2,
+        max_json_bytes=args.max_json_mb * 1024**2,
+        max_workers=args.workers,
+        benchmark_seconds=args.benchmark_seconds,
+        batching=BatchingPolicy.from_flags(args.batching),
+        grpc_port=args.grpc_port,
+        grpc_host=args.host,
+        grpc_tls=(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None,
+        grpc_grace=args.graceful_timeout,
+        grpc_limits=_grpc_limits(args),
+        follow=_follow_config(args),
+    )
+
+
 def _follow_config(args: argparse.Namespace):
     """The `--follow` flags as a `FollowConfig`, or None (the follow module loads only when asked for)."""
     if not args.follow:
         return None
     try:
-        from arachne_mlflow.server.follow import FollowConfig, parse_follows
-        from arachne_mlflow.server.registry_client import RegistryClient
+        from arachne_mlflow.server.pull.follow import FollowConfig, parse_follows
+        from arachne_mlflow.server.pull.registry_client import RegistryClient
     except ModuleNotFoundError as err:
         if err.name != "requests":
             raise

@@ -8,7 +8,7 @@ into a quarantined model, while the server stays up.
     python -m arachne_mlflow.server.probe [--smoke] MODEL_DIR...    # one JSON report per model on stdout
 
 With `--smoke` (an upload's probe) the child also runs each model's smoke inference, by the smoke
-policy the health gate and pull mode apply (server/smoke.py `run_smoke`): a model that loads but
+policy the health gate and pull mode apply (server/pull/smoke.py `run_smoke`): a model that loads but
 cannot answer, or answers outside its signature, is refused before it replaces anything.
 
 The child loads each model in turn, frees it, and reports success or the error's type and message,
@@ -277,7 +277,7 @@ def _main(paths: list[str]) -> None:
 
 def _smoke_report(module, model) -> dict:
     """The report of `module`'s smoke inference (in a child, after it loaded)."""
-    from arachne_mlflow.server.smoke import run_smoke
+    from arachne_mlflow.server.pull.smoke import run_smoke
 
     try:
         run_smoke(module, model)

@@ -32,21 +32,22 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from arachne_mlflow import runtime
 from arachne_mlflow.errors import ArachneError, ConflictError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from arachne_mlflow.model.archive import safe_extract
 from arachne_mlflow.model.digest import tree_digest
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
+from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.protocol.names import NAME_PATTERN, check_name
 from arachne_mlflow.runtime import RuntimeModule
-from arachne_mlflow.server.batching import Batcher, BatchingPolicy, BatchingSettings
+from arachne_mlflow.server.batching import BatchingPolicy
 from arachne_mlflow.server.probe import probe_load, probe_many
 from arachne_mlflow.server.records import (
     CURRENT,
@@ -59,11 +60,18 @@ from arachne_mlflow.server.records import (
     version_bytes,
     write_record,
 )
+from arachne_mlflow.server.settings import DEFAULT_MAX_UPLOAD_BYTES
+
+if TYPE_CHECKING:
+    from arachne_mlflow.server.batching import Batcher, BatchingSettings
+
+#: What serving makes of a model as it loads (its batching settings, None: none), from its name, its
+#: MLmodel `arachne.batching` block and the loaded module's input and output specs; raises to refuse it.
+ServingCheck = Callable[[str, Any, Sequence[TensorSpec], Sequence[TensorSpec]], Any]
 
 _logger = logging.getLogger(__name__)
 
 MARKER = ".arachne-model-store"
-DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
 # Digests of loaded versions remembered so that they load without a child next time (a bound, not a cache size).
 MAX_PROVEN = 1024
 QUARANTINED = "it is quarantined (not loaded): delete it, upload another version or roll it back"
@@ -73,8 +81,8 @@ STARTING = "the server is starting: it is being loaded"
 class LoadedModel:
     """A loaded runtime module that is freed only when the last inference using it has finished.
 
-    `batching` is how its requests are batched (None: each runs alone); the dataplane makes its
-    `batcher` when the first request comes.
+    `batching` is how serving batches its requests (None: each runs alone: the store's `ServingCheck`
+    said so at the load); the dataplane makes its `batcher` when the first request comes.
     """
 
     def __init__(
@@ -134,15 +142,20 @@ class _Entry:
 
 
 class ModelStore:
-    """Named models kept under `root`, loaded again when the store opens."""
+    """Named models kept under `root`, loaded again when the store opens.
+
+    `serving` is the serving side's say on each model as it loads (server/batching.py's policy, which
+    the dataplane owns): a model it refuses is refused like one that does not load. Without it, only
+    each model's own declaration counts (a store used without a server: tests, `run-local`).
+    """
 
     def __init__(
         self,
         root: str | os.PathLike,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-        batching: BatchingPolicy | None = None,
+        serving: ServingCheck | None = None,
     ):
-        self.batching = batching or BatchingPolicy()
+        self._serving = serving or BatchingPolicy().settings_for
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / MARKER).is_file():
@@ -484,9 +497,7 @@ class ModelStore:
         except Exception as err:  # a DNN library's own error for a corrupt or foreign model file
             raise InvalidInputError(f"model {record['name']!r} cannot be loaded: {err}") from err
         try:
-            batching = self.batching.settings_for(
-                record["name"], model.batching, module.input_specs, module.output_specs
-            )
+            batching = self._serving(record["name"], model.batching, module.input_specs, module.output_specs)
         except ArachneError:
             module.done()
             raise

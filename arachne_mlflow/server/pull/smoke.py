@@ -1,6 +1,6 @@
 """A smoke test in a child process: load a model and run one inference before a device switches to it.
 
-A device that follows a registry (server/follow.py) installs versions nobody checked on that
+A device that follows a registry (server/pull/follow.py) installs versions nobody checked on that
 device. Before `ModelStore.put` swaps one in, a short-lived child loads it and runs one inference
 under the smoke policy the push side's health gate applies too (model/smoke_policy.py: MLflow's
 saved input example where it fits, else generated inputs; the outputs checked against the
@@ -8,7 +8,7 @@ signature): a model that loads but cannot answer, answers outside its signature,
 library while answering, is refused while the old version keeps serving. The child's last error
 line becomes the refusal's message.
 
-    python -m arachne_mlflow.server.smoke MODEL_DIR [EXAMPLE_JSON]    # exit 0 answered, 1 failed
+    python -m arachne_mlflow.server.pull.smoke MODEL_DIR [EXAMPLE_JSON]    # exit 0 answered, 1 failed
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _MAX_MESSAGE = 1000
 
 def smoke_check(path: Path, name: str, example: Path | None = None, timeout: float = PROBE_TIMEOUT) -> None:
     """Raise `InvalidInputError` unless the model at `path` loads and answers one inference in a child process."""
-    command = [sys.executable, "-m", "arachne_mlflow.server.smoke", str(path)]
+    command = [sys.executable, "-m", "arachne_mlflow.server.pull.smoke", str(path)]
     if example is not None:
         command.append(str(example))
     try:

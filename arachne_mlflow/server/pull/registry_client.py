@@ -35,7 +35,7 @@ from arachne_mlflow.errors import (
     UnsafeArchiveError,
 )
 from arachne_mlflow.protocol import bounded_json
-from arachne_mlflow.server.deadline_http import Deadline, GuardedAdapter
+from arachne_mlflow.server.pull.deadline_http import Deadline, GuardedAdapter
 
 API = "/api/2.0/mlflow"
 ARTIFACT_ROUTE = "/model-versions/get-artifact"  # (MLflow serves it without the /api/2.0 prefix)

@@ -5,15 +5,11 @@ tracking server (each wait between half the interval and the interval, so a flee
 in step; backed off while the server is unreachable) and, when the alias names a version the
 device does not run:
 
-1. downloads MLmodel, then only the files it names (model file, extra files, TVM params, the
-   environment files, the input example), each name checked, the total bounded by the store's
-   upload cap; a dropped link leaves a partial file that the next try resumes (HTTP Range);
-2. checks the model as an upload is checked, then loads it in a child process and runs one
-   inference (the saved input example, else random inputs) before anything switches;
-3. installs it through `ModelStore.put`, exactly like an upload (the old version serves until
-   the new one has loaded);
-4. records its state on the model version's tag `arachne.devices.<NAME>` (DESIGN.md "Fleets"),
-   merged with what other devices wrote there, where the credentials may write; else only logs.
+1-3. downloads, verifies and installs it (install.py: the download, an upload's checks, a smoke
+   inference in a child process, then `ModelStore.put` exactly like an upload: the old version
+   serves until the new one has loaded);
+4. records its state on the model version's tag `arachne.devices.<NAME>` (report.py, DESIGN.md
+   "Fleets"), merged with what other devices wrote there, where the credentials may write; else only logs.
 
 A version that fails (names, size, load, smoke inference) is recorded and not tried again until
 the alias names another version. Downloads and state live in `<store>/.follow/<NAME>/`, so a
@@ -23,21 +19,17 @@ restart resumes them. This module speaks REST with `requests`; the device never 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
 import random
-import re
 import shutil
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 from arachne_mlflow import reconcile
@@ -45,19 +37,15 @@ from arachne_mlflow.errors import (
     ArachneError,
     InvalidInputError,
     ModelNotFoundError,
-    RegistryAuthError,
     RegistryError,
     RegistryUnavailableError,
 )
-from arachne_mlflow.model.archive import stream_tar
-from arachne_mlflow.model.digest import tree_files
-from arachne_mlflow.model.directory import ENVIRONMENT_FILES, MLMODEL, read_model_dir
-from arachne_mlflow.protocol import device_state
 from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.metrics import Metrics
-from arachne_mlflow.server.registry_client import ModelRef, ModelVersion, RegistryClient
-from arachne_mlflow.server.smoke import MAX_EXAMPLE_BYTES, smoke_check
-from arachne_mlflow.server.store import ModelStore, read_checked
+from arachne_mlflow.server.pull.install import install_version
+from arachne_mlflow.server.pull.registry_client import ModelRef, ModelVersion, RegistryClient
+from arachne_mlflow.server.pull.report import TagReporter
+from arachne_mlflow.server.store import ModelStore
 
 _logger = logging.getLogger(__name__)
 
@@ -66,10 +54,6 @@ DEFAULT_INTERVAL = 60.0
 BACKOFF_FACTOR_CAP = 10  # an unreachable server is retried at most every 10 intervals...
 BACKOFF_SECONDS_CAP = 3600.0  # ...and at most every hour
 PULL_TIMEOUT = 3600.0  # one try at downloading a version; the next try resumes where it stopped
-MAX_MLMODEL_BYTES = 1024**2
-MAX_FILES = 1000
-REPORT_ATTEMPTS = 3
-_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+ -]{0,254}$")
 
 
 @dataclass
@@ -143,8 +127,7 @@ class Follower:
             interval, jitter=0.5, backoff_cap=BACKOFF_FACTOR_CAP, max_backoff=BACKOFF_SECONDS_CAP
         )
         self._logged_error = ""
-        self._warned_read_only = False
-        self._last_report: tuple | None = None
+        self._tags = TagReporter(name, device, ref.registered_model, registry, self._stop)
         saved = self._load_state()
         self._failed_version: str | None = saved.get("failed_version") if saved.get("model_uri") == ref.uri else None
         self._status: dict[str, Any] = {
@@ -224,7 +207,7 @@ class Follower:
         running = self._running_version()
         if running == mv.version:
             self._set(state="following")
-            self._report(mv, "deployed", revision=self.store.record(self.name)["revision"])
+            self._tags.report(mv, "deployed", revision=self.store.record(self.name)["revision"])
             return False
         if mv.version == self._failed_version:
             self._set(state="failed")
@@ -234,9 +217,11 @@ class Follower:
     def _pull(self, mv: ModelVersion, running: str | None) -> bool:
         _logger.info("follow %s: %s is version %s (running %s): pulling", self.name, self.ref.uri, mv.version, running)
         self._set(state="pulling")
-        self._report(mv, "pulling")
+        self._tags.report(mv, "pulling")
         try:
-            record = self._install(mv)
+            record = install_version(
+                self.name, self.ref, mv, self.store, self.registry, self.directory, self.pull_seconds, self._stop
+            )
         except RegistryUnavailableError as err:
             self._failed("download", f"pulling version {mv.version}: {err} (resumed at the next try)")
             return True
@@ -254,68 +239,10 @@ class Follower:
             self.metrics.load_seconds.labels(self.name).set(self.store.get(self.name).load_seconds)
         _logger.info("follow %s: version %s deployed (revision %s)", self.name, mv.version, record["revision"])
         self._set(state="following")
-        self._report(mv, "deployed", revision=record["revision"])
+        self._tags.report(mv, "deployed", revision=record["revision"])
         if running is not None:
-            self._unreport(running)
+            self._tags.unreport(running)
         return False
-
-    def _install(self, mv: ModelVersion) -> dict[str, Any]:
-        """Download the version's files, check and smoke-test them, then install them through the store."""
-        stage = self.directory / f"v{mv.version}"
-        for other in self.directory.iterdir():
-            if other.is_dir() and other != stage:
-                shutil.rmtree(other, ignore_errors=True)
-        files = self._download(mv, stage)
-        model = read_checked(files)  # an upload's checks (its runtime options...) before a child loads it
-        example = stage / "input_example.json"
-        smoke_check(files, self.name, example if example.is_file() else None)
-        provenance = {
-            "model_uri": self.ref.uri,
-            "registered_model": mv.name,
-            "version": mv.version,
-            "alias": self.ref.alias,
-            "run_id": mv.run_id or model.mlmodel.get("run_id"),
-            "model_id": model.mlmodel.get("model_id") or _logged_model_id(mv.source),
-        }
-        provenance = {k: v for k, v in provenance.items() if v is not None}
-        tar = io.BufferedReader(_ChunkReader(stream_tar(files, tree_files(files))), 1 << 16)
-        record = self.store.put(self.name, tar, provenance)
-        shutil.rmtree(stage, ignore_errors=True)
-        return record
-
-    def _download(self, mv: ModelVersion, stage: Path) -> Path:
-        """MLmodel first, then the files it names, into `stage/files` (the example beside it)."""
-        files, work = stage / "files", stage / "partial"
-        deadline = time.monotonic() + self.pull_seconds
-        left = self.store.max_upload_bytes
-
-        def fetch(path: str, dest: Path, limit: int) -> int:
-            return self.registry.fetch_artifact(
-                mv.name, mv.version, path, dest, work, max_bytes=limit, deadline=deadline, stop=self._stop
-            )
-
-        left -= fetch(MLMODEL, files / MLMODEL, min(MAX_MLMODEL_BYTES, left))
-        model = read_model_dir(files, check_files=False)
-        required = [name for name in dict.fromkeys(model.files()) if name not in (MLMODEL, *ENVIRONMENT_FILES)]
-        optional = [name for name in ENVIRONMENT_FILES if name not in required]
-        if len(required) > MAX_FILES:
-            raise InvalidInputError(f"MLmodel of version {mv.version} names {len(required)} files, over {MAX_FILES}")
-        for name in required + optional:
-            check_artifact_path(name)
-        for name in required:
-            left -= fetch(name, files / name, left)
-        for name in optional:
-            try:
-                left -= fetch(name, files / name, left)
-            except ModelNotFoundError:
-                pass
-        example = _example_path(model.mlmodel)
-        if example is not None:
-            try:
-                fetch(example, stage / "input_example.json", MAX_EXAMPLE_BYTES)
-            except ModelNotFoundError:
-                pass
-        return files
 
     # -- state -----------------------------------------------------------------------------
     def _running_version(self) -> str | None:
@@ -350,7 +277,7 @@ class Follower:
             self.ref.uri,
         )
         shutil.rmtree(self.directory / f"v{mv.version}", ignore_errors=True)
-        self._report(mv, "failed", error=str(err))
+        self._tags.report(mv, "failed", error=str(err))
 
     def _forget_failure(self) -> None:
         self._failed_version = None
@@ -372,117 +299,6 @@ class Follower:
         temporary = self.directory / f".state.{uuid.uuid4().hex[:8]}"
         temporary.write_text(json.dumps(state))
         os.replace(temporary, self.directory / "state.json")
-
-    # -- the registry tag ------------------------------------------------------------------
-    def _report(self, mv: ModelVersion, state: str, revision: int | None = None, error: str | None = None) -> None:
-        """Merge this device's `state` into the version's `arachne.devices.<name>` tag (read-modify-write).
-
-        Other devices write the same tag, so the write is read back and tried again when another
-        one replaced it meanwhile. Credentials that may not write (403) leave the state to the log.
-        """
-        entry = device_state.entry(state, _iso(), revision=revision, error=error)
-        if self._last_report == (mv.version, state, revision, entry.get("error")):
-            return  # tried already (written, or refused as read-only)
-        key = device_state.tag_key(self.name)
-        listed = device_state.parse_tag(mv.tags.get(key)).get(self.device)  # (tags as of the check)
-        if not device_state.same_entry(listed, entry):
-            try:
-                self._write_entry(mv, key, entry)
-            except RegistryAuthError as err:
-                self._read_only(err)
-            except RegistryError as err:
-                _logger.warning("follow %s: could not record %r on version %s: %s", self.name, state, mv.version, err)
-                return  # tried again at the next check
-        self._last_report = (mv.version, state, revision, entry.get("error"))
-
-    def _write_entry(self, mv: ModelVersion, key: str, entry: dict[str, Any]) -> None:
-        """Read the tag, merge `entry` in, write it, read it back; again if another device's write replaced ours."""
-        for attempt in range(REPORT_ATTEMPTS):
-            if attempt:
-                self._stop.wait(self._random.uniform(0.1, 1.0))
-            current = self.registry.get_version(mv.name, mv.version).tags.get(key)
-            self.registry.set_version_tag(
-                mv.name, mv.version, key, device_state.merge_entry(current, self.device, entry)
-            )
-            written = device_state.parse_tag(self.registry.get_version(mv.name, mv.version).tags.get(key))
-            if device_state.same_entry(written.get(self.device), entry):
-                return
-        _logger.warning("follow %s: other devices kept rewriting %s; state not recorded", self.name, key)
-
-    def _unreport(self, version: str) -> None:
-        """Take this device off the tag of the version it ran before (it runs another now)."""
-        key, model = device_state.tag_key(self.name), self.ref.registered_model
-        try:
-            current = self.registry.get_version(model, version).tags.get(key)
-            if self.device not in device_state.parse_tag(current):
-                return
-            value = device_state.drop_entry(current, self.device)
-            if value is not None:
-                self.registry.set_version_tag(model, version, key, value)
-            else:
-                self.registry.delete_version_tag(model, version, key)
-        except RegistryAuthError as err:
-            self._read_only(err)
-        except RegistryError as err:
-            _logger.warning("follow %s: could not update tag %s on version %s: %s", self.name, key, version, err)
-
-    def _read_only(self, err: RegistryAuthError) -> None:
-        if err.status != 403:
-            _logger.warning("follow %s: could not record its state in the registry: %s", self.name, err)
-        elif not self._warned_read_only:
-            _logger.info(
-                "follow %s: the registry credentials may not write tags (403, read-only): this device's state is "
-                "only logged",
-                self.name,
-            )
-            self._warned_read_only = True
-
-
-class _ChunkReader(io.RawIOBase):
-    """A blocking file over an iterator of byte chunks (the tar `stream_tar` makes), for `ModelStore.put`."""
-
-    def __init__(self, chunks: Iterator[bytes]):
-        self._chunks = chunks
-        self._pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            self._pending = chunk
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        return size
-
-
-def check_artifact_path(path: str) -> str:
-    """A file name from a downloaded MLmodel: relative, short, plain characters in every part (an allow-list)."""
-    parts = PurePosixPath(path).parts
-    if not parts or len(path) > 1024 or len(parts) > 16 or not all(_PATH_PART.match(part) for part in parts):
-        raise InvalidInputError(
-            f"MLmodel names the file {path[:200]!r}: a following device takes relative names of letters, digits "
-            "and '_.+ -' only"
-        )
-    return path
-
-
-def _example_path(mlmodel: Mapping[str, Any]) -> str | None:
-    info = mlmodel.get("saved_input_example_info")
-    path = info.get("artifact_path") if isinstance(info, dict) else None
-    if not isinstance(path, str):
-        return None
-    return check_artifact_path(path)
-
-
-def _logged_model_id(source: str | None) -> str | None:
-    if source and source.startswith("models:/m-") and "/" not in source[len("models:/") :]:
-        return source[len("models:/") :]
-    return None
 
 
 def _iso(timestamp: float | None = None) -> str:

@@ -1,0 +1,82 @@
+"""Pull mode's download: a model version's MLmodel, then only the files it names, from the registry.
+
+Every name MLmodel gives is checked against an allow-list before it becomes a path; the total is
+bounded by the store's upload cap and one try by a deadline; a dropped link leaves a partial file
+that the next try resumes (HTTP Range, in `RegistryClient.fetch_artifact`).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
+from arachne_mlflow.model.directory import ENVIRONMENT_FILES, MLMODEL, read_model_dir
+from arachne_mlflow.server.pull.registry_client import ModelVersion, RegistryClient
+from arachne_mlflow.server.pull.smoke import MAX_EXAMPLE_BYTES
+
+MAX_MLMODEL_BYTES = 1024**2
+MAX_FILES = 1000
+EXAMPLE = "input_example.json"  # the saved input example, beside the model's files
+_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+ -]{0,254}$")
+
+
+def download_version(
+    registry: RegistryClient, mv: ModelVersion, stage: Path, max_bytes: int, seconds: float, stop: threading.Event
+) -> Path:
+    """MLmodel first, then the files it names, into `stage/files` (the example beside it, as `EXAMPLE`):
+    at most `max_bytes` in all, within `seconds`; `stop` ends a request in progress."""
+    files, work = stage / "files", stage / "partial"
+    deadline = time.monotonic() + seconds
+    left = max_bytes
+
+    def fetch(path: str, dest: Path, limit: int) -> int:
+        return registry.fetch_artifact(
+            mv.name, mv.version, path, dest, work, max_bytes=limit, deadline=deadline, stop=stop
+        )
+
+    left -= fetch(MLMODEL, files / MLMODEL, min(MAX_MLMODEL_BYTES, left))
+    model = read_model_dir(files, check_files=False)
+    required = [name for name in dict.fromkeys(model.files()) if name not in (MLMODEL, *ENVIRONMENT_FILES)]
+    optional = [name for name in ENVIRONMENT_FILES if name not in required]
+    if len(required) > MAX_FILES:
+        raise InvalidInputError(f"MLmodel of version {mv.version} names {len(required)} files, over {MAX_FILES}")
+    for name in required + optional:
+        check_artifact_path(name)
+    for name in required:
+        left -= fetch(name, files / name, left)
+    for name in optional:
+        try:
+            left -= fetch(name, files / name, left)
+        except ModelNotFoundError:
+            pass
+    example = _example_path(model.mlmodel)
+    if example is not None:
+        try:
+            fetch(example, stage / EXAMPLE, MAX_EXAMPLE_BYTES)
+        except ModelNotFoundError:
+            pass
+    return files
+
+
+def check_artifact_path(path: str) -> str:
+    """A file name from a downloaded MLmodel: relative, short, plain characters in every part (an allow-list)."""
+    parts = PurePosixPath(path).parts
+    if not parts or len(path) > 1024 or len(parts) > 16 or not all(_PATH_PART.match(part) for part in parts):
+        raise InvalidInputError(
+            f"MLmodel names the file {path[:200]!r}: a following device takes relative names of letters, digits "
+            "and '_.+ -' only"
+        )
+    return path
+
+
+def _example_path(mlmodel: Mapping[str, Any]) -> str | None:
+    info = mlmodel.get("saved_input_example_info")
+    path = info.get("artifact_path") if isinstance(info, dict) else None
+    if not isinstance(path, str):
+        return None
+    return check_artifact_path(path)

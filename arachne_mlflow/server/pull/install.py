@@ -1,0 +1,94 @@
+"""Where a pulled model is verified: every check a registry version passes before the device serves it.
+
+In order, each refusing the version (the old one keeps serving):
+
+1. `download.download_version`: MLmodel, then only the files it names; every name against an
+   allow-list, the total under the store's upload cap, one try within a deadline.
+2. `store.read_checked`: an upload's checks: the runtime options are ones its backend lets an
+   uploaded model set, and this machine can run the model.
+3. `smoke.smoke_check`: a child process loads it and runs one inference under the smoke policy
+   (model/smoke_policy.py: the saved input example where it fits), its outputs checked against
+   the signature; a crash kills the child, not the server.
+4. `ModelStore.put`, exactly as an upload: safe extraction, the same checks again, a child's
+   load (`probe.probe_load`), the batching declaration, the load in the server, a sync to disk,
+   and only then one atomic rename that makes it the served version.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from arachne_mlflow.model.archive import stream_tar
+from arachne_mlflow.model.digest import tree_files
+from arachne_mlflow.server.pull.download import EXAMPLE, download_version
+from arachne_mlflow.server.pull.registry_client import ModelRef, ModelVersion, RegistryClient
+from arachne_mlflow.server.pull.smoke import smoke_check
+from arachne_mlflow.server.store import ModelStore, read_checked
+
+
+def install_version(
+    name: str,
+    ref: ModelRef,
+    mv: ModelVersion,
+    store: ModelStore,
+    registry: RegistryClient,
+    directory: Path,
+    seconds: float,
+    stop: threading.Event,
+) -> dict[str, Any]:
+    """Download version `mv` into `directory/v<version>` (within `seconds`), check and smoke-test it,
+    then install it in `store` as `name`; returns the store's record. Other versions' downloads go."""
+    stage = directory / f"v{mv.version}"
+    for other in directory.iterdir():
+        if other.is_dir() and other != stage:
+            shutil.rmtree(other, ignore_errors=True)
+    files = download_version(registry, mv, stage, store.max_upload_bytes, seconds, stop)
+    model = read_checked(files)  # an upload's checks (its runtime options...) before a child loads it
+    example = stage / EXAMPLE
+    smoke_check(files, name, example if example.is_file() else None)
+    provenance = {
+        "model_uri": ref.uri,
+        "registered_model": mv.name,
+        "version": mv.version,
+        "alias": ref.alias,
+        "run_id": mv.run_id or model.mlmodel.get("run_id"),
+        "model_id": model.mlmodel.get("model_id") or _logged_model_id(mv.source),
+    }
+    provenance = {k: v for k, v in provenance.items() if v is not None}
+    tar = io.BufferedReader(_ChunkReader(stream_tar(files, tree_files(files))), 1 << 16)
+    record = store.put(name, tar, provenance)
+    shutil.rmtree(stage, ignore_errors=True)
+    return record
+
+
+class _ChunkReader(io.RawIOBase):
+    """A blocking file over an iterator of byte chunks (the tar `stream_tar` makes), for `ModelStore.put`."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = chunk
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def _logged_model_id(source: str | None) -> str | None:
+    if source and source.startswith("models:/m-") and "/" not in source[len("models:/") :]:
+        return source[len("models:/") :]
+    return None
