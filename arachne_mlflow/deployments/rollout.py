@@ -50,7 +50,11 @@ def roll_out(
     halted = None
 
     def step(device: Device) -> DeviceResult:
-        return _gated(push_device(device, connection, name, source, upload_progress), connection, name, smoke, strategy)
+        old = _old_latency(device, connection, name, source, strategy)
+        if isinstance(old, DeviceResult):
+            return old
+        pushed = push_device(device, connection, name, source, upload_progress)
+        return _gated(pushed, connection, name, smoke, strategy, old)
 
     progress = _Progress(name, len(devices), len(batches), settings.progress)
     try:
@@ -101,13 +105,42 @@ def undo_device(result: DeviceResult, connection: Connection, name: str, registe
     )
 
 
-def _gated(result: DeviceResult, connection: Connection, name: str, smoke: gate.Smoke, strategy: Strategy):
+def _old_latency(
+    device: Device, connection: Connection, name: str, source: ModelSource, strategy: Strategy
+) -> gate.Latency | DeviceResult | None:
+    """With `gate_latency_regression`, the version `device` serves now, timed before the push (None:
+    nothing to compare, or not asked); a failed device result, nothing pushed, when it cannot be timed."""
+    if strategy.gate_latency_regression is None:
+        return None
+    start, label = time.perf_counter(), "?"
+    registered = source.registry.registered_model if source.registry else None
+    try:
+        with connection.client(device) as client:
+            record = client.model_record(name)
+        if record is None or record.get("follow") or _holds(record, source):
+            return None  # a create, a pulling device or an unchanged one: push_device says which
+        label = version_label(record, registered)
+        return gate.baseline(device, connection, name, label, strategy)
+    except ArachneError as err:
+        error = f"timing the version it serves before the push failed (gate_latency_regression): {err}"
+        return DeviceResult(device, FAILED, label, label, _since(start), error=error)
+
+
+def _gated(
+    result: DeviceResult,
+    connection: Connection,
+    name: str,
+    smoke: gate.Smoke,
+    strategy: Strategy,
+    old: gate.Latency | None = None,
+):
     """A device that took the new version counts as deployed once it passes the gate."""
     if result.state != DEPLOYED:
         return result
     start = time.perf_counter()
     try:
         gate.check(result.device, connection, name, smoke, strategy)
+        gate.check_latency(result.device, connection, name, result.after, strategy, old)
     except HealthGateError as err:
         return replace(result, state=FAILED, error=GATE_FAILED + str(err), seconds=result.seconds + _since(start))
     return replace(result, seconds=result.seconds + _since(start))

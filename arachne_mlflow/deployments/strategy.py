@@ -5,6 +5,9 @@
     -C strategy=canary -C canary=N|P%        the canary batch first, then the rest in batches
     -C max_failures=N                        halt once more than N devices failed (default: no limit)
     -C gate_timeout=S -C gate_seconds=S      the health gate's time limit, and how long it watches errors
+    -C gate_max_p99_ms=MS                    the gate times the new version on the device: p99 within MS
+    -C gate_latency_regression=P%            ... and p99 and median at most P% above the old version's
+    -C gate_repeats=N                        timed runs per latency measurement (default 20)
 
 Batches follow the target's order (`arachne-jetson://@canary,@lyon` puts the canary group first).
 Each batch is gated (gate.py) before the next starts; rollout.py runs them.
@@ -26,7 +29,10 @@ DEFAULT_BATCH = "25%"
 DEFAULT_CANARY = "10%"
 DEFAULT_GATE_TIMEOUT = 5.0  # seconds for readiness and a smoke inference on one device
 MAX_GATE_SECONDS = 3600.0  # a bound on both gate settings: a typo must not hang a rollout for days
-ROLLOUT_KEYS = ("strategy", "batch", "canary", "max_failures", "gate_timeout", "gate_seconds")
+DEFAULT_GATE_REPEATS = 20  # timed runs per latency measurement
+MAX_GATE_REPEATS = 1000  # the device's benchmark route bounds its own time too (--benchmark-seconds)
+LATENCY_KEYS = ("gate_max_p99_ms", "gate_latency_regression", "gate_repeats")
+ROLLOUT_KEYS = ("strategy", "batch", "canary", "max_failures", "gate_timeout", "gate_seconds", *LATENCY_KEYS)
 _SIZE = re.compile(r"^(?:\d+|\d+(?:\.\d+)?%)$")
 D = TypeVar("D")
 
@@ -41,6 +47,14 @@ class Strategy:
     max_failures: int | None = None  # None: failed devices alone never halt a rollout (a failed gate does)
     gate_timeout: float = DEFAULT_GATE_TIMEOUT
     gate_seconds: float = 0.0  # watch the device's error counter this long after the switch (0: not at all)
+    gate_max_p99_ms: float | None = None  # the new version's p99 on the device must be within this (None: any)
+    gate_latency_regression: float | None = None  # allowed slowdown against the old version, 0.1 = 10% (None: any)
+    gate_repeats: int = DEFAULT_GATE_REPEATS
+
+    @property
+    def times_latency(self) -> bool:
+        """Whether the gate times the model on the device (only when a latency setting asks for it)."""
+        return self.gate_max_p99_ms is not None or self.gate_latency_regression is not None
 
     def batches(self, devices: Sequence[D]) -> list[list[D]]:
         """`devices` cut into the batches this strategy rolls out, in order."""
@@ -68,6 +82,12 @@ class Strategy:
         recorded["gate_timeout"] = self.gate_timeout
         if self.gate_seconds:
             recorded["gate_seconds"] = self.gate_seconds
+        if self.gate_max_p99_ms is not None:
+            recorded["gate_max_p99_ms"] = self.gate_max_p99_ms
+        if self.gate_latency_regression is not None:
+            recorded["gate_latency_regression"] = f"{self.gate_latency_regression * 100:g}%"
+        if self.times_latency:
+            recorded["gate_repeats"] = self.gate_repeats
         return recorded
 
     @classmethod
@@ -109,7 +129,39 @@ def strategy_of(config: Mapping[str, Any]) -> Strategy:
         max_failures=max_failures,
         gate_timeout=_gate_seconds(config, "gate_timeout", DEFAULT_GATE_TIMEOUT, zero=False),
         gate_seconds=_gate_seconds(config, "gate_seconds", 0.0, zero=True),
+        **_latency(config),
     )
+
+
+def _latency(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The latency gate's settings in `config` (absent: the gate times nothing)."""
+    budget, regression, repeats = (config.get(key) for key in LATENCY_KEYS)
+    settings: dict[str, Any] = {}
+    if budget is not None and budget != "":
+        settings["gate_max_p99_ms"] = _number(budget, "gate_max_p99_ms", "a number of milliseconds > 0")
+    if regression is not None and regression != "":
+        text = str(regression).strip()
+        if not text.endswith("%"):
+            raise InvalidInputError(f"config gate_latency_regression must be a percentage (10%), got {regression!r}")
+        settings["gate_latency_regression"] = _number(text[:-1], "gate_latency_regression", "a percentage > 0") / 100
+    if repeats is not None and repeats != "":
+        text = str(repeats).strip()
+        if not text.isdigit() or not 1 <= int(text) <= MAX_GATE_REPEATS:
+            raise InvalidInputError(f"config gate_repeats must be 1 to {MAX_GATE_REPEATS} runs, got {repeats!r}")
+        settings["gate_repeats"] = int(text)
+        if len(settings) == 1:
+            raise InvalidInputError("config gate_repeats goes with gate_max_p99_ms or gate_latency_regression")
+    return settings
+
+
+def _number(value: Any, key: str, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"config {key} must be {what}, got {value!r}") from err
+    if not 0 < number < math.inf:
+        raise InvalidInputError(f"config {key} must be {what}, got {value!r}")
+    return number
 
 
 def _size(config: Mapping[str, Any], key: str) -> str | None:

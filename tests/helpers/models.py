@@ -60,6 +60,42 @@ def onnx_linear_scaled(scale: float, batch: int | str = "N"):
     return model
 
 
+def onnx_linear_slow(scale: float = 1.0, width: int = 256, rounds: int = 12, batch: int | str = "N"):
+    """`onnx_linear_scaled(scale)` made slower by construction: the same outputs, plus a chain of
+    `rounds` [width, width] MatMuls fed by the input (so nothing folds at load) whose result is
+    multiplied by 0 and added to y. Tanh keeps the chain finite (0 * inf would be NaN)."""
+    from onnx import helper, numpy_helper
+
+    model = onnx_linear_scaled(scale, batch)
+    graph = model.graph
+    graph.node[-1].output[0] = "fast_y"  # the Relu that made y
+    rng = np.random.default_rng(RNG_SEED + 5)
+    weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(weight, "slow_W"),
+            numpy_helper.from_array(np.zeros((), np.float32), "slow_zero"),
+        ]
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["slow_s"], keepdims=0),
+        helper.make_node("Tanh", ["slow_s"], ["slow_t"]),
+        helper.make_node("Mul", ["slow_W", "slow_t"], ["slow_0"]),
+    ]
+    for i in range(rounds):
+        nodes += [
+            helper.make_node("MatMul", [f"slow_{i}", "slow_W"], [f"slow_m{i}"]),
+            helper.make_node("Tanh", [f"slow_m{i}"], [f"slow_{i + 1}"]),
+        ]
+    nodes += [
+        helper.make_node("ReduceSum", [f"slow_{rounds}"], ["slow_sum"], keepdims=0),
+        helper.make_node("Mul", ["slow_sum", "slow_zero"], ["slow_nothing"]),
+        helper.make_node("Add", ["fast_y", "slow_nothing"], ["y"]),
+    ]
+    graph.node.extend(nodes)
+    return model
+
+
 def onnx_reshape_fails():
     """x[N, 4] -> y[N, 3] declared, but a Reshape of x to [3, 7]: it loads, and every run fails (4N != 21)."""
     from onnx import TensorProto, helper, numpy_helper
