@@ -49,6 +49,9 @@ Config (-C key=value on create, update, delete) and environment (every command):
   max_failures=N                               halt once more than N devices failed (default: no limit)
   gate_timeout=S                               seconds for readiness and a smoke inference (default 5)
   gate_seconds=S                               watch each device's inference errors S seconds after the switch
+  gate_max_p99_ms=MS                           time the new version on each device: p99 within MS ms
+  gate_latency_regression=P%                   ... p99 and median at most P% above the version it replaced
+  gate_repeats=N                               timed runs per latency measurement (default 20)
   run-local takes the options of `arachne-mlflow serve` instead: host, port, model_store, token,
   ssl_certfile, ssl_keyfile, ... (without model_store, a new temporary store)
 
