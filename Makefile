@@ -3,13 +3,15 @@
 # Each creates .venv and installs the package with every extra on first use; `make test` also installs the
 # system packages the tests need (`make system-deps`) and builds $(OLD_VENV) for tests/test_old_python.py:
 # the device side on Debian 12's own Python ($(OLD_PYTHON), 3.11.2, no tarfile.data_filter), which
-# `make test-old-python` checks alone.
+# `make test-old-python` checks alone, and $(TFLITE_VENV), a device with LiteRT alone (tests/test_variants_fleet.py).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OLD_PYTHON ?= /usr/bin/python3
 OLD_VENV ?= .venv-old-python
+# The TFLite-only device of tests/test_variants_fleet.py (a fleet whose devices each run another variant).
+TFLITE_VENV ?= .venv-tflite
 
-.PHONY: quickstart test test-fast test-old-python old-python lint benchmark benchmark-peers system-deps grpc-stubs
+.PHONY: quickstart test test-fast test-old-python old-python tflite-device lint benchmark benchmark-peers system-deps grpc-stubs
 
 $(VENV)/.installed: pyproject.toml examples/runtime_plugin/pyproject.toml
 	@echo "make: first use: installing arachne-mlflow with every extra into $(VENV) (TensorFlow, onnxruntime, TVM," \
@@ -50,6 +52,14 @@ $(OLD_VENV)/.installed: pyproject.toml | system-deps
 
 old-python: $(OLD_VENV)/.installed
 
+# Only the device side with LiteRT (no onnxruntime, no TVM): a device that can run a model's TFLite variant alone.
+$(TFLITE_VENV)/.installed: pyproject.toml
+	python3 -m venv --clear $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/python -m pip install --quiet -e ".[device-tflite]"
+	touch $@
+
+tflite-device: $(TFLITE_VENV)/.installed
+
 quickstart: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
@@ -58,8 +68,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
 
-test: system-deps lint $(OLD_VENV)/.installed
-	ARACHNE_OLD_PYTHON_VENV=$(OLD_VENV) $(PY) -m pytest
+test: system-deps lint $(OLD_VENV)/.installed $(TFLITE_VENV)/.installed
+	ARACHNE_OLD_PYTHON_VENV=$(OLD_VENV) ARACHNE_TFLITE_VENV=$(TFLITE_VENV) $(PY) -m pytest
 
 test-old-python: $(VENV)/.installed $(OLD_VENV)/.installed
 	ARACHNE_OLD_PYTHON_VENV=$(OLD_VENV) $(PY) -m pytest -p no:randomly tests/test_old_python.py

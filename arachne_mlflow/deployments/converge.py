@@ -28,6 +28,7 @@ from arachne_mlflow.errors import ArachneError, IncompatibleModelError, ModelNot
 from arachne_mlflow.fleet.connection import Connection
 from arachne_mlflow.fleet.device import Device
 from arachne_mlflow.model.arch import normalize_arch
+from arachne_mlflow.model.device_kind import device_kind
 
 T = TypeVar("T")
 D = TypeVar("D")
@@ -46,10 +47,14 @@ def push_device(
             before = version_label(stored, registered)
             if stored is not None and stored.get("follow"):
                 return _pull_device(device, stored, source, before, _since(start))
-            if stored is not None and stored["digest"] == source.digest and stored["provenance"] == source.provenance:
-                return DeviceResult(device, UNCHANGED, before, before, _since(start), revision=stored["revision"])
             # an answering device may take long to list its runtimes the first time: the upload's wait
-            check_device_can_run(client.server_metadata(timeout=connection.upload_timeout), source, device)
+            metadata = client.server_metadata(timeout=connection.upload_timeout) if source.has_variants else None
+            if metadata is not None:
+                source = source_for_device(source, metadata, device)
+            if stored is not None and stored["digest"] == source.digest and stored["provenance"] == source.provenance:
+                return _unchanged(device, before, stored, source, start)
+            metadata = metadata or client.server_metadata(timeout=connection.upload_timeout)
+            check_device_can_run(metadata, source, device)
             client.upload_model(
                 name, source.model.path, files=source.files, provenance=source.provenance, progress=progress, force=True
             )
@@ -57,7 +62,26 @@ def push_device(
     except ArachneError as err:
         return DeviceResult(device, FAILED, before, before, _since(start), error=str(err))
     revision = record["revision"] if record else None
-    return DeviceResult(device, DEPLOYED, before, version_label(record, registered), _since(start), revision=revision)
+    after = version_label(record, registered)
+    return DeviceResult(device, DEPLOYED, before, after, _since(start), revision=revision, variant=source.variant)
+
+
+def source_for_device(source: ModelSource, metadata: dict[str, Any], device: Device) -> ModelSource:
+    """What `device` gets of a model with variants: the variant it runs (`ModelSource.choose`) with
+    that variant's files alone; `IncompatibleModelError` naming what each variant needs when it runs none."""
+    choice = source.choose(metadata)
+    if choice.variant is None:
+        kind = device_kind(metadata)
+        raise IncompatibleModelError(
+            f"no variant of the model can run on device {device} ({kind.label or kind.key}): {choice.explain()}"
+        )
+    return source.variant_source(choice.variant.variant_name)
+
+
+def _unchanged(device: Device, label: str, stored: dict[str, Any], source: ModelSource, start: float) -> DeviceResult:
+    return DeviceResult(
+        device, UNCHANGED, label, label, _since(start), revision=stored["revision"], variant=source.variant
+    )
 
 
 def _pull_device(device: Device, stored: dict[str, Any], source: ModelSource, before: str, seconds: float):
@@ -97,6 +121,7 @@ def unchanged_device(
         revision=record.get("revision"),
         runtime=record.get("runtime"),
         provenance=provenance,
+        variant=record.get("variant"),
     )
 
 

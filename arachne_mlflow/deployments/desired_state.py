@@ -70,6 +70,7 @@ class Desired:
     devices: dict[str, int] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "all"})
     updated_at: str = ""
+    variants: list[str] | None = None  # -C variants: the order of a model's variants this deployment prefers
 
     def tag_value(self) -> str:
         """The tag's JSON, the reason shortened to fit the registry's bound."""
@@ -114,6 +115,7 @@ class Desired:
                 devices={str(k): int(v) for k, v in _mapping(body, "devices").items()},
                 strategy=_mapping(body, "strategy") or {"name": "all"},
                 updated_at=_text(body, "updated_at", ""),
+                variants=_names(body.get("variants")),
             )
         except (InvalidInputError, TypeError, ValueError) as err:
             message = str(err) if str(err).startswith(where) else f"{where}: {err}"
@@ -127,6 +129,15 @@ def _text(body: dict, key: str, default: str | None = None) -> str:
     value = body.get(key, default)
     if not isinstance(value, str):
         raise InvalidInputError(f"{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _names(value: Any) -> list[str] | None:
+    """A list of variant names, or None (absent: a deployment recorded before variants, or the model's order)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidInputError(f"variants must be a list of variant names, got {value!r:.80}")
     return value
 
 
@@ -222,8 +233,8 @@ class DesiredState:
             if result.ok:
                 arrived.add(device)
                 same = old.get("state") == "deployed" and old.get("revision") == result.revision
-                same = same and "last_error" not in old
-                entries[device] = old if same else {"state": "deployed", "revision": result.revision, "at": stamp}
+                same = same and "last_error" not in old and old.get("variant") == result.variant
+                entries[device] = old if same else _deployed(result, stamp)
             elif old.get("state") == "deployed" and result.state != ROLLED_BACK:
                 # it had this version before the command failed on it: it keeps it, the failure is noted
                 error = (result.error or "")[:MAX_ERROR_CHARS]
@@ -305,6 +316,14 @@ class DesiredState:
 
     def _set_version_tag(self, model: str, version: str, key: str, entries: dict[str, Any]) -> None:
         self.client.set_model_version_tag(model, version, key, fit_version_tag(entries))
+
+
+def _deployed(result: DeviceResult, stamp: str) -> dict[str, Any]:
+    """A device's entry once it has the version: its revision, and the variant it runs (a model with variants)."""
+    made: dict[str, Any] = {"state": "deployed", "revision": result.revision, "at": stamp}
+    if result.variant:
+        made["variant"] = result.variant
+    return made
 
 
 def _deploy_tags(model: Any) -> Iterator[tuple[str, str]]:

@@ -131,13 +131,15 @@ def push(
     """
     outcome = Outcome(action, name, required=settings.required(len(devices)))
     pinned = registry_version(model_uri, state.client if state else None)
-    outcome.results = _everywhere_already(name, model_uri, pinned, devices, settings) if pinned else None
+    shortcut = pinned is not None and settings.variants is None  # a new order may choose other variants
+    outcome.results = _everywhere_already(name, model_uri, pinned, devices, settings) if shortcut else None
     if outcome.results is not None:  # nothing to push: not even a download
         outcome.registry, outcome.runtime = pinned, outcome.results[0].runtime
         outcome.provenance = outcome.results[0].provenance or {}
     else:
         with tempfile.TemporaryDirectory(prefix="arachne-deploy-") as tmp:
-            source = resolve(model_uri, tmp, client=state.client if state else None, pinned=pinned)
+            client = state.client if state else None
+            source = resolve(model_uri, tmp, client=client, pinned=pinned, variant_order=settings.variants)
             progress = settings.progress
             if progress is None:
                 progress = sys.stderr.isatty() and source.size >= PROGRESS_MIN_BYTES
@@ -174,6 +176,7 @@ def _record_push(
         outcome.note = f"nothing recorded in the registry: no device got {outcome.wanted()}"
         return
     outcome.desired = _desired(outcome.deployment, model_uri, target, outcome, settings.strategy, existing)
+    outcome.desired.variants = list(settings.variants) if settings.variants else None
     state.save(outcome.desired)
     state.record_devices(outcome.desired, outcome.registry.version, touched)
 
@@ -339,7 +342,8 @@ def _sync_one(desired: Desired, settings: Settings, state: DesiredState) -> Outc
         devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
         if desired.status == DELETING:
             return delete(desired.deployment, devices, settings, state, desired)
-        settings = replace(settings, strategy=Strategy.from_recorded(desired.strategy))  # as the push chose
+        recorded = tuple(desired.variants) if desired.variants else None
+        settings = replace(settings, strategy=Strategy.from_recorded(desired.strategy), variants=recorded)  # as pushed
         return push("sync", desired.deployment, desired.model_uri, desired.target, devices, settings, state, desired)
     except (ArachneError, MlflowException) as err:  # a group gone, an alias deleted: the others go on
         return Outcome("sync", desired.deployment, error=str(err))

@@ -25,11 +25,15 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 
 def results_table(results: Sequence[DeviceResult]) -> str:
+    """One row per device; a `variant` column after `after` when the model has variants."""
+    variants = any(r.variant for r in results)
     rows = (
-        (r.device, r.before, r.after, r.state, f"{r.seconds:.2f}", _short(r.error or "", MAX_ERROR_COLUMN))
+        (r.device, r.before, r.after, *([r.variant or ""] if variants else []), r.state, f"{r.seconds:.2f}")
+        + (_short(r.error or "", MAX_ERROR_COLUMN),)
         for r in results
     )
-    return table(("device", "before", "after", "state", "seconds", "error"), rows)
+    headers = ("device", "before", "after", *(["variant"] if variants else []), "state", "seconds", "error")
+    return table(headers, rows)
 
 
 def write(text: str, stream: TextIO | None = None) -> None:

@@ -30,6 +30,7 @@ class DeviceResult:
     revision: int | None = None
     runtime: str | None = None  # of the model on the device, when it was asked
     provenance: dict[str, Any] | None = None
+    variant: str | None = None  # of a model with variants: the one the device runs (or was sent)
     undone: bool = False  # a halted rollout rolled it back: it does not have what the command wanted
 
     @property

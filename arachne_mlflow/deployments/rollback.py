@@ -171,4 +171,5 @@ def _result(device: Device, state: str, before: str, record: dict[str, Any], sta
         revision=record.get("revision"),
         runtime=record.get("runtime"),
         provenance=provenance,
+        variant=record.get("variant"),
     )

@@ -11,17 +11,22 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.model.archive import tar_size
+from arachne_mlflow.model.device_kind import device_kind
 from arachne_mlflow.model.digest import files_digest
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
+from arachne_mlflow.model.variants import VariantChoice, choose_variant
+from arachne_mlflow.protocol import bounded_json
 
 REGISTRY_PREFIX = "models:/"
+PROFILE_TAG = "arachne.profile"  # the version's fastest variant per kind of device (profiling/runs.py writes it)
+MAX_PROFILE_TAG = 100_000  # characters: MLflow's own bound on a registry tag value
 PROGRESS_BAR_VARIABLE = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _quiet_guard = threading.Lock()
 _quiet_downloads = 0
@@ -43,7 +48,10 @@ class RegistryVersion:
 
 @dataclass
 class ModelSource:
-    """A downloaded model, the files a push sends, their digest and the provenance stored with them."""
+    """A downloaded model, the files a push sends, their digest and the provenance stored with them.
+
+    A model with variants is downloaded once; `for_device` is what one device gets: the variant it
+    runs, with that variant's files alone (`variant_source`)."""
 
     model: ArachneModel
     files: list[str]
@@ -51,6 +59,51 @@ class ModelSource:
     size: int
     provenance: dict[str, Any]
     registry: RegistryVersion | None = None
+    #: `-C variants=a,b`: the deployment's order of preference (None: the model's order).
+    variant_order: tuple[str, ...] | None = None
+    #: The `arachne.profile` tag: the fastest variant measured on each kind of device (its key).
+    fastest: dict[str, str] = field(default_factory=dict)
+    _per_variant: dict[str, ModelSource] = field(default_factory=dict, repr=False, compare=False)
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def has_variants(self) -> bool:
+        """Whether the model lists variants (a device may get another one than the host reads)."""
+        return self.model.has_variants
+
+    @property
+    def variant(self) -> str | None:
+        """The name of the variant this source sends (None: a model without variants)."""
+        return self.model.variant_name if self.model.has_variants else None
+
+    def choose(self, metadata: Mapping[str, Any]) -> VariantChoice:
+        """The variant a device whose `GET /v2` answer is `metadata` runs: the first it can run in the
+        deployment's order, else (the fastest measured on its kind first) in the model's order."""
+        order = self.variant_order
+        if order is None:
+            names = [v.variant_name for v in self.model.variants]
+            fastest = self.fastest.get(device_kind(metadata).key)
+            order = tuple(dict.fromkeys([fastest, *names] if fastest in names else names))
+        return choose_variant(self.model.variants, metadata, order)
+
+    def variant_source(self, name: str) -> ModelSource:
+        """This source narrowed to variant `name`: its files, their digest and size (computed once)."""
+        with self._guard:
+            found = self._per_variant.get(name)
+            if found is None:
+                model = self.model.variant(name)
+                files = sorted(set(model.files()))
+                found = replace(
+                    self,
+                    model=model,
+                    files=files,
+                    digest=files_digest(model.path, files),
+                    size=tar_size(model.path, files),
+                    _per_variant={},
+                    _guard=threading.Lock(),
+                )
+                self._per_variant[name] = found
+            return found
 
 
 def registry_version(model_uri: str, client: Any = None) -> RegistryVersion | None:
@@ -87,13 +140,20 @@ def registry_version(model_uri: str, client: Any = None) -> RegistryVersion | No
     return RegistryVersion(version.name, str(version.version), alias, version.run_id or None)
 
 
-def resolve(model_uri: str, dst_path: str, client: Any = None, pinned: RegistryVersion | None = None) -> ModelSource:
+def resolve(
+    model_uri: str,
+    dst_path: str,
+    client: Any = None,
+    pinned: RegistryVersion | None = None,
+    variant_order: tuple[str, ...] | None = None,
+) -> ModelSource:
     """Download `model_uri` (runs:/, models:/name/1, models:/name@alias, models:/m-<id>, a path),
     the registered version `pinned` when the caller has resolved it already.
 
     Raises `InvalidInputError` when the model has no `arachne` flavor, naming the ones it has.
     Only the files MLmodel names are pushed: a registry download holds others
-    (`registered_model_meta`) that are not part of the model.
+    (`registered_model_meta`) that are not part of the model. `variant_order` (`-C variants`) must
+    name variants the model has.
     """
     import mlflow
 
@@ -116,6 +176,7 @@ def resolve(model_uri: str, dst_path: str, client: Any = None, pinned: RegistryV
     if registry is not None:
         provenance.update(registered_model=registry.registered_model, version=registry.version, alias=registry.alias)
         provenance["run_id"] = registry.run_id  # the version's run (none for a model logged outside a run)
+    _check_order(model, variant_order, model_uri)
     return ModelSource(
         model,
         files,
@@ -123,7 +184,43 @@ def resolve(model_uri: str, dst_path: str, client: Any = None, pinned: RegistryV
         tar_size(model.path, files),
         {k: v for k, v in provenance.items() if v is not None},
         registry,
+        variant_order=variant_order,
+        fastest=fastest_variants(registry, client) if model.has_variants and registry else {},
     )
+
+
+def _check_order(model: ArachneModel, order: tuple[str, ...] | None, model_uri: str) -> None:
+    """Refuse a `-C variants` order naming a variant the model does not have (a typo must not mean "none")."""
+    if order is None:
+        return
+    names = [v.variant_name for v in model.variants]
+    unknown = [name for name in order if name not in names]
+    if unknown or not model.has_variants:
+        raise InvalidInputError(f"config variants names {unknown or list(order)}; model {model_uri} has {names}")
+
+
+def fastest_variants(registry: RegistryVersion, client: Any = None) -> dict[str, str]:
+    """The version's `arachne.profile` tag as {device kind: fastest variant}; {} when it is absent
+    or is not the JSON object the profiler writes (then the model's order decides)."""
+    if client is None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+    tags = client.get_model_version(registry.registered_model, registry.version).tags or {}
+    value = tags.get(PROFILE_TAG)
+    if not value:
+        return {}
+    try:
+        parsed = bounded_json.loads(value, f"tag {PROFILE_TAG}", max_bytes=MAX_PROFILE_TAG)
+    except InvalidInputError:
+        return {}
+    if not isinstance(parsed, dict):
+        return {}
+    return {
+        str(kind): entry["variant"]
+        for kind, entry in parsed.items()
+        if isinstance(entry, dict) and isinstance(entry.get("variant"), str)
+    }
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ class DeviceStatus:
     revision: int | None = None
     last_known: str | None = None  # from the version tags, for a device that could not be asked
     error: str | None = None
+    variant: str | None = None  # of a model with variants: the one the device runs
 
 
 @dataclass
@@ -143,7 +144,8 @@ def _device_status(found: DeploymentStatus, device: Device, answer: Any, recorde
         and answer.get("state") == "READY"
     )
     state = answer.get("state", UNKNOWN)
-    return DeviceStatus(str(device), device.address, wanted, actual, state, same, answer.get("revision"))
+    revision, variant = answer.get("revision"), answer.get("variant")
+    return DeviceStatus(str(device), device.address, wanted, actual, state, same, revision, variant=variant)
 
 
 def _drift(found: DeploymentStatus) -> list[str]:
@@ -177,6 +179,14 @@ def _drift(found: DeploymentStatus) -> list[str]:
     return drift
 
 
+def _variant_column(headers: list[str], rows: list[list[Any]], variants: list[str | None]) -> None:
+    """A `variant` column after `actual`, when a device runs a model with variants."""
+    if any(variants):
+        headers.insert(3, "variant")
+        for row, variant in zip(rows, variants):
+            row.insert(3, variant or "")
+
+
 def to_json(statuses: Sequence[DeploymentStatus]) -> str:
     return json.dumps([{**asdict(s), "in_sync": s.in_sync} for s in statuses], indent=2)
 
@@ -194,6 +204,7 @@ def to_text(statuses: Sequence[DeploymentStatus]) -> str:
         if s.devices:
             headers = ["device", "desired", "actual", "state", "in sync"]
             rows = [[d.device, d.desired, d.actual, d.state, "yes" if d.in_sync else "no"] for d in s.devices]
+            _variant_column(headers, rows, [d.variant for d in s.devices])
             if any(d.error for d in s.devices):
                 headers.append("error")
                 for row, d in zip(rows, s.devices):

@@ -25,7 +25,8 @@ from arachne_mlflow.fleet.inventory import Inventory, find_inventory, fleet_path
 
 DEFAULT_DEVICE = "localhost:5051"
 MAX_DEFAULT_PARALLEL = 256  # devices worked on at once unless -C parallel says otherwise
-FLEET_KEYS = ("fleet", "parallel", "min_success", "converge", "progress", "report", "retarget", "forget")
+FLEET_KEYS = ("fleet", "parallel", "min_success", "converge", "progress", "report", "retarget", "forget", "variants")
+MAX_ORDER = 16  # names in -C variants (a model holds at most as many variants: model/directory.py)
 
 
 class UnknownTargetError(InvalidInputError):
@@ -46,6 +47,7 @@ class Settings:
     retarget: bool = False  # create/update: the command's target becomes the deployment's recorded target
     forget: bool = False  # delete: devices that cannot be reached are forgotten by the registry all the same
     strategy: Strategy = field(default_factory=Strategy)  # batches, canary, health gate (strategy.py)
+    variants: tuple[str, ...] | None = None  # -C variants=a,b: the deployment's order of a model's variants
 
     def workers(self, devices: int) -> int:
         return max(1, self.parallel or min(devices, MAX_DEFAULT_PARALLEL))
@@ -111,7 +113,18 @@ def settings(config: Mapping[str, Any] | None) -> Settings:
         retarget=flag("retarget", config.get("retarget"), False),
         forget=flag("forget", config.get("forget"), False),
         strategy=strategy_of(config),
+        variants=variant_order(config.get("variants")),
     )
+
+
+def variant_order(value: Any) -> tuple[str, ...] | None:
+    """`-C variants=tvm-jetson,onnx`: the variants a device may get, in order of preference (None: the model's)."""
+    if value is None:
+        return None
+    names = tuple(dict.fromkeys(part.strip() for part in str(value).split(",")))
+    if not all(names) or len(names) > MAX_ORDER:
+        raise InvalidInputError(f"config variants must be 1 to {MAX_ORDER} names, comma-separated; got {value!r}")
+    return names
 
 
 def resolve_target(target_uri: str, fleet: str | None = None, *, recorded: bool = False) -> list[Device]:

@@ -1,6 +1,6 @@
 """The device-state record on a model version, as the host's fleet commands and a pulling device both write it.
 
-    model version tag  arachne.devices.<deployment>  {"<device>": {"state", "at", "revision"?, "error"?}}
+    model version tag  arachne.devices.<deployment>  {"<device>": {"state", "at", "revision"?, "variant"?, "error"?}}
 
 A version tag holds at most `MAX_VERSION_TAG` characters. When every device's entry does not fit,
 the tag is *summarized*: `SUMMARY_KEY` holds `{"devices": N, "<state>": count, ...}` and as many
@@ -24,20 +24,25 @@ MAX_ERROR_CHARS = 300  # of one device's error
 SUMMARY_KEY = "_summary"  # no device name starts with "_"
 DEPLOYED, FAILED, ROLLED_BACK, PULLING = "deployed", "failed", "rolled-back", "pulling"
 STATES = (DEPLOYED, FAILED, ROLLED_BACK, PULLING)
-_COMPARED = ("state", "revision", "error")  # what makes two entries different (the time aside)
+_COMPARED = ("state", "revision", "variant", "error")  # what makes two entries different (the time aside)
 
 
 def tag_key(deployment: str) -> str:
     return DEVICES_PREFIX + deployment
 
 
-def entry(state: str, at: str, *, revision: int | None = None, error: str | None = None) -> dict[str, Any]:
-    """One device's entry: its state, when, the store revision it runs, the error that made it fail (bounded)."""
+def entry(
+    state: str, at: str, *, revision: int | None = None, error: str | None = None, variant: str | None = None
+) -> dict[str, Any]:
+    """One device's entry: its state, when, the store revision it runs, the variant of a model with
+    variants it runs, the error that made it fail (bounded)."""
     if state not in STATES:
         raise InvalidInputError(f"device state {state!r} is not one of {', '.join(STATES)}")
     made: dict[str, Any] = {"state": state, "at": at}
     if revision is not None:
         made["revision"] = revision
+    if variant:
+        made["variant"] = variant
     if error:
         made["error"] = error[:MAX_ERROR_CHARS]
     return made

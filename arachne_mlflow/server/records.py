@@ -26,7 +26,7 @@ CURRENT = "CURRENT.json"
 MAX_PROVENANCE_BYTES = 16 * 1024
 MAX_PROVENANCE_DEPTH = 8
 # What `GET /v2/repository/models/{m}` shows of a kept previous version.
-PREVIOUS_KEYS = ("revision", "runtime", "digest", "bytes", "uploaded_at", "provenance")
+PREVIOUS_KEYS = ("revision", "runtime", "variant", "digest", "bytes", "uploaded_at", "provenance")
 # Record keys an earlier release wrote under other names.
 _RENAMED_KEYS = (("version", "revision"), ("info", "provenance"))
 # Errors that mean the storage cannot hold what is being written.

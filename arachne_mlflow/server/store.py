@@ -338,6 +338,7 @@ class ModelStore:
                     "bytes": version_bytes(directory / version_dir),
                     "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "provenance": provenance,
+                    **variant_of(model),
                 }
                 if replaced is not None:
                     record["previous"] = _without_previous(replaced.record)
@@ -525,6 +526,11 @@ def _version_dirs(record: dict[str, Any]) -> list[str]:
 
 def _without_previous(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k != "previous"}
+
+
+def variant_of(model: ArachneModel) -> dict[str, str]:
+    """`{"variant": name}` for a model with variants (the one whose files the store holds), else {}."""
+    return {"variant": model.variant_name} if model.has_variants else {}
 
 
 def _next_revision(record: dict[str, Any]) -> int:

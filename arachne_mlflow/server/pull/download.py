@@ -1,4 +1,5 @@
-"""Pull mode's download: a model version's MLmodel, then only the files it names, from the registry.
+"""Pull mode's download: a model version's MLmodel, then only the files it names, from the registry
+(of a model with variants, only the files of the variant this device runs).
 
 Every name MLmodel gives is checked against an allow-list before it becomes a path; the total is
 bounded by the store's upload cap and one try by a deadline; a dropped link leaves a partial file
@@ -15,7 +16,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
-from arachne_mlflow.model.directory import ENVIRONMENT_FILES, MLMODEL, read_model_dir
+from arachne_mlflow.model.arch import machine_arch
+from arachne_mlflow.model.directory import ENVIRONMENT_FILES, MLMODEL, ArachneModel, read_model_dir
 from arachne_mlflow.server.pull.registry_client import ModelVersion, RegistryClient
 from arachne_mlflow.server.pull.smoke import MAX_EXAMPLE_BYTES
 
@@ -40,7 +42,7 @@ def download_version(
         )
 
     left -= fetch(MLMODEL, files / MLMODEL, min(MAX_MLMODEL_BYTES, left))
-    model = read_model_dir(files, check_files=False)
+    model = own_variant(files)
     required = [name for name in dict.fromkeys(model.files()) if name not in (MLMODEL, *ENVIRONMENT_FILES)]
     optional = [name for name in ENVIRONMENT_FILES if name not in required]
     if len(required) > MAX_FILES:
@@ -61,6 +63,19 @@ def download_version(
         except ModelNotFoundError:
             pass
     return files
+
+
+def own_variant(files: Path) -> ArachneModel:
+    """The model MLmodel in `files` describes, narrowed to the variant this device runs (chosen as the
+    host would choose for it, from what its `GET /v2` reports): only that variant's files are fetched.
+    `IncompatibleModelError` naming what each variant needs when this device runs none."""
+    from arachne_mlflow.server.dataplane import available_runtimes  # (the server's own report of itself)
+
+    device = {"arch": machine_arch(), "runtimes": available_runtimes()}
+    model = read_model_dir(files, check_files=False, device=device)
+    if model.choice is not None:
+        model.choice.required(f"this device ({device['arch']})")
+    return model
 
 
 def check_artifact_path(path: str) -> str:

@@ -207,7 +207,8 @@ class Follower:
         running = self._running_version()
         if running == mv.version:
             self._set(state="following")
-            self._tags.report(mv, "deployed", revision=self.store.record(self.name)["revision"])
+            record = self.store.record(self.name)
+            self._tags.report(mv, "deployed", revision=record["revision"], variant=record.get("variant"))
             return False
         if mv.version == self._failed_version:
             self._set(state="failed")
@@ -239,7 +240,7 @@ class Follower:
             self.metrics.load_seconds.labels(self.name).set(self.store.get(self.name).load_seconds)
         _logger.info("follow %s: version %s deployed (revision %s)", self.name, mv.version, record["revision"])
         self._set(state="following")
-        self._tags.report(mv, "deployed", revision=record["revision"])
+        self._tags.report(mv, "deployed", revision=record["revision"], variant=record.get("variant"))
         if running is not None:
             self._tags.unreport(running)
         return False

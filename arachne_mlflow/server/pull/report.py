@@ -32,14 +32,21 @@ class TagReporter:
         self._last_report: tuple | None = None
         self._warned_read_only = False
 
-    def report(self, mv: ModelVersion, state: str, revision: int | None = None, error: str | None = None) -> None:
+    def report(
+        self,
+        mv: ModelVersion,
+        state: str,
+        revision: int | None = None,
+        error: str | None = None,
+        variant: str | None = None,
+    ) -> None:
         """Merge this device's `state` into the version's `arachne.devices.<name>` tag (read-modify-write).
 
         Other devices write the same tag, so the write is read back and tried again when another
         one replaced it meanwhile. Credentials that may not write (403) leave the state to the log.
         """
-        entry = device_state.entry(state, _now(), revision=revision, error=error)
-        if self._last_report == (mv.version, state, revision, entry.get("error")):
+        entry = device_state.entry(state, _now(), revision=revision, error=error, variant=variant)
+        if self._last_report == (mv.version, state, revision, entry.get("error"), variant):
             return  # tried already (written, or refused as read-only)
         key = device_state.tag_key(self.name)
         listed = device_state.parse_tag(mv.tags.get(key)).get(self.device)  # (tags as of the check)
@@ -51,7 +58,7 @@ class TagReporter:
             except RegistryError as err:
                 _logger.warning("follow %s: could not record %r on version %s: %s", self.name, state, mv.version, err)
                 return  # tried again at the next check
-        self._last_report = (mv.version, state, revision, entry.get("error"))
+        self._last_report = (mv.version, state, revision, entry.get("error"), variant)
 
     def _write_entry(self, mv: ModelVersion, key: str, entry: dict[str, Any]) -> None:
         """Read the tag, merge `entry` in, write it, read it back; again if another device's write replaced ours."""
