@@ -54,14 +54,15 @@ old-python: $(OLD_VENV)/.installed
 
 # Only the device side with LiteRT (no onnxruntime, no TVM): a device that can run a model's TFLite variant alone.
 $(TFLITE_VENV)/.installed: pyproject.toml
+	@echo "building $(TFLITE_VENV): a device with LiteRT alone (.[device-tflite]), about a minute on first use"
 	python3 -m venv --clear $(TFLITE_VENV)
 	$(TFLITE_VENV)/bin/python -m pip install --quiet -e ".[device-tflite]"
 	touch $@
 
 tflite-device: $(TFLITE_VENV)/.installed
 
-quickstart: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+quickstart: $(VENV)/.installed $(TFLITE_VENV)/.installed
+	ARACHNE_TFLITE_VENV=$(TFLITE_VENV) $(PY) examples/quickstart.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -9,7 +9,10 @@
    group with the `arachne-jetson` deployments plugin (which records the desired state in the
    registry), predict through the deployment and through tritonclient on each device, and
    report whether all answers agree;
-5. show `arachne-mlflow fleet status`: what the registry wants against what each device runs.
+5. log one model with two variants (ONNX and TFLite builds of the same network) and deploy it to
+   group `mixed`: cam-1 runs everything and gets the ONNX variant, cam-3 (a device with LiteRT
+   alone, its own venv: `make quickstart` builds it) gets the TFLite one, each only its files;
+6. show `arachne-mlflow fleet status`: what the registry wants against what each device runs.
 
 The store is sqlite:///mlflow.db in the working directory (artifacts in ./mlruns) unless
 MLFLOW_TRACKING_URI says otherwise. Nothing is downloaded.
@@ -44,6 +47,7 @@ from arachne_mlflow.client import DeviceClient
 from arachne_mlflow.flavors import onnx as arachne_onnx
 from arachne_mlflow.flavors import tflite as arachne_tflite
 from arachne_mlflow.flavors import tvm as arachne_tvm
+from arachne_mlflow.flavors import variants
 
 PREFIX = "arachne-quickstart"
 RNG = np.random.default_rng(0)
@@ -107,26 +111,47 @@ def log_and_register(x: np.ndarray) -> dict[str, str]:
     return uris
 
 
+def log_two_variants(x: np.ndarray) -> str:
+    """One registered version holding the network twice: ONNX (the reference) and TFLite. Variants
+    share one signature, so the ONNX graph takes the tensor names the TFLite converter gave."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    tflite = build_tflite()
+    interpreter = Interpreter(model_content=tflite)
+    onnx_model = build_onnx()
+    graph = onnx_model.graph
+    graph.input[0].name = graph.node[0].input[0] = interpreter.get_input_details()[0]["name"]
+    graph.output[0].name = graph.node[-1].output[0] = interpreter.get_output_details()[0]["name"]
+    name = f"{PREFIX}-variants"
+    builds = {"onnx": variants.Variant("onnx", onnx_model), "tflite": variants.Variant("tflite", tflite)}
+    info = variants.log_model(builds, name="model", registered_model_name=name, input_example=x)
+    mlflow.MlflowClient().set_registered_model_alias(name, "champion", info.registered_model_version)
+    return f"models:/{name}@champion"
+
+
 def fleet_file(path: str, ports: list[int]) -> str:
-    """A fleet file naming the devices cam-1, cam-2, ... in site `lab`, and the group `lab` of them."""
+    """A fleet file naming the devices cam-1, cam-2, ... : group `lab` (cam-1, cam-2, site `lab`) and
+    group `mixed` (cam-1 and cam-3, the device with LiteRT alone)."""
     devices = {
-        f"cam-{i}": {"address": f"127.0.0.1:{port}", "labels": {"site": "lab"}} for i, port in enumerate(ports, 1)
+        f"cam-{i}": {"address": f"127.0.0.1:{port}", "labels": {"site": "lab" if i < 3 else "edge"}}
+        for i, port in enumerate(ports, 1)
     }
+    groups = {"lab": {"labels": {"site": "lab"}}, "mixed": ["cam-1", "cam-3"]}
     with open(path, "w") as file:
-        yaml.safe_dump({"devices": devices, "groups": {"lab": {"labels": {"site": "lab"}}}}, file, sort_keys=False)
+        yaml.safe_dump({"devices": devices, "groups": groups}, file, sort_keys=False)
     return path
 
 
 @contextlib.contextmanager
-def device_server(token: str):
-    """A device server on a free loopback port with a temporary model store, stopped at the end."""
+def device_server(token: str, python: str = sys.executable):
+    """A device server (`python`'s) on a free loopback port with a temporary model store, stopped at the end."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="arachne-quickstart-") as store:
         process = subprocess.Popen(
             [
-                sys.executable,
+                python,
                 "-m",
                 "arachne_mlflow.server",
                 "--port",
@@ -170,18 +195,35 @@ def triton_infer(port: int, token: str, name: str, x: np.ndarray) -> np.ndarray:
     return result.as_numpy(metadata["outputs"][0]["name"])
 
 
+def tflite_device_python() -> str:
+    """The Python of the venv with LiteRT alone that `make quickstart` builds (ARACHNE_TFLITE_VENV)."""
+    venv = os.environ.get("ARACHNE_TFLITE_VENV")
+    python = os.path.join(venv or "", "bin", "python")
+    if not venv or not os.path.exists(python):
+        raise SystemExit(
+            "run the quickstart with `make quickstart`: it builds .venv-tflite (a device with LiteRT alone) "
+            "and sets ARACHNE_TFLITE_VENV to it"
+        )
+    return python
+
+
 def main() -> None:
     start = time.perf_counter()
     x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
     expected = np.maximum(x @ W + B, 0)
+    tflite_python = tflite_device_python()
     uris = log_and_register(x)
+    two_variants = log_two_variants(x)
     logged = time.perf_counter() - start
 
     token = secrets.token_hex(16)
     os.environ["ARACHNE_TOKEN"] = token  # the plugin's token for every command
     rows = []
-    with device_server(token) as port1, device_server(token) as port2, tempfile.TemporaryDirectory() as tmp:
-        os.environ["ARACHNE_FLEET"] = fleet_file(os.path.join(tmp, "fleet.yaml"), [port1, port2])
+    servers = contextlib.ExitStack()
+    with servers, tempfile.TemporaryDirectory() as tmp:
+        port1, port2 = servers.enter_context(device_server(token)), servers.enter_context(device_server(token))
+        port3 = servers.enter_context(device_server(token, tflite_python))
+        os.environ["ARACHNE_FLEET"] = fleet_file(os.path.join(tmp, "fleet.yaml"), [port1, port2, port3])
         target = "arachne-jetson://@lab"  # the group of the fleet file: cam-1 and cam-2
         deployments = get_deploy_client(target)
         for runtime, uri in uris.items():
@@ -193,14 +235,23 @@ def main() -> None:
             triton = [triton_infer(port, token, name, x) for port in (port1, port2)]
             worst = max(float(np.abs(answer - expected).max()) for answer in (pyfunc, remote, *triton))
             rows.append((runtime, uri, f"version {deployed['version']}", worst))
+        # one model, two variants: each device of @mixed gets the one it can run (cam-3 has no onnxruntime)
+        mixed = get_deploy_client("arachne-jetson://@mixed")
+        deployed = mixed.create_deployment("quickstart-variants", two_variants, config={"converge": "true"})
+        chosen = {device["device"]: device.get("variant") for device in deployed["devices"]}
+        triton = [triton_infer(port, token, "quickstart-variants", x) for port in (port1, port3)]
+        worst = max(float(np.abs(answer - expected).max()) for answer in triton)
+        rows.append(("variants", two_variants, f"version {deployed['version']}", worst))
         listed = [d["name"] for d in deployments.list_deployments()]
         print("$ arachne-mlflow fleet status", flush=True)
         cli.main(["fleet", "status"])  # the registry's desired state against what each device runs
         for runtime in uris:
             deployments.delete_deployment(f"quickstart-{runtime}", config={"report": "false"})
+        mixed.delete_deployment("quickstart-variants", config={"report": "false"})
 
     print(f"tracking URI:  {mlflow.get_tracking_uri()}  (logged and registered in {logged:.1f} s)")
     print(f"device target: {target} (cam-1 127.0.0.1:{port1}, cam-2 127.0.0.1:{port2})  deployments: {listed}")
+    print(f"variants chosen on @mixed: {chosen}")
     print(f"{'runtime':8} {'model URI':44} {'registered':12} max |pyfunc, deployment, tritonclient x2 - numpy|")
     for runtime, uri, version, worst in rows:
         print(f"{runtime:8} {uri:44} {version:12} {worst:.1e}")

@@ -205,6 +205,7 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
                     "before": r.before,
                     "after": r.after,
                     "seconds": round(r.seconds, 3),
+                    **({"variant": r.variant} if r.variant else {}),
                     **({"error": r.error} if r.state == FAILED else {}),
                 }
                 for r in outcome.results
