@@ -4,9 +4,13 @@ each with its reason, counted; a signed model installs and serves; a device with
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
+import uuid
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import requests
@@ -313,3 +317,94 @@ def test_a_device_receiving_one_variant_of_a_signed_model_installs_it(device, tw
         upload(device, copy, files=without, registered_model="detector", version="1")
     assert "missing" in str(refused.value)
     assert record(device)["refusals"]["count"] == 2
+
+
+# -- pull mode: a real `mlflow server`, a device following an alias ---------------------------------
+def _wait(condition, timeout: float = 120.0):
+    """The first truthy value of `condition()`; fails after `timeout` seconds (a bound that only catches hangs)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+    return value
+
+
+def _follow_state(device, version: str):
+    """The follower's status once it is done with `version` (installed it, or refused it)."""
+    answer = requests.get(f"{device.url}/v2/repository/models/det", timeout=10)
+    follow = answer.json().get("follow", {}) if answer.status_code == 200 else {}
+    done = follow.get("failed_version") == version or (
+        follow.get("version") == version and follow["state"] == "following"
+    )
+    return follow if done else None
+
+
+def test_pull_mode_installs_signed_releases_and_refuses_the_others(tracking_server, linear, keys, tmp_path):
+    from mlflow import MlflowClient
+
+    from arachne_mlflow.flavors import onnx as arachne_onnx
+    from arachne_mlflow.flavors.signing import sign_model_version, signature_path
+
+    client, registered = MlflowClient(tracking_server), f"pulled-{uuid.uuid4().hex[:8]}"
+    onnx_files = {scale: next(linear[scale].glob("*.onnx")) for scale in linear}
+
+    def register(scale: float, name: str = registered):
+        info = arachne_onnx.log_model(str(onnx_files[scale]), name="model", registered_model_name=name)
+        return info, str(info.registered_model_version)
+
+    _, v1 = register(2.0)
+    sign_model_version(f"models:/{registered}/{v1}", keys["release"][0], client=client)
+    client.set_registered_model_alias(registered, "prod", v1)
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server}
+    args = [
+        "--follow",
+        f"det=models:/{registered}@prod",
+        "--follow-interval",
+        "1",
+        "--trust-key",
+        str(keys["release"][1]),
+    ]
+    device = ServerProcess(tmp_path / "store", extra_args=args, env=environment).start()
+    try:
+        assert _wait(lambda: _follow_state(device, v1))["state"] == "following"
+        assert record(device)["signature"]["version"] == int(v1)
+        np.testing.assert_allclose(infer(device), expected(linear[2.0]), rtol=1e-6)
+
+        _, unsigned = register(3.0)  # an unsigned version
+        info, replayed = register(3.0)  # a version carrying another registered model's valid signature
+        other = f"{registered}-other"
+        client.create_registered_model(other)
+        client.create_model_version(other, info.model_uri, model_id=info.model_id)
+        sign_model_version(f"models:/{other}/1", keys["release"][0], client=client)
+        copied = tmp_path / "copied"
+        mlflow.artifacts.download_artifacts(
+            f"{client.get_logged_model(info.model_id).artifact_location}/{signature_path(other, 1)}",
+            dst_path=str(copied),
+            tracking_uri=tracking_server,
+        )
+        client.log_model_artifacts(info.model_id, str(copied / "1"), artifact_path=signature_path(registered, replayed))
+        _, untrusted = register(3.0)
+        sign_model_version(f"models:/{registered}/{untrusted}", keys["other"][0], client=client)
+        for version, reason in (
+            (unsigned, "the model is not signed"),
+            (replayed, f"release of '{other}'"),
+            (untrusted, "does not trust"),
+        ):
+            client.set_registered_model_alias(registered, "prod", version)
+            follow = _wait(lambda version=version: _follow_state(device, version))
+            assert follow["state"] == "failed" and reason in follow["last_error"], follow
+            assert record(device)["provenance"]["version"] == v1
+        np.testing.assert_allclose(infer(device), expected(linear[2.0]), rtol=1e-6)
+
+        _, v5 = register(3.0)
+        sign_model_version(f"models:/{registered}/{v5}", keys["release"][0], client=client)
+        client.set_registered_model_alias(registered, "prod", v5)
+        assert _wait(lambda: _follow_state(device, v5))["state"] == "following"
+        np.testing.assert_allclose(infer(device), expected(linear[3.0]), rtol=1e-6)
+        client.set_registered_model_alias(registered, "prod", v1)  # an older signed release: no silent downgrade
+        follow = _wait(lambda: _follow_state(device, v1))
+        assert follow["state"] == "failed" and f"older than the signed version {v5}" in follow["last_error"]
+        assert record(device)["signature"]["version"] == int(v5)
+        assert refusals(device) == {("det", "untrusted"): 3.0, ("det", "downgrade"): 1.0}
+    finally:
+        device.stop()
