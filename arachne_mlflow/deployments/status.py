@@ -38,6 +38,8 @@ class DeviceStatus:
     revision: int | None = None
     last_known: str | None = None  # from the version tags, for a device that could not be asked
     error: str | None = None
+    signer: str | None = None  # the key fingerprint that signed the version it runs (None: unsigned)
+    requires_signature: bool | None = None  # serve --trust-key (None: not known, the device was not asked)
 
 
 @dataclass
@@ -143,7 +145,21 @@ def _device_status(found: DeploymentStatus, device: Device, answer: Any, recorde
         and answer.get("state") == "READY"
     )
     state = answer.get("state", UNKNOWN)
-    return DeviceStatus(str(device), device.address, wanted, actual, state, same, answer.get("revision"))
+    result = DeviceStatus(str(device), device.address, wanted, actual, state, same, answer.get("revision"))
+    return _with_signature(result, answer)
+
+
+def _with_signature(result: DeviceStatus, record: dict[str, Any]) -> DeviceStatus:
+    """Who signed the version the device runs, and whether it requires signed models."""
+    signature = record.get("signature")
+    result.signer = signature.get("signer") if isinstance(signature, dict) else None
+    result.requires_signature = bool(record.get("signatures_required"))
+    return result
+
+
+def _signature_cell(device: DeviceStatus) -> str:
+    signed = f"key {device.signer[:16]}" if device.signer else ("unsigned" if device.requires_signature is not None else "?")
+    return signed + (" (required)" if device.requires_signature else "")
 
 
 def _drift(found: DeploymentStatus) -> list[str]:
@@ -194,6 +210,10 @@ def to_text(statuses: Sequence[DeploymentStatus]) -> str:
         if s.devices:
             headers = ["device", "desired", "actual", "state", "in sync"]
             rows = [[d.device, d.desired, d.actual, d.state, "yes" if d.in_sync else "no"] for d in s.devices]
+            if any(d.signer or d.requires_signature for d in s.devices):
+                headers.append("signed by")
+                for row, d in zip(rows, s.devices):
+                    row.append(_signature_cell(d))
             if any(d.error for d in s.devices):
                 headers.append("error")
                 for row, d in zip(rows, s.devices):

@@ -286,6 +286,8 @@ class ModelStore:
         record["state"] = "READY" if entry.loaded is not None else "UNAVAILABLE"
         if entry.reason:
             record["reason"] = entry.reason
+        if self.signatures.required:
+            record["signatures_required"] = True
         refusals = self.signatures.refusals(name)
         if refusals:
             record["refusals"] = refusals
