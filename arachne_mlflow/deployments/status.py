@@ -158,7 +158,10 @@ def _with_signature(result: DeviceStatus, record: dict[str, Any]) -> DeviceStatu
 
 
 def _signature_cell(device: DeviceStatus) -> str:
-    signed = f"key {device.signer[:16]}" if device.signer else ("unsigned" if device.requires_signature is not None else "?")
+    if device.signer:
+        signed = f"key {device.signer[:16]}"
+    else:
+        signed = "unsigned" if device.requires_signature is not None else "?"
     return signed + (" (required)" if device.requires_signature else "")
 
 
