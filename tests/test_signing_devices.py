@@ -408,3 +408,62 @@ def test_pull_mode_installs_signed_releases_and_refuses_the_others(tracking_serv
         assert refusals(device) == {("det", "untrusted"): 3.0, ("det", "downgrade"): 1.0}
     finally:
         device.stop()
+
+
+# -- the deployments plugin: verify before pushing, no unsigned push to a device that requires signatures ---
+def test_the_plugin_pushes_signed_releases_and_refuses_unsigned_ones(
+    tracking_server, linear, keys, tmp_path, capsys, monkeypatch
+):
+    from mlflow import MlflowClient
+    from mlflow.deployments import get_deploy_client
+    from mlflow.exceptions import MlflowException
+
+    from arachne_mlflow.flavors import onnx as arachne_onnx
+    from arachne_mlflow.flavors.signing import sign_model_version
+    from tests.helpers.fleet import fleet_command, fleet_file
+
+    registered = f"pushed-{uuid.uuid4().hex[:8]}"
+    onnx_file = next(linear[2.0].glob("*.onnx"))
+    for _ in range(2):
+        arachne_onnx.log_model(str(onnx_file), name="model", registered_model_name=registered)
+    sign_model_version(f"models:/{registered}/1", keys["release"][0], client=MlflowClient(tracking_server))
+    strict = ServerProcess(tmp_path / "strict", extra_args=["--trust-key", str(keys["release"][1])]).start()
+    plain = ServerProcess(tmp_path / "plain").start()
+    try:
+        fleet = fleet_file(tmp_path / "fleet.yaml", [strict, plain])
+        monkeypatch.setenv("ARACHNE_FLEET", str(fleet))
+        client = get_deploy_client("arachne-jetson://@all")
+        result = client.create_deployment("det", f"models:/{registered}/1", config={"report": "false"})
+        assert [d["state"] for d in result["devices"]] == ["deployed", "deployed"]
+        for device in (strict, plain):
+            np.testing.assert_allclose(infer(device), expected(linear[2.0]), rtol=1e-6)
+        fingerprint = load_trusted_keys([keys["release"][1]])[0].fingerprint
+        assert record(strict)["signature"]["signer"] == fingerprint
+        code, out, _ = fleet_command(capsys, "status", "det")
+        rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("cam-")}
+        assert code == 0 and rows["cam-0"].endswith(f"key {fingerprint[:16]} (required)"), out
+        assert rows["cam-1"].endswith("not checked")
+
+        # an unsigned version: not pushed to the device that requires signatures, pushed to the other
+        with pytest.raises(MlflowException) as failed:
+            client.update_deployment("det", f"models:/{registered}/2", config={"report": "false"})
+        assert "requires signed models (serve --trust-key)" in str(failed.value) and "nothing was sent" in str(
+            failed.value
+        )
+        assert record(strict)["provenance"]["version"] == "1" and "refusals" not in record(strict)
+        assert record(plain)["provenance"]["version"] == "2"
+
+        # keys on the host: a release another key signed, or an unsigned one, is refused before any device is asked
+        with pytest.raises(MlflowException, match="does not trust"):
+            client.update_deployment(
+                "det", f"models:/{registered}/1", config={"report": "false", "trust_keys": str(keys["other"][1])}
+            )
+        fleet.write_text(fleet.read_text() + f"trust_keys: [{keys['release'][1]}]\n")
+        with pytest.raises(MlflowException, match="the model is not signed"):
+            client.update_deployment("det", f"models:/{registered}/2", config={"report": "false"})
+        assert record(plain)["provenance"]["version"] == "2"
+        result = client.update_deployment("det", f"models:/{registered}/1", config={"report": "false"})
+        assert [d["state"] for d in result["devices"]] == ["unchanged", "deployed"]
+    finally:
+        strict.stop()
+        plain.stop()

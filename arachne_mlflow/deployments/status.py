@@ -158,11 +158,12 @@ def _with_signature(result: DeviceStatus, record: dict[str, Any]) -> DeviceStatu
 
 
 def _signature_cell(device: DeviceStatus) -> str:
-    if device.signer:
-        signed = f"key {device.signer[:16]}"
-    else:
-        signed = "unsigned" if device.requires_signature is not None else "?"
-    return signed + (" (required)" if device.requires_signature else "")
+    """`key <fingerprint> (required)`; a device that does not require signatures does not check them."""
+    if device.requires_signature is None:
+        return "?"
+    if not device.requires_signature:
+        return "not checked"
+    return f"key {device.signer[:16]} (required)" if device.signer else "unsigned (required)"
 
 
 def _drift(found: DeploymentStatus) -> list[str]:
