@@ -34,6 +34,7 @@ from arachne_mlflow.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
     UnauthorizedError,
+    UntrustedModelError,
 )
 from arachne_mlflow.model.archive import stream_tar, tar_size
 from arachne_mlflow.model.digest import files_digest
@@ -51,6 +52,7 @@ _BINARY_HEADERS = f"{codec.HEADER_LENGTH}: %d\r\n".encode()  # (tritonclient sen
 _ERRORS = {
     400: InvalidInputError,
     401: UnauthorizedError,
+    403: UntrustedModelError,  # a device that requires signed models (serve --trust-key) refused one
     404: ModelNotFoundError,
     409: ConflictError,
     413: InvalidInputError,

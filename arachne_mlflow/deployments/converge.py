@@ -23,8 +23,9 @@ from arachne_mlflow.deployments.results import (
     DeviceResult,
     version_label,
 )
-from arachne_mlflow.deployments.source import ModelSource, RegistryVersion
-from arachne_mlflow.errors import ArachneError, IncompatibleModelError, ModelNotFoundError
+from arachne_mlflow.deployments.source import ModelSource, RegistryVersion, is_signed, verify_source
+from arachne_mlflow.deployments.targets import Settings, trusted_keys
+from arachne_mlflow.errors import ArachneError, IncompatibleModelError, ModelNotFoundError, UntrustedModelError
 from arachne_mlflow.fleet.connection import Connection
 from arachne_mlflow.fleet.device import Device
 from arachne_mlflow.model.arch import normalize_arch
@@ -55,6 +56,7 @@ def push_device(
                 return _unchanged(device, before, stored, source, start)
             metadata = metadata or client.server_metadata(timeout=connection.upload_timeout)
             check_device_can_run(metadata, source, device)
+            check_device_takes_signature(metadata, source, device)
             client.upload_model(
                 name, source.model.path, files=source.files, provenance=source.provenance, progress=progress, force=True
             )
@@ -182,6 +184,26 @@ def check_device_can_run(metadata: dict[str, Any], source: ModelSource, device: 
     tvm_devices = runtimes["tvm"].get("devices")
     if tvm_devices is not None and kind not in tvm_devices:
         raise IncompatibleModelError(f"device {device} has no TVM device {kind!r} (it has {tvm_devices})")
+
+
+def verify_if_trusted(source: ModelSource, settings: Settings) -> None:
+    """With trusted keys (`-C trust_keys`, the fleet file's `trust_keys`), the release a push would send
+    is verified on the host first: a model no device should take is refused before any is contacted."""
+    trusted = trusted_keys(settings)
+    if trusted:
+        verify_source(source, trusted)
+
+
+def check_device_takes_signature(metadata: dict[str, Any], source: ModelSource, device: Device) -> None:
+    """Refuse before pushing an unsigned model to a device that requires signed ones (its `GET /v2`
+    says so): it would refuse it anyway, after the whole upload."""
+    required = metadata.get("signatures") or {}
+    if isinstance(required, dict) and required.get("required") and not is_signed(source):
+        raise UntrustedModelError(
+            f"device {device} requires signed models (serve --trust-key) and "
+            f"{source.provenance.get('model_uri', 'this model')} is not signed: sign the registered version "
+            "(arachne-mlflow sign models:/NAME/VERSION --key ...); nothing was sent"
+        )
 
 
 def _since(start: float) -> float:

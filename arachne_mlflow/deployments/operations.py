@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from mlflow.exceptions import MlflowException
 
 from arachne_mlflow.deployments import report
-from arachne_mlflow.deployments.converge import delete_device, on_devices, unchanged_device
+from arachne_mlflow.deployments.converge import delete_device, on_devices, unchanged_device, verify_if_trusted
 from arachne_mlflow.deployments.desired_state import (
     DELETING,
     HALTED,
@@ -140,6 +140,7 @@ def push(
         with tempfile.TemporaryDirectory(prefix="arachne-deploy-") as tmp:
             client = state.client if state else None
             source = resolve(model_uri, tmp, client=client, pinned=pinned, variant_order=settings.variants)
+            verify_if_trusted(source, settings)
             progress = settings.progress
             if progress is None:
                 progress = sys.stderr.isatty() and source.size >= PROGRESS_MIN_BYTES

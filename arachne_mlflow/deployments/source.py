@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,13 @@ from arachne_mlflow.model.archive import tar_size
 from arachne_mlflow.model.device_kind import device_kind
 from arachne_mlflow.model.digest import files_digest
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
+from arachne_mlflow.model.signing import (
+    RELEASE_FILE,
+    SIGNATURE_FILE,
+    Release,
+    signature_artifact_path,
+    verify_files,
+)
 from arachne_mlflow.model.variants import VariantChoice, choose_variant
 from arachne_mlflow.protocol import bounded_json
 
@@ -92,7 +100,8 @@ class ModelSource:
             found = self._per_variant.get(name)
             if found is None:
                 model = self.model.variant(name)
-                files = sorted(set(model.files()))
+                release = {f for f in self.files if f in (RELEASE_FILE, SIGNATURE_FILE)}  # signed: they travel too
+                files = sorted(set(model.files()) | release)
                 found = replace(
                     self,
                     model=model,
@@ -151,9 +160,9 @@ def resolve(
     the registered version `pinned` when the caller has resolved it already.
 
     Raises `InvalidInputError` when the model has no `arachne` flavor, naming the ones it has.
-    Only the files MLmodel names are pushed: a registry download holds others
-    (`registered_model_meta`) that are not part of the model. `variant_order` (`-C variants`) must
-    name variants the model has.
+    Only the files MLmodel names are pushed, with the version's release statement and signature where it
+    is signed: a registry download holds others (`registered_model_meta`) that are not part of the model.
+    `variant_order` (`-C variants`) must name variants the model has.
     """
     import mlflow
 
@@ -167,7 +176,7 @@ def resolve(
             artifact_uri=registry.pinned_uri if registry else model_uri, dst_path=dst_path
         )
     model = read_model_dir(local)
-    files = sorted(set(model.files()))
+    files = sorted(set(model.files()) | set(_release_files(model.path, registry)))
     provenance: dict[str, Any] = {
         "model_uri": model_uri,
         "run_id": model.mlmodel.get("run_id"),
@@ -221,6 +230,41 @@ def fastest_variants(registry: RegistryVersion, client: Any = None) -> dict[str,
         for kind, entry in parsed.items()
         if isinstance(entry, dict) and isinstance(entry.get("variant"), str)
     }
+
+
+def _release_files(path: Path, registry: RegistryVersion | None) -> list[str]:
+    """The release statement and signature stored for a registered version (flavors/signing.py), put beside
+    the model's files so that they travel with them: what a device that requires signatures verifies."""
+    if registry is None:
+        return []
+    stored = path / signature_artifact_path(registry.registered_model, registry.version)
+    found = []
+    for name in (RELEASE_FILE, SIGNATURE_FILE):
+        if (stored / name).is_file() and not (path / name).exists():
+            shutil.copyfile(stored / name, path / name)
+        if (path / name).is_file():
+            found.append(name)
+    return found
+
+
+def is_signed(source: ModelSource) -> bool:
+    """Whether the files a push sends carry a release signature (verified or not)."""
+    return SIGNATURE_FILE in source.files
+
+
+def verify_source(source: ModelSource, trusted: Sequence[Any]) -> Release:
+    """Check what a push would send against the trusted keys, as a device would (an unsigned model, another
+    key, another registered version, a changed file: refused before any device is contacted)."""
+    registry = source.registry
+    variant_files = {f for v in source.model.variants for f in v.variant_files()}
+    return verify_files(
+        source.model.path,
+        set(source.files) - {SIGNATURE_FILE},
+        list(trusted),
+        registered_model=registry.registered_model if registry else None,
+        version=int(registry.version) if registry else None,
+        may_be_absent=variant_files,
+    )
 
 
 @contextlib.contextmanager

@@ -39,6 +39,8 @@ class DeviceStatus:
     last_known: str | None = None  # from the version tags, for a device that could not be asked
     error: str | None = None
     variant: str | None = None  # of a model with variants: the one the device runs
+    signer: str | None = None  # the key fingerprint that signed the version it runs (None: unsigned)
+    requires_signature: bool | None = None  # serve --trust-key (None: not known, the device was not asked)
 
 
 @dataclass
@@ -145,7 +147,25 @@ def _device_status(found: DeploymentStatus, device: Device, answer: Any, recorde
     )
     state = answer.get("state", UNKNOWN)
     revision, variant = answer.get("revision"), answer.get("variant")
-    return DeviceStatus(str(device), device.address, wanted, actual, state, same, revision, variant=variant)
+    result = DeviceStatus(str(device), device.address, wanted, actual, state, same, revision, variant=variant)
+    return _with_signature(result, answer)
+
+
+def _with_signature(result: DeviceStatus, record: dict[str, Any]) -> DeviceStatus:
+    """Who signed the version the device runs, and whether it requires signed models."""
+    signature = record.get("signature")
+    result.signer = signature.get("signer") if isinstance(signature, dict) else None
+    result.requires_signature = bool(record.get("signatures_required"))
+    return result
+
+
+def _signature_cell(device: DeviceStatus) -> str:
+    """`key <fingerprint> (required)`; a device that does not require signatures does not check them."""
+    if device.requires_signature is None:
+        return "?"
+    if not device.requires_signature:
+        return "not checked"
+    return f"key {device.signer[:16]} (required)" if device.signer else "unsigned (required)"
 
 
 def _drift(found: DeploymentStatus) -> list[str]:
@@ -205,6 +225,10 @@ def to_text(statuses: Sequence[DeploymentStatus]) -> str:
             headers = ["device", "desired", "actual", "state", "in sync"]
             rows = [[d.device, d.desired, d.actual, d.state, "yes" if d.in_sync else "no"] for d in s.devices]
             _variant_column(headers, rows, [d.variant for d in s.devices])
+            if any(d.signer or d.requires_signature for d in s.devices):
+                headers.append("signed by")
+                for row, d in zip(rows, s.devices):
+                    row.append(_signature_cell(d))
             if any(d.error for d in s.devices):
                 headers.append("error")
                 for row, d in zip(rows, s.devices):

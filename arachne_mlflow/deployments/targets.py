@@ -25,7 +25,18 @@ from arachne_mlflow.fleet.inventory import Inventory, find_inventory, fleet_path
 
 DEFAULT_DEVICE = "localhost:5051"
 MAX_DEFAULT_PARALLEL = 256  # devices worked on at once unless -C parallel says otherwise
-FLEET_KEYS = ("fleet", "parallel", "min_success", "converge", "progress", "report", "retarget", "forget", "variants")
+FLEET_KEYS = (
+    "fleet",
+    "parallel",
+    "min_success",
+    "converge",
+    "progress",
+    "report",
+    "retarget",
+    "forget",
+    "variants",
+    "trust_keys",
+)
 MAX_ORDER = 16  # names in -C variants (a model holds at most as many variants: model/directory.py)
 
 
@@ -48,6 +59,7 @@ class Settings:
     forget: bool = False  # delete: devices that cannot be reached are forgotten by the registry all the same
     strategy: Strategy = field(default_factory=Strategy)  # batches, canary, health gate (strategy.py)
     variants: tuple[str, ...] | None = None  # -C variants=a,b: the deployment's order of a model's variants
+    trust_keys: tuple[str, ...] = ()  # -C trust_keys=a.pub,keys/: verify before pushing (over the fleet file's)
 
     def workers(self, devices: int) -> int:
         return max(1, self.parallel or min(devices, MAX_DEFAULT_PARALLEL))
@@ -114,6 +126,7 @@ def settings(config: Mapping[str, Any] | None) -> Settings:
         forget=flag("forget", config.get("forget"), False),
         strategy=strategy_of(config),
         variants=variant_order(config.get("variants")),
+        trust_keys=tuple(p.strip() for p in str(config.get("trust_keys") or "").split(",") if p.strip()),
     )
 
 
@@ -125,6 +138,20 @@ def variant_order(value: Any) -> tuple[str, ...] | None:
     if not all(names) or len(names) > MAX_ORDER:
         raise InvalidInputError(f"config variants must be 1 to {MAX_ORDER} names, comma-separated; got {value!r}")
     return names
+
+
+def trusted_keys(settings: Settings) -> list | None:
+    """The keys a push verifies models against: `-C trust_keys`, else the fleet file's `trust_keys`;
+    None when neither names any (nothing is verified on the host)."""
+    paths = settings.trust_keys
+    if not paths:
+        inventory = find_inventory(settings.fleet)
+        paths = inventory.trust_keys if inventory else ()
+    if not paths:
+        return None
+    from arachne_mlflow.model.signing import load_trusted_keys
+
+    return load_trusted_keys(paths)
 
 
 def resolve_target(target_uri: str, fleet: str | None = None, *, recorded: bool = False) -> list[Device]:

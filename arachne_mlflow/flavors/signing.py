@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import quote
 
 from arachne_mlflow.errors import InvalidInputError, MissingDependencyError
 from arachne_mlflow.model.directory import read_model_dir
@@ -35,10 +34,10 @@ from arachne_mlflow.model.signing import (
     key_fingerprint,
     load_trusted_keys,
     release_statement,
+    signature_artifact_path,
     verify_dir,
 )
 
-SIGNATURES_DIR = "arachne-signatures"
 SIGNATURE_TAG = "arachne.signature"
 
 
@@ -154,7 +153,7 @@ def release_layout(download: str | os.PathLike, name: str, version: int | str, d
 
 def signature_path(name: str, version: int | str) -> str:
     """Where a registered version's statement and signature live among its logged model's artifacts."""
-    return f"{SIGNATURES_DIR}/{quote(name, safe='')}/{int(version)}"
+    return signature_artifact_path(name, version)
 
 
 def resolve_version(model_uri: str, client):

@@ -8,6 +8,7 @@
     groups:
       lyon: {labels: {site: lyon}}           # a label selector
       canary: [cam-1]                        # or device names
+    trust_keys: [keys/release.pub]           # verify models against these before pushing (optional)
 
 Its path is `-C fleet=PATH`, else `$ARACHNE_FLEET`, else `~/.arachne-mlflow/fleet.yaml` (used
 when it exists). Tokens never go in the file: `token_env` names the variable that holds one.
@@ -33,7 +34,7 @@ DEFAULT_PATH = Path("~/.arachne-mlflow/fleet.yaml")
 ALL = "all"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_TOP_KEYS = ("defaults", "devices", "groups")
+_TOP_KEYS = ("defaults", "devices", "groups", "trust_keys")
 _DEFAULT_KEYS = ("port", "token_env", "tls", "ca_cert")
 _DEVICE_KEYS = ("address", "labels", *_DEFAULT_KEYS)
 
@@ -49,6 +50,7 @@ class Inventory:
     path: Path
     devices: dict[str, Device]
     groups: dict[str, list[str]]
+    trust_keys: tuple[str, ...] = ()  # public keys (files or directories) a push verifies models against
 
     def group(self, name: str) -> list[Device]:
         if name == ALL:
@@ -124,7 +126,20 @@ class _Reader:
                 reason = "is every device already (@all)" if name == ALL else "letters, digits, '.', '_', '-'"
                 raise self.error(key_node, f"groups.{name}", reason)
             groups[name] = self.group(name, value, devices)
-        return Inventory(self.path, devices, groups)
+        return Inventory(self.path, devices, groups, self.trust_keys(sections["trust_keys"]))
+
+    def trust_keys(self, node: yaml.Node | None) -> tuple[str, ...]:
+        """`trust_keys`: a path or a list of paths (relative to the fleet file) of public keys or key directories."""
+        if node is None:
+            return ()
+        items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        paths = []
+        for item in items:
+            value = self.scalar(item, "trust_keys")
+            if not isinstance(value, str) or not value:
+                raise self.error(item, "trust_keys", f"must be the path of a public key or a directory, got {value!r}")
+            paths.append(str((self.path.parent / Path(value).expanduser()).resolve()))
+        return tuple(paths)
 
     def defaults(self, node: yaml.Node | None) -> dict[str, Any]:
         values: dict[str, Any] = {}

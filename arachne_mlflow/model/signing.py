@@ -23,17 +23,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from arachne_mlflow.errors import (
+    ArachneError,
     InvalidInputError,
     MissingDependencyError,
     TamperedModelError,
     UntrustedModelError,
 )
+from arachne_mlflow.model.digest import FileHashes, hash_files
 from arachne_mlflow.model.directory import read_model_dir
 
 RELEASE_FILE = "arachne-release.json"
 SIGNATURE_FILE = "arachne-release.sig"
+SIGNATURES_DIR = "arachne-signatures"  # among a logged model's artifacts: <name quoted>/<version>/
 RELEASE_FORMAT = 1
 MAX_SIGNATURE_BYTES = 4 * 1024**2
 MAX_RELEASE_BYTES = 64 * 1024
@@ -241,15 +245,17 @@ def verify_files(
     version: int | None = None,
     sha256: Mapping[str, str] | None = None,
     signature: str | os.PathLike | None = None,
+    may_be_absent: Iterable[str] = (),
 ) -> Release:
     """Check that the files `names` under `root` (the release statement among them) are exactly what a
     trusted key signed, and return the release. `registered_model` refuses a release of another model,
     `version` a release of another version (a signature replayed onto it).
-    `sha256` (file -> hex, from the install's own pass: `digest.hash_files`) saves hashing them again."""
+    `sha256` (file -> hex, from the install's own pass: `digest.hash_files`) saves hashing them again.
+    `may_be_absent`: signed files that need not be among `names` (other variants' files)."""
     root = Path(root)
     signer, manifest = open_bundle(read_bundle(signature or root / SIGNATURE_FILE), trusted)
     names = set(names) | {RELEASE_FILE}
-    added, removed = sorted(names - set(manifest)), sorted(set(manifest) - names)
+    added, removed = sorted(names - set(manifest)), sorted(set(manifest) - names - set(may_be_absent))
     if added or removed:
         raise TamperedModelError(
             f"the model's files differ from the signed manifest: not signed {added[:5]}, missing {removed[:5]}"
@@ -293,6 +299,49 @@ def verify_dir(
     if strict:
         names |= _present_files(path) - {SIGNATURE_FILE}
     return verify_files(path, names, trusted, registered_model=registered_model, version=version, sha256=sha256)
+
+
+def verify_received(
+    path: str | os.PathLike,
+    trusted: list[TrustedKey],
+    *,
+    registered_model: str | None = None,
+    version: int | None = None,
+) -> tuple[Release, FileHashes]:
+    """Verify a model directory as a device received it, and hash its files once (`hash_files`: the
+    record's digest comes from the same read). Every file present but the signature must be signed and
+    match; a signed file may be absent only if it belongs to a variant (a device receives the variant
+    it runs), and every file of the variant this device would load must be present."""
+    path = Path(path)
+    present = _present_files(path)
+    hashes = hash_files(path, present)
+    try:
+        variant_files = {f for v in read_model_dir(path, check_files=False).variants for f in v.variant_files()}
+    except ArachneError:
+        variant_files = set()  # then nothing may be absent; verify_files says what differs
+    release = verify_files(
+        path,
+        present - {SIGNATURE_FILE},
+        trusted,
+        registered_model=registered_model,
+        version=version,
+        sha256=hashes.sha256,
+        may_be_absent=variant_files,
+    )
+    try:
+        loaded = read_model_dir(path)
+    except ArachneError as err:
+        raise TamperedModelError(f"the signed model's files for this device are missing: {err}") from err
+    missing = sorted(set(loaded.files()) - present)
+    if missing:
+        raise TamperedModelError(f"signed files of the variant this device runs are missing: {missing[:5]}")
+    return release, hashes
+
+
+def signature_artifact_path(name: str, version: int | str) -> str:
+    """Where a registered version's statement and signature live among its logged model's artifacts
+    (the host stores them there, a following device downloads them from there)."""
+    return f"{SIGNATURES_DIR}/{quote(name, safe='')}/{int(version)}"
 
 
 def _present_files(path: Path) -> set[str]:

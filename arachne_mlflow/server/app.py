@@ -29,6 +29,7 @@ from arachne_mlflow.server.dataplane import Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.records import MAX_PROVENANCE_BYTES, check_provenance
 from arachne_mlflow.server.settings import ServerSettings
+from arachne_mlflow.server.signatures import SignaturePolicy
 from arachne_mlflow.server.store import ModelStore
 
 _logger = logging.getLogger(__name__)
@@ -53,7 +54,12 @@ def create_app(settings: ServerSettings | str, **options: Any) -> ASGIApp:
     elif options:
         raise TypeError("create_app takes ServerSettings or a store directory with options, not both")
     # (the batching policy is serving's: the store asks it at each load, the dataplane reads what it decided)
-    store = ModelStore(settings.model_store, settings.max_upload_bytes, serving=settings.batching.settings_for)
+    store = ModelStore(
+        settings.model_store,
+        settings.max_upload_bytes,
+        serving=settings.batching.settings_for,
+        signatures=SignaturePolicy(settings.trust_keys),
+    )
     dataplane = Dataplane(store, settings)
     routes = _Routes(dataplane, settings.max_json_bytes)
     if settings.grpc_port is not None:

@@ -127,6 +127,7 @@ class Dataplane:
             "arch": machine_arch(),
             "python": platform.python_version(),
             "runtimes": available_runtimes(),
+            "signatures": self.store.signatures.metadata(),
         }
 
     def model_metadata(self, name: str) -> dict[str, Any]:

@@ -102,6 +102,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "declares a batch and leaves the batcher to the server (arachne.batching.dynamic_batching: false; "
         "capped by their max_batch_size; the others are logged as skipped); repeatable",
     )
+    parser.add_argument(
+        "--trust-key",
+        action="append",
+        default=[],
+        metavar="PUBLIC_KEY",
+        help="install only models signed by this key (a PEM public key, or a directory of *.pub/*.pem keys); "
+        "repeatable (key rotation: trust the old and the new key for a while); default: signatures not required",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument(
         "--access-log", action="store_true", help="log a line per request (off by default: errors are still logged)"
@@ -198,7 +206,17 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         grpc_grace=args.graceful_timeout,
         grpc_limits=_grpc_limits(args),
         follow=_follow_config(args),
+        trust_keys=_trust_keys(args),
     )
+
+
+def _trust_keys(args: argparse.Namespace) -> tuple:
+    """The `--trust-key` files and directories, loaded now (a wrong key stops the server at start)."""
+    if not args.trust_key:
+        return ()
+    from arachne_mlflow.model.signing import load_trusted_keys
+
+    return tuple(load_trusted_keys(args.trust_key))
 
 
 def _follow_config(args: argparse.Namespace):

@@ -246,7 +246,8 @@ class _InferenceCollector:
 
 class StoreCollector:
     """`arachne_model_ready`: 1 for each stored model that is loaded, 0 for one that is not (unloaded,
-    failed, quarantined at start-up); read from the store when scraped, so deleted models vanish."""
+    failed, quarantined at start-up); read from the store when scraped, so deleted models vanish.
+    `arachne_model_refusals`: versions refused for their signature (server/signatures.py)."""
 
     def __init__(self, store: object):
         self._store = store
@@ -258,3 +259,12 @@ class StoreCollector:
         for entry in self._store.index():
             ready.add_metric([entry["name"]], 1.0 if entry["state"] == "READY" else 0.0)
         yield ready
+        refusals = CounterMetricFamily(
+            "arachne_model_refusals",
+            "Versions refused for their signature (serve --trust-key), per model and reason: untrusted, tampered, "
+            "downgrade",
+            labels=["model", "reason"],
+        )
+        for (model, reason), count in sorted(self._store.signatures.counts.items()):
+            refusals.add_metric([model, reason], count)
+        yield refusals

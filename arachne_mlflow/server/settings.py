@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from arachne_mlflow.server.batching import BatchingPolicy
 
 if TYPE_CHECKING:
+    from arachne_mlflow.model.signing import TrustedKey
     from arachne_mlflow.server.grpc_service import ConnectionLimits
     from arachne_mlflow.server.pull.follow import FollowConfig
 
@@ -30,7 +31,8 @@ class ServerSettings:
     asks). With `grpc_port` (0: any free port, then in `app.state.grpc_port`), the gRPC service
     runs beside REST on the same event loop; `grpc_tls` is (certificate file, key file),
     `grpc_grace` the seconds calls may take to finish at shut-down, `grpc_limits` its
-    `ConnectionLimits`. With `follow`, models follow registry aliases (server/pull/).
+    `ConnectionLimits`. With `follow`, models follow registry aliases (server/pull/). With
+    `trust_keys`, only models signed by one of them are installed, rolled back to or loaded (server/signatures.py).
     """
 
     model_store: str
@@ -47,6 +49,7 @@ class ServerSettings:
     grpc_grace: float = 5.0
     grpc_limits: ConnectionLimits | None = None
     follow: FollowConfig | None = None
+    trust_keys: tuple[TrustedKey, ...] = ()  # `--trust-key`: every installed version must be signed by one
 
     def __post_init__(self) -> None:
         # (`create_app`'s keywords may leave these out as None: the defaults then)

@@ -61,6 +61,7 @@ from arachne_mlflow.server.records import (
     write_record,
 )
 from arachne_mlflow.server.settings import DEFAULT_MAX_UPLOAD_BYTES
+from arachne_mlflow.server.signatures import SignaturePolicy
 
 if TYPE_CHECKING:
     from arachne_mlflow.server.batching import Batcher, BatchingSettings
@@ -154,8 +155,10 @@ class ModelStore:
         root: str | os.PathLike,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         serving: ServingCheck | None = None,
+        signatures: SignaturePolicy | None = None,
     ):
         self._serving = serving or BatchingPolicy().settings_for
+        self.signatures = signatures or SignaturePolicy()  # `serve --trust-key`: the keys, the refusals
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / MARKER).is_file():
@@ -212,6 +215,7 @@ class ModelStore:
             checked: dict[str, ArachneModel] = {}
             for name, entry in found.items():
                 try:
+                    self._verify_signature(name, entry.record)
                     checked[name] = read_checked(self.root / name / entry.record["version_dir"])
                 except ArachneError as err:
                     self._failed(name, err)
@@ -282,6 +286,11 @@ class ModelStore:
         record["state"] = "READY" if entry.loaded is not None else "UNAVAILABLE"
         if entry.reason:
             record["reason"] = entry.reason
+        if self.signatures.required:
+            record["signatures_required"] = True
+        refusals = self.signatures.refusals(name)
+        if refusals:
+            record["refusals"] = refusals
         return record
 
     def index(self) -> list[dict[str, Any]]:
@@ -327,6 +336,7 @@ class ModelStore:
             try:
                 safe_extract(stream, incoming, max_bytes=self.max_upload_bytes)
                 os.rename(incoming, directory / version_dir)
+                verified = self.signatures.verify(name, directory / version_dir, provenance)  # before anything reads it
                 model = read_checked(directory / version_dir)  # before anything loads it
                 replaced = self._entries.get(name)
                 record = {
@@ -334,12 +344,14 @@ class ModelStore:
                     "revision": _next_revision(replaced.record) if replaced else 1,
                     "version_dir": version_dir,
                     "runtime": model.runtime,
-                    "digest": tree_digest(directory / version_dir),
+                    "digest": verified.digest if verified else tree_digest(directory / version_dir),
                     "bytes": version_bytes(directory / version_dir),
                     "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "provenance": provenance,
                     **variant_of(model),
                 }
+                if verified is not None:
+                    record["signature"] = verified.signature
                 if replaced is not None:
                     record["previous"] = _without_previous(replaced.record)
                 loaded = self._load_proven(model, record, "it was not installed", digest=record["digest"], smoke=True)
@@ -378,6 +390,7 @@ class ModelStore:
             record = {**previous, "previous": _without_previous(entry.record)}
             loaded = None
             try:
+                self._verify_signature(name, previous)
                 model = read_checked(directory / previous["version_dir"])
                 loaded = self._load_proven(model, record, "the rollback changed nothing")
                 write_record(directory, record)
@@ -407,6 +420,7 @@ class ModelStore:
             entry = self._entry(name)
             if entry.loaded is None:
                 try:
+                    self._verify_signature(name, entry.record)
                     model = read_checked(self.root / name / entry.record["version_dir"])
                     # a model that failed or crashed is loaded in a child first, even if its files loaded here before
                     loaded = self._load_proven(model, entry.record, QUARANTINED, trusted=not entry.reason)
@@ -462,6 +476,11 @@ class ModelStore:
         if old is not None and old.loaded is not None:
             old.loaded.retire()
         return old
+
+    def _verify_signature(self, name: str, record: dict[str, Any]) -> None:
+        """A stored version (served or kept for rollback) checked against its signature again before it
+        loads, with trusted keys: a file changed on disk since it was installed refuses it."""
+        self.signatures.verify(name, self.root / name / record["version_dir"], record.get("provenance"))
 
     def _failed(self, name: str, err: Exception) -> None:
         self._entries[name].reason = str(err)

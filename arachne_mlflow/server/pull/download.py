@@ -18,6 +18,13 @@ from typing import Any
 from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError
 from arachne_mlflow.model.arch import machine_arch
 from arachne_mlflow.model.directory import ENVIRONMENT_FILES, MLMODEL, ArachneModel, read_model_dir
+from arachne_mlflow.model.signing import (
+    MAX_RELEASE_BYTES,
+    MAX_SIGNATURE_BYTES,
+    RELEASE_FILE,
+    SIGNATURE_FILE,
+    signature_artifact_path,
+)
 from arachne_mlflow.server.pull.registry_client import ModelVersion, RegistryClient
 from arachne_mlflow.server.pull.smoke import MAX_EXAMPLE_BYTES
 
@@ -28,10 +35,17 @@ _PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+ -]{0,254}$")
 
 
 def download_version(
-    registry: RegistryClient, mv: ModelVersion, stage: Path, max_bytes: int, seconds: float, stop: threading.Event
+    registry: RegistryClient,
+    mv: ModelVersion,
+    stage: Path,
+    max_bytes: int,
+    seconds: float,
+    stop: threading.Event,
+    signed: bool = False,
 ) -> Path:
     """MLmodel first, then the files it names, into `stage/files` (the example beside it, as `EXAMPLE`):
-    at most `max_bytes` in all, within `seconds`; `stop` ends a request in progress."""
+    at most `max_bytes` in all, within `seconds`; `stop` ends a request in progress. `signed` (a device
+    that requires signatures): the version's release statement and signature too, where they exist."""
     files, work = stage / "files", stage / "partial"
     deadline = time.monotonic() + seconds
     left = max_bytes
@@ -56,6 +70,8 @@ def download_version(
             left -= fetch(name, files / name, left)
         except ModelNotFoundError:
             pass
+    if signed:
+        left -= _fetch_signature(fetch, mv, files, left)
     example = _example_path(model.mlmodel)
     if example is not None:
         try:
@@ -76,6 +92,19 @@ def own_variant(files: Path) -> ArachneModel:
     if model.choice is not None:
         model.choice.required(f"this device ({device['arch']})")
     return model
+
+
+def _fetch_signature(fetch: Any, mv: ModelVersion, files: Path, left: int) -> int:
+    """The release statement and signature stored for this registered version (flavors/signing.py), each
+    under its own bound, beside the model's files; an unsigned version has none (the store refuses it)."""
+    folder = signature_artifact_path(mv.name, mv.version)
+    size = 0
+    for file, limit in ((RELEASE_FILE, MAX_RELEASE_BYTES), (SIGNATURE_FILE, MAX_SIGNATURE_BYTES)):
+        try:
+            size += fetch(f"{folder}/{file}", files / file, min(limit, left - size))
+        except ModelNotFoundError:
+            pass
+    return size
 
 
 def check_artifact_path(path: str) -> str:

@@ -2,8 +2,12 @@
 
 In order, each refusing the version (the old one keeps serving):
 
+0. With `serve --trust-key`, a release of the followed registered model older than the signed one
+   served is refused before anything is downloaded (no silent downgrade by a registry writer).
 1. `download.download_version`: MLmodel, then only the files it names; every name against an
-   allow-list, the total under the store's upload cap, one try within a deadline.
+   allow-list, the total under the store's upload cap, one try within a deadline; with trusted
+   keys also the version's release statement and signature, which are verified
+   (server/signatures.py) before anything reads the model.
 2. `store.read_checked`: an upload's checks: the runtime options are ones its backend lets an
    uploaded model set, and this machine can run the model.
 3. `smoke.smoke_check`: a child process loads it and runs one inference under the smoke policy
@@ -23,11 +27,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from arachne_mlflow.errors import ModelNotFoundError, UntrustedModelError
 from arachne_mlflow.model.archive import stream_tar
 from arachne_mlflow.model.digest import tree_files
 from arachne_mlflow.server.pull.download import EXAMPLE, download_version
 from arachne_mlflow.server.pull.registry_client import ModelRef, ModelVersion, RegistryClient
 from arachne_mlflow.server.pull.smoke import smoke_check
+from arachne_mlflow.server.signatures import DOWNGRADE
 from arachne_mlflow.server.store import ModelStore, read_checked
 
 
@@ -47,7 +53,10 @@ def install_version(
     for other in directory.iterdir():
         if other.is_dir() and other != stage:
             shutil.rmtree(other, ignore_errors=True)
-    files = download_version(registry, mv, stage, store.max_upload_bytes, seconds, stop)
+    check_not_older(name, mv, store)
+    signed = store.signatures.required
+    files = download_version(registry, mv, stage, store.max_upload_bytes, seconds, stop, signed=signed)
+    store.signatures.verify(name, files, {"registered_model": mv.name, "version": mv.version})
     model = read_checked(files)  # an upload's checks (its runtime options...) before a child loads it
     example = stage / EXAMPLE
     smoke_check(files, name, example if example.is_file() else None)
@@ -64,6 +73,25 @@ def install_version(
     record = store.put(name, tar, provenance)
     shutil.rmtree(stage, ignore_errors=True)
     return record
+
+
+def check_not_older(name: str, mv: ModelVersion, store: ModelStore) -> None:
+    """A device that requires signatures does not pull a release of its registered model older than the
+    signed one it serves: a registry writer cannot downgrade it silently (an operator can push one with
+    the token, or follow a pinned version)."""
+    if not store.signatures.required:
+        return
+    try:
+        served = store.record(name).get("signature") or {}
+    except ModelNotFoundError:
+        return
+    if served.get("registered_model") == mv.name and int(mv.version) < int(served.get("version", 0)):
+        err = UntrustedModelError(
+            f"version {mv.version} of {mv.name!r} is older than the signed version {served['version']} this device "
+            "serves: a following device does not downgrade (push the older version with the token to do so)"
+        )
+        store.signatures.refused(name, err, DOWNGRADE)
+        raise err
 
 
 class _ChunkReader(io.RawIOBase):
