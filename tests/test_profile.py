@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import mlflow
@@ -94,6 +95,7 @@ def test_profile_logs_a_run_per_variant_and_kind_and_leaves_devices_as_they_were
 ):
     before = [_state(s) for s in devices]
     messages = []
+    since = int(time.time() * 1000)  # (other tests profile the same model: their runs are older)
     result = profile_model(
         f"models:/{MODEL}/1", _target(*devices), plan=Plan(repeats=30, warmup=3), progress=messages.append
     )
@@ -109,7 +111,7 @@ def test_profile_logs_a_run_per_variant_and_kind_and_leaves_devices_as_they_were
     assert any(m.startswith(f"{onnx_only} (") and f"{three_variants[2]}: skipped" in m for m in messages)
 
     experiment = MlflowClient().get_experiment_by_name(experiment_name(MODEL))
-    runs = MlflowClient().search_runs([experiment.experiment_id])
+    runs = MlflowClient().search_runs([experiment.experiment_id], f"attributes.start_time >= {since}")
     assert len(runs) == 5 and all(run.info.status == "FINISHED" for run in runs)
     for run in runs:
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags

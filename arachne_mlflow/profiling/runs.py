@@ -8,9 +8,11 @@ version's tag `arachne.profile` maps each kind of device to its fastest variant 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -85,7 +87,7 @@ class Recorder:
                 device, chosen.connection, scratch, classes=True, batch_rows=self.result.plan.batch_rows
             )
             try:
-                with mlflow.start_run(run_id=row.run_id):
+                with _in_experiment_of(row.run_id), mlflow.start_run(run_id=row.run_id):
                     outcome = mlflow.models.evaluate(
                         model=predict, data=inputs.data, targets=inputs.targets, model_type="classifier"
                     )
@@ -168,3 +170,19 @@ def _previous(text: str | None) -> dict[str, Any]:
     except ArachneError:
         return {}
     return {k: v for k, v in value.items() if isinstance(v, dict)} if isinstance(value, dict) else {}
+
+
+@contextlib.contextmanager
+def _in_experiment_of(run_id: str) -> Iterator[None]:
+    """The run's experiment made the active one while MLflow's evaluator logs into the run, then the
+    caller's back: `start_run(run_id=...)` refuses a run outside an experiment the caller set active.
+    (MLflow has no public getter of the active experiment, hence its module attribute.)"""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    previous = fluent._active_experiment_id
+    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
+    try:
+        yield
+    finally:
+        fluent._active_experiment_id = previous
