@@ -34,11 +34,12 @@ from arachne_mlflow.protocol.datatypes import config_datatype, to_datatype
 from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
 from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStats
+from arachne_mlflow.server.loading import LoadedModel
 from arachne_mlflow.server.metrics import Metrics, ModelSeries, RequestTimes, StoreCollector
 from arachne_mlflow.server.probe import known_tvm_devices
 from arachne_mlflow.server.repository import Repository
 from arachne_mlflow.server.settings import ServerSettings
-from arachne_mlflow.server.store import LoadedModel, ModelStore
+from arachne_mlflow.server.store import ModelStore
 
 _logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -13,11 +13,15 @@ import json
 import logging
 import math
 import os
+import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from arachne_mlflow.errors import InsufficientStorageError, InvalidInputError
+
+if TYPE_CHECKING:
+    from arachne_mlflow.model.directory import ArachneModel
 from arachne_mlflow.model.digest import tree_files
 
 _logger = logging.getLogger(__name__)
@@ -93,7 +97,7 @@ def public_record(record: dict[str, Any]) -> dict[str, Any]:
     """A record as clients see it: without directory names, with a summary of the kept previous version."""
     result = {k: v for k, v in record.items() if k not in ("version_dir", "previous")}
     previous = record.get("previous")
-    result["previous"] = {k: previous.get(k) for k in PREVIOUS_KEYS} if previous else None
+    result["previous"] = {k: previous.get(k) for k in PREVIOUS_KEYS if k in previous} if previous else None
     return result
 
 
@@ -153,3 +157,50 @@ def sync_directory(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def version_dirs(record: dict[str, Any]) -> list[str]:
+    return [record["version_dir"], *([record["previous"]["version_dir"]] if record.get("previous") else [])]
+
+
+def without_previous(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "previous"}
+
+
+def variant_of(model: ArachneModel) -> dict[str, str]:
+    """`{"variant": name}` for a model with variants (the one whose files the store holds), else {}."""
+    return {"variant": model.variant_name} if model.has_variants else {}
+
+
+def next_revision(record: dict[str, Any]) -> int:
+    """One more than any revision kept (after a rollback the served one is not the highest)."""
+    return max(record["revision"], (record.get("previous") or {}).get("revision", 0)) + 1
+
+
+def remove_all_but(directory: Path, keep: set[str]) -> None:
+    """Start-up cleanup: interrupted uploads, temporary records, versions no record names."""
+    for leftover in directory.iterdir():
+        if leftover.name in keep:
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink()
+
+
+MARKER = ".arachne-model-store"
+
+
+def claim_store_dir(root: Path) -> Path:
+    """`root`, made a model store (the marker file) if it is new or empty; a non-empty directory
+    without the marker is refused: start-up cleanup removes unknown directories, never do that to
+    someone's own files."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / MARKER).is_file():
+        if any(root.iterdir()):
+            raise InvalidInputError(
+                f"{root} is not empty and is not a model store (no {MARKER} file): "
+                "give the server a new or empty directory"
+            )
+        (root / MARKER).write_text("arachne-mlflow device server model store\n")
+    return root

@@ -15,10 +15,7 @@ deleted. Until the rename the old version keeps serving; if anything fails, ever
 upload is removed at once and nothing else changes (a full disk is a 507). A rollback swaps the
 served and the previous version the same way. At start-up every stored model is loaded in child
 processes first, so one that crashes its process is quarantined (UNAVAILABLE, with the reason)
-instead of taking the server down at every start. A version whose files, as they are on disk
-now, have loaded in this process before (a rollback, a re-upload) is not probed again: the digest
-that says so covers every file and symbolic link (model/digest.py `tree_digest`) and is computed
-again before each load, so files changed on disk since they loaded are probed again.
+instead of taking the server down at every start. Which loads need a child first: loading.py.
 
 Calls are blocking: the dataplane runs them in its thread pool. Operations on one name are
 serialized; other names are not held up.
@@ -30,109 +27,47 @@ import logging
 import os
 import shutil
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
-from arachne_mlflow import runtime
-from arachne_mlflow.errors import ArachneError, ConflictError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from arachne_mlflow.errors import ArachneError, ConflictError, ModelNotFoundError, ModelNotReadyError
 from arachne_mlflow.model.archive import safe_extract
 from arachne_mlflow.model.digest import tree_digest
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
-from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.protocol.names import NAME_PATTERN, check_name
-from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.server.batching import BatchingPolicy
-from arachne_mlflow.server.probe import probe_load, probe_many
+from arachne_mlflow.server.loading import LoadedModel, Loader, ServingCheck, read_checked
+from arachne_mlflow.server.name_locks import NameLocks
+from arachne_mlflow.server.probe import probe_many
 from arachne_mlflow.server.records import (
     CURRENT,
     check_provenance,
+    claim_store_dir,
+    next_revision,
     public_record,
     read_record,
+    remove_all_but,
     storage_error,
     storage_full,
     sync_tree,
+    variant_of,
     version_bytes,
+    version_dirs,
+    without_previous,
     write_record,
 )
 from arachne_mlflow.server.settings import DEFAULT_MAX_UPLOAD_BYTES
 from arachne_mlflow.server.signatures import SignaturePolicy
 
-if TYPE_CHECKING:
-    from arachne_mlflow.server.batching import Batcher, BatchingSettings
-
-#: What serving makes of a model as it loads (its batching settings, None: none), from its name, its
-#: MLmodel `arachne.batching` block and the loaded module's input and output specs; raises to refuse it.
-ServingCheck = Callable[[str, Any, Sequence[TensorSpec], Sequence[TensorSpec]], Any]
-
 _logger = logging.getLogger(__name__)
 
-MARKER = ".arachne-model-store"
-# Digests of loaded versions remembered so that they load without a child next time (a bound, not a cache size).
-MAX_PROVEN = 1024
 QUARANTINED = "it is quarantined (not loaded): delete it, upload another version or roll it back"
 STARTING = "the server is starting: it is being loaded"
-
-
-class LoadedModel:
-    """A loaded runtime module that is freed only when the last inference using it has finished.
-
-    `batching` is how serving batches its requests (None: each runs alone: the store's `ServingCheck`
-    said so at the load); the dataplane makes its `batcher` when the first request comes.
-    """
-
-    def __init__(
-        self,
-        module: RuntimeModule,
-        record: dict[str, Any],
-        load_seconds: float,
-        batching: BatchingSettings | None = None,
-    ):
-        self.module = module
-        self.record = record
-        self.load_seconds = load_seconds
-        self.batching = batching
-        self.batcher: Batcher | None = None
-        self.revision = str(record["revision"])
-        self.input_names = [spec.name for spec in module.input_specs]
-        self.output_names = [spec.name for spec in module.output_specs]
-        self._users = 0
-        self._retired = False
-        self._lock = threading.Lock()
-
-    def try_acquire(self) -> bool:
-        """Hold the module for one use; False once it is retired (look the model up again)."""
-        with self._lock:
-            if self._retired:
-                return False
-            self._users += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self._users -= 1
-            free = self._retired and self._users == 0
-        if free:
-            self.module.done()
-
-    def retire(self) -> None:
-        """Free the module now, or after the inferences still running on it finish."""
-        with self._lock:
-            self._retired = True
-            free = self._users == 0
-        if free:
-            self.module.done()
-
-
-@dataclass
-class _NameLock:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    holders: int = 0  # operations running or waiting on the name
 
 
 @dataclass
@@ -157,25 +92,14 @@ class ModelStore:
         serving: ServingCheck | None = None,
         signatures: SignaturePolicy | None = None,
     ):
-        self._serving = serving or BatchingPolicy().settings_for
         self.signatures = signatures or SignaturePolicy()  # `serve --trust-key`: the keys, the refusals
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not (self.root / MARKER).is_file():
-            if any(self.root.iterdir()):
-                # start-up cleanup removes unknown directories: never do that to someone's own files
-                raise InvalidInputError(
-                    f"{self.root} is not empty and is not a model store (no {MARKER} file): "
-                    "give the server a new or empty directory"
-                )
-            (self.root / MARKER).write_text("arachne-mlflow device server model store\n")
+        self.root = claim_store_dir(Path(root).resolve())
         self.max_upload_bytes = max_upload_bytes
         self._entries: dict[str, _Entry] = {}
-        self._name_locks: dict[str, _NameLock] = {}  # only while an operation on the name runs or waits
+        self._name_locks = NameLocks()  # only while an operation on the name runs or waits
         self._guard = threading.Lock()
-        # digests of versions that loaded in this process, oldest first: whether they answered a smoke inference
-        self._proven: dict[str, bool] = {}
         self._stopping = threading.Event()  # set by `close`: probes under way stop, start-up loads no more
+        self._loader = Loader(serving or BatchingPolicy().settings_for, self._stopping)
 
     # -- start-up and shut-down ------------------------------------------------------------
     def open(self) -> None:
@@ -198,7 +122,7 @@ class ModelStore:
                 _logger.warning("removing %s: an upload that never completed", directory)
                 shutil.rmtree(directory, ignore_errors=True)
                 continue
-            _remove_all_but(directory, {CURRENT, *_version_dirs(record)})
+            remove_all_but(directory, {CURRENT, *version_dirs(record)})
             found[name] = _Entry(record, reason=STARTING)
         with self._guard:
             self._entries.update(found)
@@ -210,7 +134,7 @@ class ModelStore:
         to it waits; one that came first (a delete, an upload) is left alone."""
         with ExitStack() as held:
             for name in sorted(found):
-                held.enter_context(self._name_lock(name))
+                held.enter_context(self._name_locks.hold(name))
             found = {name: entry for name, entry in found.items() if self._entries.get(name) is entry}
             checked: dict[str, ArachneModel] = {}
             for name, entry in found.items():
@@ -226,7 +150,7 @@ class ModelStore:
                 try:
                     if error is not None:
                         raise error
-                    loaded = self._load(checked[name], found[name].record)
+                    loaded = self._loader.load(checked[name], found[name].record)
                 except ArachneError as err:
                     self._failed(name, err)
                     continue
@@ -303,13 +227,9 @@ class ModelStore:
                 record = self.record(name)
             except ModelNotFoundError:
                 continue
+            reason = record.get("reason", "")
             result.append(
-                {
-                    "name": name,
-                    "version": str(record["revision"]),
-                    "state": record["state"],
-                    "reason": record.get("reason", ""),
-                }
+                {"name": name, "version": str(record["revision"]), "state": record["state"], "reason": reason}
             )
         return result
 
@@ -327,7 +247,7 @@ class ModelStore:
         """Store the tar `stream` of an MLflow model dir as `name`, load it, then make it current."""
         check_name(name)
         provenance = check_provenance(provenance)
-        with self._name_lock(name):
+        with self._name_locks.hold(name):
             directory = self.root / name
             directory.mkdir(exist_ok=True)
             version_dir = f"v-{uuid.uuid4().hex[:12]}"
@@ -341,7 +261,7 @@ class ModelStore:
                 replaced = self._entries.get(name)
                 record = {
                     "name": name,
-                    "revision": _next_revision(replaced.record) if replaced else 1,
+                    "revision": next_revision(replaced.record) if replaced else 1,
                     "version_dir": version_dir,
                     "runtime": model.runtime,
                     "digest": verified.digest if verified else tree_digest(directory / version_dir),
@@ -353,8 +273,10 @@ class ModelStore:
                 if verified is not None:
                     record["signature"] = verified.signature
                 if replaced is not None:
-                    record["previous"] = _without_previous(replaced.record)
-                loaded = self._load_proven(model, record, "it was not installed", digest=record["digest"], smoke=True)
+                    record["previous"] = without_previous(replaced.record)
+                loaded = self._loader.load_proven(
+                    model, record, "it was not installed", digest=record["digest"], smoke=True
+                )
                 sync_tree(directory / version_dir)  # on disk before CURRENT.json names it (power cuts)
                 write_record(directory, record)
             except BaseException as err:
@@ -378,7 +300,7 @@ class ModelStore:
         Atomic like an upload: the served version keeps serving until the previous one has loaded,
         and a failed rollback changes nothing. 409 when no previous version is kept.
         """
-        with self._name_lock(name):
+        with self._name_locks.hold(name):
             entry = self._entry(name)
             previous = entry.record.get("previous")
             if previous is None:
@@ -387,12 +309,12 @@ class ModelStore:
                     "(the version an upload replaces is kept until the next upload or a delete)"
                 )
             directory = self.root / name
-            record = {**previous, "previous": _without_previous(entry.record)}
+            record = {**previous, "previous": without_previous(entry.record)}
             loaded = None
             try:
                 self._verify_signature(name, previous)
                 model = read_checked(directory / previous["version_dir"])
-                loaded = self._load_proven(model, record, "the rollback changed nothing")
+                loaded = self._loader.load_proven(model, record, "the rollback changed nothing")
                 write_record(directory, record)
             except BaseException as err:
                 if loaded is not None:
@@ -405,7 +327,7 @@ class ModelStore:
 
     def delete(self, name: str) -> None:
         """Remove `name`: its served version, its previous one, its record."""
-        with self._name_lock(name):
+        with self._name_locks.hold(name):
             self._entry(name)
             with self._guard:
                 entry = self._entries.pop(name)
@@ -416,14 +338,14 @@ class ModelStore:
 
     def load(self, name: str) -> LoadedModel:
         """Load `name` again from disk (a no-op when it is loaded); first in a child unless it loaded here before."""
-        with self._name_lock(name):
+        with self._name_locks.hold(name):
             entry = self._entry(name)
             if entry.loaded is None:
                 try:
                     self._verify_signature(name, entry.record)
                     model = read_checked(self.root / name / entry.record["version_dir"])
                     # a model that failed or crashed is loaded in a child first, even if its files loaded here before
-                    loaded = self._load_proven(model, entry.record, QUARANTINED, trusted=not entry.reason)
+                    loaded = self._loader.load_proven(model, entry.record, QUARANTINED, trusted=not entry.reason)
                 except ArachneError as err:
                     entry.reason = str(err)
                     raise
@@ -432,7 +354,7 @@ class ModelStore:
             return entry.loaded
 
     def unload(self, name: str) -> None:
-        with self._name_lock(name):
+        with self._name_locks.hold(name):
             entry = self._entry(name)
             with self._guard:
                 loaded, entry.loaded = entry.loaded, None
@@ -450,22 +372,6 @@ class ModelStore:
                 f"models: {sorted(self._entries)}"
             )
         return entry
-
-    @contextmanager
-    def _name_lock(self, name: str) -> Iterator[None]:
-        """Serialize operations on `name`; the lock exists only while one runs or waits (a request
-        naming an unknown model leaves nothing behind)."""
-        with self._guard:
-            lock = self._name_locks.setdefault(name, _NameLock())
-            lock.holders += 1
-        try:
-            with lock.lock:
-                yield
-        finally:
-            with self._guard:
-                lock.holders -= 1
-                if not lock.holders:
-                    del self._name_locks[name]
 
     def _install(self, name: str, record: dict[str, Any], loaded: LoadedModel) -> _Entry | None:
         """Serve `loaded` as `name` (its record already on disk); the version it replaces is freed
@@ -485,84 +391,3 @@ class ModelStore:
     def _failed(self, name: str, err: Exception) -> None:
         self._entries[name].reason = str(err)
         _logger.error("model %r did not load: %s", name, err)
-
-    def _load_proven(
-        self,
-        model: ArachneModel,
-        record: dict[str, Any],
-        consequence: str,
-        trusted: bool = True,
-        digest: str = "",
-        smoke: bool = False,
-    ) -> LoadedModel:
-        """Load `model` here, once a child has loaded it (unless, `trusted`, the same files, as they
-        are on disk now, loaded here before); with `smoke` (uploads), once it has also answered its
-        smoke inference there. `digest`: of its files, when it was just computed."""
-        digest = digest or tree_digest(model.path)
-        if not trusted or self._proven.get(digest) is not True and (smoke or digest not in self._proven):
-            probe_load(model, record["name"], consequence, stop=self._stopping, smoke=smoke)
-        return self._load(model, record, digest, smoke)
-
-    def _load(
-        self, model: ArachneModel, record: dict[str, Any], digest_before: str = "", smoked: bool = False
-    ) -> LoadedModel:
-        """Load `model` in this process and remember its files' digests as proven: `digest_before`
-        (the files a child loaded) and the files as the load left them (a loader may write beside the
-        model: TVM links a `.tar` library into `<name>.tar.so` at each load)."""
-        start = time.perf_counter()
-        try:
-            module = runtime.load(model)
-        except ArachneError:
-            raise
-        except Exception as err:  # a DNN library's own error for a corrupt or foreign model file
-            raise InvalidInputError(f"model {record['name']!r} cannot be loaded: {err}") from err
-        try:
-            batching = self._serving(record["name"], model.batching, module.input_specs, module.output_specs)
-        except ArachneError:
-            module.done()
-            raise
-        digests = {digest_before, tree_digest(model.path)} - {""}
-        with self._guard:
-            for digest in digests:
-                self._proven[digest] = self._proven.pop(digest, False) or smoked
-            while len(self._proven) > MAX_PROVEN:
-                del self._proven[next(iter(self._proven))]
-        return LoadedModel(module, record, time.perf_counter() - start, batching)
-
-
-def read_checked(path: Path) -> ArachneModel:
-    """The model at `path`, refused (400, naming the key) if its runtime options are not ones its
-    backend lets an uploaded model set, or if this machine cannot run it."""
-    model = read_model_dir(path)
-    runtime.get_runtime_class(model.runtime).check_server_options(model.runtime_options)
-    model.check_compatible()
-    return model
-
-
-def _version_dirs(record: dict[str, Any]) -> list[str]:
-    return [record["version_dir"], *([record["previous"]["version_dir"]] if record.get("previous") else [])]
-
-
-def _without_previous(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k != "previous"}
-
-
-def variant_of(model: ArachneModel) -> dict[str, str]:
-    """`{"variant": name}` for a model with variants (the one whose files the store holds), else {}."""
-    return {"variant": model.variant_name} if model.has_variants else {}
-
-
-def _next_revision(record: dict[str, Any]) -> int:
-    """One more than any revision kept (after a rollback the served one is not the highest)."""
-    return max(record["revision"], (record.get("previous") or {}).get("revision", 0)) + 1
-
-
-def _remove_all_but(directory: Path, keep: set[str]) -> None:
-    """Start-up cleanup: interrupted uploads, temporary records, versions no record names."""
-    for leftover in directory.iterdir():
-        if leftover.name in keep:
-            continue
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink()

@@ -8,7 +8,7 @@ In order, each refusing the version (the old one keeps serving):
    allow-list, the total under the store's upload cap, one try within a deadline; with trusted
    keys also the version's release statement and signature, which are verified
    (server/signatures.py) before anything reads the model.
-2. `store.read_checked`: an upload's checks: the runtime options are ones its backend lets an
+2. `loading.read_checked`: an upload's checks: the runtime options are ones its backend lets an
    uploaded model set, and this machine can run the model.
 3. `smoke.smoke_check`: a child process loads it and runs one inference under the smoke policy
    (model/smoke_policy.py: the saved input example where it fits), its outputs checked against
@@ -30,11 +30,12 @@ from typing import Any
 from arachne_mlflow.errors import ModelNotFoundError, UntrustedModelError
 from arachne_mlflow.model.archive import stream_tar
 from arachne_mlflow.model.digest import tree_files
+from arachne_mlflow.server.loading import read_checked
 from arachne_mlflow.server.pull.download import EXAMPLE, download_version
 from arachne_mlflow.server.pull.registry_client import ModelRef, ModelVersion, RegistryClient
 from arachne_mlflow.server.pull.smoke import smoke_check
 from arachne_mlflow.server.signatures import DOWNGRADE
-from arachne_mlflow.server.store import ModelStore, read_checked
+from arachne_mlflow.server.store import ModelStore
 
 
 def install_version(
