@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -176,6 +178,19 @@ def test_tvm_tar_two_outputs(tvm_two_io, rng):
         m.run()
         for i, want in enumerate(expected):
             np.testing.assert_equal(m.get_output(i), want)
+
+
+def test_tvm_tar_is_linked_outside_its_directory(tvm_two_io, tmp_path, rng):
+    """A `.tar` library loads without writing into its directory (a device's store is digested and signed)."""
+    library = tmp_path / "model.tar"
+    shutil.copyfile(tvm_two_io["model_file"], library)
+    a, b = (rng.standard_normal((1, 4)).astype(np.float32) for _ in range(2))
+    with arachne_runtime.init("tvm", model_file=str(library), model_spec=tvm_two_io["model_spec"]) as m:
+        m.set_input(0, a)
+        m.set_input(1, b)
+        m.run()
+        assert m.get_output(0).shape == (1, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.tar"]
 
 
 def test_tvm_params_as_dict(tvm_linear, rng):

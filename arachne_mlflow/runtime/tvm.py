@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import struct
 import tarfile
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,7 +57,7 @@ class TVMRuntimeModule(RuntimeModule):
         tvm = import_tvm()
         self._device = _device(tvm, tvm_device)
         try:
-            library = tvm.runtime.load_module(model_file)
+            library = _load_library(tvm, model_file)
             self._vm = tvm.runtime.vm.VirtualMachine(library, self._device)
         except Exception as err:  # TVM raises TVMError/RuntimeError for a foreign or broken library
             raise IncompatibleModelError(
@@ -184,3 +186,20 @@ def _elf_extent_problem(file: Any, head: bytes, size: int, wide: bool, order: st
         if offset + filesz > size:
             return f"segment {i} ends at byte {offset + filesz}"
     return ""
+
+
+def _load_library(tvm: Any, model_file: str) -> Any:
+    """The library, loaded. A `.tar` (export_library's object files) is linked by TVM into
+    `<file>.so` beside the file it is given (a symbolic link resolved first): here, beside a hard link to
+    it (a copy across file systems) in a temporary directory, so that loading never writes into the
+    model's directory (a device's store, whose files are digested and may be signed). The linked
+    library stays mapped once loaded."""
+    if not model_file.endswith(".tar"):
+        return tvm.runtime.load_module(model_file)
+    with tempfile.TemporaryDirectory(prefix="arachne-tvm-link-") as work:
+        local = os.path.join(work, os.path.basename(model_file))
+        try:
+            os.link(model_file, local)
+        except OSError:
+            shutil.copyfile(model_file, local)
+        return tvm.runtime.load_module(local)

@@ -115,9 +115,10 @@ class Loader:
     def load(
         self, model: ArachneModel, record: dict[str, Any], digest_before: str = "", smoked: bool = False
     ) -> LoadedModel:
-        """Load `model` in this process and remember its files' digests as proven: `digest_before`
-        (the files a child loaded) and the files as the load left them (a loader may write beside the
-        model: TVM links a `.tar` library into `<name>.tar.so` at each load)."""
+        """Load `model` in this process and remember its files' digest as proven: `digest_before` (the
+        files a child loaded), else the files as they are now. (No backend writes into a model's
+        directory: TVM links a `.tar` library elsewhere, runtime/tvm.py.)"""
+        digest = digest_before or tree_digest(model.path)
         start = time.perf_counter()
         try:
             module = runtime.load(model)
@@ -130,10 +131,8 @@ class Loader:
         except ArachneError:
             module.done()
             raise
-        digests = {digest_before, tree_digest(model.path)} - {""}
         with self._guard:
-            for digest in digests:
-                self._proven[digest] = self._proven.pop(digest, False) or smoked
+            self._proven[digest] = self._proven.pop(digest, False) or smoked
             while len(self._proven) > MAX_PROVEN:
                 del self._proven[next(iter(self._proven))]
         return LoadedModel(module, record, time.perf_counter() - start, batching)
