@@ -226,3 +226,23 @@ def test_profile_with_data_evaluates_each_variant_on_the_device(devices, three_v
     by_variant = {r.data.params["variant"]: r.data.metrics for r in runs}
     assert by_variant["onnx"]["accuracy_score"] == 1.0  # the device's answers are the host's labels
     assert by_variant["onnx-int8"]["accuracy_score"] >= 0.9  # within the int8 build's top-1 tolerance
+
+
+def test_the_summary_tag_puts_the_fastest_variant_of_a_kind_first(devices, three_variants, tracking_server):
+    """A deployment sends each device the variant the profile found fastest on its kind of device (the
+    model's order puts onnx first: the tag names another), and the model's order where nothing was measured."""
+    from mlflow.deployments import get_deploy_client
+
+    full, onnx_only = devices
+    with DeviceClient("127.0.0.1", full.port) as client:
+        kind = device_kind(client.server_metadata()).key
+    summary = {kind: {"variant": "onnx-int8", "p50_ms": 0.01, "label": "x86_64", "at": "2026-12-07T00:00:00+00:00"}}
+    MlflowClient().set_model_version_tag(MODEL, "1", SUMMARY_TAG, json.dumps(summary))
+    deployments = get_deploy_client(_target(full, onnx_only))
+    try:
+        result = deployments.create_deployment("fastest", f"models:/{MODEL}/1", config={"report": "false"})
+        chosen = {device["device"]: device.get("variant") for device in result["devices"]}
+        assert chosen == {f"127.0.0.1:{full.port}": "onnx-int8", f"127.0.0.1:{onnx_only.port}": "onnx"}
+    finally:
+        MlflowClient().delete_model_version_tag(MODEL, "1", SUMMARY_TAG)
+        deployments.delete_deployment("fastest", config={"report": "false"})  # the devices and the registry
