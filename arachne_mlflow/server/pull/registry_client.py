@@ -185,6 +185,46 @@ class RegistryClient:
         with Deadline(self.json_seconds, self.stop):
             self._send("DELETE", f"{API}/model-versions/delete-tag", json=body).close()
 
+    # -- this device's record (protocol/device_records.py) ---------------------------------
+    def experiment_id(self, name: str) -> str:
+        """The id of the experiment `name`, created when it does not exist yet (and the credentials may)."""
+        route = f"{API}/experiments/get-by-name"
+        data = self._get_json(route, {"experiment_name": name}, missing_ok=True)
+        if data is None:
+            data = self._post_json(f"{API}/experiments/create", {"name": name})
+            return _text_field(data, "experiment_id", route)
+        return _text_field(_object(data, "experiment", route), "experiment_id", route)
+
+    def find_run(self, experiment_id: str, filter_string: str) -> str | None:
+        """The id of an active run of the experiment that `filter_string` matches, if there is one."""
+        route = f"{API}/runs/search"
+        body = {"experiment_ids": [experiment_id], "filter": filter_string, "max_results": 1}
+        runs = self._post_json(route, body).get("runs", [])
+        if not isinstance(runs, list):
+            raise RegistryError(f"{route}: the tracking server's runs is not a list")
+        return _text_field(_object(runs[0], "info", route), "run_id", route) if runs else None
+
+    def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+        route = f"{API}/runs/create"
+        body = {"experiment_id": experiment_id, "run_name": run_name, "tags": _tag_list(tags)}
+        body["start_time"] = int(time.time() * 1000)
+        return _text_field(_object(self._post_json(route, body), "run", route).get("info", {}), "run_id", route)
+
+    def run_tags(self, run_id: str) -> dict[str, str] | None:
+        """An active run's tags; None where the run is gone or deleted."""
+        route = f"{API}/runs/get"
+        data = self._get_json(route, {"run_id": run_id}, missing_ok=True)
+        if data is None:
+            return None
+        run = _object(data, "run", route)
+        if _object(run, "info", route).get("lifecycle_stage") != "active":
+            return None
+        return _tags(_object(run, "data", route).get("tags", []), route)
+
+    def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Every tag in one request (`runs/log-batch`)."""
+        self._post_json(f"{API}/runs/log-batch", {"run_id": run_id, "tags": _tag_list(tags)})
+
     # -- files -----------------------------------------------------------------------------
     def fetch_artifact(
         self,
@@ -241,10 +281,20 @@ class RegistryClient:
         raise RegistryError(f"the tracking server answered a range of {path!r} that does not match the file")
 
     # -- HTTP ------------------------------------------------------------------------------
-    def _get_json(self, route: str, params: dict[str, str]) -> dict[str, Any]:
-        """The JSON object the server answers, read within `json_seconds` and bounded before it is parsed."""
+    def _get_json(self, route: str, params: dict[str, str], missing_ok: bool = False) -> Any:
+        """The JSON object the server answers, read within `json_seconds` and bounded before it is parsed
+        (None for a 404 when `missing_ok`)."""
+        return self._json("GET", route, missing_ok, params=params)
+
+    def _post_json(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", route, False, json=body)
+
+    def _json(self, method: str, route: str, missing_ok: bool, **kwargs: Any) -> Any:
+        ok = (200, 404) if missing_ok else (200,)
         with Deadline(self.json_seconds, self.stop) as bounds:
-            with self._send("GET", route, bounds, params=params) as response:
+            with self._send(method, route, bounds, ok=ok, **kwargs) as response:
+                if response.status_code == 404:
+                    return None
                 body = _read_capped(response, MAX_JSON_BYTES, route, bounds)
         try:
             data = bounded_json.loads(
@@ -318,17 +368,38 @@ def _model_version(data: dict[str, Any], route: str) -> ModelVersion:
     version = fields["version"] or ""
     if not version.isdigit() or len(version) > 18:
         raise RegistryError(f"{route}: the tracking server named a model version {version[:40]!r}, not a number")
-    tags = mv.get("tags", [])  # (proto3 JSON leaves out empty lists)
-    if not isinstance(tags, list) or not all(isinstance(tag, dict) for tag in tags):
-        raise RegistryError(f"{route}: the tracking server's model_version.tags is not a list of objects")
     return ModelVersion(
         name=fields["name"] or "",
         version=version,
         status=fields["status"] or "",
         run_id=fields["run_id"] or None,
         source=fields["source"] or None,
-        tags={_field(tag, "key", route) or "": _field(tag, "value", route) or "" for tag in tags},
+        tags=_tags(mv.get("tags", []), route),  # (proto3 JSON leaves out empty lists)
     )
+
+
+def _tags(tags: Any, route: str) -> dict[str, str]:
+    if not isinstance(tags, list) or not all(isinstance(tag, dict) for tag in tags):
+        raise RegistryError(f"{route}: the tracking server's tags is not a list of objects")
+    return {_field(tag, "key", route) or "": _field(tag, "value", route) or "" for tag in tags}
+
+
+def _tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
+    return [{"key": key, "value": value} for key, value in tags.items()]
+
+
+def _object(data: Any, key: str, route: str) -> dict[str, Any]:
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, dict):
+        raise RegistryError(f"{route}: the tracking server's answer has no {key} object")
+    return value
+
+
+def _text_field(data: dict[str, Any], key: str, route: str) -> str:
+    value = _field(data, key, route)
+    if not value:
+        raise RegistryError(f"{route}: the tracking server's answer has no {key}")
+    return value
 
 
 def _field(obj: dict[str, Any], key: str, route: str) -> str | None:
