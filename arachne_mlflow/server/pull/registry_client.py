@@ -6,8 +6,9 @@ server authorizes by the registered model (the `mlflow-artifacts` proxy routes w
 the experiment as well). Credentials and TLS come from MLflow's own environment variables, applied
 as MLflow applies them. Every answer is bounded in size, in parsed size (objects and arrays) and
 in total time (`deadline_http`: whatever the sender's pace, and the follower's stop ends it at
-once), every field is type-checked before use, redirects are refused, and a file download resumes
-with an HTTP Range request after a dropped link.
+once), every field is type-checked before use, and a file download resumes with an HTTP Range
+request after a dropped link. Redirects are refused, except a file download's to an artifact host
+the device was told to trust (`ARACHNE_ARTIFACT_HOSTS`), where MLflow's credentials are not sent.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -49,6 +50,9 @@ _CHUNK = 1 << 16  # the most one read takes (a read returns what has arrived, ho
 _IDENTITY = ("", "identity")  # the only content encoding taken (asked for with Accept-Encoding: identity)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
+ARTIFACT_HOSTS_ENV = "ARACHNE_ARTIFACT_HOSTS"  # comma-separated https://host[:port] a download may be sent to
+_REDIRECTS = (301, 302, 303, 307, 308)
+_FILE_ANSWERS = (200, 206, 404, 416)
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,8 @@ class RegistryClient:
         self.timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
         self.json_seconds = JSON_SECONDS
         self.stop: threading.Event | None = None  # the follower's: set, it ends the request in progress
+        self.artifact_hosts: frozenset[str] = frozenset()  # origins a file download may be redirected to
+        self._plain: requests.Session | None = None  # (for them: no credentials)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> RegistryClient:
@@ -145,7 +151,9 @@ class RegistryClient:
             raise InvalidInputError(
                 "following a registry needs its address: set MLFLOW_TRACKING_URI=http(s)://host:port"
             )
-        return cls(uri, session_from_env(environ))
+        client = cls(uri, session_from_env(environ))
+        client.artifact_hosts = artifact_hosts(environ.get(ARTIFACT_HOSTS_ENV, ""))
+        return client
 
     def clone(self) -> RegistryClient:
         """The same server and settings on a session of its own (a requests session is not for many threads)."""
@@ -153,8 +161,14 @@ class RegistryClient:
         session.auth, session.verify, session.cert = self.session.auth, self.session.verify, self.session.cert
         session.headers.update(self.session.headers)
         clone = RegistryClient(self.tracking_uri, session)
-        clone.timeout, clone.json_seconds = self.timeout, self.json_seconds
+        clone.timeout, clone.json_seconds, clone.artifact_hosts = self.timeout, self.json_seconds, self.artifact_hosts
         return clone
+
+    def close(self) -> None:
+        """Close the connections kept open."""
+        self.session.close()
+        if self._plain is not None:
+            self._plain.close()
 
     @property
     def has_credentials(self) -> bool:
@@ -258,8 +272,10 @@ class RegistryClient:
             headers = {"Range": f"bytes={have}-", "If-Range": etag} if have and etag else {}
             with Deadline(deadline - time.monotonic(), stop or self.stop) as bounds:
                 response = self._send(
-                    "GET", ARTIFACT_ROUTE, bounds, ok=(200, 206, 404, 416), params=params, headers=headers
+                    "GET", ARTIFACT_ROUTE, bounds, ok=_FILE_ANSWERS + _REDIRECTS, params=params, headers=headers
                 )
+                if response.status_code in _REDIRECTS:
+                    response = self._redirected(response, bounds, headers)
                 with response:
                     if response.status_code == 404:
                         raise ModelNotFoundError(f"model version {name}/{version} has no file {path!r} in the registry")
@@ -309,13 +325,44 @@ class RegistryClient:
             raise RegistryError(f"{route}: the tracking server's answer is not a JSON object")
         return data
 
+    def _redirected(self, response: requests.Response, bounds: Deadline, headers: dict[str, str]) -> requests.Response:
+        """The answer of the artifact host a download was redirected to, if the device trusts it; asked
+        without MLflow's credentials (and not redirected further)."""
+        with response:
+            location = urljoin(response.url, response.headers.get("Location", ""))
+        origin = _origin(location)
+        if origin not in self.artifact_hosts:
+            raise RegistryError(
+                f"the tracking server {self.tracking_uri} redirected a download to {origin[:200]!r}, which is not a "
+                f"trusted artifact host (name it in {ARTIFACT_HOSTS_ENV} to follow it)"
+            )
+        if self._plain is None:
+            self._plain = requests.Session()
+            for scheme in ("http://", "https://"):
+                self._plain.mount(scheme, GuardedAdapter())
+            self._plain.verify, self._plain.trust_env = self.session.verify, False
+            self._plain.headers["Accept-Encoding"] = "identity"
+        return self._send("GET", "", bounds, ok=_FILE_ANSWERS, headers=headers, url=location, session=self._plain)
+
     def _send(
-        self, method: str, route: str, bounds: Deadline | None = None, ok: tuple[int, ...] = (200,), **kwargs: Any
+        self,
+        method: str,
+        route: str,
+        bounds: Deadline | None = None,
+        ok: tuple[int, ...] = (200,),
+        url: str | None = None,
+        session: requests.Session | None = None,
+        **kwargs: Any,
     ) -> requests.Response:
         """One request, streamed; an answer outside `ok` becomes the matching `RegistryError`."""
         try:
-            response = self.session.request(
-                method, self.tracking_uri + route, timeout=self.timeout, allow_redirects=False, stream=True, **kwargs
+            response = (session or self.session).request(
+                method,
+                url or self.tracking_uri + route,
+                timeout=self.timeout,
+                allow_redirects=False,
+                stream=True,
+                **kwargs,
             )
         except requests.RequestException as err:
             raise self._failure(err, bounds, f"{method} {route}") from err
@@ -525,6 +572,26 @@ def _check_tracking_uri(uri: str) -> str:
     if parts.query or parts.fragment:
         raise InvalidInputError(f"MLFLOW_TRACKING_URI={uri[:200]!r}: no query or fragment, just http(s)://host:port")
     return uri.rstrip("/")
+
+
+def artifact_hosts(value: str) -> frozenset[str]:
+    """The origins (`https://host:port`) of a comma-separated list of artifact hosts the device trusts."""
+    hosts = set()
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.path.strip("/"):
+            raise InvalidInputError(f"{ARTIFACT_HOSTS_ENV}: {item[:200]!r} is not an origin, https://host[:port]")
+        hosts.add(_origin(item))
+    return frozenset(hosts)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return url
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
 
 
 def _env_bool(environ: Mapping[str, str], name: str) -> bool:
