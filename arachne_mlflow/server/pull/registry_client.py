@@ -200,11 +200,13 @@ class RegistryClient:
             self._send("DELETE", f"{API}/model-versions/delete-tag", json=body).close()
 
     # -- this device's record (protocol/device_records.py) ---------------------------------
-    def experiment_id(self, name: str) -> str:
-        """The id of the experiment `name`, created when it does not exist yet (and the credentials may)."""
+    def experiment_id(self, name: str, create: bool) -> str | None:
+        """The id of the experiment `name`; when it does not exist yet, created (`create`) or None."""
         route = f"{API}/experiments/get-by-name"
         data = self._get_json(route, {"experiment_name": name}, missing_ok=True)
         if data is None:
+            if not create:
+                return None
             data = self._post_json(f"{API}/experiments/create", {"name": name})
             return _text_field(data, "experiment_id", route)
         return _text_field(_object(data, "experiment", route), "experiment_id", route)
@@ -233,7 +235,7 @@ class RegistryClient:
         run = _object(data, "run", route)
         if _object(run, "info", route).get("lifecycle_stage") != "active":
             return None
-        return _tags(_object(run, "data", route).get("tags", []), route)
+        return _tags(_object(run, "data", route).get("tags", []), route, "run.data.tags")
 
     def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
         """Every tag in one request (`runs/log-batch`)."""
@@ -421,13 +423,13 @@ def _model_version(data: dict[str, Any], route: str) -> ModelVersion:
         status=fields["status"] or "",
         run_id=fields["run_id"] or None,
         source=fields["source"] or None,
-        tags=_tags(mv.get("tags", []), route),  # (proto3 JSON leaves out empty lists)
+        tags=_tags(mv.get("tags", []), route, "model_version.tags"),  # (proto3 JSON leaves out empty lists)
     )
 
 
-def _tags(tags: Any, route: str) -> dict[str, str]:
+def _tags(tags: Any, route: str, what: str) -> dict[str, str]:
     if not isinstance(tags, list) or not all(isinstance(tag, dict) for tag in tags):
-        raise RegistryError(f"{route}: the tracking server's tags is not a list of objects")
+        raise RegistryError(f"{route}: the tracking server's {what} is not a list of objects")
     return {_field(tag, "key", route) or "": _field(tag, "value", route) or "" for tag in tags}
 
 

@@ -34,6 +34,7 @@ class RunReporter:
         self._file = directory / RECORD_FILE
         self._run_id: str | None = _load_run_id(self._file)
         self._read_only = False
+        self._warned_missing = False
 
     def report(self, version: str, state: str, revision: int | None = None, error: str | None = None) -> None:
         """Make this device's record say `state` for `version`: read it, and write it where it differs."""
@@ -51,6 +52,8 @@ class RunReporter:
         tags = self.registry.run_tags(self._run_id) if self._run_id else None
         if tags is None:  # no run yet, or deleted by hand: found again or made
             self._run_id = self._find_or_create()
+            if self._run_id is None:
+                return
             tags = {}
         if device_records.same_record(tags, version, entry):
             return
@@ -58,8 +61,20 @@ class RunReporter:
         wanted.update(device_records.record_tags(version, entry))
         self.registry.set_run_tags(self._run_id, wanted)
 
-    def _find_or_create(self) -> str:
-        experiment = self.registry.experiment_id(device_records.EXPERIMENT)
+    def _find_or_create(self) -> str | None:
+        """This device's run, found or made; None while the experiment does not exist. A device with
+        credentials never makes the experiment (under MLflow's auth its maker would own it): the admin does."""
+        experiment = self.registry.experiment_id(device_records.EXPERIMENT, create=not self.registry.has_credentials)
+        if experiment is None:
+            if not self._warned_missing:
+                _logger.warning(
+                    "follow %s: the experiment %s does not exist: its state is only logged until the admin creates "
+                    "it and gives this device's user EDIT on it",
+                    self.name,
+                    device_records.EXPERIMENT,
+                )
+                self._warned_missing = True
+            return None
         search = device_records.search_filter(self.name, self.device)
         run_id = self.registry.find_run(experiment, search)
         if run_id is None:
