@@ -1,4 +1,5 @@
-"""The device-state record on a model version, as the host's fleet commands and a pulling device both write it.
+"""The device-state record on a model version, as the host's fleet commands write it for the devices they push to
+(a pulling device keeps its state on a run of its own: device_records.py).
 
     model version tag  arachne.devices.<deployment>  {"<device>": {"state", "at", "revision"?, "error"?}}
 
