@@ -156,3 +156,38 @@ def test_a_download_follows_a_redirect_only_to_a_trusted_host_and_without_the_cr
     for bad in ("ftp://x", "https://user@host", "https://host/path", "host:443"):
         with pytest.raises(InvalidInputError):
             artifact_hosts(bad)
+
+
+class _Conditional(http.server.BaseHTTPRequestHandler):
+    """An alias answer with an ETag, and 304 to a request that names it."""
+
+    asked: list = []
+
+    def do_GET(self):
+        type(self).asked.append(self.headers.get("If-None-Match"))
+        if self.headers.get("If-None-Match") == '"v1"':
+            self.send_response(304)
+            self.send_header("ETag", '"v1"')
+            self.end_headers()
+            return
+        body = b'{"model_version": {"name": "m", "version": "1", "status": "READY"}}'
+        self.send_response(200)
+        self.send_header("ETag", '"v1"')
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_alias_lookup_asks_with_the_etag_and_takes_304_as_the_same_answer():
+    server = _serve(_Conditional)
+    client = RegistryClient(f"http://127.0.0.1:{server.server_port}", session_from_env({}))
+    try:
+        versions = [client.resolve(ModelRef("m", alias="prod")).version for _ in range(3)]
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+    assert versions == ["1", "1", "1"] and _Conditional.asked == [None, '"v1"', '"v1"']

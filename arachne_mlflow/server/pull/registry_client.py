@@ -7,8 +7,10 @@ the experiment as well). Credentials and TLS come from MLflow's own environment 
 as MLflow applies them. Every answer is bounded in size, in parsed size (objects and arrays) and
 in total time (`deadline_http`: whatever the sender's pace, and the follower's stop ends it at
 once), every field is type-checked before use, and a file download resumes with an HTTP Range
-request after a dropped link. Redirects are refused, except a file download's to an artifact host
-the device was told to trust (`ARACHNE_ARTIFACT_HOSTS`), where MLflow's credentials are not sent.
+request after a dropped link. An alias lookup answered with an ETag (by a cache in front) is
+asked again with `If-None-Match`, and a 304 is the last answer again. Redirects are refused,
+except a file download's to an artifact host the device was told to trust
+(`ARACHNE_ARTIFACT_HOSTS`), where MLflow's credentials are not sent.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ class RegistryClient:
         self.stop: threading.Event | None = None  # the follower's: set, it ends the request in progress
         self.artifact_hosts: frozenset[str] = frozenset()  # origins a file download may be redirected to
         self._plain: requests.Session | None = None  # (for them: no credentials)
+        self._last_answers: dict[tuple, tuple[str, dict[str, Any]]] = {}  # (route, params) -> ETag, answer
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> RegistryClient:
@@ -180,7 +183,7 @@ class RegistryClient:
         if ref.alias is None:
             return self.get_version(ref.registered_model, str(ref.version))
         route = f"{API}/registered-models/alias"
-        mv = _model_version(self._get_json(route, {"name": ref.registered_model, "alias": ref.alias}), route)
+        mv = _model_version(self._conditional_json(route, {"name": ref.registered_model, "alias": ref.alias}), route)
         return _named(mv, route, ref.registered_model)
 
     def get_version(self, name: str, version: str) -> ModelVersion:
@@ -307,12 +310,29 @@ class RegistryClient:
     def _post_json(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._json("POST", route, False, json=body)
 
-    def _json(self, method: str, route: str, missing_ok: bool, **kwargs: Any) -> Any:
-        ok = (200, 404) if missing_ok else (200,)
+    def _conditional_json(self, route: str, params: dict[str, str]) -> dict[str, Any]:
+        """`_get_json`, asked with the ETag of the last answer where there was one: a 304 is that answer again."""
+        key = (route, tuple(sorted(params.items())))
+        etag, last = self._last_answers.get(key, ("", None))
+        headers = {"If-None-Match": etag} if etag and last is not None else {}
+        answer: dict[str, str] = {}
+        data = self._json("GET", route, False, params=params, headers=headers, etag=answer)
+        if data is None:  # 304: not modified
+            return last
+        if answer.get("etag"):
+            self._last_answers[key] = (answer["etag"], data)
+        else:
+            self._last_answers.pop(key, None)
+        return data
+
+    def _json(self, method: str, route: str, missing_ok: bool, etag: dict | None = None, **kwargs: Any) -> Any:
+        ok = (200, 404) if missing_ok else (200, 304) if etag is not None and kwargs.get("headers") else (200,)
         with Deadline(self.json_seconds, self.stop) as bounds:
             with self._send(method, route, bounds, ok=ok, **kwargs) as response:
-                if response.status_code == 404:
+                if response.status_code in (304, 404):
                     return None
+                if etag is not None:
+                    etag["etag"] = response.headers.get("ETag", "")[:1024]
                 body = _read_capped(response, MAX_JSON_BYTES, route, bounds)
         try:
             data = bounded_json.loads(
