@@ -192,16 +192,6 @@ class RegistryClient:
             _model_version(self._get_json(route, {"name": name, "version": version}), route), route, name, version
         )
 
-    def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
-        body = {"name": name, "version": version, "key": key, "value": value}
-        with Deadline(self.json_seconds, self.stop):
-            self._send("POST", f"{API}/model-versions/set-tag", json=body).close()
-
-    def delete_version_tag(self, name: str, version: str, key: str) -> None:
-        body = {"name": name, "version": version, "key": key}
-        with Deadline(self.json_seconds, self.stop):
-            self._send("DELETE", f"{API}/model-versions/delete-tag", json=body).close()
-
     # -- this device's record (protocol/device_records.py) ---------------------------------
     def experiment_id(self, name: str, create: bool) -> str | None:
         """The id of the experiment `name`; when it does not exist yet, created (`create`) or None."""
