@@ -152,9 +152,7 @@ def _counted(registry) -> list[int]:
 
     def count(response, *args, **kwargs):
         counts[0] += 1
-        counts[1] += (
-            len(response.content) if not kwargs.get("stream") else int(response.headers.get("Content-Length") or 0)
-        )
+        counts[1] += int(response.headers.get("Content-Length") or 0)  # (streamed: not read here)
 
     registry.session.hooks["response"].append(count)
     return counts
