@@ -34,6 +34,8 @@ system-deps:
 	       why="the aarch64 cross compiler (tests/test_tvm_cross.py builds a TVM model for a Jetson)"; }; \
 	command -v systemd-analyze >/dev/null \
 	  || { missing="$$missing systemd"; why="$$why; systemd-analyze (checks the unit in SECURITY.md)"; }; \
+	{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null \
+	  || { missing="$$missing nginx"; why="$$why; nginx (tests/test_pull_cache.py runs examples/pull-cache/nginx.conf)"; }; \
 	$(OLD_PYTHON) -c 'import ensurepip, venv' 2>/dev/null \
 	  || { missing="$$missing python3 python3-venv"; why="$$why; Debian's python3 (tests/test_old_python.py)"; }; \
 	[ -z "$$missing" ] || { \

@@ -29,6 +29,7 @@ SUITES = [
     "fleet",
     "signing",
     "profile",
+    "pull",
 ]
 OPTIONAL_SUITES = ["peers"]
 

@@ -30,6 +30,7 @@ from arachne_mlflow.errors import InvalidInputError, RegistryAuthError, Registry
 from arachne_mlflow.model.digest import files_digest
 from arachne_mlflow.model.directory import read_model_dir
 from arachne_mlflow.model.spec import TensorSpec
+from arachne_mlflow.protocol import device_records, device_state
 from arachne_mlflow.server.app import create_app
 from arachne_mlflow.server.metrics import Metrics
 from arachne_mlflow.server.pull.download import check_artifact_path
@@ -302,9 +303,23 @@ def _infer(device, name="det"):
         return client.infer(name, {"x": X})["y"]
 
 
-def _devices_tag(client, registered_model, version, deployment="det"):
-    tags = client.get_model_version(registered_model, version).tags
-    return json.loads(tags[f"arachne.devices.{deployment}"]) if f"arachne.devices.{deployment}" in tags else {}
+def _device_run(client, registered_model, deployment="det", device=DEVICE):
+    """The run holding `device`'s own record of `deployment` from `registered_model` (None if there is none)."""
+    experiment = client.get_experiment_by_name(device_records.EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], device_records.search_filter(deployment, device))
+    return next((run for run in runs if run.data.tags.get(device_records.MODEL) == registered_model), None)
+
+
+def _device_record(client, registered_model, deployment="det", device=DEVICE):
+    """`device`'s own record of `deployment` (its entry, with its version; the time left out), {} if it has none."""
+    run = _device_run(client, registered_model, deployment, device)
+    entry = (device_records.parse_entry(run.data.tags) or {}) if run else {}
+    return {key: value for key, value in entry.items() if key != "at"}
+
+
+def _entry(state, revision=None):
+    """A record's entry as compared (the time aside)."""
+    return {"state": state, "revision": revision} if revision is not None else {"state": state}
 
 
 def _metric(text: str, name: str, stage: str | None = None) -> float:
@@ -338,14 +353,17 @@ def test_moving_the_alias_rolls_the_device_within_one_interval(mlflow_server, pu
     client, registered = _client(mlflow_server), _unique("rolls")
     v1, v2 = _register(client, registered, dirs["v1"]), _register(client, registered, dirs["v2"])
     client.set_registered_model_alias(registered, "prod", v1)
-    other = {"cam-other": {"state": "deployed", "revision": 4, "at": "2026-01-01T00:00:00+00:00"}}
-    client.set_model_version_tag(registered, v2, "arachne.devices.det", json.dumps(other))
+    other = device_state.entry("deployed", "2026-01-01T00:00:00+00:00", revision=4)
+    experiment = client.get_experiment_by_name(device_records.EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(device_records.EXPERIMENT)
+    tags = {**device_records.identity_tags("det", "cam-other", registered), **device_records.record_tags(v2, other)}
+    client.create_run(experiment_id, tags=tags)
     interval = 2.0
     follows = (f"det=models:/{registered}@prod", f"pinned=models:/{registered}/{v1}")  # an alias, a version
     device = start_device(mlflow_server, *follows, interval=interval)
     _wait(lambda: _rolled(device, v1) and _rolled(device, v1, "pinned"))
     np.testing.assert_allclose(_infer(device), expected["v1"], rtol=1e-6)
-    _wait(lambda: _devices_tag(client, registered, v1).get(DEVICE, {}).get("state") == "deployed")  # after "pulling"
+    _wait(lambda: _device_record(client, registered) == {"version": v1, **_entry("deployed", 1)})  # after "pulling"
 
     moved = time.monotonic()
     client.set_registered_model_alias(registered, "prod", v2)
@@ -360,11 +378,13 @@ def test_moving_the_alias_rolls_the_device_within_one_interval(mlflow_server, pu
     follow = record["follow"]
     assert follow["state"] == "following" and follow["version"] == v2 and follow["last_error"] is None
     assert follow["model_uri"] == f"models:/{registered}@prod" and follow["last_success"]
-    tag = _wait(lambda: (t := _devices_tag(client, registered, v2)).get(DEVICE, {}).get("state") == "deployed" and t)
-    assert tag[DEVICE]["revision"] == 2 and tag["cam-other"] == other["cam-other"]  # merged, not overwritten
-    _wait(lambda: DEVICE not in _devices_tag(client, registered, v1))  # it left the version it ran before
+    _wait(lambda: _device_record(client, registered) == {"version": v2, **_entry("deployed", 2)})
+    assert _device_record(client, registered, device="cam-other") == {
+        "version": v2,
+        **_entry("deployed", 4),
+    }  # its own, untouched
     assert _running(device, "pinned") == v1 and _record(device, "pinned")["revision"] == 1
-    assert _devices_tag(client, registered, v1, "pinned")[DEVICE]["state"] == "deployed"
+    assert _device_record(client, registered, "pinned") == {"version": v1, **_entry("deployed", 1)}
     metrics = _metrics(device)
     assert _metric(metrics, "arachne_follow_updates_total") == 2
     assert _metric(metrics, "arachne_follow_last_success_timestamp_seconds") > time.time() - 60
@@ -428,9 +448,8 @@ def test_a_version_that_fails_leaves_the_old_one_serving_is_reported_and_not_ret
         assert follow["state"] == "failed" and why in follow["last_error"], follow
         assert _running(device) == v1
         np.testing.assert_allclose(_infer(device), expected["v1"], rtol=1e-6)
-        entry = _wait(
-            lambda: (e := _devices_tag(client, registered, version).get(DEVICE, {})).get("state") == "failed" and e
-        )
+        failed = {"version": version, "state": "failed"}
+        entry = _wait(lambda: (e := _device_record(client, registered)).items() >= failed.items() and e)
         assert why in entry["error"]
     time.sleep(4)  # several more checks: a failed version is not tried again while the alias stays
     assert _metric(_metrics(device), "arachne_follow_failures_total", "version") == len(bad)
@@ -510,7 +529,7 @@ def test_a_following_device_never_imports_mlflow(mlflow_server, pull_models, tmp
     ).start()
     try:
         _wait(lambda: _running(device))
-        _wait(lambda: _devices_tag(client, registered, version))  # it wrote its state too
+        _wait(lambda: _device_record(client, registered, device=None).get("version") == version)  # its state too
         (out / "dump").touch()
         modules = json.loads(_wait(lambda: (out / "modules.json").is_file() and (out / "modules.json").read_text()))
     finally:
@@ -626,6 +645,7 @@ def auth_registry(tmp_path_factory, pull_models):
         patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
         client = _client(server.url)
         client.set_registered_model_alias(registered, "prod", _register(client, registered, dirs["v1"]))
+        client.create_experiment(device_records.EXPERIMENT)  # the admin's: fleet users get EDIT on it, or nothing
     for route, body in (
         ("/api/2.0/mlflow/users/create", {"username": READER[0], "password": READER[1]}),
         (
@@ -663,7 +683,7 @@ def test_a_read_only_user_can_follow_and_its_state_is_only_logged(
     _wait(lambda: "read-only" in _log(device))
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
-    assert _devices_tag(_client(server.url), registered, "1") == {}  # nothing written with read-only credentials
+    assert _device_run(_client(server.url), registered) is None  # nothing written with read-only credentials
 
 
 @pytest.mark.slow

@@ -38,35 +38,20 @@ def _entries(count: int) -> dict:
     return {f"cam-{i:04d}": device_state.entry("deployed", at, revision=3) for i in range(count)}
 
 
-def test_a_device_merging_its_entry_into_a_summarized_tag_keeps_it_valid_and_within_the_limit():
-    summarized = device_state.fit_version_tag(_entries(300), limit=5000)
-    assert device_state.SUMMARY_KEY in json.loads(summarized)
-    listed = next(d for d in json.loads(summarized) if d != device_state.SUMMARY_KEY)
+def test_a_version_tag_past_its_limit_is_summarized_failed_devices_first():
+    entries = _entries(300)
     failed = device_state.entry("failed", "2026-12-02T00:00:00+00:00", error="smoke test: " + "x" * 500)
     assert len(failed["error"]) == device_state.MAX_ERROR_CHARS
-
-    merged = json.loads(device_state.merge_entry(summarized, listed, failed, limit=5000))
-    assert merged[device_state.SUMMARY_KEY] == {"devices": 300, "deployed": 299, "failed": 1}  # moved, not added
-    assert merged[listed] == failed
-
-    newcomer = device_state.entry("pulling", "2026-12-02T00:00:00+00:00")
-    text = device_state.merge_entry(json.dumps(merged), "cam-new", newcomer, limit=5000)
-    merged = json.loads(text)
-    assert len(text) <= 5000 and merged["cam-new"] == newcomer  # its own entry is listed first
-    counts = merged[device_state.SUMMARY_KEY]
-    assert counts == {"devices": 301, "deployed": 299, "failed": 1, "pulling": 1}
-    assert sum(v for k, v in counts.items() if k != "devices") == counts["devices"]
-
-    dropped = json.loads(device_state.drop_entry(text, "cam-new"))
-    assert "cam-new" not in dropped and dropped[device_state.SUMMARY_KEY]["devices"] == 300
+    entries["cam-0299"] = failed
+    text = device_state.fit_version_tag(entries, limit=5000)
+    summarized = json.loads(text)
+    assert len(text) <= 5000 and summarized[device_state.SUMMARY_KEY] == {"devices": 300, "deployed": 299, "failed": 1}
+    assert summarized["cam-0299"] == failed and "cam-0000" in summarized and len(summarized) < 301
 
 
-def test_a_plain_tag_stays_plain_and_unreadable_values_count_as_empty():
+def test_a_tag_within_its_limit_stays_plain_and_unreadable_values_count_as_empty():
     entries = _entries(3)
-    text = device_state.merge_entry(json.dumps(entries), "cam-x", device_state.entry("deployed", "t", revision=1))
-    assert json.loads(text) == {**entries, "cam-x": {"state": "deployed", "at": "t", "revision": 1}}
-    assert json.loads(device_state.drop_entry(text, "cam-x")) == entries
-    assert device_state.drop_entry(json.dumps({"cam-x": {"state": "failed"}}), "cam-x") is None
+    assert json.loads(device_state.fit_version_tag(entries)) == entries
     for bad in ("[1]", "not json", "[" * 100 + "]" * 100, "{}" * 100_000):
         assert device_state.parse_tag(bad) == {}
     with pytest.raises(ValueError):

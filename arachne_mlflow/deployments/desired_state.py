@@ -4,6 +4,8 @@
                                                          "reason", "updated_at", "version",
                                                          "previous_version", "devices"}
     model version tag     arachne.devices.<deployment>  {"<device>": {"state", "revision", "at", "error"}}
+                          (the host's own entries for pushed devices: this command is its one writer)
+    run in experiment     arachne-devices               one per pulling device (protocol/device_records.py)
     registered model tag  arachne.deployed = "true"     on every model with a deployment
 
 The model URI is kept as the user gave it (an alias stays an alias, so `fleet sync` rolls out an
@@ -26,7 +28,7 @@ from typing import Any
 from arachne_mlflow.deployments.results import PULLING, ROLLED_BACK, DeviceResult
 from arachne_mlflow.deployments.source import quote_filter
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.protocol import bounded_json
+from arachne_mlflow.protocol import bounded_json, device_records
 from arachne_mlflow.protocol.device_state import (  # the record's contract, shared with pulling devices
     DEVICES_PREFIX,
     MAX_ERROR_CHARS,
@@ -188,13 +190,36 @@ class DesiredState:
         return sorted(found, key=key), sorted(broken, key=key)
 
     def recorded(self, desired: Desired) -> dict[str, dict[str, dict[str, Any]]]:
-        """What the version tags say of each device: device -> {version: entry}."""
+        """What the version tags and the pulling devices' own records say of each device: device -> {version: entry}
+        (a device's own record wins over the host's entry for the same version)."""
         by_device: dict[str, dict[str, dict[str, Any]]] = {}
         for version, entries in self._tagged_versions(desired).items():
             for device, entry in entries.items():
                 if device != SUMMARY_KEY and isinstance(entry, dict):
                     by_device.setdefault(device, {})[version] = entry
+        for device, entry in self.device_records(desired).items():
+            by_device.setdefault(device, {})[entry["version"]] = entry
         return by_device
+
+    def device_records(self, desired: Desired) -> dict[str, dict[str, Any]]:
+        """The pulling devices' own records of the deployment, read in pages: device -> entry (with its version)."""
+        experiment = self.client.get_experiment_by_name(device_records.EXPERIMENT)
+        if experiment is None:
+            return {}
+        found, token = {}, None
+        query = device_records.search_filter(desired.deployment)
+        while True:
+            page = self.client.search_runs(
+                [experiment.experiment_id], query, max_results=_SEARCH_PAGE, page_token=token
+            )
+            for run in page:
+                tags = run.data.tags
+                entry = device_records.parse_entry(tags)
+                if entry is not None and tags.get(device_records.MODEL) == desired.registered_model:
+                    found[tags[device_records.DEVICE]] = entry
+            token = page.token
+            if not token:
+                return found
 
     # -- writing ---------------------------------------------------------------------------
     def save(self, desired: Desired) -> None:

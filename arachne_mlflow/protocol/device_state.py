@@ -1,13 +1,12 @@
-"""The device-state record on a model version, as the host's fleet commands and a pulling device both write it.
+"""The device-state record on a model version, as the host's fleet commands write it for the devices they push to
+(a pulling device keeps its state on a run of its own: device_records.py).
 
     model version tag  arachne.devices.<deployment>  {"<device>": {"state", "at", "revision"?, "variant"?, "error"?}}
 
 A version tag holds at most `MAX_VERSION_TAG` characters. When every device's entry does not fit,
 the tag is *summarized*: `SUMMARY_KEY` holds `{"devices": N, "<state>": count, ...}` and as many
-entries follow as fit (failed devices first); `fleet status` asks the devices for the rest. A
-device merging its own entry into a summarized tag moves its count from its old state to its new
-one (a device that was counted but not listed is counted as new: the host rewrites the counts at
-its next command). This module imports no MLflow: the device's pull mode uses it too.
+entries follow as fit (failed devices first); `fleet status` asks the devices for the rest. This
+module imports no MLflow: a pulling device's record takes its entry shape and states.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ MAX_ERROR_CHARS = 300  # of one device's error
 SUMMARY_KEY = "_summary"  # no device name starts with "_"
 DEPLOYED, FAILED, ROLLED_BACK, PULLING = "deployed", "failed", "rolled-back", "pulling"
 STATES = (DEPLOYED, FAILED, ROLLED_BACK, PULLING)
-_COMPARED = ("state", "revision", "variant", "error")  # what makes two entries different (the time aside)
 
 
 def tag_key(deployment: str) -> str:
@@ -48,11 +46,6 @@ def entry(
     return made
 
 
-def same_entry(old: Any, new: dict[str, Any]) -> bool:
-    """The same state, revision and error (the time aside): nothing to write."""
-    return isinstance(old, dict) and all(old.get(k) == new.get(k) for k in _COMPARED)
-
-
 def parse_tag(value: str | None) -> dict[str, Any]:
     """The tag as a dict (a value that is not a JSON object within the tag's bounds counts as empty)."""
     if not value:
@@ -73,39 +66,6 @@ def fit_version_tag(entries: dict[str, Any], limit: int = MAX_VERSION_TAG, first
     return _summarized(_count(entries), entries, limit, first)
 
 
-def merge_entry(value: str | None, device: str, new: dict[str, Any], limit: int = MAX_VERSION_TAG) -> str:
-    """The tag `value` with `device`'s entry put in, plain or summarized as it was, within `limit`."""
-    entries = parse_tag(value)
-    summary = entries.pop(SUMMARY_KEY, None)
-    old = entries.get(device)
-    entries[device] = new
-    if not isinstance(summary, dict):
-        return fit_version_tag(entries, limit, first=device)
-    counts = _counts_of(summary)
-    if isinstance(old, dict):
-        _add(counts, _state(old), -1)
-    else:
-        counts["devices"] = counts.get("devices", 0) + 1
-    _add(counts, _state(new), 1)
-    return _summarized(counts, entries, limit, device)
-
-
-def drop_entry(value: str | None, device: str) -> str | None:
-    """The tag `value` without `device`'s entry; None when nothing is left (delete the tag)."""
-    entries = parse_tag(value)
-    summary = entries.pop(SUMMARY_KEY, None)
-    old = entries.pop(device, None)
-    if not isinstance(summary, dict):
-        return json.dumps(entries, sort_keys=True) if entries else None
-    counts = _counts_of(summary)
-    if isinstance(old, dict):
-        _add(counts, _state(old), -1)
-        counts["devices"] = max(counts.get("devices", 0) - 1, 0)
-    if not counts.get("devices"):
-        return None
-    return _summarized(counts, entries, MAX_VERSION_TAG, None)
-
-
 def _summarized(counts: dict[str, int], entries: dict[str, Any], limit: int, first: str | None) -> str:
     summary: dict[str, Any] = {SUMMARY_KEY: counts}
     ordered = sorted(entries.items(), key=lambda item: (item[0] != first, _state(item[1]) != FAILED, item[0]))
@@ -124,11 +84,6 @@ def _count(entries: dict[str, Any]) -> dict[str, int]:
     for listed in entries.values():
         _add(counts, _state(listed), 1)
     return counts
-
-
-def _counts_of(summary: dict[str, Any]) -> dict[str, int]:
-    """The summary's counts that are counts (a hand-edited tag's other keys are dropped)."""
-    return {k: v for k, v in summary.items() if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)}
 
 
 def _add(counts: dict[str, int], state: str, step: int) -> None:

@@ -8,8 +8,8 @@ device does not run:
 1-3. downloads, verifies and installs it (install.py: the download, an upload's checks, a smoke
    inference in a child process, then `ModelStore.put` exactly like an upload: the old version
    serves until the new one has loaded);
-4. records its state on the model version's tag `arachne.devices.<NAME>` (report.py, DESIGN.md
-   "Fleets"), merged with what other devices wrote there, where the credentials may write; else only logs.
+4. records its state on its own run in the fleet experiment (report.py, protocol/device_records.py),
+   checked at every check and rewritten where it differs, where the credentials may write; else only logs.
 
 A version that fails (names, size, load, smoke inference) is recorded and not tried again until
 the alias names another version. Downloads and state live in `<store>/.follow/<NAME>/`, so a
@@ -44,7 +44,7 @@ from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.metrics import Metrics
 from arachne_mlflow.server.pull.install import install_version
 from arachne_mlflow.server.pull.registry_client import ModelRef, ModelVersion, RegistryClient
-from arachne_mlflow.server.pull.report import TagReporter
+from arachne_mlflow.server.pull.report import RunReporter
 from arachne_mlflow.server.store import ModelStore
 
 _logger = logging.getLogger(__name__)
@@ -127,9 +127,10 @@ class Follower:
             interval, jitter=0.5, backoff_cap=BACKOFF_FACTOR_CAP, max_backoff=BACKOFF_SECONDS_CAP
         )
         self._logged_error = ""
-        self._tags = TagReporter(name, device, ref.registered_model, registry, self._stop)
+        self._record = RunReporter(name, device, ref.registered_model, registry, self.directory)
         saved = self._load_state()
         self._failed_version: str | None = saved.get("failed_version") if saved.get("model_uri") == ref.uri else None
+        self._failed_error = str(saved.get("failed_error") or "refused") if self._failed_version else ""
         self._status: dict[str, Any] = {
             "model_uri": ref.uri,
             "registry": registry.tracking_uri,
@@ -208,17 +209,18 @@ class Follower:
         if running == mv.version:
             self._set(state="following")
             record = self.store.record(self.name)
-            self._tags.report(mv, "deployed", revision=record["revision"], variant=record.get("variant"))
+            self._record.report(mv.version, "deployed", revision=record["revision"], variant=record.get("variant"))
             return False
         if mv.version == self._failed_version:
             self._set(state="failed")
+            self._record.report(mv.version, "failed", error=self._failed_error)
             return False
         return self._pull(mv, running)
 
     def _pull(self, mv: ModelVersion, running: str | None) -> bool:
         _logger.info("follow %s: %s is version %s (running %s): pulling", self.name, self.ref.uri, mv.version, running)
         self._set(state="pulling")
-        self._tags.report(mv, "pulling")
+        self._record.report(mv.version, "pulling")
         try:
             record = install_version(
                 self.name, self.ref, mv, self.store, self.registry, self.directory, self.pull_seconds, self._stop
@@ -240,9 +242,7 @@ class Follower:
             self.metrics.load_seconds.labels(self.name).set(self.store.get(self.name).load_seconds)
         _logger.info("follow %s: version %s deployed (revision %s)", self.name, mv.version, record["revision"])
         self._set(state="following")
-        self._tags.report(mv, "deployed", revision=record["revision"], variant=record.get("variant"))
-        if running is not None:
-            self._tags.unreport(running)
+        self._record.report(mv.version, "deployed", revision=record["revision"], variant=record.get("variant"))
         return False
 
     # -- state -----------------------------------------------------------------------------
@@ -267,7 +267,7 @@ class Follower:
     def _version_failed(self, mv: ModelVersion, err: Exception) -> None:
         message = f"version {mv.version} was not installed: {err}"
         self.metrics.follow_failures.labels(self.name, "version").inc()
-        self._failed_version = mv.version
+        self._failed_version, self._failed_error = mv.version, message
         self._save_state({"model_uri": self.ref.uri, "failed_version": mv.version, "failed_error": message})
         self._set(state="failed", failed_version=mv.version, last_error=message, last_error_at=_iso())
         _logger.error(
@@ -278,7 +278,7 @@ class Follower:
             self.ref.uri,
         )
         shutil.rmtree(self.directory / f"v{mv.version}", ignore_errors=True)
-        self._tags.report(mv, "failed", error=str(err))
+        self._record.report(mv.version, "failed", error=message)
 
     def _forget_failure(self) -> None:
         self._failed_version = None

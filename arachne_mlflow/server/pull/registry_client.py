@@ -6,8 +6,11 @@ server authorizes by the registered model (the `mlflow-artifacts` proxy routes w
 the experiment as well). Credentials and TLS come from MLflow's own environment variables, applied
 as MLflow applies them. Every answer is bounded in size, in parsed size (objects and arrays) and
 in total time (`deadline_http`: whatever the sender's pace, and the follower's stop ends it at
-once), every field is type-checked before use, redirects are refused, and a file download resumes
-with an HTTP Range request after a dropped link.
+once), every field is type-checked before use, and a file download resumes with an HTTP Range
+request after a dropped link. An alias lookup answered with an ETag (by a cache in front) is
+asked again with `If-None-Match`, and a 304 is the last answer again. Redirects are refused,
+except a file download's to an artifact host the device was told to trust
+(`ARACHNE_ARTIFACT_HOSTS`), where MLflow's credentials are not sent.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -49,6 +52,9 @@ _CHUNK = 1 << 16  # the most one read takes (a read returns what has arrived, ho
 _IDENTITY = ("", "identity")  # the only content encoding taken (asked for with Accept-Encoding: identity)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
+ARTIFACT_HOSTS_ENV = "ARACHNE_ARTIFACT_HOSTS"  # comma-separated https://host[:port] a download may be sent to
+_REDIRECTS = (301, 302, 303, 307, 308)
+_FILE_ANSWERS = (200, 206, 404, 416)
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,9 @@ class RegistryClient:
         self.timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
         self.json_seconds = JSON_SECONDS
         self.stop: threading.Event | None = None  # the follower's: set, it ends the request in progress
+        self.artifact_hosts: frozenset[str] = frozenset()  # origins a file download may be redirected to
+        self._plain: requests.Session | None = None  # (for them: no credentials)
+        self._last_answers: dict[tuple, tuple[str, dict[str, Any]]] = {}  # (route, params) -> ETag, answer
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> RegistryClient:
@@ -145,7 +154,9 @@ class RegistryClient:
             raise InvalidInputError(
                 "following a registry needs its address: set MLFLOW_TRACKING_URI=http(s)://host:port"
             )
-        return cls(uri, session_from_env(environ))
+        client = cls(uri, session_from_env(environ))
+        client.artifact_hosts = artifact_hosts(environ.get(ARTIFACT_HOSTS_ENV, ""))
+        return client
 
     def clone(self) -> RegistryClient:
         """The same server and settings on a session of its own (a requests session is not for many threads)."""
@@ -153,8 +164,14 @@ class RegistryClient:
         session.auth, session.verify, session.cert = self.session.auth, self.session.verify, self.session.cert
         session.headers.update(self.session.headers)
         clone = RegistryClient(self.tracking_uri, session)
-        clone.timeout, clone.json_seconds = self.timeout, self.json_seconds
+        clone.timeout, clone.json_seconds, clone.artifact_hosts = self.timeout, self.json_seconds, self.artifact_hosts
         return clone
+
+    def close(self) -> None:
+        """Close the connections kept open."""
+        self.session.close()
+        if self._plain is not None:
+            self._plain.close()
 
     @property
     def has_credentials(self) -> bool:
@@ -166,7 +183,7 @@ class RegistryClient:
         if ref.alias is None:
             return self.get_version(ref.registered_model, str(ref.version))
         route = f"{API}/registered-models/alias"
-        mv = _model_version(self._get_json(route, {"name": ref.registered_model, "alias": ref.alias}), route)
+        mv = _model_version(self._conditional_json(route, {"name": ref.registered_model, "alias": ref.alias}), route)
         return _named(mv, route, ref.registered_model)
 
     def get_version(self, name: str, version: str) -> ModelVersion:
@@ -175,15 +192,47 @@ class RegistryClient:
             _model_version(self._get_json(route, {"name": name, "version": version}), route), route, name, version
         )
 
-    def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
-        body = {"name": name, "version": version, "key": key, "value": value}
-        with Deadline(self.json_seconds, self.stop):
-            self._send("POST", f"{API}/model-versions/set-tag", json=body).close()
+    # -- this device's record (protocol/device_records.py) ---------------------------------
+    def experiment_id(self, name: str, create: bool) -> str | None:
+        """The id of the experiment `name`; when it does not exist yet, created (`create`) or None."""
+        route = f"{API}/experiments/get-by-name"
+        data = self._get_json(route, {"experiment_name": name}, missing_ok=True)
+        if data is None:
+            if not create:
+                return None
+            data = self._post_json(f"{API}/experiments/create", {"name": name})
+            return _text_field(data, "experiment_id", route)
+        return _text_field(_object(data, "experiment", route), "experiment_id", route)
 
-    def delete_version_tag(self, name: str, version: str, key: str) -> None:
-        body = {"name": name, "version": version, "key": key}
-        with Deadline(self.json_seconds, self.stop):
-            self._send("DELETE", f"{API}/model-versions/delete-tag", json=body).close()
+    def find_run(self, experiment_id: str, filter_string: str) -> str | None:
+        """The id of an active run of the experiment that `filter_string` matches, if there is one."""
+        route = f"{API}/runs/search"
+        body = {"experiment_ids": [experiment_id], "filter": filter_string, "max_results": 1}
+        runs = self._post_json(route, body).get("runs", [])
+        if not isinstance(runs, list):
+            raise RegistryError(f"{route}: the tracking server's runs is not a list")
+        return _text_field(_object(runs[0], "info", route), "run_id", route) if runs else None
+
+    def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+        route = f"{API}/runs/create"
+        body = {"experiment_id": experiment_id, "run_name": run_name, "tags": _tag_list(tags)}
+        body["start_time"] = int(time.time() * 1000)
+        return _text_field(_object(self._post_json(route, body), "run", route).get("info", {}), "run_id", route)
+
+    def run_tags(self, run_id: str) -> dict[str, str] | None:
+        """An active run's tags; None where the run is gone or deleted."""
+        route = f"{API}/runs/get"
+        data = self._get_json(route, {"run_id": run_id}, missing_ok=True)
+        if data is None:
+            return None
+        run = _object(data, "run", route)
+        if _object(run, "info", route).get("lifecycle_stage") != "active":
+            return None
+        return _tags(_object(run, "data", route).get("tags", []), route, "run.data.tags")
+
+    def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Every tag in one request (`runs/log-batch`)."""
+        self._post_json(f"{API}/runs/log-batch", {"run_id": run_id, "tags": _tag_list(tags)})
 
     # -- files -----------------------------------------------------------------------------
     def fetch_artifact(
@@ -218,8 +267,10 @@ class RegistryClient:
             headers = {"Range": f"bytes={have}-", "If-Range": etag} if have and etag else {}
             with Deadline(deadline - time.monotonic(), stop or self.stop) as bounds:
                 response = self._send(
-                    "GET", ARTIFACT_ROUTE, bounds, ok=(200, 206, 404, 416), params=params, headers=headers
+                    "GET", ARTIFACT_ROUTE, bounds, ok=_FILE_ANSWERS + _REDIRECTS, params=params, headers=headers
                 )
+                if response.status_code in _REDIRECTS:
+                    response = self._redirected(response, bounds, headers)
                 with response:
                     if response.status_code == 404:
                         raise ModelNotFoundError(f"model version {name}/{version} has no file {path!r} in the registry")
@@ -241,10 +292,37 @@ class RegistryClient:
         raise RegistryError(f"the tracking server answered a range of {path!r} that does not match the file")
 
     # -- HTTP ------------------------------------------------------------------------------
-    def _get_json(self, route: str, params: dict[str, str]) -> dict[str, Any]:
-        """The JSON object the server answers, read within `json_seconds` and bounded before it is parsed."""
+    def _get_json(self, route: str, params: dict[str, str], missing_ok: bool = False) -> Any:
+        """The JSON object the server answers, read within `json_seconds` and bounded before it is parsed
+        (None for a 404 when `missing_ok`)."""
+        return self._json("GET", route, missing_ok, params=params)
+
+    def _post_json(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", route, False, json=body)
+
+    def _conditional_json(self, route: str, params: dict[str, str]) -> dict[str, Any]:
+        """`_get_json`, asked with the ETag of the last answer where there was one: a 304 is that answer again."""
+        key = (route, tuple(sorted(params.items())))
+        etag, last = self._last_answers.get(key, ("", None))
+        headers = {"If-None-Match": etag} if etag and last is not None else {}
+        answer: dict[str, str] = {}
+        data = self._json("GET", route, False, params=params, headers=headers, etag=answer)
+        if data is None:  # 304: not modified
+            return last
+        if answer.get("etag"):
+            self._last_answers[key] = (answer["etag"], data)
+        else:
+            self._last_answers.pop(key, None)
+        return data
+
+    def _json(self, method: str, route: str, missing_ok: bool, etag: dict | None = None, **kwargs: Any) -> Any:
+        ok = (200, 404) if missing_ok else (200, 304) if etag is not None and kwargs.get("headers") else (200,)
         with Deadline(self.json_seconds, self.stop) as bounds:
-            with self._send("GET", route, bounds, params=params) as response:
+            with self._send(method, route, bounds, ok=ok, **kwargs) as response:
+                if response.status_code in (304, 404):
+                    return None
+                if etag is not None:
+                    etag["etag"] = response.headers.get("ETag", "")[:1024]
                 body = _read_capped(response, MAX_JSON_BYTES, route, bounds)
         try:
             data = bounded_json.loads(
@@ -259,13 +337,44 @@ class RegistryClient:
             raise RegistryError(f"{route}: the tracking server's answer is not a JSON object")
         return data
 
+    def _redirected(self, response: requests.Response, bounds: Deadline, headers: dict[str, str]) -> requests.Response:
+        """The answer of the artifact host a download was redirected to, if the device trusts it; asked
+        without MLflow's credentials (and not redirected further)."""
+        with response:
+            location = urljoin(response.url, response.headers.get("Location", ""))
+        origin = _origin(location)
+        if origin not in self.artifact_hosts:
+            raise RegistryError(
+                f"the tracking server {self.tracking_uri} redirected a download to {origin[:200]!r}, which is not a "
+                f"trusted artifact host (name it in {ARTIFACT_HOSTS_ENV} to follow it)"
+            )
+        if self._plain is None:
+            self._plain = requests.Session()
+            for scheme in ("http://", "https://"):
+                self._plain.mount(scheme, GuardedAdapter())
+            self._plain.verify, self._plain.trust_env = self.session.verify, False
+            self._plain.headers["Accept-Encoding"] = "identity"
+        return self._send("GET", "", bounds, ok=_FILE_ANSWERS, headers=headers, url=location, session=self._plain)
+
     def _send(
-        self, method: str, route: str, bounds: Deadline | None = None, ok: tuple[int, ...] = (200,), **kwargs: Any
+        self,
+        method: str,
+        route: str,
+        bounds: Deadline | None = None,
+        ok: tuple[int, ...] = (200,),
+        url: str | None = None,
+        session: requests.Session | None = None,
+        **kwargs: Any,
     ) -> requests.Response:
         """One request, streamed; an answer outside `ok` becomes the matching `RegistryError`."""
         try:
-            response = self.session.request(
-                method, self.tracking_uri + route, timeout=self.timeout, allow_redirects=False, stream=True, **kwargs
+            response = (session or self.session).request(
+                method,
+                url or self.tracking_uri + route,
+                timeout=self.timeout,
+                allow_redirects=False,
+                stream=True,
+                **kwargs,
             )
         except requests.RequestException as err:
             raise self._failure(err, bounds, f"{method} {route}") from err
@@ -318,17 +427,38 @@ def _model_version(data: dict[str, Any], route: str) -> ModelVersion:
     version = fields["version"] or ""
     if not version.isdigit() or len(version) > 18:
         raise RegistryError(f"{route}: the tracking server named a model version {version[:40]!r}, not a number")
-    tags = mv.get("tags", [])  # (proto3 JSON leaves out empty lists)
-    if not isinstance(tags, list) or not all(isinstance(tag, dict) for tag in tags):
-        raise RegistryError(f"{route}: the tracking server's model_version.tags is not a list of objects")
     return ModelVersion(
         name=fields["name"] or "",
         version=version,
         status=fields["status"] or "",
         run_id=fields["run_id"] or None,
         source=fields["source"] or None,
-        tags={_field(tag, "key", route) or "": _field(tag, "value", route) or "" for tag in tags},
+        tags=_tags(mv.get("tags", []), route, "model_version.tags"),  # (proto3 JSON leaves out empty lists)
     )
+
+
+def _tags(tags: Any, route: str, what: str) -> dict[str, str]:
+    if not isinstance(tags, list) or not all(isinstance(tag, dict) for tag in tags):
+        raise RegistryError(f"{route}: the tracking server's {what} is not a list of objects")
+    return {_field(tag, "key", route) or "": _field(tag, "value", route) or "" for tag in tags}
+
+
+def _tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
+    return [{"key": key, "value": value} for key, value in tags.items()]
+
+
+def _object(data: Any, key: str, route: str) -> dict[str, Any]:
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, dict):
+        raise RegistryError(f"{route}: the tracking server's answer has no {key} object")
+    return value
+
+
+def _text_field(data: dict[str, Any], key: str, route: str) -> str:
+    value = _field(data, key, route)
+    if not value:
+        raise RegistryError(f"{route}: the tracking server's answer has no {key}")
+    return value
 
 
 def _field(obj: dict[str, Any], key: str, route: str) -> str | None:
@@ -454,6 +584,26 @@ def _check_tracking_uri(uri: str) -> str:
     if parts.query or parts.fragment:
         raise InvalidInputError(f"MLFLOW_TRACKING_URI={uri[:200]!r}: no query or fragment, just http(s)://host:port")
     return uri.rstrip("/")
+
+
+def artifact_hosts(value: str) -> frozenset[str]:
+    """The origins (`https://host:port`) of a comma-separated list of artifact hosts the device trusts."""
+    hosts = set()
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.path.strip("/"):
+            raise InvalidInputError(f"{ARTIFACT_HOSTS_ENV}: {item[:200]!r} is not an origin, https://host[:port]")
+        hosts.add(_origin(item))
+    return frozenset(hosts)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return url
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
 
 
 def _env_bool(environ: Mapping[str, str], name: str) -> bool:
