@@ -20,14 +20,12 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin
 
 import requests
-import urllib3
 
 from arachne_mlflow.errors import (
     InvalidInputError,
@@ -38,7 +36,25 @@ from arachne_mlflow.errors import (
     UnsafeArchiveError,
 )
 from arachne_mlflow.protocol import bounded_json
+from arachne_mlflow.server.pull.answers import (
+    ModelRef,
+    ModelVersion,
+    model_version,
+    named,
+    object_of,
+    tag_list,
+    tags_of,
+    text_field,
+)
+from arachne_mlflow.server.pull.bodies import expired, read_capped, reason, response_range, write_body
 from arachne_mlflow.server.pull.deadline_http import Deadline, GuardedAdapter
+from arachne_mlflow.server.pull.tracking_env import (
+    ARTIFACT_HOSTS_ENV,
+    artifact_hosts,
+    check_tracking_uri,
+    origin,
+    session_from_env,
+)
 
 API = "/api/2.0/mlflow"
 ARTIFACT_ROUTE = "/model-versions/get-artifact"  # (MLflow serves it without the /api/2.0 prefix)
@@ -48,93 +64,15 @@ JSON_SECONDS = 120.0  # a JSON answer's whole request, head and body, however sl
 MAX_JSON_BYTES = 8 * 1024**2
 MAX_JSON_CONTAINERS = 20_000  # objects and arrays in one answer (each tag is one; a parser's memory grows with them)
 MAX_ERROR_CHARS = 300
-_CHUNK = 1 << 16  # the most one read takes (a read returns what has arrived, however little)
-_IDENTITY = ("", "identity")  # the only content encoding taken (asked for with Accept-Encoding: identity)
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
-_TRUE, _FALSE = ("true", "1"), ("false", "0")
-ARTIFACT_HOSTS_ENV = "ARACHNE_ARTIFACT_HOSTS"  # comma-separated https://host[:port] a download may be sent to
 _REDIRECTS = (301, 302, 303, 307, 308)
 _FILE_ANSWERS = (200, 206, 404, 416)
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """What a device follows: a registered model's alias (`models:/NAME@ALIAS`) or version (`models:/NAME/3`)."""
-
-    registered_model: str
-    alias: str | None = None
-    version: str | None = None
-
-    @classmethod
-    def parse(cls, uri: str) -> ModelRef:
-        path = uri[len("models:/") :] if uri.startswith("models:/") else ""
-        if 0 < len(path) <= 512 and path.isprintable():
-            if "/" in path:
-                name, version = path.split("/", 1)
-                if name and version.isdigit() and len(version) <= 18:
-                    return cls(name, version=str(int(version)))
-            elif "@" in path:
-                name, alias = path.rsplit("@", 1)
-                if name and alias:
-                    return cls(name, alias=alias)
-        raise InvalidInputError(
-            f"cannot follow {uri[:200]!r}: follow a registered model's alias or version, "
-            "models:/NAME@ALIAS or models:/NAME/3"
-        )
-
-    @property
-    def uri(self) -> str:
-        if self.alias is not None:
-            return f"models:/{self.registered_model}@{self.alias}"
-        return f"models:/{self.registered_model}/{self.version}"
-
-
-@dataclass
-class ModelVersion:
-    """The fields of a registry model version a device uses."""
-
-    name: str
-    version: str
-    status: str
-    run_id: str | None = None
-    source: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def session_from_env(environ: Mapping[str, str] = os.environ) -> requests.Session:
-    """A session with MLflow's credentials and TLS settings, as `mlflow` itself reads them.
-
-    Basic auth (`MLFLOW_TRACKING_USERNAME` + `MLFLOW_TRACKING_PASSWORD`) wins over a bearer token
-    (`MLFLOW_TRACKING_TOKEN`); `MLFLOW_TRACKING_INSECURE_TLS` turns verification off,
-    `MLFLOW_TRACKING_SERVER_CERT_PATH` names the CA bundle, `MLFLOW_TRACKING_CLIENT_CERT_PATH` a client certificate.
-    """
-    session = requests.Session()
-    user, password = environ.get("MLFLOW_TRACKING_USERNAME"), environ.get("MLFLOW_TRACKING_PASSWORD")
-    token = environ.get("MLFLOW_TRACKING_TOKEN")
-    if bool(user) != bool(password):
-        raise InvalidInputError("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD go together: set both")
-    if user and password:
-        session.auth = (user, password)
-    elif token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    insecure = _env_bool(environ, "MLFLOW_TRACKING_INSECURE_TLS")
-    ca_bundle = environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
-    if insecure and ca_bundle:
-        raise InvalidInputError(
-            "MLFLOW_TRACKING_INSECURE_TLS=true and MLFLOW_TRACKING_SERVER_CERT_PATH cannot both be set: "
-            "verify against the CA bundle, or do not verify"
-        )
-    session.verify = ca_bundle or not insecure
-    if client_cert := environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH"):
-        session.cert = client_cert
-    return session
 
 
 class RegistryClient:
     """The registry calls a following device makes, against one tracking server (`http(s)://host:port`)."""
 
     def __init__(self, tracking_uri: str, session: requests.Session | None = None):
-        self.tracking_uri = _check_tracking_uri(tracking_uri)
+        self.tracking_uri = check_tracking_uri(tracking_uri)
         self.session = session or requests.Session()
         for scheme in ("http://", "https://"):
             self.session.mount(scheme, GuardedAdapter())
@@ -183,13 +121,13 @@ class RegistryClient:
         if ref.alias is None:
             return self.get_version(ref.registered_model, str(ref.version))
         route = f"{API}/registered-models/alias"
-        mv = _model_version(self._conditional_json(route, {"name": ref.registered_model, "alias": ref.alias}), route)
-        return _named(mv, route, ref.registered_model)
+        mv = model_version(self._conditional_json(route, {"name": ref.registered_model, "alias": ref.alias}), route)
+        return named(mv, route, ref.registered_model)
 
     def get_version(self, name: str, version: str) -> ModelVersion:
         route = f"{API}/model-versions/get"
-        return _named(
-            _model_version(self._get_json(route, {"name": name, "version": version}), route), route, name, version
+        return named(
+            model_version(self._get_json(route, {"name": name, "version": version}), route), route, name, version
         )
 
     # -- this device's record (protocol/device_records.py) ---------------------------------
@@ -201,8 +139,8 @@ class RegistryClient:
             if not create:
                 return None
             data = self._post_json(f"{API}/experiments/create", {"name": name})
-            return _text_field(data, "experiment_id", route)
-        return _text_field(_object(data, "experiment", route), "experiment_id", route)
+            return text_field(data, "experiment_id", route)
+        return text_field(object_of(data, "experiment", route), "experiment_id", route)
 
     def find_run(self, experiment_id: str, filter_string: str) -> str | None:
         """The id of an active run of the experiment that `filter_string` matches, if there is one."""
@@ -211,13 +149,13 @@ class RegistryClient:
         runs = self._post_json(route, body).get("runs", [])
         if not isinstance(runs, list):
             raise RegistryError(f"{route}: the tracking server's runs is not a list")
-        return _text_field(_object(runs[0], "info", route), "run_id", route) if runs else None
+        return text_field(object_of(runs[0], "info", route), "run_id", route) if runs else None
 
     def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
         route = f"{API}/runs/create"
-        body = {"experiment_id": experiment_id, "run_name": run_name, "tags": _tag_list(tags)}
+        body = {"experiment_id": experiment_id, "run_name": run_name, "tags": tag_list(tags)}
         body["start_time"] = int(time.time() * 1000)
-        return _text_field(_object(self._post_json(route, body), "run", route).get("info", {}), "run_id", route)
+        return text_field(object_of(self._post_json(route, body), "run", route).get("info", {}), "run_id", route)
 
     def run_tags(self, run_id: str) -> dict[str, str] | None:
         """An active run's tags; None where the run is gone or deleted."""
@@ -225,14 +163,14 @@ class RegistryClient:
         data = self._get_json(route, {"run_id": run_id}, missing_ok=True)
         if data is None:
             return None
-        run = _object(data, "run", route)
-        if _object(run, "info", route).get("lifecycle_stage") != "active":
+        run = object_of(data, "run", route)
+        if object_of(run, "info", route).get("lifecycle_stage") != "active":
             return None
-        return _tags(_object(run, "data", route).get("tags", []), route, "run.data.tags")
+        return tags_of(object_of(run, "data", route).get("tags", []), route, "run.data.tags")
 
     def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
         """Every tag in one request (`runs/log-batch`)."""
-        self._post_json(f"{API}/runs/log-batch", {"run_id": run_id, "tags": _tag_list(tags)})
+        self._post_json(f"{API}/runs/log-batch", {"run_id": run_id, "tags": tag_list(tags)})
 
     # -- files -----------------------------------------------------------------------------
     def fetch_artifact(
@@ -274,7 +212,7 @@ class RegistryClient:
                 with response:
                     if response.status_code == 404:
                         raise ModelNotFoundError(f"model version {name}/{version} has no file {path!r} in the registry")
-                    offset, total = _response_range(response, have)
+                    offset, total = response_range(response, have)
                     if offset is None:
                         partial.unlink(missing_ok=True)
                         etag_file.unlink(missing_ok=True)
@@ -283,7 +221,7 @@ class RegistryClient:
                         partial.unlink(missing_ok=True)
                         raise UnsafeArchiveError(f"file {path!r} is {total} bytes, over the limit of {max_bytes} bytes")
                     etag_file.write_text(response.headers.get("ETag", ""))
-                    size = _write_body(response, partial, offset, path, max_bytes, bounds)
+                    size = write_body(response, partial, offset, path, max_bytes, bounds)
             if total is not None and size != total:
                 raise RegistryUnavailableError(f"the download of {path!r} stopped after {size} of {total} bytes")
             os.replace(partial, dest)
@@ -323,7 +261,7 @@ class RegistryClient:
                     return None
                 if etag is not None:
                     etag["etag"] = response.headers.get("ETag", "")[:1024]
-                body = _read_capped(response, MAX_JSON_BYTES, route, bounds)
+                body = read_capped(response, MAX_JSON_BYTES, route, bounds)
         try:
             data = bounded_json.loads(
                 body,
@@ -342,10 +280,10 @@ class RegistryClient:
         without MLflow's credentials (and not redirected further)."""
         with response:
             location = urljoin(response.url, response.headers.get("Location", ""))
-        origin = _origin(location)
-        if origin not in self.artifact_hosts:
+        host = origin(location)
+        if host not in self.artifact_hosts:
             raise RegistryError(
-                f"the tracking server {self.tracking_uri} redirected a download to {origin[:200]!r}, which is not a "
+                f"the tracking server {self.tracking_uri} redirected a download to {host[:200]!r}, which is not a "
                 f"trusted artifact host (name it in {ARTIFACT_HOSTS_ENV} to follow it)"
             )
         if self._plain is None:
@@ -386,16 +324,14 @@ class RegistryClient:
     def _failure(self, err: requests.RequestException, bounds: Deadline | None, what: str) -> RegistryError:
         """The error a request that got no answer raises: the one table of transport failures."""
         if bounds is not None and bounds.check() is not None:
-            return _expired(bounds, what)
+            return expired(bounds, what)
         if isinstance(err, requests.exceptions.SSLError):
             return RegistryError(
                 f"TLS with the tracking server {self.tracking_uri} failed: {err}; set MLFLOW_TRACKING_SERVER_CERT_PATH "
                 "to the CA bundle that signed its certificate"
             )
         if isinstance(err, (requests.ConnectionError, requests.Timeout)):
-            return RegistryUnavailableError(
-                f"the tracking server {self.tracking_uri} cannot be reached: {_reason(err)}"
-            )
+            return RegistryUnavailableError(f"the tracking server {self.tracking_uri} cannot be reached: {reason(err)}")
         return RegistryError(f"request to the tracking server {self.tracking_uri} failed: {err}")
 
     def _error(self, method: str, route: str, response: requests.Response) -> RegistryError:
@@ -418,141 +354,6 @@ class RegistryClient:
         return RegistryError(f"{where} answered {status} to {method} {route}: {message}")
 
 
-def _model_version(data: dict[str, Any], route: str) -> ModelVersion:
-    """The answer's `model_version`, every field it uses type-checked (a wrong one is the registry's error)."""
-    mv = data.get("model_version")
-    if not isinstance(mv, dict):
-        raise RegistryError(f"{route}: the tracking server's answer has no model_version object")
-    fields = {key: _field(mv, key, route) for key in ("name", "version", "status", "run_id", "source")}
-    version = fields["version"] or ""
-    if not version.isdigit() or len(version) > 18:
-        raise RegistryError(f"{route}: the tracking server named a model version {version[:40]!r}, not a number")
-    return ModelVersion(
-        name=fields["name"] or "",
-        version=version,
-        status=fields["status"] or "",
-        run_id=fields["run_id"] or None,
-        source=fields["source"] or None,
-        tags=_tags(mv.get("tags", []), route, "model_version.tags"),  # (proto3 JSON leaves out empty lists)
-    )
-
-
-def _tags(tags: Any, route: str, what: str) -> dict[str, str]:
-    if not isinstance(tags, list) or not all(isinstance(tag, dict) for tag in tags):
-        raise RegistryError(f"{route}: the tracking server's {what} is not a list of objects")
-    return {_field(tag, "key", route) or "": _field(tag, "value", route) or "" for tag in tags}
-
-
-def _tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
-    return [{"key": key, "value": value} for key, value in tags.items()]
-
-
-def _object(data: Any, key: str, route: str) -> dict[str, Any]:
-    value = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(value, dict):
-        raise RegistryError(f"{route}: the tracking server's answer has no {key} object")
-    return value
-
-
-def _text_field(data: dict[str, Any], key: str, route: str) -> str:
-    value = _field(data, key, route)
-    if not value:
-        raise RegistryError(f"{route}: the tracking server's answer has no {key}")
-    return value
-
-
-def _field(obj: dict[str, Any], key: str, route: str) -> str | None:
-    """A string field of the answer, or None where it is left out; any other type is the registry's error."""
-    value = obj.get(key)
-    if value is not None and not isinstance(value, str):
-        raise RegistryError(f"{route}: the tracking server's {key!r} is a {type(value).__name__}, not a string")
-    return value
-
-
-def _named(mv: ModelVersion, route: str, name: str, version: str | None = None) -> ModelVersion:
-    """`mv`, if it is the version of `name` that was asked for (an answer about another model installs nothing)."""
-    if mv.name != name or (version is not None and mv.version != version):
-        asked = f"{name!r} version {version}" if version is not None else repr(name)
-        raise RegistryError(
-            f"{route}: the tracking server answered with version {mv.version} of {mv.name[:200]!r}, "
-            f"not of the model asked for ({asked[:200]})"
-        )
-    return mv
-
-
-def _response_range(response: requests.Response, have: int) -> tuple[int | None, int | None]:
-    """Where the body starts in the file and the file's size (None if unknown); offset None: restart."""
-    if response.status_code == 416:
-        return None, None
-    if response.status_code == 206:
-        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-        if not match or int(match.group(1)) != have:
-            return None, None
-        return have, int(match.group(3))
-    length = response.headers.get("Content-Length", "")
-    return 0, int(length) if length.isdigit() else None
-
-
-def _write_body(
-    response: requests.Response, partial: Path, offset: int, path: str, max_bytes: int, bounds: Deadline
-) -> int:
-    """Append the body to `partial` from `offset`; the file's size afterwards. A broken link keeps what arrived."""
-    size = offset
-    with open(partial, "ab" if offset else "wb") as file:
-        for chunk in _chunks(response, bounds, f"the download of {path!r}"):
-            size += len(chunk)
-            if size > max_bytes:
-                file.close()
-                partial.unlink(missing_ok=True)
-                raise UnsafeArchiveError(f"file {path!r} is over the limit of {max_bytes} bytes")
-            file.write(chunk)
-    return size
-
-
-def _read_capped(response: requests.Response, limit: int, route: str, bounds: Deadline) -> bytes:
-    chunks, size = [], 0
-    for chunk in _chunks(response, bounds, f"{route}: the answer"):
-        size += len(chunk)
-        if size > limit:
-            raise RegistryError(f"{route}: the tracking server's answer is over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _chunks(response: requests.Response, bounds: Deadline, what: str) -> Iterator[bytes]:
-    """The body as it arrives, each read returning what has come (however little), the bounds checked after each."""
-    encoding = response.headers.get("Content-Encoding", "").strip().lower()
-    if encoding not in _IDENTITY:
-        raise RegistryError(f"{what} came encoded as {encoding[:40]!r}; only identity was asked for")
-    while True:
-        try:
-            chunk = response.raw.read1(_CHUNK, decode_content=False)
-        except (urllib3.exceptions.HTTPError, OSError) as err:
-            if bounds.check() is not None:
-                raise _expired(bounds, what) from err
-            raise RegistryUnavailableError(f"{what}: the link dropped: {_reason(err)} (resumed next time)") from err
-        if bounds.check() is not None:  # (a cut link may look like a body's end)
-            raise _expired(bounds, what)
-        if not chunk:
-            return
-        yield chunk
-
-
-def _expired(bounds: Deadline, what: str) -> RegistryUnavailableError:
-    if bounds.expired == "stop":
-        return RegistryUnavailableError(f"{what} was interrupted: the server is stopping")
-    return RegistryUnavailableError(f"{what} ran out of time (tried again at the next check)")
-
-
-def _reason(err: BaseException) -> str:
-    """The innermost cause of a requests error (`ConnectionRefusedError: ...`), not urllib3's wrappers of it."""
-    inner = err.args[0] if err.args and isinstance(err.args[0], BaseException) else err
-    inner = getattr(inner, "reason", None) or inner
-    while inner.__cause__ is not None:
-        inner = inner.__cause__
-    return f"{type(inner).__name__}: {inner}"
-
-
 def _error_message(response: requests.Response) -> str:
     """MLflow's `error_code: message` (or the start of a plain-text body), bounded and on one line."""
     try:
@@ -568,48 +369,3 @@ def _error_message(response: requests.Response) -> str:
         pass
     text = " ".join(re.sub(r"<[^>]*>", " ", text).split())  # (basic-auth answers in HTML)
     return text[:MAX_ERROR_CHARS] or response.reason or ""
-
-
-def _check_tracking_uri(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInputError(
-            f"MLFLOW_TRACKING_URI={uri[:200]!r}: a following device talks to a tracking server over HTTP, "
-            "http(s)://host:port (not a file, sqlite or databricks URI)"
-        )
-    if parts.username or parts.password:
-        raise InvalidInputError(
-            "MLFLOW_TRACKING_URI holds credentials: put them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-        )
-    if parts.query or parts.fragment:
-        raise InvalidInputError(f"MLFLOW_TRACKING_URI={uri[:200]!r}: no query or fragment, just http(s)://host:port")
-    return uri.rstrip("/")
-
-
-def artifact_hosts(value: str) -> frozenset[str]:
-    """The origins (`https://host:port`) of a comma-separated list of artifact hosts the device trusts."""
-    hosts = set()
-    for item in filter(None, (part.strip() for part in value.split(","))):
-        parts = urlsplit(item)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.path.strip("/"):
-            raise InvalidInputError(f"{ARTIFACT_HOSTS_ENV}: {item[:200]!r} is not an origin, https://host[:port]")
-        hosts.add(_origin(item))
-    return frozenset(hosts)
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return url
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
-
-
-def _env_bool(environ: Mapping[str, str], name: str) -> bool:
-    value = environ.get(name, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE or not value:
-        return False
-    raise InvalidInputError(f"{name}={value!r}: use true or false")
