@@ -9,7 +9,6 @@ older onnxruntime), so the TVM variant cannot run there and is skipped.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from arachne_mlflow.profiling import Plan, profile_model
 from arachne_mlflow.profiling.runs import SUMMARY_TAG, experiment_name
 from tests.helpers import models
 from tests.helpers.fleet import on_server
-from tests.helpers.servers import ServerProcess
+from tests.helpers.servers import ServerProcess, device_venv_python
 
 pytestmark = pytest.mark.slow
 
@@ -40,21 +39,14 @@ EXAMPLE = np.random.default_rng(5).standard_normal((8, 4)).astype(np.float32)
 SERVED = "served"
 
 
-def _old_python() -> str:
-    venv = Path(os.environ.get("ARACHNE_OLD_PYTHON_VENV", ROOT / ".venv-old-python"))
-    if not (venv / "bin" / "python").is_file():
-        venv = Path("/work/main/.venv-old-python")  # the main checkout's, in a worktree
-    python = venv / "bin" / "python"
-    if not python.is_file():
-        pytest.fail(f"no old-Python venv at {venv}: build it with `make old-python`", pytrace=False)
-    return str(python)
-
-
 @pytest.fixture(scope="module")
 def devices(tmp_path_factory):
     """Two kinds of device, each serving `served` already."""
     full = ServerProcess(tmp_path_factory.mktemp("full") / "store").start()
-    onnx_only = ServerProcess(tmp_path_factory.mktemp("onnx-only") / "store", python=_old_python()).start(120)
+    onnx_only = ServerProcess(
+        tmp_path_factory.mktemp("onnx-only") / "store",
+        python=device_venv_python("ARACHNE_OLD_PYTHON_VENV", ".venv-old-python", "old-python"),
+    ).start(120)
     served = tmp_path_factory.mktemp("served") / "model"
     arachne_onnx.save_model(models.onnx_linear("N"), served, input_example=EXAMPLE)
     for server in (full, onnx_only):

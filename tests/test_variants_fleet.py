@@ -30,7 +30,7 @@ from arachne_mlflow.model.digest import files_digest
 from arachne_mlflow.model.directory import read_model_dir
 from tests.helpers import models
 from tests.helpers.fleet import deploy, fleet_command, fleet_file, on_server, table_rows
-from tests.helpers.servers import ServerProcess
+from tests.helpers.servers import ServerProcess, device_venv_python
 
 pytestmark = pytest.mark.slow
 
@@ -43,22 +43,11 @@ HOST_TVM = f"tvm-{machine_arch()}"
 EXPECTED = {"cam-0": HOST_TVM, "cam-1": "onnx", "cam-2": "tflite"}
 
 
-def _venv_python(variable: str, default: str, make: str, fallback: str | None = None) -> str:
-    """A device venv's interpreter: a clear failure naming the make target when it is missing (never a skip)."""
-    venv = Path(os.environ.get(variable, ROOT / default))
-    if not (venv / "bin" / "python").is_file() and fallback:
-        venv = Path(fallback)  # the main checkout's, in a worktree
-    python = venv / "bin" / "python"
-    if not python.is_file():
-        pytest.fail(f"no device venv at {venv}: build it with `make {make}` (or set {variable})", pytrace=False)
-    return str(python)
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """cam-0: the main venv (TVM and all); cam-1: onnxruntime alone; cam-2: LiteRT alone."""
-    old = _venv_python("ARACHNE_OLD_PYTHON_VENV", ".venv-old-python", "old-python", "/work/main/.venv-old-python")
-    tflite = _venv_python("ARACHNE_TFLITE_VENV", ".venv-tflite", "tflite-device", "/work/main/.venv-tflite")
+    old = device_venv_python("ARACHNE_OLD_PYTHON_VENV", ".venv-old-python", "old-python")
+    tflite = device_venv_python("ARACHNE_TFLITE_VENV", ".venv-tflite", "tflite-device")
     servers = [
         ServerProcess(tmp_path_factory.mktemp("tvm-device") / "store"),
         ServerProcess(tmp_path_factory.mktemp("onnx-device") / "store", python=old),

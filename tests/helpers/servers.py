@@ -165,3 +165,15 @@ class ThreadServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def device_venv_python(variable: str, default: str, make_target: str) -> str:
+    """The interpreter of a device venv that `make test` builds (`$variable`, else `default` in the
+    checkout): a clear failure naming the make target when it is missing, never a skip."""
+    import pytest
+
+    venv = Path(os.environ.get(variable, Path(__file__).resolve().parents[2] / default))
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        pytest.fail(f"no device venv at {venv}: build it with `make {make_target}` (or set {variable})", pytrace=False)
+    return str(python)
