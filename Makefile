@@ -64,7 +64,7 @@ $(TFLITE_VENV)/.installed: pyproject.toml
 tflite-device: $(TFLITE_VENV)/.installed
 
 quickstart: $(VENV)/.installed $(TFLITE_VENV)/.installed
-	ARACHNE_TFLITE_VENV=$(TFLITE_VENV) $(PY) examples/quickstart.py
+	ARACHNE_TFLITE_VENV=$(abspath $(TFLITE_VENV)) $(PY) examples/quickstart.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -72,7 +72,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/lint-imports --no-cache
 
 test: system-deps lint $(OLD_VENV)/.installed $(TFLITE_VENV)/.installed
-	ARACHNE_OLD_PYTHON_VENV=$(OLD_VENV) ARACHNE_TFLITE_VENV=$(TFLITE_VENV) $(PY) -m pytest
+	ARACHNE_OLD_PYTHON_VENV=$(abspath $(OLD_VENV)) ARACHNE_TFLITE_VENV=$(abspath $(TFLITE_VENV)) $(PY) -m pytest
 
 test-old-python: $(VENV)/.installed $(OLD_VENV)/.installed
 	ARACHNE_OLD_PYTHON_VENV=$(OLD_VENV) $(PY) -m pytest -p no:randomly tests/test_old_python.py

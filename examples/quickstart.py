@@ -197,9 +197,9 @@ def triton_infer(port: int, token: str, name: str, x: np.ndarray) -> np.ndarray:
 
 def tflite_device_python() -> str:
     """The Python of the venv with LiteRT alone that `make quickstart` builds (ARACHNE_TFLITE_VENV)."""
-    venv = os.environ.get("ARACHNE_TFLITE_VENV")
-    python = os.path.join(venv or "", "bin", "python")
-    if not venv or not os.path.exists(python):
+    venv = os.environ.get("ARACHNE_TFLITE_VENV") or os.path.join(os.path.dirname(__file__), os.pardir, ".venv-tflite")
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
         raise SystemExit(
             "run the quickstart with `make quickstart`: it builds .venv-tflite (a device with LiteRT alone) "
             "and sets ARACHNE_TFLITE_VENV to it"

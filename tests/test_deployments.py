@@ -428,12 +428,14 @@ def test_quickstart_end_to_end(tmp_path):
     """The README's main job (`make quickstart`), in a fresh directory: its own store and device server."""
     script = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "quickstart.py")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ARACHNE_"))}
-    done = subprocess.run([sys.executable, script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all results agree (within 1e-05): True" in done.stdout
     # two devices in the fleet file's group, and `arachne-mlflow fleet status` on them
     assert re.search(r"quickstart-onnx: models:/arachne-quickstart-onnx@champion -> v1 on @lab", done.stdout)
     assert len(re.findall(r"\ncam-2 +v1 +v1 +READY +yes\n", done.stdout)) == 3 and "drift" not in done.stdout
+    # one model, two variants: the device with LiteRT alone (cam-3, .venv-tflite) gets the TFLite build
+    assert "variants chosen on @mixed: {'cam-1': 'onnx', 'cam-3': 'tflite'}" in done.stdout
     assert (tmp_path / "mlflow.db").is_file()
 
 

@@ -402,25 +402,26 @@ def test_a_push_to_a_following_device_leaves_it_to_pull(tracking_server, pull_mo
 
     dirs, _ = pull_models
     client, registered = _client(tracking_server), _unique("pushed")
+    name = _unique("det")  # (other tests record deployments named det in the session's registry)
     v1, v2 = _register(client, registered, dirs["v1"]), _register(client, registered, dirs["v2"])
     client.set_registered_model_alias(registered, "prod", v1)
-    device = start_device(tracking_server, f"det=models:/{registered}@prod", interval=60.0)  # no check meanwhile
-    _wait(lambda: _rolled(device, v1))
+    device = start_device(tracking_server, f"{name}=models:/{registered}@prod", interval=60.0)  # no check meanwhile
+    _wait(lambda: _rolled(device, v1, name))
     deploy = get_deploy_client(f"arachne-jetson://127.0.0.1:{device.port}")
     states = lambda result: [d["state"] for d in result["devices"]]  # noqa: E731
     # a fleet of pulling devices is recorded with `create`, as docs/deployments.md says
-    assert states(deploy.create_deployment("det", f"models:/{registered}@prod", config={"report": "false"})) == [
+    assert states(deploy.create_deployment(name, f"models:/{registered}@prod", config={"report": "false"})) == [
         "unchanged"
     ]
-    desired = DesiredState(client).find("det")
+    desired = DesiredState(client).find(name)
     assert (desired.registered_model, desired.model_uri) == (registered, f"models:/{registered}@prod")
     client.set_registered_model_alias(registered, "prod", v2)
-    assert states(deploy.update_deployment("det", f"models:/{registered}@prod", config={"report": "false"})) == [
+    assert states(deploy.update_deployment(name, f"models:/{registered}@prod", config={"report": "false"})) == [
         "pulling"
     ]
     with pytest.raises(MlflowException, match=f"follows models:/{registered}@prod"):
-        deploy.update_deployment("det", f"models:/{registered}/{v2}", config={"report": "false"})
-    assert _record(device)["revision"] == 1 and _running(device) == v1  # nothing was pushed
+        deploy.update_deployment(name, f"models:/{registered}/{v2}", config={"report": "false"})
+    assert _record(device, name)["revision"] == 1 and _running(device, name) == v1  # nothing was pushed
     client.delete_registered_model(registered)  # and its desired state: `fleet sync` of everything skips it
 
 
