@@ -467,3 +467,4 @@ def test_the_plugin_pushes_signed_releases_and_refuses_unsigned_ones(
     finally:
         strict.stop()
         plain.stop()
+        MlflowClient(tracking_server).delete_registered_model(registered)  # and the deployment it records
