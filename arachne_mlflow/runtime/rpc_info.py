@@ -18,9 +18,9 @@ from typing import Any
 
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.fleet.connection import connection_of
+from arachne_mlflow.fleet.device import DEFAULT_PORT
 from arachne_mlflow.fleet.inventory import find_inventory, fleet_path
 
-DEFAULT_PORT = 5051
 KEYS = {"host", "port", "device", "token", "tls", "ca_cert", "verify", "timeout", "connect_timeout", "trust_env"}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
