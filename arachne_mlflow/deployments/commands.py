@@ -1,5 +1,5 @@
-"""`arachne-mlflow fleet status`, `fleet sync` and `fleet rollback`: their flags, and the command line of
-status.py, operations.py and rollback.py.
+"""`arachne-mlflow fleet status`, `fleet sync`, `fleet rollback` and `fleet pull-rollout`: their flags, and the
+command line of status.py, operations.py, rollback.py and pull_rollout.py.
 
 The registry is MLflow's (`MLFLOW_TRACKING_URI`); connection settings come from the
 environment (`ARACHNE_TOKEN`, `ARACHNE_TLS`, ...) and the fleet file, as for the plugin's
@@ -38,7 +38,25 @@ def add_fleet_command(commands: argparse._SubParsersAction) -> None:
     rollback.add_argument(
         "--target", metavar="TARGET", help="devices to roll back: @group, names or host:port (default: the registry's)"
     )
-    for action in (status, sync, rollback):
+    pull = actions.add_parser(
+        "pull-rollout", help="a staged rollout to devices that follow an alias: canary first, then waves"
+    )
+    pull.add_argument("name", metavar="NAME", help="the deployment (the name the devices serve the model as)")
+    pull.add_argument("model_uri", metavar="MODEL_URI", help="the version to roll out (models:/NAME/3)")
+    pull.add_argument(
+        "--alias", required=True, help="the alias the devices follow (serve --follow NAME=models:/M@ALIAS)"
+    )
+    pull.add_argument("--target", metavar="TARGET", help="the devices: @group or names (default: the registry's)")
+    pull.add_argument(
+        "-C",
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="strategy, canary, batch, "
+        "max_failures, wave_timeout, poll, min_success, progress, report (as a push's -C)",
+    )
+    for action in (status, sync, rollback, pull):
         action.add_argument(
             "--fleet", metavar="PATH", help="the fleet file (default $ARACHNE_FLEET or ~/.arachne-mlflow/fleet.yaml)"
         )
@@ -82,6 +100,8 @@ def _run(args: argparse.Namespace, options, state) -> int:
         found = fleet_status.status(args.names, options, state)
         sys.stdout.write(fleet_status.to_json(found) + "\n" if args.json else fleet_status.to_text(found))
         return fleet_status.exit_code(found)
+    if args.fleet_command == "pull-rollout":
+        return _pull_rollout(args, options, state)
     if args.fleet_command == "rollback":
         try:
             outcome = rollback(args.name, args.target, options, state)
@@ -94,6 +114,35 @@ def _run(args: argparse.Namespace, options, state) -> int:
     if args.watch is None:
         return outcome_code(sync(args.names, options, state))
     return _watch(args, options, state)
+
+
+def _pull_rollout(args: argparse.Namespace, options, state) -> int:
+    """`fleet pull-rollout`: its settings, its plan and its waves (deployments/pull_rollout.py)."""
+    from arachne_mlflow.deployments.operations import Outcome
+    from arachne_mlflow.deployments.pull_rollout import plan_of, pull_rollout, pull_settings
+    from arachne_mlflow.deployments.status import EXIT_USAGE
+    from arachne_mlflow.deployments.targets import SCHEME, resolve_target, target_of
+
+    config = dict(item.partition("=")[::2] for item in args.config)
+    config.update({"fleet": options.fleet} if options.fleet else {})
+    try:
+        pull_options, waits = pull_settings(config)
+        existing = state.find(args.name)
+        target = args.target or (existing.target if existing else None)
+        if target is None:
+            raise InvalidInputError(f"the registry records no deployment {args.name!r}: name its devices with --target")
+        devices = resolve_target(f"{SCHEME}://{target}", pull_options.fleet, recorded=args.target is None)
+        plan = plan_of(args.name, args.model_uri, args.alias, target_of(f"{SCHEME}://{target}"), state.client)
+    except InvalidInputError as err:
+        sys.stderr.write(f"arachne-mlflow fleet pull-rollout: {err}\n")
+        return EXIT_USAGE
+    if plan.from_version == plan.version:
+        outcome = Outcome("pull-rollout", args.name, note=f"the alias {args.alias!r} names v{plan.version} already")
+    else:
+        outcome = pull_rollout(plan, devices, pull_options, waits, state, existing)
+    if pull_options.report:
+        outcome.write()
+    return outcome_code([outcome])
 
 
 def outcome_code(outcomes: list[Any]) -> int:

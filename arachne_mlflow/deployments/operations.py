@@ -176,7 +176,7 @@ def _record_push(
     if existing is None and outcome.succeeded == 0:
         outcome.note = f"nothing recorded in the registry: no device got {outcome.wanted()}"
         return
-    outcome.desired = _desired(outcome.deployment, model_uri, target, outcome, settings.strategy, existing)
+    outcome.desired = desired_after(outcome.deployment, model_uri, target, outcome, settings.strategy, existing)
     outcome.desired.variants = list(settings.variants) if settings.variants else None
     state.save(outcome.desired)
     state.record_devices(outcome.desired, outcome.registry.version, touched)
@@ -350,7 +350,7 @@ def _sync_one(desired: Desired, settings: Settings, state: DesiredState) -> Outc
         return Outcome("sync", desired.deployment, error=str(err))
 
 
-def _desired(
+def desired_after(
     name: str, model_uri: str, target: str, outcome: Outcome, strategy: Strategy, existing: Desired | None
 ) -> Desired:
     """The desired state after a push: rolled out, rolling (devices without it) or halted; with the

@@ -56,13 +56,13 @@ def roll_out(
         pushed = push_device(device, connection, name, source, upload_progress)
         return _gated(pushed, connection, name, smoke, strategy, old)
 
-    progress = _Progress(name, len(devices), len(batches), settings.progress)
+    progress = Progress(name, len(devices), len(batches), settings.progress)
     try:
         for number, batch in enumerate(batches, 1):
             batch_results = on_devices(batch, step, settings.workers(len(batch)))
             results.update((r.device, r) for r in batch_results)
             progress.batch(number, batch_results)
-            halted = _halt(strategy, number, len(batches), batch_results, list(results.values()))
+            halted = halt_reason(strategy, number, len(batches), batch_results, list(results.values()))
             if halted:
                 break
     finally:
@@ -146,7 +146,7 @@ def _gated(
     return replace(result, seconds=result.seconds + _since(start))
 
 
-def _halt(strategy: Strategy, number: int, batches: int, batch: list[DeviceResult], so_far: list[DeviceResult]):
+def halt_reason(strategy: Strategy, number: int, batches: int, batch: list[DeviceResult], so_far: list[DeviceResult]):
     """Why the rollout stops after batch `number` (None: it goes on)."""
     where = f"in batch {number} of {batches}"
     gated = [r for r in batch if _gate_failed(r)]
@@ -203,11 +203,11 @@ def _since(start: float) -> float:
     return time.perf_counter() - start
 
 
-class _Progress:
-    """Per batch: a tqdm bar on a terminal (or with `-C progress=true`), else one log line."""
+class Progress:
+    """Per batch (a staged pull's wave): a tqdm bar on a terminal (or with `-C progress=true`), else one log line."""
 
-    def __init__(self, name: str, devices: int, batches: int, wanted: bool | None):
-        self.name, self.batches, self.bar = name, batches, None
+    def __init__(self, name: str, devices: int, batches: int, wanted: bool | None, step: str = "batch"):
+        self.name, self.batches, self.bar, self.step = name, batches, None, step
         if sys.stderr.isatty() if wanted is None else wanted:
             from tqdm.auto import tqdm
 
@@ -220,10 +220,12 @@ class _Progress:
         counted = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
         if self.bar is not None:
             self.bar.update(len(results))
-            self.bar.set_postfix_str(f"batch {number}/{self.batches}: {counted}")
+            self.bar.set_postfix_str(f"{self.step} {number}/{self.batches}: {counted}")
         else:
             devices = ", ".join(str(r.device) for r in results)
-            _logger.info("rollout of %r: batch %d of %d (%s): %s", self.name, number, self.batches, devices, counted)
+            _logger.info(
+                "rollout of %r: %s %d of %d (%s): %s", self.name, self.step, number, self.batches, devices, counted
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -134,6 +134,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds between registry checks (each wait is 0.5-1 times this; longer while the registry is down)",
     )
     pull.add_argument(
+        "--follow-spread",
+        type=float,
+        metavar="SECONDS",
+        help="spread downloads of a new version over this window, each device at its own place in it "
+        "(from its name); default half the interval, 0 for none",
+    )
+    pull.add_argument(
         "--device-name",
         default=os.environ.get("ARACHNE_DEVICE_NAME") or socket.gethostname(),
         help="this device's name in the registry's arachne.devices.<NAME> tags "
@@ -233,11 +240,14 @@ def _follow_config(args: argparse.Namespace):
 
     if not args.follow_interval > 0:
         raise SystemExit("--follow-interval must be a positive number of seconds")
+    if args.follow_spread is not None and not 0 <= args.follow_spread < float("inf"):
+        raise SystemExit("--follow-spread must be 0 or more seconds")
     return FollowConfig(
         follows=parse_follows(args.follow),
         registry=RegistryClient.from_env(),
         interval=args.follow_interval,
         device=args.device_name,
+        spread=args.follow_spread,
     )
 
 

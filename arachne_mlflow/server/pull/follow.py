@@ -11,6 +11,11 @@ device does not run:
 4. records its state on its own run in the fleet experiment (report.py, protocol/device_records.py),
    checked at every check and rewritten where it differs, where the credentials may write; else only logs.
 
+Under a staged rollout (a rollout tag on the version the alias names: protocol/staged_pull.py) the device
+runs that version only once the host's wave admits it, and the rollout's `from` version until then or
+after a halt (staged.py). Before a download it waits its share of the spread window (`--follow-spread`,
+half the interval unless set), so the devices a wave admits do not all download in the same second.
+
 A version that fails (names, size, load, smoke inference) is recorded and not tried again until
 the alias names another version. Downloads and state live in `<store>/.follow/<NAME>/`, so a
 restart resumes them. This module speaks REST with `requests`; the device never imports MLflow.
@@ -45,6 +50,7 @@ from arachne_mlflow.server.metrics import Metrics
 from arachne_mlflow.server.pull.install import install_version
 from arachne_mlflow.server.pull.registry_client import ModelRef, ModelVersion, RegistryClient
 from arachne_mlflow.server.pull.report import RunReporter
+from arachne_mlflow.server.pull.staged import staged_version, wait_spread
 from arachne_mlflow.server.store import ModelStore
 
 _logger = logging.getLogger(__name__)
@@ -64,6 +70,7 @@ class FollowConfig:
     registry: RegistryClient
     interval: float = DEFAULT_INTERVAL
     device: str = field(default_factory=socket.gethostname)
+    spread: float | None = None  # seconds over which downloads are spread (None: half the interval)
 
 
 def parse_follows(values: list[str]) -> dict[str, ModelRef]:
@@ -88,8 +95,11 @@ def start_followers(config: FollowConfig, store: ModelStore, metrics: Metrics) -
         if stale.name not in config.follows:
             shutil.rmtree(stale, ignore_errors=True)
     interval, device = config.interval, config.device
+    spread = interval / 2 if config.spread is None else config.spread
     followers = {  # (a registry client each: a requests session is not meant for many threads)
-        name: Follower(name, ref, store, config.registry.clone(), metrics, interval=interval, device=device)
+        name: Follower(
+            name, ref, store, config.registry.clone(), metrics, interval=interval, device=device, spread=spread
+        )
         for name, ref in config.follows.items()
     }
     for follower in followers.values():
@@ -110,11 +120,15 @@ class Follower:
         *,
         interval: float = DEFAULT_INTERVAL,
         device: str,
+        spread: float = 0.0,
     ):
         if not interval > 0:
             raise InvalidInputError(f"the follow interval must be positive, not {interval}")
+        if not 0 <= spread < float("inf"):
+            raise InvalidInputError(f"the follow spread must be 0 or more seconds, not {spread}")
         self.name, self.ref, self.store, self.registry = name, ref, store, registry
         self.metrics, self.interval, self.device = metrics, interval, device
+        self.spread = spread
         self.directory = store.root / FOLLOW_DIR / name
         self.directory.mkdir(parents=True, exist_ok=True)
         self._stop = threading.Event()
@@ -200,12 +214,21 @@ class Follower:
             return isinstance(err, RegistryUnavailableError)
         self._set(last_success=_iso(), latest_version=mv.version)
         self.metrics.follow_last_success.labels(self.name).set(time.time())
+        running = self._running_version()
+        try:
+            staged = staged_version(mv, self.ref, self.device, running, self.registry)
+        except RegistryError as err:
+            self._failed("check", f"checking {self.ref.uri}'s staged rollout: {err}")
+            return isinstance(err, RegistryUnavailableError)
+        if staged is None:  # a staged rollout has not admitted this device, and names no version to keep
+            self._set(state="waiting")
+            return False
+        mv = staged
         if self._failed_version is not None and mv.version != self._failed_version:
             self._forget_failure()  # the alias moved: a version that failed before may be tried again
         if mv.status != "READY":
             self._failed("check", f"version {mv.version} of {mv.name} is {mv.status or 'not ready'}, not READY")
             return False
-        running = self._running_version()
         if running == mv.version:
             self._set(state="following")
             record = self.store.record(self.name)
@@ -219,6 +242,9 @@ class Follower:
 
     def _pull(self, mv: ModelVersion, running: str | None) -> bool:
         _logger.info("follow %s: %s is version %s (running %s): pulling", self.name, self.ref.uri, mv.version, running)
+        self._set(state="spreading")
+        if not wait_spread(self.device, self.spread, self._stop):
+            return False
         self._set(state="pulling")
         self._record.report(mv.version, "pulling")
         try:

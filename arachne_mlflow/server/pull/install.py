@@ -16,6 +16,10 @@ In order, each refusing the version (the old one keeps serving):
 4. `ModelStore.put`, exactly as an upload: safe extraction, the same checks again, a child's
    load (`probe.probe_load`), the batching declaration, the load in the server, a sync to disk,
    and only then one atomic rename that makes it the served version.
+
+A version the store keeps as the previous one (a staged rollout moved back, protocol/staged_pull.py)
+is served again by the store's rollback after step 0: no download, and the store checks it as it
+checks any rollback (its signature where signatures are required).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ def install_version(
         if other.is_dir() and other != stage:
             shutil.rmtree(other, ignore_errors=True)
     check_not_older(name, mv, store)
+    if _kept_as_previous(name, mv, store):
+        return store.rollback(name)
     signed = store.signatures.required
     files = download_version(registry, mv, stage, store.max_upload_bytes, seconds, stop, signed=signed)
     store.signatures.verify(name, files, {"registered_model": mv.name, "version": mv.version})
@@ -93,6 +99,15 @@ def check_not_older(name: str, mv: ModelVersion, store: ModelStore) -> None:
         )
         store.signatures.refused(name, err, DOWNGRADE)
         raise err
+
+
+def _kept_as_previous(name: str, mv: ModelVersion, store: ModelStore) -> bool:
+    try:
+        previous = store.record(name).get("previous") or {}
+    except ModelNotFoundError:
+        return False
+    provenance = previous.get("provenance") or {}
+    return (provenance.get("registered_model"), provenance.get("version")) == (mv.name, mv.version)
 
 
 class _ChunkReader(io.RawIOBase):
