@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import statistics
+import threading
+import time
 from datetime import datetime
 
 import pytest
@@ -24,6 +26,7 @@ from arachne_mlflow.protocol.staged_pull import (
     spread_fraction,
     wanted_version,
 )
+from arachne_mlflow.server.pull.staged import wait_spread
 from tests.helpers.servers import ServerProcess
 from tests.test_pull import (  # noqa: F401 (pull_models: a fixture)
     _client,
@@ -249,3 +252,15 @@ def test_a_halted_wave_moves_back_the_devices_that_took_the_version(
         assert desired.status == HALTED and desired.devices == {"rolled-back": 1, "failed": 1, "untouched": 2}
     finally:
         client.delete_registered_model(registered)
+
+
+def test_a_device_waits_its_own_share_of_the_spread_window_and_a_stop_ends_the_wait():
+    stop = threading.Event()
+    device = next(f"cam-{i}" for i in range(100) if 0.2 < spread_fraction(f"cam-{i}") < 0.8)
+    start = time.monotonic()
+    assert wait_spread(device, 1.0, stop)
+    assert spread_fraction(device) - 0.01 <= time.monotonic() - start < spread_fraction(device) + 5
+    assert wait_spread(device, 0.0, stop)  # no window: at once
+    stop.set()
+    start = time.monotonic()
+    assert not wait_spread(device, 3600.0, stop) and time.monotonic() - start < 5
