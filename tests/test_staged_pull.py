@@ -15,7 +15,7 @@ import yaml
 
 from arachne_mlflow.cli import main
 from arachne_mlflow.deployments.desired_state import HALTED, ROLLED_OUT, DesiredState
-from arachne_mlflow.deployments.pull_rollout import ordered, pull_settings
+from arachne_mlflow.deployments.pull_rollout import ordered, plan_of, pull_settings
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.fleet.device import Device
 from arachne_mlflow.protocol.staged_pull import (
@@ -88,6 +88,27 @@ def test_the_command_takes_a_pushs_strategy_keys_and_refuses_what_needs_the_devi
     for bad in ({"gate_max_p99_ms": "5"}, {"token": "x"}, {"wave_timeout": "0"}):
         with pytest.raises(InvalidInputError):
             pull_settings(bad)
+
+
+def test_the_plan_starts_from_the_aliass_version_and_an_interrupted_rollout_goes_on_where_it_was(
+    mlflow_server,
+    pull_models,  # noqa: F811
+):
+    dirs, _ = pull_models
+    client, registered = _client(mlflow_server), _unique("plan")
+    v1, v2 = _register(client, registered, dirs["v1"]), _register(client, registered, dirs["v2"])
+    try:
+        with pytest.raises(InvalidInputError, match="no alias 'prod'"):
+            plan_of("det", f"models:/{registered}/{v2}", "prod", "@pullers", client)
+        client.set_registered_model_alias(registered, "prod", v1)
+        plan = plan_of("det", f"models:/{registered}/{v2}", "prod", "@pullers", client)
+        assert (plan.from_version, plan.version, plan.admitted) == (v1, v2, 0.0)
+        client.set_model_version_tag(registered, v2, ROLLOUT_TAG, RolloutTag("prod", v1, 0.3, wave=2).to_json())
+        client.set_registered_model_alias(registered, "prod", v2)  # interrupted in its second wave
+        plan = plan_of("det", f"models:/{registered}/{v2}", "prod", "@pullers", client)
+        assert (plan.from_version, plan.version, plan.admitted) == (v1, v2, 0.3)
+    finally:
+        client.delete_registered_model(registered)
 
 
 # -- real devices ----------------------------------------------------------------------------------

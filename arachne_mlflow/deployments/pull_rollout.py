@@ -5,6 +5,7 @@ speaks to them only through the registry (protocol/staged_pull.py):
 
 1. the version the alias names now is the `from` version; the new version gets the rollout tag,
    admitting nobody yet, and then the alias moves to it (so no device takes it before its wave);
+   a run that goes on with an interrupted rollout keeps the devices it had admitted;
 2. the target's devices, ordered by the position each one computes for itself, are cut into the
    strategy's batches (strategy.py: `all`, `rolling`, `canary`, the same `-C` keys as a push); per wave
    the tag's `admit` rises just past the wave's last device, and the host waits for the wave's own
@@ -19,7 +20,8 @@ speaks to them only through the registry (protocol/staged_pull.py):
 
 The outcome is recorded as a push's is (the desired state on the registered model, `halted` with its
 reason); the devices' own records are the per-device ledger. Interrupted, the command leaves the tag
-as it was (no device beyond the admitted ones moves); run it again to go on from the first wave.
+as it was (no device beyond the admitted ones moves); run it again to go on (the waves admitted
+before pass as soon as their records say so).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class PullPlan:
     version: str
     from_version: str
     target: str
+    admitted: float = 0.0  # how far an interrupted run of the same rollout had admitted (never lowered)
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,11 @@ def plan_of(deployment: str, model_uri: str, alias: str, target: str, client: An
             f"registered model {name!r} has no alias {alias!r} for the devices to follow: set it to the version they "
             f"run first (a staged rollout moves the fleet from one version to another): {err.message}"
         ) from err
-    origin = str(current.version)
+    origin, admitted = str(current.version), 0.0
     tag = RolloutTag.parse(current.tags.get(ROLLOUT_TAG)) if origin == version else None
     if tag is not None and tag.alias == alias and tag.state != HALTED and tag.from_version:
-        origin = tag.from_version
-    return PullPlan(deployment, name, alias, version, origin, target)
+        origin, admitted = tag.from_version, tag.admit
+    return PullPlan(deployment, name, alias, version, origin, target, admitted)
 
 
 def ordered(devices: Sequence[Device], registered_model: str) -> list[Device]:
@@ -147,7 +150,7 @@ def _waves(plan: PullPlan, fleet: list[Device], options: Settings, waits: Waits,
     strategy = options.strategy
     batches = strategy.batches(fleet)
     positions = [position(plan.registered_model, str(d)) for d in fleet]
-    tag = RolloutTag(plan.alias, plan.from_version, 0.0)
+    tag = RolloutTag(plan.alias, plan.from_version, plan.admitted)
     client.set_model_version_tag(plan.registered_model, plan.version, ROLLOUT_TAG, tag.to_json())
     client.set_registered_model_alias(plan.registered_model, plan.alias, plan.version)
     results: dict[str, DeviceResult] = {}
@@ -156,7 +159,7 @@ def _waves(plan: PullPlan, fleet: list[Device], options: Settings, waits: Waits,
     try:
         for number, batch in enumerate(batches, 1):
             admitted += len(batch)
-            tag = replace(tag, admit=admit_after(positions, admitted - 1), wave=number)
+            tag = replace(tag, admit=max(plan.admitted, admit_after(positions, admitted - 1)), wave=number)
             client.set_model_version_tag(plan.registered_model, plan.version, ROLLOUT_TAG, tag.to_json())
             wave = _await(batch, plan, records, waits)
             results.update((str(r.device), r) for r in wave)
