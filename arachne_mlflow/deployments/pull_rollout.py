@@ -69,6 +69,8 @@ class PullPlan:
 
 @dataclass(frozen=True)
 class Waits:
+    """How long a wave's devices have to report, and how often their records are read meanwhile."""
+
     wave_timeout: float = DEFAULT_WAVE_TIMEOUT
     poll: float = DEFAULT_POLL
 
