@@ -22,7 +22,7 @@ from arachne_mlflow.model.directory import read_model_dir
 from arachne_mlflow.protocol.classification import top_classes
 from tests.helpers import models
 from tests.helpers.servers import ThreadServer
-from tests.helpers.vision import LABELS, MAX_BATCH_SIZE, expected_top, save_image_classifier
+from tests.helpers.vision import LABELS, MAX_BATCH_SIZE, expected_top, onnx_image_classifier, save_image_classifier
 
 CLASSES = 3
 
@@ -271,3 +271,15 @@ def test_a_bad_class_count_is_refused(server, count):
     with pytest.raises(InferenceServerException, match="positive integer") as caught:
         grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}").infer("linear", [tensor], outputs=[out])
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_variants_share_the_models_labels_and_image_format(tmp_path):
+    from arachne_mlflow.flavors import variants
+
+    model = onnx_image_classifier()
+    builds = {"onnx": variants.Variant("onnx", model), "again": variants.Variant("onnx", model)}
+    variants.save_model(builds, tmp_path / "v", labels=LABELS, image_format="NCHW")
+    for name in ("onnx", "again"):
+        view = read_model_dir(tmp_path / "v", variant=name)
+        assert view.label_files == {"probabilities": "labels.txt"} and view.image_formats == {"images": "NCHW"}
+        assert "labels.txt" in view.files()
