@@ -130,6 +130,8 @@ def test_top_classes_of_a_batch_and_of_a_whole_output():
     assert whole.shape == (6,) and whole[0] == b"0.700000:1"
     with pytest.raises(InvalidInputError, match="needs numbers"):
         top_classes(np.array([b"x"], dtype=object), 1, [], batched=False, output="p")
+    with pytest.raises(InvalidInputError, match="more than"):  # every class of a large output: bounded
+        top_classes(np.zeros((11, 100_000), np.float32), 100_000, [], batched=True, output="p")
 
 
 # -- Triton's image client, over HTTP and gRPC -----------------------------------------------------
@@ -254,7 +256,7 @@ def test_classes_without_labels_or_batch(server):
             assert answer.shape == (2,) and texts == [f"{plain[i]:f}:{i}" for i in order]
 
 
-@pytest.mark.parametrize("count", [0, -1])
+@pytest.mark.parametrize("count", [0, -1, 100_001])
 def test_a_bad_class_count_is_refused(server, count):
     body = {
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}],

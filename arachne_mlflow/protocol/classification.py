@@ -18,14 +18,19 @@ from arachne_mlflow.errors import InvalidInputError
 
 #: The request parameter of an output that asks for its top classes.
 PARAMETER = "classification"
-#: The largest class count a request may ask (the answer holds at most as many as the output has).
-MAX_CLASS_COUNT = 2**31 - 1
+#: The largest class count a request may ask (as many as a labels file may name); the answer holds
+#: at most as many as the output has.
+MAX_CLASS_COUNT = 100_000
+#: The most strings one answer may hold (rows x classes): each is a Python object while it is made.
+MAX_ANSWERS = 1_000_000
 
 
 def class_count(value: Any, output: str) -> int:
     """The `classification` parameter of a requested output: a positive integer."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_CLASS_COUNT:
-        raise InvalidInputError(f"output {output!r}: 'classification' must be a positive integer, got {value!r}")
+        raise InvalidInputError(
+            f"output {output!r}: 'classification' must be a positive integer up to {MAX_CLASS_COUNT}, got {value!r}"
+        )
     return value
 
 
@@ -35,6 +40,10 @@ def top_classes(array: np.ndarray, count: int, labels: Sequence[str], batched: b
         raise InvalidInputError(f"output {output!r} holds {array.dtype.name} values: classification needs numbers")
     rows = array.reshape(array.shape[0] if batched and array.ndim else 1, -1)
     count = min(count, rows.shape[1])
+    if rows.shape[0] * count > MAX_ANSWERS:
+        raise InvalidInputError(
+            f"output {output!r}: {rows.shape[0]} rows x {count} classes is more than {MAX_ANSWERS} answers; ask fewer"
+        )
     answers = np.empty((rows.shape[0], count), dtype=object)
     for r, row in enumerate(rows):
         for k, index in enumerate(np.argsort(-row.astype(np.float64), kind="stable")[:count]):
