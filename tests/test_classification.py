@@ -4,7 +4,9 @@ the real tritonclient over HTTP and gRPC, the way Triton's image client asks and
 
 from __future__ import annotations
 
+import queue
 import types
+from functools import partial
 
 import numpy as np
 import pytest
@@ -194,7 +196,10 @@ def postprocess(output_array, batch_size, supports_batching):
 
 
 def run_image_client(protocol, server, image_files, batch_size=2):
-    """What image_client.py does with `-i <protocol> -m classifier -c 3 -b <batch_size> <dir>`."""
+    """What image_client.py does with `-i <protocol> -m classifier -c 3 -b <batch_size> <dir>` (and
+    `--streaming` for "grpc-stream")."""
+    streaming = protocol == "grpc-stream"
+    protocol = "grpc" if streaming else protocol
     client_module = grpcclient if protocol == "grpc" else httpclient
     url = f"127.0.0.1:{server.grpc_port if protocol == 'grpc' else server.port}"
     client = client_module.InferenceServerClient(url=url)
@@ -211,12 +216,20 @@ def run_image_client(protocol, server, image_files, batch_size=2):
     inputs = [client_module.InferInput(input_name, batch.shape, dtype)]
     inputs[0].set_data_from_numpy(batch)
     outputs = [client_module.InferRequestedOutput(output_name, class_count=CLASSES)]
-    result = client.infer("classifier", inputs, request_id="1", model_version="", outputs=outputs)
+    if streaming:
+        completed = queue.Queue()
+        client.start_stream(partial(lambda user_data, result, error: user_data.put((result, error)), completed))
+        client.async_stream_infer("classifier", inputs, request_id="1", model_version="", outputs=outputs)
+        result, error = completed.get(timeout=60)
+        assert error is None and result.get_response().id == "1"
+        client.stop_stream()
+    else:
+        result = client.infer("classifier", inputs, request_id="1", model_version="", outputs=outputs)
     client.close()
     return batch, postprocess(result.as_numpy(output_name), batch_size, max_batch_size > 0)
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("protocol", ["http", "grpc", "grpc-stream"])
 def test_triton_image_client_classifies(server, image_files, protocol):
     batch, rows = run_image_client(protocol, server, image_files)
     expected = expected_top(batch, CLASSES)
