@@ -41,6 +41,7 @@ from mlflow.utils.requirements_utils import _get_pinned_requirement
 from arachne_mlflow import __version__
 from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.flavors._vision import image_formats_block, write_labels
 from arachne_mlflow.model.batching import BatchingSettings, batchable
 from arachne_mlflow.model.directory import (
     FLAVOR_NAME,
@@ -215,11 +216,16 @@ def save_model(
     extra_pip_requirements=None,
     metadata: dict[str, Any] | None = None,
     batching: dict[str, Any] | None = None,
+    labels: Any = None,
+    image_format: Any = None,
 ) -> None:
     """Write an MLflow model directory at `path` (which must not exist or be empty).
 
     `batching` declares that the model's first dimension is a batch (MLmodel's `arachne.batching`,
     see `model/batching.py`): a device server batches only the models that declare one.
+    `labels` (a file or a list, for the first output; or a mapping of output names to either) and
+    `image_format` ("NCHW" or "NHWC" for the first input, or a mapping of input names to one) are
+    what vision clients read (`model/vision.py`, `flavors/_vision.py`).
     """
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     path = Path(path).absolute()
@@ -258,6 +264,10 @@ def save_model(
             block["tensor_dtypes"] = dtypes
         if batching is not None:
             block["batching"] = _checked_batching(batching, specs)
+        if image_format is not None:
+            block["image_formats"] = image_formats_block(image_format, specs[0])
+        if labels is not None:
+            block["labels"] = write_labels(labels, specs[1], path)
         if files.variants:
             block["variants"] = files.variants
         mlflow_model.add_flavor(FLAVOR_NAME, **block, arachne_mlflow_version=__version__, code=code_dir)

@@ -59,6 +59,8 @@ def save_model(
     batching: dict[str, Any] | None = None,
     runtime_options: dict[str, Any] | None = None,
     save_as_external_data: bool = False,
+    labels: Any = None,
+    image_format: str | dict[str, str] | None = None,
 ) -> None:
     """Save an ONNX model (`onnx.ModelProto`, `.onnx` path or bytes) as an MLflow model at `path`.
 
@@ -67,6 +69,8 @@ def save_model(
     `save_as_external_data` is set. `runtime_options` are `providers`, `provider_options` and
     `sess_options` (a dict) for onnxruntime, used at every load.
     `batching` declares the first dimension a batch (MLmodel `arachne.batching`, docs/flavors.md).
+    `labels` (a file or a list of class labels) and `image_format` ("NCHW" or "NHWC") are for vision
+    clients: see docs/flavors.md.
     """
     options = _check_runtime_options(runtime_options)
 
@@ -95,6 +99,8 @@ def save_model(
         extra_pip_requirements=extra_pip_requirements,
         metadata=metadata,
         batching=batching,
+        labels=labels,
+        image_format=image_format,
     )
 
 

@@ -54,11 +54,15 @@ def save_model(
     metadata: dict[str, Any] | None = None,
     batching: dict[str, Any] | None = None,
     runtime_options: dict[str, Any] | None = None,
+    labels: Any = None,
+    image_format: str | dict[str, str] | None = None,
 ) -> None:
     """Save a TFLite model (a `.tflite` path or the model bytes) as an MLflow model at `path`.
 
     `runtime_options` are LiteRT interpreter options (`num_threads`, ...) used at every load.
     `batching` declares the first dimension a batch (MLmodel `arachne.batching`, docs/flavors.md).
+    `labels` (a file or a list of class labels) and `image_format` ("NCHW" or "NHWC") are for vision
+    clients: see docs/flavors.md.
     """
 
     def write(directory: Path) -> _common.ModelFiles:
@@ -79,6 +83,8 @@ def save_model(
         extra_pip_requirements=extra_pip_requirements,
         metadata=metadata,
         batching=batching,
+        labels=labels,
+        image_format=image_format,
     )
 
 

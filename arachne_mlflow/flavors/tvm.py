@@ -75,6 +75,8 @@ def save_model(
     target: str | Mapping[str, Any] | None = None,
     arch: str | None = None,
     cc: str | None = None,
+    labels: Any = None,
+    image_format: str | dict[str, str] | None = None,
 ) -> None:
     """Save a TVM model as an MLflow model at `path`.
 
@@ -82,6 +84,8 @@ def save_model(
     Relax `IRModule` (compiled here with `tvm.compile` for `target`, default llvm). Detached
     weights come as `params` (name -> array) or `params_file` (TVM's param-dict format).
     `batching` declares the first dimension a batch (MLmodel `arachne.batching`, docs/flavors.md).
+    `labels` (a file or a list of class labels) and `image_format` ("NCHW" or "NHWC") are for vision
+    clients: see docs/flavors.md.
     `target` is a TVM target: a kind name, its JSON form, a dict or a `tvm.target.Target`.
     `tvm_device` (default cpu, or the env.yaml's) is where it runs; `arch` the CPU it was built
     for (default: the target's `mtriple` CPU when compiled here, else this machine's: pass it for
@@ -149,6 +153,8 @@ def save_model(
         extra_pip_requirements=extra_pip_requirements,
         metadata=metadata,
         batching=batching,
+        labels=labels,
+        image_format=image_format,
     )
 
 

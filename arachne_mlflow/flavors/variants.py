@@ -117,8 +117,12 @@ def save_model(
     extra_pip_requirements=None,
     metadata: dict[str, Any] | None = None,
     batching: dict[str, Any] | None = None,
+    labels: Any = None,
+    image_format: str | dict[str, str] | None = None,
 ) -> None:
     """Save the variants `model` (name -> `Variant`, or the directory of a saved arachne model) at `path`.
+
+    `batching`, `labels` and `image_format` are the model's, shared by every variant (docs/flavors.md).
 
     The first is the reference. Without `signature` the reference's is used, and every other
     variant must match it. Without `input_example` the agreement check runs on generated inputs.
@@ -143,6 +147,8 @@ def save_model(
         extra_pip_requirements=extra_pip_requirements,
         metadata=metadata,
         batching=batching,
+        labels=labels,
+        image_format=image_format,
     )
 
 

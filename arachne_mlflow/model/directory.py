@@ -11,11 +11,14 @@ It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
       tensor_dtypes: {inputs: {x: bfloat16}, outputs: {y: bfloat16}}   # (optional, see below)
       batching: {max_batch_size: 16, max_queue_delay_microseconds: 500}   # dim 0 is a batch (optional, see
                                                                           # model/batching.py)
+      image_formats: {images: NCHW}     # image inputs' layouts (optional, model/vision.py)
+      labels: {probabilities: labels.txt}   # class labels of outputs, a file each (optional, model/vision.py)
       arachne_mlflow_version: "..."
 
 A model may instead hold several builds of one network (`variants`, see model/variants.py and
 docs/flavors.md): each lists its own runtime, files, options, `requires`, `tolerance` and the
-`check` made when it was logged; the signature, `tensor_dtypes` and `batching` are the model's.
+`check` made when it was logged; the signature, `tensor_dtypes`, `batching`, `image_formats` and
+`labels` are the model's.
 The keys above then describe the reference (first) variant, for readers older than variants.
 `read_model_dir` returns the variant this machine (or `device`) runs first, as an `ArachneModel`
 whose `variants` lists them all; a model without variants is a one-variant model.
@@ -50,6 +53,7 @@ from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError, Mod
 from arachne_mlflow.model.arch import machine_arch, normalize_arch
 from arachne_mlflow.model.spec import BFLOAT16, TensorSpec
 from arachne_mlflow.model.variants import REQUIRES_KEYS, VariantChoice, choose_variant, this_machine
+from arachne_mlflow.model.vision import checked_image_formats, checked_label_files
 
 FLAVOR_NAME = "arachne"
 MLMODEL = "MLmodel"
@@ -77,6 +81,9 @@ class ArachneModel:
     outputs: list[TensorSpec] = field(default_factory=list)
     extra_files: list[str] = field(default_factory=list)
     batching: dict[str, Any] | None = None
+    #: Image inputs' layouts (input name -> NCHW or NHWC) and outputs' label files (model/vision.py).
+    image_formats: dict[str, str] = field(default_factory=dict)
+    label_files: dict[str, str] = field(default_factory=dict)
     version: str | None = None
     mlmodel: dict[str, Any] = field(default_factory=dict)
     #: The variant these fields describe (a model without variants: its runtime's name).
@@ -101,7 +108,7 @@ class ArachneModel:
 
     def files(self) -> list[str]:
         """The files this model (this variant of it) consists of: MLmodel, what it names, its environment."""
-        names = [MLMODEL, *self.variant_files()]
+        names = [MLMODEL, *self.variant_files(), *self.label_files.values()]
         names += [name for name in ENVIRONMENT_FILES if (self.path / name).is_file()]
         return names
 
@@ -193,6 +200,11 @@ def read_model_dir(
         outputs=_with_dtypes(outputs, dtypes.get("outputs"), f"{mlmodel_path}: tensor_dtypes.outputs"),
         version=conf.get("arachne_mlflow_version"),
         mlmodel=mlmodel,
+        image_formats=checked_image_formats(conf.get("image_formats"), inputs, str(mlmodel_path)),
+        label_files={
+            output: _relative_name(file, mlmodel_path)
+            for output, file in checked_label_files(conf.get("labels"), outputs, str(mlmodel_path)).items()
+        },
     )
     if "variants" in conf:
         views = _read_variants(conf["variants"], shared, mlmodel_path)

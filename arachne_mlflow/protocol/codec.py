@@ -20,16 +20,17 @@ import json
 import struct
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.protocol import json_data
+from arachne_mlflow.protocol import classification, json_data
 from arachne_mlflow.protocol.datatypes import BFLOAT16, DATATYPES, from_datatype, to_datatype
 from arachne_mlflow.protocol.json_data import loads as _loads
+from arachne_mlflow.protocol.sequence import refuse_sequence
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -181,6 +182,8 @@ class InferRequest:
     outputs: tuple[tuple[str, bool], ...] | None  # (name, binary); None = every output
     binary_output: bool
     id: str | None = None  # echoed in the answer (a number sent as the id comes back as a string)
+    #: Outputs asked for as their top classes (protocol/classification.py): name -> class count.
+    classes: Mapping[str, int] = field(default_factory=dict)
 
 
 def decode_request(
@@ -193,25 +196,26 @@ def decode_request(
     """
     cached = _cached_layout(_request_layouts, body, header_length)
     if cached is not None:  # (views on the body, checked by the model before it runs)
-        (layout, outputs, binary_output, request_id), size = cached
-        return InferRequest(_arrays(layout, body, size), outputs, binary_output, request_id)
+        (layout, outputs, binary_output, request_id, classes), size = cached
+        return InferRequest(_arrays(layout, body, size), outputs, binary_output, request_id, classes)
     header, binary, lifted = _split_request(body, header_length, inputs)
     params = header.get("parameters")
     if params is None:
         binary_output = False
     elif type(params) is dict:
+        refuse_sequence(params)
         binary_output = bool(params.get("binary_data_output", False))
     else:
         raise InvalidInputError("'parameters' must be an object")
-    outputs = header.get("outputs")
+    outputs, classes = header.get("outputs"), {}
     if outputs is not None:
-        outputs = _requested_outputs(outputs, binary_output)
+        outputs, classes = _requested_outputs(outputs, binary_output)
     request_id = _request_id(header.get("id"))
     arrays = decode_tensors(header.get("inputs"), binary, inputs, lifted)
     layout = _binary_layout(header["inputs"], arrays)
     if layout is not None:
-        _remember_layout(_request_layouts, body, header_length, (layout, outputs, binary_output, request_id))
-    return InferRequest(arrays, outputs, binary_output, request_id)
+        _remember_layout(_request_layouts, body, header_length, (layout, outputs, binary_output, request_id, classes))
+    return InferRequest(arrays, outputs, binary_output, request_id, classes)
 
 
 def _request_id(value: Any) -> str | None:
@@ -224,10 +228,11 @@ def _request_id(value: Any) -> str | None:
     raise InvalidInputError(f"'id' must be a string, got {str(value)[:100]!r}")
 
 
-def _requested_outputs(items: Any, binary_output: bool) -> tuple[tuple[str, bool], ...]:
+def _requested_outputs(items: Any, binary_output: bool) -> tuple[tuple[tuple[str, bool], ...], dict[str, int]]:
+    """The requested outputs as (name, binary), and the class counts of those asked as classes."""
     if not isinstance(items, list):
         raise InvalidInputError("'outputs' must be a list")
-    outputs = []
+    outputs, classes = [], {}
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInputError(f"a requested output must be an object with a 'name', got {str(item)[:100]!r}")
@@ -235,7 +240,9 @@ def _requested_outputs(items: Any, binary_output: bool) -> tuple[tuple[str, bool
         if not isinstance(item_params, dict):
             raise InvalidInputError(f"output {item['name']!r}: 'parameters' must be an object")
         outputs.append((item["name"], bool(item_params.get("binary_data", binary_output))))
-    return tuple(outputs)
+        if classification.PARAMETER in item_params:
+            classes[item["name"]] = classification.class_count(item_params[classification.PARAMETER], item["name"])
+    return tuple(outputs), classes
 
 
 def encode_response(

@@ -34,6 +34,7 @@ from arachne_mlflow.protocol.datatypes import config_datatype, to_datatype
 from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
 from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStats
+from arachne_mlflow.server.classification import add_to_config, answer_outputs
 from arachne_mlflow.server.loading import LoadedModel
 from arachne_mlflow.server.metrics import Metrics, ModelSeries, RequestTimes, StoreCollector
 from arachne_mlflow.server.probe import known_tvm_devices
@@ -50,6 +51,7 @@ Encode = Callable[[str, dict[str, np.ndarray], codec.InferRequest, str], Any]
 
 EXTENSIONS = [
     "binary_tensor_data",
+    "classification",
     "model_repository",
     "model_configuration",
     "statistics",
@@ -177,7 +179,7 @@ class Dataplane:
             config.update(batching.to_config())  # max_batch_size and dynamic_batching
         elif skipped := self.batching_policy.skipped.get(name):
             config["parameters"] = {"arachne.batching": {"string_value": f"--batching does not apply: {skipped}"}}
-        return config
+        return add_to_config(config, self.store, name)
 
     def statistics(self, name: str | None = None) -> dict[str, Any]:
         """Triton's inference statistics of one model, or of every loaded model."""
@@ -254,7 +256,7 @@ class Dataplane:
         decoded = time.perf_counter_ns()
         outputs = loaded.module.infer(inputs)
         ran = time.perf_counter_ns()
-        response = encode(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+        response = encode(name, answer_outputs(loaded, outputs, request), request, loaded.revision)
         times.compute_input = decoded - started
         times.compute_infer = ran - decoded
         times.compute_output = time.perf_counter_ns() - ran
@@ -295,7 +297,7 @@ class Dataplane:
             )
         outputs = await batcher.submit(inputs, times)
         encoding = time.perf_counter_ns()
-        response = encode(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+        response = encode(name, answer_outputs(loaded, outputs, request), request, loaded.revision)
         times.compute_output = time.perf_counter_ns() - encoding
         return response
 

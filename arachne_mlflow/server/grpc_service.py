@@ -39,6 +39,7 @@ except ImportError as err:  # pragma: no cover (CI installs the extra)
 
 from arachne_mlflow.server.auth import HOW_TO_AUTHENTICATE, bearer_matches
 from arachne_mlflow.server.dataplane import Dataplane
+from arachne_mlflow.server.grpc_stream import InferStream
 from arachne_mlflow.server.settings import ServerSettings
 
 _logger = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ SERVICE = "inference.GRPCInferenceService"
 PUBLIC = frozenset({"ServerLive", "ServerReady"})
 #: gRPC's largest message length option (a C int).
 _GRPC_MAX_LENGTH = 2**31 - 1
-#: Streams one connection may have open at once (each can hold a message up to the size limit).
+#: Streams one connection may have open at once (each can hold a message up to the size limit); also
+#: the requests one ModelStreamInfer stream may have read and not yet answered.
 MAX_CONCURRENT_STREAMS = 100
 #: The flow-control window of a stream no handler reads: what a peer can park in a stream it never
 #: completes. A call being read gets the window its message needs, whatever this is.
@@ -250,6 +252,12 @@ def _handlers(servicer: InferenceServicer, dataplane: Dataplane, token: str | No
     handlers = {}
     for method in service.methods:
         parse = _parser(getattr(pb, method.input_type.name), max_message_bytes)
+        if method.name == "ModelStreamInfer":  # the one bidirectional RPC (server/grpc_stream.py)
+            stream = InferStream(dataplane, parse, MAX_CONCURRENT_STREAMS, status_code)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _guarded_stream(stream, dataplane, expected), request_deserializer=None, response_serializer=_serialize
+            )
+            continue
         handlers[method.name] = grpc.stream_unary_rpc_method_handler(
             _guarded(method.name, getattr(servicer, method.name), dataplane, expected, parse),
             request_deserializer=None,  # (raw bytes: checked, then parsed, by `parse`)
@@ -298,6 +306,20 @@ def _guarded(
             _logger.exception("unexpected error in gRPC %s", name)
             message = f"internal server error: {type(err).__name__}: {err}"
             return await _abort(context, dataplane, grpc.StatusCode.INTERNAL, message)
+
+    return guarded
+
+
+def _guarded_stream(
+    stream: InferStream, dataplane: Dataplane, token: bytes | None
+) -> Callable[[Any, Any], Awaitable[None]]:
+    """The stream behind the bearer token, checked before its first message is read; a stream's
+    requests are each answered (errors in `error_message`), so only the token ends one with a status."""
+
+    async def guarded(requests: Any, context: Any) -> None:
+        if token is not None and not bearer_matches(_authorization(context), token):
+            return await _abort(context, dataplane, grpc.StatusCode.UNAUTHENTICATED, HOW_TO_AUTHENTICATE)
+        await stream(context)
 
     return guarded
 

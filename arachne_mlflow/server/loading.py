@@ -20,6 +20,7 @@ from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.model.digest import tree_digest
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
 from arachne_mlflow.model.spec import TensorSpec
+from arachne_mlflow.model.vision import VisionInfo
 from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.server.probe import probe_load
 
@@ -47,12 +48,15 @@ class LoadedModel:
         record: dict[str, Any],
         load_seconds: float,
         batching: BatchingSettings | None = None,
+        vision: VisionInfo | None = None,
     ):
         self.module = module
         self.record = record
         self.load_seconds = load_seconds
         self.batching = batching
         self.batcher: Batcher | None = None
+        #: Its image inputs' layouts and outputs' labels (model configuration, classification).
+        self.vision = vision or VisionInfo()
         self.revision = str(record["revision"])
         self.input_names = [spec.name for spec in module.input_specs]
         self.output_names = [spec.name for spec in module.output_specs]
@@ -128,6 +132,7 @@ class Loader:
             raise InvalidInputError(f"model {record['name']!r} cannot be loaded: {err}") from err
         try:
             batching = self._serving(record["name"], model.batching, module.input_specs, module.output_specs)
+            vision = VisionInfo.read(model.path, model.image_formats, model.label_files)
         except ArachneError:
             module.done()
             raise
@@ -135,7 +140,7 @@ class Loader:
             self._proven[digest] = self._proven.pop(digest, False) or smoked
             while len(self._proven) > MAX_PROVEN:
                 del self._proven[next(iter(self._proven))]
-        return LoadedModel(module, record, time.perf_counter() - start, batching)
+        return LoadedModel(module, record, time.perf_counter() - start, batching, vision)
 
 
 def read_checked(path: Path) -> ArachneModel:

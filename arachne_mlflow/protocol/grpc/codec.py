@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.protocol import codec
+from arachne_mlflow.protocol import classification, codec
 from arachne_mlflow.protocol.datatypes import from_datatype
 from arachne_mlflow.protocol.grpc import inference_pb2 as pb
+from arachne_mlflow.protocol.sequence import PARAMETERS as SEQUENCE_PARAMETERS
+from arachne_mlflow.protocol.sequence import refuse_sequence
 
 # The typed `contents` field of each datatype; FP16 and BF16 have none (raw contents only).
 _CONTENTS = {
@@ -42,6 +44,7 @@ def decode_request(
 ) -> codec.InferRequest:
     """The arrays of a `ModelInferRequest` by name, and the outputs it asks for; with `inputs` (the
     model's), each tensor is checked against them before its data is decoded."""
+    refuse_sequence({key: _value(request.parameters[key]) for key in SEQUENCE_PARAMETERS if key in request.parameters})
     wanted = None if inputs is None else {spec.name: spec for spec in inputs}
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -63,12 +66,15 @@ def decode_request(
             inputs[name] = codec.tensor_from_bytes(name, tensor.datatype, list(tensor.shape), raw[i])
         else:
             inputs[name] = _from_contents(tensor)
-    outputs = None
+    outputs, classes = None, {}
     if request.outputs:
         for output in request.outputs:
             _refuse_unsupported(output.parameters, f"output {output.name!r}")
+            if classification.PARAMETER in output.parameters:
+                count = _value(output.parameters[classification.PARAMETER])
+                classes[output.name] = classification.class_count(count, output.name)
         outputs = tuple((output.name, True) for output in request.outputs)
-    return codec.InferRequest(inputs, outputs, True, request.id or None)
+    return codec.InferRequest(inputs, outputs, True, request.id or None, classes)
 
 
 def encode_response(
@@ -115,5 +121,9 @@ def _refuse_unsupported(parameters: Any, what: str) -> None:
     for key in parameters:
         if key in _SHARED_MEMORY:
             raise InvalidInputError(f"{what}: shared memory is not supported; send the tensor in the request")
-        if key == "classification":
-            raise InvalidInputError(f"{what}: the classification extension is not supported; ask for the tensor")
+
+
+def _value(parameter: pb.InferParameter) -> Any:
+    """An `InferParameter`'s value, whichever field holds it (None when none is set)."""
+    which = parameter.WhichOneof("parameter_choice")
+    return None if which is None else getattr(parameter, which)
