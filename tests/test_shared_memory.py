@@ -259,6 +259,10 @@ def test_unknown_region_and_offsets_past_the_end_are_clear_errors(http, regions)
     http.register_system_shared_memory("small", key, 16, offset=8, headers=auth())
     with pytest.raises(InferenceServerException, match="offset 8 \\+ byte_size 16 runs past the end of .*'small'"):
         _infer_a_b_from(http, "small", offset=8)
+    text = httpclient.InferInput("text", [1], "BYTES")
+    text.set_shared_memory("small", 2**40)  # refused before the server sets aside memory for it
+    with pytest.raises(InferenceServerException, match="byte_size 1099511627776 runs past the end of .*'small'"):
+        http.infer("strings", [text], headers=auth())
     with pytest.raises(InferenceServerException, match="no shared memory region named 'nowhere'"):
         http.get_system_shared_memory_status("nowhere", headers=auth())
     with pytest.raises(InferenceServerException, match="already registered"):

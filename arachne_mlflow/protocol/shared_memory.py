@@ -35,6 +35,8 @@ _MAX_INT = 2**63 - 1
 class RegionAccess(Protocol):
     """What reading and writing tensors needs of the server's registry of regions."""
 
+    def check_span(self, name: str, offset: int, byte_size: int) -> None: ...
+
     def read_into(self, name: str, offset: int, out: memoryview) -> None: ...
 
     def read(self, name: str, offset: int, byte_size: int) -> bytes: ...
@@ -96,6 +98,7 @@ def read_tensor(
             f"input {name!r}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, "
             f"{BYTE_SIZE} is {span.byte_size}"
         )
+    regions.check_span(span.region, span.offset, span.byte_size)  # before the array is made
     array = np.empty(shape, dtype)
     regions.read_into(span.region, span.offset, memoryview(array.reshape(-1).view(np.uint8)))
     return array

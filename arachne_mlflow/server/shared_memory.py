@@ -163,19 +163,20 @@ class SharedMemoryRegistry:
         self.check_enabled()
         return RestMessage(body, header_length, self)
 
+    def check_span(self, name: str, offset: int, byte_size: int) -> None:
+        """Refuse a span that the region (or its object, now) does not hold: before memory is set aside for it."""
+        with self._use(name, offset, byte_size, write=False):
+            pass
+
     def read_into(self, name: str, offset: int, out: memoryview) -> None:
         """Fill `out` (a writable byte view) from region `name` at `offset`."""
         with self._use(name, offset, len(out), write=False) as (region, position):
-            done = 0
-            while done < len(out):
-                count = os.preadv(region.fd, [out[done:]], position + done)
-                if count <= 0:
-                    raise SharedMemoryError(f"shared memory region {name!r} shrank while it was read")
-                done += count
+            _read(region, position, out)
 
     def read(self, name: str, offset: int, byte_size: int) -> bytes:
-        buffer = bytearray(byte_size)
-        self.read_into(name, offset, memoryview(buffer))
+        with self._use(name, offset, byte_size, write=False) as (region, position):
+            buffer = bytearray(byte_size)  # (once the span is known to be in the region)
+            _read(region, position, memoryview(buffer))
         return bytes(buffer)
 
     def write(self, name: str, offset: int, data: memoryview) -> None:
@@ -227,6 +228,15 @@ class SharedMemoryRegistry:
                 f"too small for {size} bytes at {position}"
             )
         return position
+
+
+def _read(region: _Region, position: int, out: memoryview) -> None:
+    done = 0
+    while done < len(out):
+        count = os.preadv(region.fd, [out[done:]], position + done)
+        if count <= 0:
+            raise SharedMemoryError(f"shared memory region {region.name!r} shrank while it was read")
+        done += count
 
 
 def _checked_name(name: Any) -> str:

@@ -6,7 +6,8 @@ frame in a registered region (written there before each call, as a camera proces
 tritonclient.http with binary tensors, tritonclient.grpc; and our own `DeviceClient` with and without
 `shared_memory=True`. Interleaved rounds; per candidate, requests/s (one client, closed loop) and
 the server's CPU time per request (user + system, /proc), beside the CPU time of the same model
-called in this process on the same frame.
+called in this process on the same frame (/proc counts CPU in 10 ms ticks: a round's figure is its
+total over `number` calls, divided).
 
 Targets: shared memory at least 3x binary REST's requests/s for the 24 MiB frame, and the server's
 CPU per shared memory request within 1.5x of the in-process call.
@@ -28,7 +29,7 @@ from arachne_mlflow import runtime
 from arachne_mlflow.client import DeviceClient
 from benchmarks.load import process_tree_cpu
 from benchmarks.servers import device_server, free_port
-from benchmarks.timing import Series, row
+from benchmarks.timing import Series, compare, row
 
 SHAPE = (1, 3, 1080, 1920)
 FRAMES = {"fp32 (24 MiB)": np.float32, "uint8 (6 MiB)": np.uint8}
@@ -37,7 +38,7 @@ FRAMES = {"fp32 (24 MiB)": np.float32, "uint8 (6 MiB)": np.uint8}
 def run(models: dict[str, dict], quick: bool) -> list[dict]:
     from arachne_mlflow.flavors import onnx as arachne_onnx
 
-    rounds, number = (3, 2) if quick else (12, 5)
+    rounds, number = (3, 2) if quick else (12, 10)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         grpc_port = free_port()
@@ -178,8 +179,8 @@ def _rows(label: str, wall: dict[str, Series], cpu: dict[str, Series]) -> list[d
         "in_process_cpu_ms_per_call": round(cpu_ms("in-process"), 2),
     }
     shm, rest = wall["tritonclient shared memory"], wall["tritonclient binary REST"]
-    speedup = rest.median / shm.median
-    cpu_ratio = cpu_ms("tritonclient shared memory") / cpu_ms("in-process")
+    speedup = 1 / compare(rest, shm)["ratio_median"]  # (medians of the per-round ratios, as every row's)
+    cpu_ratio = compare(cpu["in-process"], cpu["tritonclient shared memory"])["ratio_median"]
     is_fp32 = label.startswith("fp32")
     return [
         row(
