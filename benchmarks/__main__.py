@@ -30,6 +30,7 @@ SUITES = [
     "signing",
     "profile",
     "pull",
+    "shm",
 ]
 OPTIONAL_SUITES = ["peers"]
 

@@ -256,19 +256,20 @@ def test_raw_contents_must_match_the_inputs(server, mlflow_models):
 
 def test_what_is_not_served_is_unimplemented(server, triton):
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        for method in ("SystemSharedMemoryStatus", "TraceSetting", "LogSettings"):
+        for method in ("TraceSetting", "LogSettings"):
             call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
             with pytest.raises(grpc.RpcError) as caught:
                 call(b"", metadata=tuple(AUTH.items()))
             assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_shared_memory_is_refused_clearly(triton, mlflow_models):
+def test_shared_memory_is_refused_clearly_while_off(triton, mlflow_models):
+    """(tests/test_shared_memory.py has the extension on: `serve --shm-regions`)"""
     tensor = grpcclient.InferInput("x", [1, 4], "FP32")
     tensor.set_shared_memory("region", 16)
-    with pytest.raises(InferenceServerException, match="shared memory is not supported") as caught:
+    with pytest.raises(InferenceServerException, match="system shared memory is off on this server") as caught:
         triton.infer("onnx_linear", [tensor], headers=AUTH)
-    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert caught.value.status() == "StatusCode.PERMISSION_DENIED"
 
 
 def test_aio_client(server, mlflow_models):

@@ -13,9 +13,12 @@ the server cannot be reached, otherwise the error type of the server's status.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import os
 import ssl
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ import numpy as np
 
 from arachne_mlflow.client.address import authority, base_url, socket_host
 from arachne_mlflow.client.failures import unreachable
+from arachne_mlflow.client.shared_memory import InputRegion
 from arachne_mlflow.client.transport import Transport
 from arachne_mlflow.errors import (
     ArachneError,
@@ -41,6 +45,7 @@ from arachne_mlflow.model.digest import files_digest
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.protocol.names import check_name
 
+_logger = logging.getLogger(__name__)
 PROVENANCE_HEADER = "Arachne-Provenance"
 HOW_TO_SEND_A_TOKEN = (
     "set ARACHNE_TOKEN to the token the device was started with (serve --token), or pass it "
@@ -72,6 +77,9 @@ class DeviceClient:
     `trust_env` lets requests read proxies and .netrc from the environment; it is off because a
     device is usually on the local network, and those look-ups cost time on every call. `name`
     (a fleet file's name for the device) is how errors name it, beside its address.
+    `shared_memory` (default: `$ARACHNE_SHARED_MEMORY`) sends inputs through system shared memory
+    when the host is loopback and the server has the extension (client/shared_memory.py); otherwise,
+    or if registering fails, they travel in the request as usual.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class DeviceClient:
         trust_env: bool = False,
         connect_timeout: float = 3.0,
         name: str | None = None,
+        shared_memory: bool | None = None,
     ):
         import requests
 
@@ -104,6 +113,9 @@ class DeviceClient:
         self._session.headers.update(self._auth)
         self._input_names: dict[str, list[str]] = {}
         self._infer_paths: dict[str, str] = {}
+        self._shared_memory = _wants_shared_memory(shared_memory, self.host)
+        self._input_region: InputRegion | None = None
+        self._region_lock = threading.Lock()  # one request at a time writes the region
         self._transport = Transport(
             self.host,
             self.port,
@@ -222,15 +234,54 @@ class DeviceClient:
             if len(inputs) != len(names):
                 raise InvalidInputError(f"model {name!r} takes {len(names)} inputs {names}, got {len(inputs)}")
             inputs = dict(zip(names, inputs))
-        body, header_length = codec.request_parts(inputs, binary=binary, outputs=outputs)
         path = self._infer_paths.get(name)
         if path is None:
             path = self._infer_paths[name] = f"/v2/models/{_quote(name)}/infer"
+        if self._shared_memory and binary and outputs is None:
+            with self._region_lock:
+                region = self._region()
+                if region is not None:
+                    return self._post_infer(path, [region.request(inputs)], None)
+        body, header_length = codec.request_parts(inputs, binary=binary, outputs=outputs)
+        return self._post_infer(path, body, header_length)
+
+    def _post_infer(self, path: str, body: list, header_length: int | None) -> dict[str, np.ndarray]:
         headers = _JSON_HEADERS if header_length is None else _BINARY_HEADERS % header_length
         status, response_headers, content = self._transport.post(path, body, headers)
         if status >= 400:
             raise _error(status, content, self.address)
         return codec.decode_response(content, response_headers.get(_HEADER_LENGTH_KEY))
+
+    # -- system shared memory (Triton's extension) -----------------------------------------
+    def register_shared_memory(self, name: str, key: str, byte_size: int, offset: int = 0) -> None:
+        """Register `byte_size` bytes at `offset` of POSIX shared memory object `key` as region `name`."""
+        body = json.dumps({"key": key, "offset": offset, "byte_size": byte_size}).encode()
+        self._send("POST", f"/v2/systemsharedmemory/region/{_quote_region(name)}/register", data=body)
+
+    def unregister_shared_memory(self, name: str | None = None) -> None:
+        """Unregister region `name`, or every region (of every client) when None."""
+        where = f"/region/{_quote_region(name)}" if name is not None else ""
+        self._send("POST", f"/v2/systemsharedmemory{where}/unregister", data=b"")
+
+    def shared_memory_status(self) -> list[dict[str, Any]]:
+        return self._send("GET", "/v2/systemsharedmemory/status").json()
+
+    def _region(self) -> InputRegion | None:
+        """The input region, made at first use; None (and shared memory off) if the server lacks the
+        extension or refuses the region."""
+        if self._input_region is None:
+            try:
+                if "system_shared_memory" not in self.server_metadata().get("extensions", []):
+                    self._shared_memory = False
+                    return None
+                region = InputRegion(self.register_shared_memory, self.unregister_shared_memory)
+                region.ensure(0)  # creates and registers it
+            except (ArachneError, OSError) as err:
+                _logger.warning("%s: not using shared memory for inputs: %s", self.where, err)
+                self._shared_memory = False
+                return None
+            self._input_region = region
+        return self._input_region
 
     def benchmark(self, name: str, warmup: int = 1, repeat: int = 10, number: int = 1) -> dict[str, Any]:
         """Time the model on the server: `{"mean", "median", "std", "max", "min"}` in ms per run."""
@@ -248,6 +299,9 @@ class DeviceClient:
 
     # -- plumbing --------------------------------------------------------------------------
     def close(self) -> None:
+        if self._input_region is not None:
+            self._input_region.close()
+            self._input_region = None
         self._session.close()
         self._transport.close()
 
@@ -279,6 +333,22 @@ class DeviceClient:
         if check and response.status_code >= 400:
             raise _error(response.status_code, response.content, self.address)
         return response
+
+
+def _wants_shared_memory(option: bool | None, host: str) -> bool:
+    """Shared memory only to a server on this machine, when asked (the option, else the environment)."""
+    if option is None:
+        option = os.environ.get("ARACHNE_SHARED_MEMORY", "").strip().lower() in {"1", "true", "yes", "on"}
+    if not option:
+        return False
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _quote_region(name: str) -> str:
+    return quote(name, safe="")
 
 
 def _quote(name: str) -> str:

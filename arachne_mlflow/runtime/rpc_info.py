@@ -21,7 +21,19 @@ from arachne_mlflow.fleet.connection import connection_of
 from arachne_mlflow.fleet.device import DEFAULT_PORT
 from arachne_mlflow.fleet.inventory import find_inventory, fleet_path
 
-KEYS = {"host", "port", "device", "token", "tls", "ca_cert", "verify", "timeout", "connect_timeout", "trust_env"}
+KEYS = {
+    "host",
+    "port",
+    "device",
+    "token",
+    "tls",
+    "ca_cert",
+    "verify",
+    "timeout",
+    "connect_timeout",
+    "trust_env",
+    "shared_memory",  # inputs through system shared memory to a server on loopback (DeviceClient)
+}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 

@@ -29,6 +29,7 @@ from arachne_mlflow.server.dataplane import Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.records import MAX_PROVENANCE_BYTES, check_provenance
 from arachne_mlflow.server.settings import ServerSettings
+from arachne_mlflow.server.shared_memory_routes import shared_memory_routes
 from arachne_mlflow.server.signatures import SignaturePolicy
 from arachne_mlflow.server.store import ModelStore
 
@@ -127,6 +128,7 @@ class _Routes:
             Route(r, self.upload, methods=["PUT"]),
             Route(r, self.delete, methods=["DELETE"]),
             Route("/metrics", self.metrics),
+            *shared_memory_routes(self.dp.shared_memory, self._json),
         ]
 
     # -- V2 --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError, ModelNo
 from arachne_mlflow.model.arch import machine_arch
 from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.protocol import codec
+from arachne_mlflow.protocol import shared_memory as shm_protocol
 from arachne_mlflow.protocol.datatypes import config_datatype, to_datatype
 from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
@@ -40,6 +41,8 @@ from arachne_mlflow.server.metrics import Metrics, ModelSeries, RequestTimes, St
 from arachne_mlflow.server.probe import known_tvm_devices
 from arachne_mlflow.server.repository import Repository
 from arachne_mlflow.server.settings import ServerSettings
+from arachne_mlflow.server.shared_memory import EXTENSIONS as SHARED_MEMORY_EXTENSIONS
+from arachne_mlflow.server.shared_memory import SharedMemoryRegistry
 from arachne_mlflow.server.store import ModelStore
 
 _logger = logging.getLogger(__name__)
@@ -96,6 +99,7 @@ class Dataplane:
         # Benchmarks run one at a time on a thread of their own: they never take the inference pool.
         self._benchmarks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arachne-benchmark")
         self.repository = Repository(store, self.metrics, self.run_blocking, settings.follow, self._forget)
+        self.shared_memory = SharedMemoryRegistry(settings.shm_regions, settings.shm_max_bytes)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """The one way blocking work leaves the event loop."""
@@ -112,6 +116,7 @@ class Dataplane:
 
     async def close(self) -> None:
         await self.repository.close()
+        self.shared_memory.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._benchmarks.shutdown(wait=False, cancel_futures=True)
 
@@ -125,7 +130,7 @@ class Dataplane:
         return {
             "name": "arachne-mlflow",
             "version": __version__,
-            "extensions": EXTENSIONS,
+            "extensions": EXTENSIONS + (SHARED_MEMORY_EXTENSIONS if self.shared_memory.enabled else []),
             "platform": platform.platform(),
             "arch": machine_arch(),
             "python": platform.python_version(),
@@ -206,6 +211,9 @@ class Dataplane:
     ) -> tuple[bytes, int | None]:
         """Run one REST infer request (V2 JSON or binary) on `version` of the model, if given; returns
         the response body and its JSON header length."""
+        if shm_protocol.names_region(body, header_length):  # (tensors in shared memory: server/shared_memory.py)
+            regions = self.shared_memory.rest_message(body, header_length)
+            return await self.infer_message(name, regions, regions.decode, regions.encode, version, regions.size)
         message = (body, header_length)
         return await self.infer_message(name, message, _decode_rest, codec.encode_response, version, len(body))
 

@@ -33,6 +33,7 @@ try:
 
     from arachne_mlflow.protocol.grpc import codec as grpc_codec
     from arachne_mlflow.protocol.grpc import inference_pb2 as pb
+    from arachne_mlflow.protocol.grpc import shared_memory as grpc_shm
     from arachne_mlflow.protocol.grpc.wire import check_parse_cost
 except ImportError as err:  # pragma: no cover (CI installs the extra)
     raise MissingDependencyError("--grpc-port needs gRPC: pip install 'arachne-mlflow[grpc]'") from err
@@ -41,6 +42,7 @@ from arachne_mlflow.server.auth import HOW_TO_AUTHENTICATE, bearer_matches
 from arachne_mlflow.server.dataplane import Dataplane
 from arachne_mlflow.server.grpc_stream import InferStream
 from arachne_mlflow.server.settings import ServerSettings
+from arachne_mlflow.server.shared_memory_grpc import SharedMemoryRpcs
 
 _logger = logging.getLogger(__name__)
 
@@ -77,8 +79,9 @@ def status_code(err: ArachneError) -> grpc.StatusCode:
     return _STATUS.get(getattr(err, "status_code", 500), grpc.StatusCode.INTERNAL)
 
 
-class InferenceServicer:
-    """The RPCs, named as in the service; each is `async (request, context) -> response`."""
+class InferenceServicer(SharedMemoryRpcs):
+    """The RPCs, named as in the service; each is `async (request, context) -> response` (the shared
+    memory ones in server/shared_memory_grpc.py)."""
 
     def __init__(self, dataplane: Dataplane):
         self.dp = dataplane
@@ -118,13 +121,11 @@ class InferenceServicer:
     # -- inference ---------------------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
         self._check_version(request.model_name, request.model_version)  # (and again on the model taken)
+        decode, encode, size = grpc_codec.decode_request, grpc_codec.encode_response, request.ByteSize()
+        if grpc_shm.names_region(request):
+            decode, encode, size = self.shared_memory_codec(request)
         return await self.dp.infer_message(
-            request.model_name,
-            request,
-            grpc_codec.decode_request,
-            grpc_codec.encode_response,
-            request.model_version or None,
-            request.ByteSize(),
+            request.model_name, request, decode, encode, request.model_version or None, size
         )
 
     # -- repository --------------------------------------------------------------------------

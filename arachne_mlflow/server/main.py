@@ -110,6 +110,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="install only models signed by this key (a PEM public key, or a directory of *.pub/*.pem keys); "
         "repeatable (key rotation: trust the old and the new key for a while); default: signatures not required",
     )
+    parser.add_argument(
+        "--shm-regions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="let clients on this machine register up to N system shared memory regions (Triton's extension; "
+        "default 0: off)",
+    )
+    parser.add_argument(
+        "--shm-max-mb", type=int, default=1024, help="the most bytes all shared memory regions may span (MiB)"
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument(
         "--access-log", action="store_true", help="log a line per request (off by default: errors are still logged)"
@@ -214,7 +225,15 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         grpc_limits=_grpc_limits(args),
         follow=_follow_config(args),
         trust_keys=_trust_keys(args),
+        shm_regions=_non_negative("--shm-regions", args.shm_regions),
+        shm_max_bytes=_non_negative("--shm-max-mb", args.shm_max_mb) * 1024**2,
     )
+
+
+def _non_negative(flag: str, value: int) -> int:
+    if value < 0:
+        raise SystemExit(f"{flag} must not be negative")
+    return value
 
 
 def _trust_keys(args: argparse.Namespace) -> tuple:

@@ -21,6 +21,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
 DEFAULT_MAX_REQUEST_BYTES = 1024**3
 DEFAULT_MAX_JSON_BYTES = 64 * 1024**2
 DEFAULT_BENCHMARK_SECONDS = 30.0
+DEFAULT_SHM_MAX_BYTES = 1024**3
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class ServerSettings:
     `grpc_grace` the seconds calls may take to finish at shut-down, `grpc_limits` its
     `ConnectionLimits`. With `follow`, models follow registry aliases (server/pull/). With
     `trust_keys`, only models signed by one of them are installed, rolled back to or loaded (server/signatures.py).
+    With `shm_regions` above 0, loopback clients may register that many system shared memory regions,
+    of `shm_max_bytes` in all (server/shared_memory.py).
     """
 
     model_store: str
@@ -50,6 +53,8 @@ class ServerSettings:
     grpc_limits: ConnectionLimits | None = None
     follow: FollowConfig | None = None
     trust_keys: tuple[TrustedKey, ...] = ()  # `--trust-key`: every installed version must be signed by one
+    shm_regions: int = 0  # `--shm-regions`: 0 = the shared memory extension is off
+    shm_max_bytes: int = DEFAULT_SHM_MAX_BYTES
 
     def __post_init__(self) -> None:
         # (`create_app`'s keywords may leave these out as None: the defaults then)

@@ -65,7 +65,7 @@ def decode_request(
                 raise InvalidInputError(f"input {name!r}: give its data in contents or raw_input_contents, not both")
             inputs[name] = codec.tensor_from_bytes(name, tensor.datatype, list(tensor.shape), raw[i])
         else:
-            inputs[name] = _from_contents(tensor)
+            inputs[name] = from_contents(tensor)
     outputs, classes = None, {}
     if request.outputs:
         for output in request.outputs:
@@ -95,7 +95,8 @@ def encode_response(
     return response
 
 
-def _from_contents(tensor: Any) -> np.ndarray:
+def from_contents(tensor: Any) -> np.ndarray:
+    """An input's typed `contents` as an array (KServe's client sends list data so)."""
     name, datatype = tensor.name, tensor.datatype
     dtype = from_datatype(datatype)
     shape, count = codec.check_shape(name, list(tensor.shape))

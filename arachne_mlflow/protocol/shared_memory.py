@@ -1,0 +1,233 @@
+"""Tensors in shared memory regions (Triton's shared memory extension), as the infer messages name them.
+
+An input or a requested output carries `shared_memory_region`, `shared_memory_byte_size` and
+optionally `shared_memory_offset` in its parameters, and no data: the input's bytes are read from
+the region (in the same layout as a binary blob), the output's written to it, and the answer's
+output entry then carries those parameters instead of data. What a region is and how it is read
+belongs to the server (a `RegionAccess`); this module only speaks the protocol, for REST here and
+for gRPC in `protocol/grpc/shared_memory.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.protocol import codec
+from arachne_mlflow.protocol.datatypes import from_datatype
+
+REGION = "shared_memory_region"
+BYTE_SIZE = "shared_memory_byte_size"
+OFFSET = "shared_memory_offset"
+PARAMETERS = (REGION, BYTE_SIZE, OFFSET)
+_MARKER = REGION.encode()
+_NATIVE_IS_WIRE = sys.byteorder == "little"
+_MAX_INT = 2**63 - 1
+
+
+class RegionAccess(Protocol):
+    """What reading and writing tensors needs of the server's registry of regions."""
+
+    def check_span(self, name: str, offset: int, byte_size: int) -> None: ...
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> None: ...
+
+    def read(self, name: str, offset: int, byte_size: int) -> bytes: ...
+
+    def write(self, name: str, offset: int, data: memoryview) -> None: ...
+
+
+@dataclass(frozen=True)
+class RegionSpan:
+    """Where a tensor's bytes are: `byte_size` bytes at `offset` of the region named `region`."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+    def parameters(self, byte_size: int) -> dict[str, Any]:
+        """An answer's output parameters: the region and the bytes written."""
+        params: dict[str, Any] = {REGION: self.region, BYTE_SIZE: byte_size}
+        if self.offset:
+            params[OFFSET] = self.offset
+        return params
+
+
+@dataclass
+class SharedMemoryRequest(codec.InferRequest):
+    """An infer request with outputs to write into regions, by output name."""
+
+    output_regions: dict[str, RegionSpan] = field(default_factory=dict)
+
+
+def region_span(params: Mapping[str, Any] | None, what: str) -> RegionSpan | None:
+    """The span a tensor's plain parameters name, or None; region and byte size go together."""
+    if not params or not any(key in params for key in PARAMETERS):
+        return None
+    region, size, offset = params.get(REGION), params.get(BYTE_SIZE), params.get(OFFSET, 0)
+    if type(region) is not str or not region or size is None:
+        raise InvalidInputError(f"{what}: give {REGION} and {BYTE_SIZE} together")
+    for key, value in ((BYTE_SIZE, size), (OFFSET, offset)):
+        if type(value) is not int or not 0 <= value <= _MAX_INT:
+            raise InvalidInputError(f"{what}: {key} must be a non-negative integer")
+    return RegionSpan(region, offset, size)
+
+
+def read_tensor(
+    regions: RegionAccess, span: RegionSpan, name: str, datatype: Any, shape: Any, specs: Mapping | None
+) -> np.ndarray:
+    """An input from its region: described and checked against the model (`specs`) first, then its
+    bytes copied once, straight into the array."""
+    dtype = from_datatype(datatype)
+    shape, count = codec.check_shape(name, shape)
+    if specs is not None:
+        codec.check_input(specs, name, dtype, shape)
+    if dtype.kind == "O" or not _NATIVE_IS_WIRE:
+        return codec.tensor_from_bytes(
+            name, datatype, list(shape), regions.read(span.region, span.offset, span.byte_size)
+        )
+    if span.byte_size != count * dtype.itemsize:
+        raise InvalidInputError(
+            f"input {name!r}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, "
+            f"{BYTE_SIZE} is {span.byte_size}"
+        )
+    regions.check_span(span.region, span.offset, span.byte_size)  # before the array is made
+    array = np.empty(shape, dtype)
+    regions.read_into(span.region, span.offset, memoryview(array.reshape(-1).view(np.uint8)))
+    return array
+
+
+def write_tensor(regions: RegionAccess, span: RegionSpan, name: str, array: np.ndarray) -> tuple[str, dict]:
+    """An output written into its region: its datatype and the parameters its answer carries."""
+    datatype, blob = codec.tensor_bytes(np.asarray(array))
+    blob = memoryview(blob).cast("B")
+    if len(blob) > span.byte_size:
+        raise InvalidInputError(
+            f"output {name!r} is {len(blob)} bytes, more than the {span.byte_size} bytes of its {BYTE_SIZE}"
+        )
+    regions.write(span.region, span.offset, blob)
+    return datatype, span.parameters(len(blob))
+
+
+# -- REST ------------------------------------------------------------------------------------
+
+
+def names_region(body: bytes, header_length: str | bytes | None) -> bool:
+    """Whether a REST infer request's JSON mentions a region (a quick look before any parsing)."""
+    try:
+        end = len(body) if header_length is None else int(header_length)
+    except ValueError:
+        return False  # (the codec refuses it)
+    return body.find(_MARKER, 0, end) >= 0
+
+
+class RestMessage:
+    """A REST infer request that names regions: its JSON parsed once, its tensors read from regions."""
+
+    def __init__(self, body: bytes, header_length: str | bytes | None, regions: RegionAccess):
+        self.header, self.binary = codec.split_message(body, header_length)
+        self.regions = regions
+        entries = self.header.get("inputs")
+        if type(entries) is not list:
+            raise InvalidInputError("'inputs' must be a list of tensors")
+        self.spans = [region_span(_params(entry), "input") if type(entry) is dict else None for entry in entries]
+        #: What the request moves, body and regions (the dataplane's measure of a request's size).
+        self.size = len(body) + sum(span.byte_size for span in self.spans if span is not None)
+
+    def decode(self, _message: Any, specs: Sequence[codec.InputSpec]) -> SharedMemoryRequest:
+        wanted = {spec.name: spec for spec in specs}
+        entries = self.header["inputs"]
+        plain = [entry for entry, span in zip(entries, self.spans) if span is None]
+        inputs = codec.decode_tensors(plain, self.binary, specs)
+        for entry, span in zip(entries, self.spans):
+            if span is None:
+                continue
+            name = entry.get("name")
+            if type(name) is not str or name in inputs:
+                raise InvalidInputError(f"an input in shared memory needs a name of its own, got {str(name)[:100]!r}")
+            if "data" in entry or "binary_data_size" in entry["parameters"]:
+                raise InvalidInputError(f"input {name!r}: its data is in {REGION}; give no data besides")
+            inputs[name] = read_tensor(self.regions, span, name, entry.get("datatype"), entry.get("shape"), wanted)
+        binary_output = bool(_params(self.header).get("binary_data_output", False))
+        outputs, output_regions = _rest_outputs(self.header.get("outputs"), binary_output)
+        return SharedMemoryRequest(inputs, outputs, binary_output, _request_id(self.header.get("id")), output_regions)
+
+    def encode(
+        self, model_name: str, results: Mapping[str, np.ndarray], request: SharedMemoryRequest, model_version: str
+    ) -> tuple[bytes, int | None]:
+        wanted = request.outputs if request.outputs is not None else [(n, request.binary_output) for n in results]
+        header: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": []}
+        if request.id is not None:
+            header["id"] = request.id
+        blobs = []
+        for name, binary in wanted:
+            if name not in results:
+                raise InvalidInputError(f"model {model_name!r} has no output {name!r}; outputs: {list(results)}")
+            span = request.output_regions.get(name)
+            if span is None:
+                entry, blob = codec.encode_tensor(name, results[name], binary)
+                if blob is not None:
+                    blobs.append(blob)
+            else:
+                datatype, params = write_tensor(self.regions, span, name, results[name])
+                entry = {
+                    "name": name,
+                    "datatype": datatype,
+                    "shape": list(np.shape(results[name])),
+                    "parameters": params,
+                }
+            header["outputs"].append(entry)
+        head = _dumps(header)
+        if not blobs:
+            return head, None
+        head += b" " * (-len(head) % 8)
+        return b"".join([head, *blobs]), len(head)
+
+
+def _params(entry: Mapping[str, Any]) -> dict[str, Any]:
+    params = entry.get("parameters")
+    if params is None:
+        return {}
+    if type(params) is not dict:
+        raise InvalidInputError("'parameters' must be an object")
+    return params
+
+
+def _rest_outputs(items: Any, binary_output: bool) -> tuple[tuple | None, dict[str, RegionSpan]]:
+    if items is None:
+        return None, {}
+    if type(items) is not list:
+        raise InvalidInputError("'outputs' must be a list")
+    outputs, regions = [], {}
+    for item in items:
+        if type(item) is not dict or type(item.get("name")) is not str:
+            raise InvalidInputError(f"a requested output must be an object with a 'name', got {str(item)[:100]!r}")
+        params = _params(item)
+        span = region_span(params, f"output {item['name']!r}")
+        if span is not None:
+            regions[item["name"]] = span
+        outputs.append((item["name"], bool(params.get("binary_data", binary_output))))
+    return tuple(outputs), regions
+
+
+def _request_id(value: Any) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    if type(value) in (int, float):
+        return json.dumps(value)
+    raise InvalidInputError(f"'id' must be a string, got {str(value)[:100]!r}")
+
+
+def _dumps(header: Mapping[str, Any]) -> bytes:
+    """orjson, unless a NaN or Infinity became `null`: then the stdlib, which keeps them (as the codec does)."""
+    data = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if b"null" in data:
+        data = json.dumps(header, separators=(",", ":"), default=lambda value: np.asarray(value).tolist()).encode()
+    return data
