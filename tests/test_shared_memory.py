@@ -164,6 +164,28 @@ def test_http_mixes_region_and_binary_tensors(server, http, regions):
     np.testing.assert_array_equal(result.as_numpy("sum"), _expected(server, a, b)["sum"])
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_region_requests_keep_the_sequence_refusal_and_classification(server, http, grpc_client, regions, protocol):
+    """A request whose inputs are in a region is decoded by the shared memory codec: it refuses sequences
+    and answers class counts like any other."""
+    module, client, headers = (httpclient, http, auth()) if protocol == "http" else (grpcclient, grpc_client, GRPC_AUTH)
+    a, b = _two_inputs()
+    key, handle = regions(a.nbytes)
+    shm.set_shared_memory_region(handle, [a])
+    client.register_system_shared_memory("a_seq", key, a.nbytes, headers=headers)
+    inputs = [module.InferInput("a", [1, 4], "FP32"), module.InferInput("b", [1, 4], "FP32")]
+    inputs[0].set_shared_memory("a_seq", a.nbytes)
+    inputs[1].set_data_from_numpy(b)
+    with pytest.raises(InferenceServerException, match="sequence batching is not supported"):
+        client.infer("two_io", inputs, sequence_id=7, sequence_start=True, headers=headers)
+    result = client.infer(
+        "two_io", inputs, outputs=[module.InferRequestedOutput("sum", class_count=2)], headers=headers
+    )
+    total = _expected(server, a, b)["sum"].ravel()
+    top = [entry.decode() if isinstance(entry, bytes) else entry for entry in result.as_numpy("sum").ravel()]
+    assert [int(entry.split(":")[1]) for entry in top] == list(np.argsort(-total)[:2])
+
+
 def test_grpc_flow_numeric_inputs_and_outputs_in_regions(server, grpc_client, regions):
     """simple_grpc_shm_client."""
     a, b = _two_inputs()

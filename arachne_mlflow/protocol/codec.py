@@ -209,8 +209,8 @@ def decode_request(
         raise InvalidInputError("'parameters' must be an object")
     outputs, classes = header.get("outputs"), {}
     if outputs is not None:
-        outputs, classes = _requested_outputs(outputs, binary_output)
-    request_id = _request_id(header.get("id"))
+        outputs, classes = requested_outputs(outputs, binary_output)
+    request_id = parse_request_id(header.get("id"))
     arrays = decode_tensors(header.get("inputs"), binary, inputs, lifted)
     layout = _binary_layout(header["inputs"], arrays)
     if layout is not None:
@@ -218,7 +218,7 @@ def decode_request(
     return InferRequest(arrays, outputs, binary_output, request_id, classes)
 
 
-def _request_id(value: Any) -> str | None:
+def parse_request_id(value: Any) -> str | None:
     """The request's `id`, a string as the protocol's schema says; a number sent by a lenient client
     becomes its JSON text, so the answer never carries an id of another type than a string."""
     if value is None or type(value) is str:
@@ -228,7 +228,7 @@ def _request_id(value: Any) -> str | None:
     raise InvalidInputError(f"'id' must be a string, got {str(value)[:100]!r}")
 
 
-def _requested_outputs(items: Any, binary_output: bool) -> tuple[tuple[tuple[str, bool], ...], dict[str, int]]:
+def requested_outputs(items: Any, binary_output: bool) -> tuple[tuple[tuple[str, bool], ...], dict[str, int]]:
     """The requested outputs as (name, binary), and the class counts of those asked as classes."""
     if not isinstance(items, list):
         raise InvalidInputError("'outputs' must be a list")

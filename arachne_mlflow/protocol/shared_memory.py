@@ -22,6 +22,7 @@ import orjson
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.protocol import codec
 from arachne_mlflow.protocol.datatypes import from_datatype
+from arachne_mlflow.protocol.sequence import refuse_sequence
 
 REGION = "shared_memory_region"
 BYTE_SIZE = "shared_memory_byte_size"
@@ -155,9 +156,19 @@ class RestMessage:
             if "data" in entry or "binary_data_size" in entry["parameters"]:
                 raise InvalidInputError(f"input {name!r}: its data is in {REGION}; give no data besides")
             inputs[name] = read_tensor(self.regions, span, name, entry.get("datatype"), entry.get("shape"), wanted)
-        binary_output = bool(_params(self.header).get("binary_data_output", False))
-        outputs, output_regions = _rest_outputs(self.header.get("outputs"), binary_output)
-        return SharedMemoryRequest(inputs, outputs, binary_output, _request_id(self.header.get("id")), output_regions)
+        params = _params(self.header)
+        refuse_sequence(params)
+        binary_output = bool(params.get("binary_data_output", False))
+        items = self.header.get("outputs")
+        outputs, classes = codec.requested_outputs(items, binary_output) if items is not None else (None, {})
+        return SharedMemoryRequest(
+            inputs,
+            outputs,
+            binary_output,
+            codec.parse_request_id(self.header.get("id")),
+            classes,
+            output_regions=_output_regions(items),
+        )
 
     def encode(
         self, model_name: str, results: Mapping[str, np.ndarray], request: SharedMemoryRequest, model_version: str
@@ -200,29 +211,14 @@ def _params(entry: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _rest_outputs(items: Any, binary_output: bool) -> tuple[tuple | None, dict[str, RegionSpan]]:
-    if items is None:
-        return None, {}
-    if type(items) is not list:
-        raise InvalidInputError("'outputs' must be a list")
-    outputs, regions = [], {}
-    for item in items:
-        if type(item) is not dict or type(item.get("name")) is not str:
-            raise InvalidInputError(f"a requested output must be an object with a 'name', got {str(item)[:100]!r}")
-        params = _params(item)
-        span = region_span(params, f"output {item['name']!r}")
+def _output_regions(items: Any) -> dict[str, RegionSpan]:
+    """The regions the requested outputs name (the items already checked by `codec.requested_outputs`)."""
+    regions = {}
+    for item in items or ():
+        span = region_span(_params(item), f"output {item['name']!r}")
         if span is not None:
             regions[item["name"]] = span
-        outputs.append((item["name"], bool(params.get("binary_data", binary_output))))
-    return tuple(outputs), regions
-
-
-def _request_id(value: Any) -> str | None:
-    if value is None or type(value) is str:
-        return value
-    if type(value) in (int, float):
-        return json.dumps(value)
-    raise InvalidInputError(f"'id' must be a string, got {str(value)[:100]!r}")
+    return regions
 
 
 def _dumps(header: Mapping[str, Any]) -> bytes:

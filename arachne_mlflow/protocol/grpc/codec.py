@@ -44,7 +44,7 @@ def decode_request(
 ) -> codec.InferRequest:
     """The arrays of a `ModelInferRequest` by name, and the outputs it asks for; with `inputs` (the
     model's), each tensor is checked against them before its data is decoded."""
-    refuse_sequence({key: _value(request.parameters[key]) for key in SEQUENCE_PARAMETERS if key in request.parameters})
+    refuse_sequence_of(request)
     wanted = None if inputs is None else {spec.name: spec for spec in inputs}
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -66,15 +66,27 @@ def decode_request(
             inputs[name] = codec.tensor_from_bytes(name, tensor.datatype, list(tensor.shape), raw[i])
         else:
             inputs[name] = from_contents(tensor)
-    outputs, classes = None, {}
+    outputs = None
     if request.outputs:
         for output in request.outputs:
             _refuse_unsupported(output.parameters, f"output {output.name!r}")
-            if classification.PARAMETER in output.parameters:
-                count = _value(output.parameters[classification.PARAMETER])
-                classes[output.name] = classification.class_count(count, output.name)
         outputs = tuple((output.name, True) for output in request.outputs)
-    return codec.InferRequest(inputs, outputs, True, request.id or None, classes)
+    return codec.InferRequest(inputs, outputs, True, request.id or None, output_classes(request))
+
+
+def refuse_sequence_of(request: pb.ModelInferRequest) -> None:
+    """A 400 for a request that names a sequence (protocol/sequence.py)."""
+    refuse_sequence({key: _value(request.parameters[key]) for key in SEQUENCE_PARAMETERS if key in request.parameters})
+
+
+def output_classes(request: pb.ModelInferRequest) -> dict[str, int]:
+    """The class counts of the outputs asked for as their top classes (Triton's classification)."""
+    classes = {}
+    for output in request.outputs:
+        if classification.PARAMETER in output.parameters:
+            count = _value(output.parameters[classification.PARAMETER])
+            classes[output.name] = classification.class_count(count, output.name)
+    return classes
 
 
 def encode_response(

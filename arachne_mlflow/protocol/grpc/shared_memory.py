@@ -49,6 +49,7 @@ def decoder(regions: RegionAccess):
     """The gRPC decode function (dataplane's `Decode`) that reads inputs from `regions`."""
 
     def decode(request: pb.ModelInferRequest, specs: Sequence[codec.InputSpec]) -> SharedMemoryRequest:
+        grpc_codec.refuse_sequence_of(request)
         wanted = {spec.name: spec for spec in specs}
         spans = [region_span(plain_parameters(t.parameters), f"input {t.name!r}") for t in request.inputs]
         raw = list(request.raw_input_contents)
@@ -80,7 +81,8 @@ def decoder(regions: RegionAccess):
                 span = region_span(plain_parameters(output.parameters), f"output {output.name!r}")
                 if span is not None:
                     output_regions[output.name] = span
-        return SharedMemoryRequest(inputs, outputs, True, request.id or None, output_regions)
+        classes = grpc_codec.output_classes(request)
+        return SharedMemoryRequest(inputs, outputs, True, request.id or None, classes, output_regions=output_regions)
 
     return decode
 
