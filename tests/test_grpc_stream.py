@@ -109,6 +109,21 @@ def test_sequence_parameters_are_refused_on_the_stream(client):
     assert "sequence batching is not supported" in refused.message() and none is None and answered is not None
 
 
+def test_a_message_naming_a_region_goes_to_the_shared_memory_codec(client):
+    """The stream dispatches as ModelInfer does: on this server (shared memory off) a tensor in a region
+    gets the extension's own refusal, not the plain codec's, and the stream goes on (the regions
+    themselves: tests/test_shared_memory.py)."""
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=AUTH)
+    in_region = grpcclient.InferInput("x", [1, 4], "FP32")
+    in_region.set_shared_memory("some_region", 16)
+    client.async_stream_infer("linear", [in_region])
+    client.async_stream_infer("linear", _inputs(np.ones((1, 4), np.float32)))
+    (_, refused), (answered, none) = _answers(answers, 2)
+    assert "shared memory is off on this server" in refused.message()
+    assert none is None and answered.as_numpy("y") is not None
+
+
 def test_a_message_over_the_size_limit_ends_the_stream(tmp_path, linear_dir):
     running = ThreadServer(tmp_path / "store", max_request_bytes=64 * 1024).start().deploy({"linear": linear_dir})
     try:

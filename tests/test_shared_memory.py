@@ -10,6 +10,7 @@ memory names only; the caps hold; descriptors are closed on unregister and at sh
 from __future__ import annotations
 
 import os
+import queue
 import uuid
 
 import numpy as np
@@ -133,13 +134,12 @@ def test_http_flow_numeric_inputs_and_outputs_in_regions(server, http, regions):
     outputs[1].set_shared_memory("output_data", 8, offset=16)
     result = http.infer("two_io", inputs, outputs=outputs, headers=auth())
 
-    entry = result.get_output("scaled")
-    assert entry["parameters"] == {
-        "shared_memory_region": "output_data",
-        "shared_memory_byte_size": 8,
-        "shared_memory_offset": 16,
-    }
-    assert "data" not in entry
+    # As Triton answers: an output in a region names its datatype and shape, no data, no parameters
+    # (Triton's C++ client reads `binary_data_size` from any output entry with parameters).
+    assert result.get_response()["outputs"] == [
+        {"name": "sum", "datatype": "FP32", "shape": [1, 4]},
+        {"name": "scaled", "datatype": "FP32", "shape": [1, 2]},
+    ]
     got_sum = shm.get_contents_as_numpy(out_handle, np.float32, [1, 4])
     got_scaled = shm.get_contents_as_numpy(out_handle, np.float32, [1, 2], offset=16)
     np.testing.assert_array_equal(got_sum, expected["sum"])
@@ -162,6 +162,20 @@ def test_http_mixes_region_and_binary_tensors(server, http, regions):
     inputs[1].set_data_from_numpy(b)
     result = http.infer("two_io", inputs, headers=auth())
     np.testing.assert_array_equal(result.as_numpy("sum"), _expected(server, a, b)["sum"])
+
+    out_key, out_handle = regions(16)
+    http.register_system_shared_memory("sum_out", out_key, 16, headers=auth())
+    outputs = [httpclient.InferRequestedOutput("sum"), httpclient.InferRequestedOutput("scaled", binary_data=True)]
+    outputs[0].set_shared_memory("sum_out", 16)
+    result = http.infer("two_io", inputs, outputs=outputs, headers=auth())
+    assert result.get_response()["outputs"] == [
+        {"name": "sum", "datatype": "FP32", "shape": [1, 4]},
+        {"name": "scaled", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}},
+    ]
+    np.testing.assert_allclose(result.as_numpy("scaled"), _expected(server, a, b)["scaled"], rtol=1e-6)
+    np.testing.assert_array_equal(
+        shm.get_contents_as_numpy(out_handle, np.float32, [1, 4]), _expected(server, a, b)["sum"]
+    )
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -204,9 +218,15 @@ def test_grpc_flow_numeric_inputs_and_outputs_in_regions(server, grpc_client, re
     outputs[1].set_shared_memory("output_data", 8, offset=16)
     result = grpc_client.infer("two_io", inputs, outputs=outputs, headers=GRPC_AUTH)
 
-    scaled = result.get_output("scaled")
-    assert scaled.parameters["shared_memory_region"].string_param == "output_data"
-    assert scaled.parameters["shared_memory_byte_size"].int64_param == 8
+    # As Triton answers: every output has its entry in raw_output_contents (Triton's C++ client reads
+    # entry i for output i), empty for one in a region, and no parameters.
+    response = result.get_response()
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+        ("sum", "FP32", [1, 4]),
+        ("scaled", "FP32", [1, 2]),
+    ]
+    assert [len(o.parameters) for o in response.outputs] == [0, 0]
+    assert list(response.raw_output_contents) == [b"", b""]
     np.testing.assert_array_equal(shm.get_contents_as_numpy(out_handle, np.float32, [1, 4]), expected["sum"])
     np.testing.assert_allclose(
         shm.get_contents_as_numpy(out_handle, np.float32, [1, 2], offset=16), expected["scaled"], rtol=1e-6
@@ -231,8 +251,51 @@ def test_grpc_mixes_region_and_raw_tensors(server, grpc_client, regions):
     outputs[0].set_shared_memory("sum_out", 16)
     result = grpc_client.infer("two_io", inputs, outputs=outputs, headers=GRPC_AUTH)
     expected = _expected(server, a, b)
+    response = result.get_response()
+    assert [o.name for o in response.outputs] == ["sum", "scaled"]
+    assert [len(o.parameters) for o in response.outputs] == [0, 0]
+    assert [len(raw) for raw in response.raw_output_contents] == [0, 8]
     np.testing.assert_allclose(result.as_numpy("scaled"), expected["scaled"], rtol=1e-6)
     np.testing.assert_array_equal(shm.get_contents_as_numpy(out_handle, np.float32, [1, 4]), expected["sum"])
+
+
+def test_grpc_stream_reads_and_writes_regions(server, grpc_client, regions):
+    """ModelStreamInfer decodes a message that names regions as ModelInfer does (perf_analyzer
+    --streaming --shared-memory=system): inputs read from regions, outputs written to them, the answer
+    shaped as ModelInfer's; a region that cannot be used fails that request only."""
+    a, b = _two_inputs()
+    in_key, in_handle = regions(32)
+    out_key, out_handle = regions(16)
+    grpc_client.register_system_shared_memory("stream_in", in_key, 32, headers=GRPC_AUTH)
+    grpc_client.register_system_shared_memory("stream_out", out_key, 16, headers=GRPC_AUTH)
+    inputs = [grpcclient.InferInput("a", [1, 4], "FP32"), grpcclient.InferInput("b", [1, 4], "FP32")]
+    inputs[0].set_shared_memory("stream_in", 16)
+    inputs[1].set_shared_memory("stream_in", 16, offset=16)
+    outputs = [grpcclient.InferRequestedOutput("sum"), grpcclient.InferRequestedOutput("scaled")]
+    outputs[0].set_shared_memory("stream_out", 16)
+    answers = queue.Queue()
+    grpc_client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=GRPC_AUTH)
+    for step in range(3):  # one at a time: each answer's output is in the one region
+        shm.set_shared_memory_region(in_handle, [a + step, b])
+        grpc_client.async_stream_infer("two_io", inputs, outputs=outputs, request_id=str(step))
+        result, error = answers.get(timeout=60)
+        assert error is None
+        response = result.get_response()
+        assert response.id == str(step)
+        assert [len(o.parameters) for o in response.outputs] == [0, 0]
+        assert [len(raw) for raw in response.raw_output_contents] == [0, 8]
+        expected = _expected(server, a + step, b)
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(out_handle, np.float32, [1, 4]), expected["sum"])
+        np.testing.assert_allclose(result.as_numpy("scaled"), expected["scaled"], rtol=1e-6)
+
+    inputs[0].set_shared_memory("no_such_region", 16)
+    grpc_client.async_stream_infer("two_io", inputs, outputs=outputs, request_id="bad")
+    inputs[0].set_shared_memory("stream_in", 16)
+    grpc_client.async_stream_infer("two_io", inputs, outputs=outputs, request_id="after")
+    (_, bad), (after, error) = answers.get(timeout=60), answers.get(timeout=60)
+    assert "no_such_region" in str(bad)
+    assert error is None and after.get_response().id == "after"
+    grpc_client.stop_stream()
 
 
 @pytest.mark.parametrize("wire", ["http", "grpc"])

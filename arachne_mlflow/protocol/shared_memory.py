@@ -2,8 +2,10 @@
 
 An input or a requested output carries `shared_memory_region`, `shared_memory_byte_size` and
 optionally `shared_memory_offset` in its parameters, and no data: the input's bytes are read from
-the region (in the same layout as a binary blob), the output's written to it, and the answer's
-output entry then carries those parameters instead of data. What a region is and how it is read
+the region (in the same layout as a binary blob), the output's written to it. As Triton answers,
+the output's entry then names its datatype and shape only: no data and no parameters (Triton's
+C++ client takes an output entry with parameters for a binary one and needs its
+`binary_data_size`). What a region is and how it is read
 belongs to the server (a `RegionAccess`); this module only speaks the protocol, for REST here and
 for gRPC in `protocol/grpc/shared_memory.py`.
 """
@@ -53,13 +55,6 @@ class RegionSpan:
     offset: int
     byte_size: int
 
-    def parameters(self, byte_size: int) -> dict[str, Any]:
-        """An answer's output parameters: the region and the bytes written."""
-        params: dict[str, Any] = {REGION: self.region, BYTE_SIZE: byte_size}
-        if self.offset:
-            params[OFFSET] = self.offset
-        return params
-
 
 @dataclass
 class SharedMemoryRequest(codec.InferRequest):
@@ -105,8 +100,8 @@ def read_tensor(
     return array
 
 
-def write_tensor(regions: RegionAccess, span: RegionSpan, name: str, array: np.ndarray) -> tuple[str, dict]:
-    """An output written into its region: its datatype and the parameters its answer carries."""
+def write_tensor(regions: RegionAccess, span: RegionSpan, name: str, array: np.ndarray) -> str:
+    """An output written into its region; its datatype."""
     datatype, blob = codec.tensor_bytes(np.asarray(array))
     blob = memoryview(blob).cast("B")
     if len(blob) > span.byte_size:
@@ -114,7 +109,7 @@ def write_tensor(regions: RegionAccess, span: RegionSpan, name: str, array: np.n
             f"output {name!r} is {len(blob)} bytes, more than the {span.byte_size} bytes of its {BYTE_SIZE}"
         )
     regions.write(span.region, span.offset, blob)
-    return datatype, span.parameters(len(blob))
+    return datatype
 
 
 # -- REST ------------------------------------------------------------------------------------
@@ -187,13 +182,8 @@ class RestMessage:
                 if blob is not None:
                     blobs.append(blob)
             else:
-                datatype, params = write_tensor(self.regions, span, name, results[name])
-                entry = {
-                    "name": name,
-                    "datatype": datatype,
-                    "shape": list(np.shape(results[name])),
-                    "parameters": params,
-                }
+                datatype = write_tensor(self.regions, span, name, results[name])
+                entry = {"name": name, "datatype": datatype, "shape": list(np.shape(results[name]))}
             header["outputs"].append(entry)
         head = _dumps(header)
         if not blobs:

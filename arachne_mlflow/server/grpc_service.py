@@ -121,6 +121,11 @@ class InferenceServicer(SharedMemoryRpcs):
     # -- inference ---------------------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
         self._check_version(request.model_name, request.model_version)  # (and again on the model taken)
+        return await self.infer(request)
+
+    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """A `ModelInferRequest` answered (ModelInfer's and each ModelStreamInfer message's): by the
+        shared memory codec where a tensor names a region, else by the plain one."""
         decode, encode, size = grpc_codec.decode_request, grpc_codec.encode_response, request.ByteSize()
         if grpc_shm.names_region(request):
             decode, encode, size = self.shared_memory_codec(request)
@@ -254,7 +259,7 @@ def _handlers(servicer: InferenceServicer, dataplane: Dataplane, token: str | No
     for method in service.methods:
         parse = _parser(getattr(pb, method.input_type.name), max_message_bytes)
         if method.name == "ModelStreamInfer":  # the one bidirectional RPC (server/grpc_stream.py)
-            stream = InferStream(dataplane, parse, MAX_CONCURRENT_STREAMS, status_code)
+            stream = InferStream(dataplane, parse, servicer.infer, MAX_CONCURRENT_STREAMS, status_code)
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 _guarded_stream(stream, dataplane, expected), request_deserializer=None, response_serializer=_serialize
             )

@@ -2,8 +2,9 @@
 
 What `tritonclient.grpc`'s `start_stream` / `async_stream_infer` and `perf_analyzer --streaming`
 use. Each message on the stream is a `ModelInferRequest`, parsed within the same bounds as a
-`ModelInfer` call's and run by the same dataplane; a request that fails is answered with its
-`error_message` and the stream goes on. Requests run concurrently, answers leave in order.
+`ModelInfer` call's and answered by the same `infer` (the servicer's, tensors in shared memory
+regions included); a request that fails is answered with its `error_message` and the stream goes
+on. Requests run concurrently, answers leave in order.
 
 Bounds: at most `max_in_flight` requests of one stream are read and not yet answered (the next
 message is read only once a slot is free, so what a client sends beyond them waits in gRPC's flow
@@ -14,13 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from arachne_mlflow.errors import ArachneError
-from arachne_mlflow.protocol.grpc import codec as grpc_codec
 from arachne_mlflow.protocol.grpc import inference_pb2 as pb
 from arachne_mlflow.server.dataplane import Dataplane
 
@@ -34,11 +34,13 @@ class InferStream:
         self,
         dataplane: Dataplane,
         parse: Callable[[bytes], Any],
+        infer: Callable[[pb.ModelInferRequest], Awaitable[pb.ModelInferResponse]],
         max_in_flight: int,
         status_code: Callable[[ArachneError], grpc.StatusCode],
     ):
         self.dp = dataplane
         self.parse = parse
+        self.infer = infer
         self.max_in_flight = max_in_flight
         self.status_code = status_code
 
@@ -72,15 +74,7 @@ class InferStream:
     async def _answer(self, raw: bytes) -> pb.ModelStreamInferResponse:
         """One request's answer on the stream: its response, or its error in `error_message`."""
         try:
-            request = self.parse(raw)
-            response = await self.dp.infer_message(
-                request.model_name,
-                request,
-                grpc_codec.decode_request,
-                grpc_codec.encode_response,
-                request.model_version or None,
-                request.ByteSize(),
-            )
+            response = await self.infer(self.parse(raw))
             return pb.ModelStreamInferResponse(infer_response=response)
         except ArachneError as err:
             self.dp.metrics.grpc_errors.labels(self.status_code(err).name).inc()

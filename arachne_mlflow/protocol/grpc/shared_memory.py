@@ -1,8 +1,9 @@
 """Tensors in shared memory regions over gRPC: `ModelInferRequest`s whose tensors name a region.
 
 As Triton does, `raw_input_contents` holds an entry for each input that is not in a region (in
-order), and the answer's `raw_output_contents` an empty one for each output written to a region
-(so that the others keep their index).
+order), and the answer's `raw_output_contents` one entry for every output, empty for an output
+written to a region (Triton's C++ client reads entry i for output i, whatever it holds); such an
+output's entry names its datatype and shape, and carries no parameters.
 """
 
 from __future__ import annotations
@@ -106,16 +107,10 @@ def encoder(regions: RegionAccess):
                 response.outputs.add(name=name, datatype=datatype, shape=array.shape)
                 raw.append(bytes(blob))
                 continue
-            datatype, params = write_tensor(regions, span, name, array)
-            output = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-            for key, value in params.items():
-                if key == REGION:
-                    output.parameters[key].string_param = value
-                else:
-                    output.parameters[key].int64_param = value
+            datatype = write_tensor(regions, span, name, array)
+            response.outputs.add(name=name, datatype=datatype, shape=array.shape)
             raw.append(b"")
-        if any(raw):
-            response.raw_output_contents.extend(raw)
+        response.raw_output_contents.extend(raw)
         return response
 
     return encode
