@@ -13,6 +13,7 @@ import os
 import queue
 import uuid
 
+import grpc
 import numpy as np
 import pytest
 import requests
@@ -20,6 +21,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient import utils
+from tritonclient.grpc import service_pb2 as grpc_service_pb2
 from tritonclient.utils import InferenceServerException
 
 from arachne_mlflow import runtime
@@ -198,6 +200,40 @@ def test_region_requests_keep_the_sequence_refusal_and_classification(server, ht
     total = _expected(server, a, b)["sum"].ravel()
     top = [entry.decode() if isinstance(entry, bytes) else entry for entry in result.as_numpy("sum").ravel()]
     assert [int(entry.split(":")[1]) for entry in top] == list(np.argsort(-total)[:2])
+
+
+def test_an_output_is_not_both_in_a_region_and_classes(server, http, grpc_client, regions):
+    """Triton refuses an output that names a region and asks for classes (tritonclient refuses to send
+    it, so the request is built by hand); nothing is written to the region."""
+    out_key, out_handle = regions(16)
+    http.register_system_shared_memory("classes_out", out_key, 16, headers=auth())
+    region = {"shared_memory_region": "classes_out", "shared_memory_byte_size": 16}
+    a, b = (x.ravel().tolist() for x in _two_inputs())
+    body = {
+        "inputs": [{"name": n, "shape": [1, 4], "datatype": "FP32", "data": d} for n, d in (("a", a), ("b", b))],
+        "outputs": [{"name": "sum", "parameters": {**region, "classification": 2}}],
+    }
+    answer = requests.post(f"{server.url}/v2/models/two_io/infer", json=body, headers=auth(), timeout=30)
+    assert answer.status_code == 400 and "can't set both 'shared_memory_region'" in answer.json()["error"]
+
+    request = grpc_service_pb2.ModelInferRequest(model_name="two_io")
+    for name, data in (("a", a), ("b", b)):
+        request.inputs.add(name=name, datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend(data)
+    output = request.outputs.add(name="sum")
+    output.parameters["shared_memory_region"].string_param = "classes_out"
+    output.parameters["shared_memory_byte_size"].int64_param = 16
+    output.parameters["classification"].int64_param = 2
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=grpc_service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=grpc_service_pb2.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request, metadata=tuple(GRPC_AUTH.items()), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "can't set both 'shared_memory_region'" in caught.value.details()
+    assert shm.get_contents_as_numpy(out_handle, np.uint8, [16]).tolist() == [0] * 16
 
 
 def test_grpc_flow_numeric_inputs_and_outputs_in_regions(server, grpc_client, regions):

@@ -76,6 +76,13 @@ def region_span(params: Mapping[str, Any] | None, what: str) -> RegionSpan | Non
     return RegionSpan(region, offset, size)
 
 
+def refuse_classes_in_regions(regions: Mapping[str, RegionSpan], classes: Mapping[str, int]) -> None:
+    """An output is written to a region or answered as its top classes, not both (as Triton refuses)."""
+    for name in regions:
+        if name in classes:
+            raise InvalidInputError(f"output {name!r} can't set both {REGION!r} and 'classification'")
+
+
 def read_tensor(
     regions: RegionAccess, span: RegionSpan, name: str, datatype: Any, shape: Any, specs: Mapping | None
 ) -> np.ndarray:
@@ -156,13 +163,15 @@ class RestMessage:
         binary_output = bool(params.get("binary_data_output", False))
         items = self.header.get("outputs")
         outputs, classes = codec.requested_outputs(items, binary_output) if items is not None else (None, {})
+        output_regions = _output_regions(items)
+        refuse_classes_in_regions(output_regions, classes)
         return SharedMemoryRequest(
             inputs,
             outputs,
             binary_output,
             codec.parse_request_id(self.header.get("id")),
             classes,
-            output_regions=_output_regions(items),
+            output_regions=output_regions,
         )
 
     def encode(

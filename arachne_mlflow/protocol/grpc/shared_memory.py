@@ -23,6 +23,7 @@ from arachne_mlflow.protocol.shared_memory import (
     RegionAccess,
     SharedMemoryRequest,
     read_tensor,
+    refuse_classes_in_regions,
     region_span,
     write_tensor,
 )
@@ -83,6 +84,7 @@ def decoder(regions: RegionAccess):
                 if span is not None:
                     output_regions[output.name] = span
         classes = grpc_codec.output_classes(request)
+        refuse_classes_in_regions(output_regions, classes)
         return SharedMemoryRequest(inputs, outputs, True, request.id or None, classes, output_regions=output_regions)
 
     return decode
