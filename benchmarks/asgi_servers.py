@@ -294,10 +294,21 @@ def _trickle(port: int) -> dict:
 
 
 def _idle_after_request(port: int) -> dict:
-    """A kept-alive connection that answers one request and then sends nothing: closed within 20 s?"""
+    """A kept-alive connection that has one whole answer and then sends nothing: closed within 20 s?"""
+    import httptools
+
+    class Done:
+        complete = False
+
+        def on_message_complete(self):
+            self.complete = True
+
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        sock.recv(4096)
+        done = Done()
+        parser = httptools.HttpResponseParser(done)
+        while not done.complete:
+            parser.feed_data(sock.recv(4096))
         began = time.monotonic()
         try:
             rest = sock.recv(4096)
