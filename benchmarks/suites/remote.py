@@ -67,7 +67,8 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
                 rows.extend(_perf_analyzer(remote.model_name, port, grpc_port, Path(tmp), quick))
             remote.done()
             local.done()
-        for threads in (None, len(os.sched_getaffinity(0))):  # LiteRT's default (one), then every core
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        for threads in (None, cores):  # LiteRT's default (one thread), then one per core
             rows.extend(_remote_vs_local_tflite(models["mobilenet/tflite"], threads, rpc, port, quick))
     return rows
 
