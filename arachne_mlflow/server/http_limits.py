@@ -6,6 +6,11 @@ or trickle them to hold a connection (and a file descriptor) open forever. This 
 the bytes of a head that is still arriving and arms a timer while one is; past either limit it
 answers 431 or 408 and closes the connection. A head that arrives in one read, as every ordinary
 request's does, costs two attribute checks and no timer.
+
+The same subclass hands a request body to the app without uvicorn's two copies of it: uvicorn
+appends each piece httptools parses into a bytearray, then copies that into the bytes it gives the
+app; here the pieces are kept as they were read, and the app gets the one piece itself (or them
+joined, when several arrived before it asked). Flow control is uvicorn's, on the same byte count.
 """
 
 from __future__ import annotations
@@ -57,6 +62,12 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         elif self._head_timer is None:
             self._head_timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
 
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle.body) is bytearray and not cycle.body:  # (uvicorn's fresh buffer: each message starts one)
+            cycle.body = BodyPieces()
+        super().on_body(body)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_open = True
@@ -90,3 +101,25 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
         self.transport.write(STATUS_LINE[status] + head + body)
         self.transport.close()
+
+
+class BodyPieces:
+    """Body bytes not yet given to the app, as uvicorn's `RequestResponseCycle.body` uses them
+    (`+=`, `len`, `bytes()`), without copying a piece in or, when there is one, out."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.size = 0
+
+    def __iadd__(self, piece: bytes) -> BodyPieces:
+        self.pieces.append(piece)
+        self.size += len(piece)
+        return self
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)

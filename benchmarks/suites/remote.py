@@ -1,8 +1,11 @@
 """Remote inference through the device server on loopback, against local runs and `mlflow models serve`.
 
 - MobileNetV2 (one 602 KB input): the remote runtime (binary tensors, keep-alive) against the
-  same model run locally; the target is <= 1.15x. The earlier gRPC remote runtime measured
-  1.79x on this kind of machine (16.5 ms a call).
+  same model run locally, ONNX and TFLite (LiteRT with its default of one thread, then with one
+  per core, the same on both sides);
+  the target is <= 1.15x. The earlier gRPC remote runtime measured 1.79x on this kind of machine
+  (16.5 ms a call). Beside each, where the server's share of a remote call goes: its own timings
+  per request (Triton's statistics: queue, decode, inference, encode) against the local call.
 - The same model behind `mlflow models serve` with JSON (`{"inputs": ...}`), the alternative a
   user would pick: we must be at least 50x faster.
 - The tiny model: a remote round trip against an empty request (`/v2/health/live`) on the same
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -63,7 +67,29 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
                 rows.extend(_perf_analyzer(remote.model_name, port, grpc_port, Path(tmp), quick))
             remote.done()
             local.done()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        for threads in (None, cores):  # LiteRT's default (one thread), then one per core
+            rows.extend(_remote_vs_local_tflite(models["mobilenet/tflite"], threads, rpc, port, quick))
     return rows
+
+
+def _remote_vs_local_tflite(kwargs: dict, threads: int | None, rpc: dict, port: int, quick: bool) -> list[dict]:
+    """Both sides with the same `num_threads` (None: LiteRT's default), which the remote module
+    sends with the model."""
+    if threads is not None:
+        kwargs = {**kwargs, "num_threads": threads}
+    local = runtime.init(**kwargs)
+    remote = runtime.init(**kwargs, rpc_info=rpc)
+    try:
+        x = random_tensor(local.input_specs[0])
+        np.testing.assert_equal(local.infer([x])[0], remote.infer([x])[0])
+        result = _remote_vs_local(local, remote, x, quick)
+        if threads is not None:
+            result["case"] += f", num_threads={threads}"
+        return [result, _server_stages(port, remote.model_name, result)]
+    finally:
+        remote.done()
+        local.done()
 
 
 def _call(module, x):
@@ -76,16 +102,35 @@ def _call(module, x):
 
 
 def _remote_vs_local(local, remote, x, quick: bool) -> dict:
+    name = local.runtime_name
     series = interleaved(
-        {"local onnx": _call(local, x), "remote onnx": _call(remote, x)},
+        {f"local {name}": _call(local, x), f"remote {name}": _call(remote, x)},
         rounds=5 if quick else 30,
         number=2 if quick else 10,
     )
-    result = row("remote", f"mobilenet/onnx ({x.nbytes // 1000} KB input)", series["local onnx"], series["remote onnx"])
+    case = f"mobilenet/{name} ({x.nbytes // 1000} KB input)"
+    result = row("remote", case, series[f"local {name}"], series[f"remote {name}"])
     result.update(
         target=f"ratio <= {TARGET_REMOTE_RATIO} (old gRPC: 1.79x)", met=result["ratio_median"] <= TARGET_REMOTE_RATIO
     )
     return result
+
+
+def _server_stages(port: int, model: str, compared: dict) -> dict:
+    """The server's own time per request (its statistics over the calls so far) beside the local call."""
+    stats = requests.get(f"http://127.0.0.1:{port}/v2/models/{model}/stats", timeout=30).json()
+    figures = stats["model_stats"][0]["inference_stats"]
+    per_request = {key: figures[key]["ns"] / max(figures[key]["count"], 1) / 1e3 for key in _STAGES}
+    return {
+        "suite": "remote",
+        "case": f"{compared['case']}: the server's time per request (µs)",
+        **{f"{key}_us": value for key, value in per_request.items()},
+        "local_call_us": compared["baseline_ms"]["median_ms"] * 1e3,
+        "remote_call_us": compared["candidate_ms"]["median_ms"] * 1e3,
+    }
+
+
+_STAGES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 def _remote_vs_mlflow_serve(onnx_file: str, remote, x, tmp: Path, quick: bool) -> dict:
