@@ -48,7 +48,7 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
     grpc_port = free_port()
     with (
         tempfile.TemporaryDirectory() as tmp,
-        device_server(Path(tmp) / "store", ("--grpc-port", str(grpc_port))) as (port, _, _),
+        device_server(Path(tmp) / "store", ("--grpc-port", str(grpc_port), "--shm-regions", "4")) as (port, _, _),
     ):
         rpc = {"host": "127.0.0.1", "port": port}
         for model in ("mobilenet", "tiny"):
@@ -277,11 +277,14 @@ PERF_ANALYZER_GLIBC = (2, 38)
 
 def _perf_analyzer_unavailable() -> str | None:
     """Why Triton's perf_analyzer cannot run here, or None."""
+    if os.environ.get("ARACHNE_PERF_ANALYZER"):
+        return None
     libc, version = platform.libc_ver()
     if libc == "glibc" and tuple(int(p) for p in version.split(".")[:2]) < PERF_ANALYZER_GLIBC:
         return (
             f"the perf-analyzer wheel needs glibc >= {'.'.join(map(str, PERF_ANALYZER_GLIBC))}, "
-            f"this machine has {version} (pip installs a placeholder)"
+            f"this machine has {version} (pip installs a placeholder); set ARACHNE_PERF_ANALYZER to a "
+            "wrapper that runs it with a newer loader (docs/performance.md)"
         )
     if _perf_analyzer_binary() is None:
         return "perf_analyzer is not installed (pip install perf-analyzer)"
@@ -289,20 +292,36 @@ def _perf_analyzer_unavailable() -> str | None:
 
 
 def _perf_analyzer_binary() -> str | None:
-    return shutil.which("perf_analyzer") or shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
+    """$ARACHNE_PERF_ANALYZER (a wrapper for an older glibc), else the wheel's binary."""
+    return (
+        os.environ.get("ARACHNE_PERF_ANALYZER")
+        or shutil.which("perf_analyzer")
+        or shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
+    )
+
+
+# perf_analyzer's modes against the server: its protocol and extra flags.
+PERF_ANALYZER_MODES = {
+    "HTTP": ("http", ()),
+    "gRPC": ("grpc", ()),
+    "gRPC --streaming": ("grpc", ("--streaming",)),
+    "HTTP --shared-memory=system": ("http", ("--shared-memory=system",)),
+    "gRPC --shared-memory=system": ("grpc", ("--shared-memory=system",)),
+}
 
 
 def _perf_analyzer(name: str, port: int, grpc_port: int, tmp: Path, quick: bool) -> list[dict]:
-    """perf_analyzer's own load (one client, one request at a time) over each protocol."""
+    """perf_analyzer's own load (one client, one request at a time) in each of its modes."""
     reason = _perf_analyzer_unavailable()
     rows = []
-    for protocol, url in (("http", f"127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{grpc_port}")):
-        case = f"tiny/onnx perf_analyzer over {'HTTP' if protocol == 'http' else 'gRPC'}"
+    for mode, (protocol, flags) in PERF_ANALYZER_MODES.items():
+        case = f"tiny/onnx perf_analyzer over {mode}"
         if reason is not None:
             rows.append({"suite": "remote", "case": case, "skipped": reason})
             continue
-        report = tmp / f"perf_analyzer_{protocol}.csv"
-        command = [_perf_analyzer_binary(), "-m", name, "-u", url, "-i", protocol, "--concurrency-range", "1"]
+        url = f"127.0.0.1:{port if protocol == 'http' else grpc_port}"
+        report = tmp / f"perf_analyzer_{len(rows)}.csv"
+        command = [_perf_analyzer_binary(), "-m", name, "-u", url, "-i", protocol, "--concurrency-range", "1", *flags]
         command += ["--measurement-interval", "1000" if quick else "5000", "-f", str(report)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
