@@ -382,3 +382,30 @@ def test_kill_9_mid_capture_loses_at_most_the_record_being_written(tmp_path, onn
     assert [s.timestamp for s in after[: len(before)]] == [s.timestamp for s in before]
     assert [float(s.inputs["x"][0, 0]) for s in after[len(before) :]] == [-1.0, -2.0, -3.0]
     assert capture_format.valid_length(open_segment) == open_segment.stat().st_size >= whole
+
+
+# -- the deployments plugin -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_push_sets_capture_rules_on_each_device(captured_server, mlflow_store, onnx_linear_model, tmp_path):
+    from mlflow.deployments import get_deploy_client
+    from mlflow.exceptions import MlflowException
+
+    client = get_deploy_client(f"arachne-jetson://127.0.0.1:{captured_server.port}")
+    config = {"token": TOKEN, "report": "false"}
+    with pytest.raises(MlflowException, match=r"config capture: unknown keys \['rte'\]"):
+        client.create_deployment("pushed", str(onnx_linear_model), config={**config, "capture": '{"rte": 1}'})
+    with DeviceClient("127.0.0.1", captured_server.port, token=TOKEN) as device:
+        assert device.model_record("pushed") is None  # refused on the host, before any device was touched
+    client.create_deployment("pushed", str(onnx_linear_model), config={**config, "capture": '{"rate": 0.5}'})
+    with DeviceClient("127.0.0.1", captured_server.port, token=TOKEN) as device:
+        assert device.capture_rules("pushed")["rules"]["rate"] == 0.5
+        rules_file = tmp_path / "capture.yaml"
+        rules_file.write_text("rate: 1.0\nper_hour: 9\noutput: y\nclasses: [1]\n")
+        client.update_deployment("pushed", str(onnx_linear_model), config={**config, "capture": str(rules_file)})
+        answer = device.capture_rules("pushed")
+        assert answer["source"] == "device" and answer["rules"]["per_hour"] == 9 and answer["rules"]["classes"] == [1]
+        client.update_deployment("pushed", str(onnx_linear_model), config={**config, "capture": "{}"})
+        assert device.capture_rules("pushed") == {"model": "pushed", "source": "device", "rules": None}
+    client.delete_deployment("pushed", config=config)
