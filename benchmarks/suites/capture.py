@@ -26,6 +26,7 @@ from arachne_mlflow.runtime.onnx import ONNXRuntimeModule
 from arachne_mlflow.server.capture import Capture
 from arachne_mlflow.server.capture.writer import SampleQueue
 from benchmarks.servers import device_server
+from benchmarks.timing import interleaved, row
 
 RATES = {"off": None, "c1": 0.01, "c100": 1.0}
 TARGET_P99 = 1.02
@@ -51,6 +52,7 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
                 if name != off:
                     rows.append(_row(model, name, names[name], latencies[off], latencies[name], counts))
         rows.append(_spool_throughput(models["mobilenet/onnx"]["model_file"], 200 if quick else 1000))
+    rows.append(_offer_cost(5 if quick else 30, 2000 if quick else 20000))
     return rows
 
 
@@ -111,6 +113,24 @@ def _row(model: str, name: str, rate: float, off: list[list[float]], on: list[li
         "target": f"p99 <= {TARGET_P99:.2f}x off at 1%" if rate < 1 else "reported",
         "met": ratio <= TARGET_P99 if rate < 1 else None,
     }
+
+
+def _offer_cost(rounds: int, number: int) -> dict:
+    """The hook's own cost per request, in this process: a model without rules against one at 1%."""
+    with tempfile.TemporaryDirectory() as tmp:
+        capture = Capture(Path(tmp), lambda n: None, lambda n: None, seed=0)
+        inputs, outputs = {"x": np.zeros((1, 224, 224, 3), np.float32)}, {"y": np.zeros((1, 1000), np.float32)}
+        sampled = CaptureRules(rate=0.01)
+
+        def off() -> None:
+            capture.offer("off", "1", None, inputs, outputs)
+
+        def at_1_percent() -> None:
+            capture.offer("c1", "1", sampled, inputs, outputs)
+
+        series = interleaved({"off": off, "1%": at_1_percent}, rounds=rounds, number=number)
+        capture.close()
+    return row("capture", "the infer hook's cost per request (in-process), 1% vs off", series["off"], series["1%"])
 
 
 def _p99(values: list[float]) -> float:

@@ -81,15 +81,14 @@ class Capture:
         if rules is None:
             return
         sampler = self._samplers.get(name) or self._sampler(name)
-        now = time.time()
-        verdict = sampler.decide(rules, outputs, now)
+        verdict = sampler.decide(rules, outputs)
         if verdict is SKIPPED:
             return
         if verdict is CAPPED:
             self.counts.add_dropped(name, "cap")
             return
         kept = detached(outputs) if rules.keep_outputs else {}
-        sample = Sample(name, revision, self.device, now, detached(inputs), kept, {"rate": repr(rules.rate)})
+        sample = Sample(name, revision, self.device, time.time(), detached(inputs), kept, {"rate": repr(rules.rate)})
         if not self.queue.offer(Pending(sample, rules), tensor_bytes(inputs, kept)):
             self.counts.add_dropped(name, "queue_full")
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import numpy as np
 
@@ -26,13 +27,14 @@ class Sampler:
         self._lock = threading.Lock()
         self._windows: dict[str, tuple[int, int]] = {}  # cap key -> (window index, samples kept in it)
 
-    def decide(self, rules: CaptureRules, outputs: dict[str, np.ndarray], now: float) -> str:
-        """SKIPPED (not drawn, or the outputs miss the conditions), CAPPED (a cap is spent) or KEPT."""
+    def decide(self, rules: CaptureRules, outputs: dict[str, np.ndarray], now: float | None = None) -> str:
+        """SKIPPED (not drawn, or the outputs miss the conditions), CAPPED (a cap is spent) or KEPT;
+        `now` (Unix time, default the clock's) places the request in the caps' windows."""
         if rules.rate < 1.0 and self._random() >= rules.rate:
             return SKIPPED
         if rules.has_condition and not meets_conditions(rules, outputs):
             return SKIPPED
-        return KEPT if self._take(rules, now) else CAPPED
+        return KEPT if self._take(rules, time.time() if now is None else now) else CAPPED
 
     def _take(self, rules: CaptureRules, now: float) -> bool:
         caps = [(key, getattr(rules, key), int(now // seconds)) for key, seconds in _WINDOWS]
