@@ -126,7 +126,20 @@ def valid_length(path: Path | str) -> int:
 
 def encode_sample(sample: Sample) -> bytes:
     """A sample as one framed record, ready to append to a segment."""
-    return encode_record(encode_payload(sample))
+    return b"".join(record_parts(sample))
+
+
+def record_parts(sample: Sample) -> list[bytes | memoryview]:
+    """A sample's record as buffers to write in order (`os.writev`): the header, then the payload's
+    parts, whose tensor data are views of the arrays' own memory rather than copies."""
+    parts = payload_parts(sample)
+    length, crc = 0, 0
+    for part in parts:
+        length += len(part)
+        crc = zlib.crc32(part, crc)
+    if length > MAX_RECORD_BYTES:
+        raise InvalidInputError(f"a capture record of {length} bytes is over the {MAX_RECORD_BYTES} allowed")
+    return [HEADER.pack(MAGIC, length, crc), *parts]
 
 
 def iter_samples(path: Path | str) -> Iterator[Sample]:
@@ -140,7 +153,12 @@ def iter_samples(path: Path | str) -> Iterator[Sample]:
 
 def encode_payload(sample: Sample) -> bytes:
     """A sample's payload (unframed)."""
-    parts: list[bytes] = [struct.pack("<B", FORMAT_VERSION)]
+    return b"".join(payload_parts(sample))
+
+
+def payload_parts(sample: Sample) -> list[bytes | memoryview]:
+    """A sample's payload as buffers; tensor data are views (little-endian arrays are not copied)."""
+    parts: list[bytes | memoryview] = [struct.pack("<B", FORMAT_VERSION)]
     for text in (sample.model, sample.revision, sample.device):
         _put_text(parts, text)
     parts.append(struct.pack("<d", float(sample.timestamp)))
@@ -152,16 +170,16 @@ def encode_payload(sample: Sample) -> bytes:
         _put_count(parts, len(tensors), MAX_TENSORS, "tensors")
         for name, array in tensors.items():
             _put_tensor(parts, name, np.asarray(array))
-    return b"".join(parts)
+    return parts
 
 
-def _put_count(parts: list[bytes], count: int, limit: int, what: str) -> None:
+def _put_count(parts: list, count: int, limit: int, what: str) -> None:
     if count > limit:
         raise InvalidInputError(f"a capture sample holds {count} {what}, over the {limit} allowed")
     parts.append(struct.pack("<H", count))
 
 
-def _put_text(parts: list[bytes], text: str) -> None:
+def _put_text(parts: list, text: str) -> None:
     raw = text.encode()
     if len(raw) > 0xFFFF:
         raise InvalidInputError(f"a capture sample string of {len(raw)} bytes is over the 65535 allowed")
@@ -169,7 +187,7 @@ def _put_text(parts: list[bytes], text: str) -> None:
     parts.append(raw)
 
 
-def _put_tensor(parts: list[bytes], name: str, array: np.ndarray) -> None:
+def _put_tensor(parts: list, name: str, array: np.ndarray) -> None:
     datatype = to_datatype(array.dtype)
     _put_text(parts, name)
     _put_text(parts, datatype)
@@ -179,12 +197,13 @@ def _put_tensor(parts: list[bytes], name: str, array: np.ndarray) -> None:
     if datatype == "BYTES":
         _put_items(parts, array)
         return
-    raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    raw = memoryview(little.reshape(-1).view(np.uint8))
     parts.append(struct.pack("<Q", len(raw)))
     parts.append(raw)
 
 
-def _put_items(parts: list[bytes], array: np.ndarray) -> None:
+def _put_items(parts: list, array: np.ndarray) -> None:
     items = array.ravel().tolist()
     as_text = all(isinstance(item, str) for item in items) and bool(items)
     parts.append(struct.pack("<B", _STR_ITEMS if as_text else _BYTES_ITEMS))

@@ -21,6 +21,7 @@ from arachne_mlflow.protocol.capture_format import HEADER, segment_name, segment
 
 _logger = logging.getLogger(__name__)
 DIR_MODE = 0o700
+MAX_WRITE_PARTS = 512  # buffers per writev (the system's limit is 1024 or more)
 FILE_MODE = 0o600
 
 
@@ -46,12 +47,16 @@ class Spool:
         self._reopen()
 
     # -- writing (the writer thread, holding `lock`) ---------------------------------------
-    def append(self, record: bytes) -> None:
-        """One record at the end of the open segment, in one write."""
-        written = os.write(self._fd, record)
-        while written < len(record):  # (a regular file takes it whole, short of a full disk)
-            written += os.write(self._fd, record[written:])
-        self.open_bytes += len(record)
+    def append(self, parts: list, size: int) -> None:
+        """One record (`parts`, `size` bytes in all) at the end of the open segment, in one write."""
+        if len(parts) > MAX_WRITE_PARTS:
+            parts = [b"".join(parts)]
+        written = os.writev(self._fd, parts)
+        if written < size:  # (a regular file takes it whole, short of a full disk)
+            rest = memoryview(b"".join(parts))
+            while written < size:
+                written += os.write(self._fd, rest[written:])
+        self.open_bytes += size
         self.dirty = True
 
     def sync(self) -> None:

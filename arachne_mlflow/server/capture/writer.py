@@ -20,7 +20,7 @@ import numpy as np
 
 from arachne_mlflow.errors import ArachneError
 from arachne_mlflow.model.capture_rules import CaptureRules
-from arachne_mlflow.protocol.capture_format import Sample, encode_sample
+from arachne_mlflow.protocol.capture_format import Sample, record_parts
 from arachne_mlflow.server.capture.spool import Spool
 
 _logger = logging.getLogger(__name__)
@@ -124,11 +124,11 @@ class CaptureWriter:
     def _write(self, item: Pending) -> None:
         model = item.sample.model
         try:
-            record = encode_sample(item.sample)
+            parts = record_parts(item.sample)
             spool = self._touched.get(model) or self._spool(model)
             self._touched[model] = spool
             with spool.lock:
-                dropped = _append(spool, record, item.rules.budget_bytes)
+                dropped = _append(spool, parts, item.rules.budget_bytes)
         except (ArachneError, OSError) as err:  # a sample that cannot be encoded or written is dropped, logged
             _logger.warning("capture of model %r: a sample was not written: %s", model, err)
             self._counted(model, 0, 1, "error")
@@ -160,13 +160,14 @@ def segment_limit(budget: int) -> int:
     return min(budget, max(MIN_SEGMENT_BYTES, min(MAX_SEGMENT_BYTES, budget // 4)))
 
 
-def _append(spool: Spool, record: bytes, budget: int) -> int | None:
+def _append(spool: Spool, parts: list, budget: int) -> int | None:
     """Append within `budget`: how many older samples it dropped, or None if this one alone is larger."""
-    if len(record) > budget:
+    size = sum(len(part) for part in parts)
+    if size > budget:
         return None
-    if spool.open_bytes and spool.open_bytes + len(record) > segment_limit(budget):
+    if spool.open_bytes and spool.open_bytes + size > segment_limit(budget):
         spool.roll()
-    spool.append(record)
+    spool.append(parts, size)
     dropped = 0
     while spool.total_bytes() > budget and spool.closed():
         dropped += spool.drop_oldest()
