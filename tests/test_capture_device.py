@@ -172,6 +172,24 @@ def test_the_budget_deletes_the_oldest_segments_and_counts_their_samples(tmp_pat
     assert [int(sample.inputs["x"][0]) for sample in kept] == list(range(dropped, 60))  # the newest survive
 
 
+def test_an_old_segment_rolls_and_a_reopened_spool_appends_after_it(tmp_path):
+    capture = _capture(tmp_path, writer_options={"sync_seconds": 0.05, "roll_seconds": 0.2})
+    spool_dir = tmp_path / ".capture" / "m"
+    try:
+        capture.offer("m", "1", CaptureRules(rate=1.0), {"x": np.ones(3, np.float32)}, {})
+        _wait_for(lambda: len(closed_segments(spool_dir)) == 1)
+    finally:
+        capture.close()
+    again = _capture(tmp_path)
+    try:
+        again.offer("m", "2", CaptureRules(rate=1.0), {"x": np.zeros(3, np.float32)}, {})
+    finally:
+        again.close()
+    assert [sample.revision for sample in _samples(spool_dir)] == ["1", "2"]
+    assert again.rollover("m") == capture_format.segment_name(2)
+    assert again.rollover("m") is None  # nothing new to close
+
+
 def test_a_sample_larger_than_the_budget_is_dropped(tmp_path):
     capture = _capture(tmp_path)
     try:
