@@ -79,6 +79,10 @@ class Spool:
     def total_bytes(self) -> int:
         return self.closed_bytes + self.open_bytes
 
+    def recount(self) -> None:
+        """Read the closed segments' sizes from disk again (delivery may delete them directly)."""
+        self.closed_bytes = sum(_size(path) for path in self.closed())
+
     def drop_oldest(self) -> int:
         """Delete the oldest closed segment; how many records it held (0 when there is none)."""
         closed = capture_format.closed_segments(self.directory)

@@ -168,6 +168,8 @@ def _append(spool: Spool, parts: list, budget: int) -> int | None:
     if spool.open_bytes and spool.open_bytes + size > segment_limit(budget):
         spool.roll()
     spool.append(parts, size)
+    if spool.total_bytes() > budget:
+        spool.recount()
     dropped = 0
     while spool.total_bytes() > budget and spool.closed():
         dropped += spool.drop_oldest()
