@@ -34,6 +34,7 @@ _logger = logging.getLogger(__name__)
 CAPTURE_DIR = ".capture"  # under the store root; not a model name, so the store leaves it alone
 RULES_FILE = "rules.json"
 MAX_RULES_BYTES = 16 * 1024
+ROLLOVER_WAIT = 5.0
 _OFF = "off"  # (a device rules file that turns capture off for a model whose MLmodel asks for it)
 
 
@@ -155,7 +156,10 @@ class Capture:
             spool.delete(spool.closed_segment(segment))
 
     def rollover(self, name: str) -> str | None:
-        """Close `name`'s open segment now if it holds records (a drain then gets everything written)."""
+        """Close `name`'s open segment now if it holds records, once the samples already kept are
+        written (waiting at most `ROLLOVER_WAIT` seconds): a drain then gets everything kept before it."""
+        if self._writer is not None:
+            self.queue.join(ROLLOVER_WAIT)
         spool = self._existing_spool(name)
         if spool is None:
             return None

@@ -48,7 +48,9 @@ class SampleQueue:
         self.max_items, self.max_bytes = max_items, max_bytes
         self._items: collections.deque[tuple[Pending, int]] = collections.deque()
         self._bytes = 0
+        self._unfinished = 0  # offered and not yet written (or dropped) by the writer
         self._ready = threading.Condition(threading.Lock())
+        self._finished = threading.Condition(self._ready)
 
     def offer(self, item: Pending, size: int) -> bool:
         """Queue `item` (`size` bytes of tensors) unless that would pass a bound; never waits."""
@@ -57,8 +59,21 @@ class SampleQueue:
                 return False
             self._items.append((item, size))
             self._bytes += size
+            self._unfinished += 1
             self._ready.notify()
         return True
+
+    def task_done(self) -> None:
+        """The writer is done with an item it took."""
+        with self._ready:
+            self._unfinished -= 1
+            if not self._unfinished:
+                self._finished.notify_all()
+
+    def join(self, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for every item offered so far to be done; whether they are."""
+        with self._ready:
+            return self._finished.wait_for(lambda: not self._unfinished, timeout)
 
     def take(self, timeout: float) -> Pending | None:
         """The oldest item, waiting at most `timeout` seconds for one (None: none came)."""
@@ -112,7 +127,10 @@ class CaptureWriter:
         while True:
             item = self.queue.take(self.sync_seconds)
             if item is not None:
-                self._write(item)
+                try:
+                    self._write(item)
+                finally:
+                    self.queue.task_done()
             now = time.monotonic()
             if now - last_sync >= self.sync_seconds or item is None:
                 self._maintain(now)
