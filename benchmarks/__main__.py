@@ -31,6 +31,7 @@ SUITES = [
     "profile",
     "pull",
     "shm",
+    "capture",
 ]
 OPTIONAL_SUITES = ["peers"]
 

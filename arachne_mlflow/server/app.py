@@ -25,6 +25,7 @@ from starlette.types import ASGIApp
 
 from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.server.auth import HOW_TO_AUTHENTICATE, bearer_matches
+from arachne_mlflow.server.capture.routes import capture_routes
 from arachne_mlflow.server.dataplane import Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.records import MAX_PROVENANCE_BYTES, check_provenance
@@ -129,6 +130,7 @@ class _Routes:
             Route(r, self.delete, methods=["DELETE"]),
             Route("/metrics", self.metrics),
             *shared_memory_routes(self.dp.shared_memory, self._json),
+            *capture_routes(self.dp.capture, self.dp.run_blocking),
         ]
 
     # -- V2 --------------------------------------------------------------------------------

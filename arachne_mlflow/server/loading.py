@@ -25,6 +25,7 @@ from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.server.probe import probe_load
 
 if TYPE_CHECKING:
+    from arachne_mlflow.model.capture_rules import CaptureRules
     from arachne_mlflow.server.batching import Batcher, BatchingSettings
 
 #: What serving makes of a model as it loads (its batching settings, None: none), from its name, its
@@ -57,6 +58,7 @@ class LoadedModel:
         self.batcher: Batcher | None = None
         #: Its image inputs' layouts and outputs' labels (model configuration, classification).
         self.vision = vision or VisionInfo()
+        self.capture: CaptureRules | None = None  # its MLmodel's capture rules (server/capture/)
         self.revision = str(record["revision"])
         self.input_names = [spec.name for spec in module.input_specs]
         self.output_names = [spec.name for spec in module.output_specs]
@@ -140,7 +142,9 @@ class Loader:
             self._proven[digest] = self._proven.pop(digest, False) or smoked
             while len(self._proven) > MAX_PROVEN:
                 del self._proven[next(iter(self._proven))]
-        return LoadedModel(module, record, time.perf_counter() - start, batching, vision)
+        loaded = LoadedModel(module, record, time.perf_counter() - start, batching, vision)
+        loaded.capture = model.capture
+        return loaded
 
 
 def read_checked(path: Path) -> ArachneModel:
