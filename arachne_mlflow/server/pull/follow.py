@@ -42,6 +42,7 @@ from arachne_mlflow.errors import (
 )
 from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.metrics import Metrics
+from arachne_mlflow.server.pull.capture_upload import CaptureUploader
 from arachne_mlflow.server.pull.install import install_version
 from arachne_mlflow.server.pull.registry_client import ModelRef, ModelVersion, RegistryClient
 from arachne_mlflow.server.pull.report import RunReporter
@@ -128,6 +129,7 @@ class Follower:
         )
         self._logged_error = ""
         self._record = RunReporter(name, device, ref.registered_model, registry, self.directory)
+        self._capture = CaptureUploader(name, ref.registered_model, store.root, registry)  # (its spool's samples)
         saved = self._load_state()
         self._failed_version: str | None = saved.get("failed_version") if saved.get("model_uri") == ref.uri else None
         self._failed_error = str(saved.get("failed_error") or "refused") if self._failed_version else ""
@@ -173,7 +175,7 @@ class Follower:
 
     def _pass(self) -> reconcile.Outcome:
         """One check; an unreachable tracking server is a transient failure (the loop backs off)."""
-        return reconcile.RETRY if self.check() else reconcile.DONE
+        return reconcile.RETRY if self.check() or self._capture.deliver() else reconcile.DONE
 
     def _unexpected(self, err: Exception, delay: float) -> None:
         """A bug must not end following: logged with its traceback, retried after the back-off."""
