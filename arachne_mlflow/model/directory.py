@@ -11,6 +11,7 @@ It reads `MLmodel` with PyYAML, so a device needs no MLflow to load a model:
       tensor_dtypes: {inputs: {x: bfloat16}, outputs: {y: bfloat16}}   # (optional, see below)
       batching: {max_batch_size: 16, max_queue_delay_microseconds: 500}   # dim 0 is a batch (optional, see
                                                                           # model/batching.py)
+      capture: {rate: 0.01, per_hour: 100}   # field samples the device keeps (optional, model/capture_rules.py)
       arachne_mlflow_version: "..."
 
 A model may instead hold several builds of one network (`variants`, see model/variants.py and
@@ -48,6 +49,7 @@ import yaml
 
 from arachne_mlflow.errors import IncompatibleModelError, InvalidInputError, ModelNotFoundError
 from arachne_mlflow.model.arch import machine_arch, normalize_arch
+from arachne_mlflow.model.capture_rules import CaptureRules, parse_rules
 from arachne_mlflow.model.spec import BFLOAT16, TensorSpec
 from arachne_mlflow.model.variants import REQUIRES_KEYS, VariantChoice, choose_variant, this_machine
 
@@ -77,6 +79,8 @@ class ArachneModel:
     outputs: list[TensorSpec] = field(default_factory=list)
     extra_files: list[str] = field(default_factory=list)
     batching: dict[str, Any] | None = None
+    #: Which field samples a device keeps (None: capture off), from `arachne.capture`.
+    capture: CaptureRules | None = None
     version: str | None = None
     mlmodel: dict[str, Any] = field(default_factory=dict)
     #: The variant these fields describe (a model without variants: its runtime's name).
@@ -189,6 +193,7 @@ def read_model_dir(
         runtime="",
         model_file="",
         batching=dict(conf["batching"]) if conf.get("batching") is not None else None,
+        capture=parse_rules(conf.get("capture"), f"{mlmodel_path}: '{FLAVOR_NAME}.capture'"),
         inputs=_with_dtypes(inputs, dtypes.get("inputs"), f"{mlmodel_path}: tensor_dtypes.inputs"),
         outputs=_with_dtypes(outputs, dtypes.get("outputs"), f"{mlmodel_path}: tensor_dtypes.outputs"),
         version=conf.get("arachne_mlflow_version"),

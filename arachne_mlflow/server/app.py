@@ -25,6 +25,7 @@ from starlette.types import ASGIApp
 
 from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.server.auth import HOW_TO_AUTHENTICATE, bearer_matches
+from arachne_mlflow.server.capture.routes import capture_routes
 from arachne_mlflow.server.dataplane import Dataplane
 from arachne_mlflow.server.infer_route import InferRoute, read_body
 from arachne_mlflow.server.records import MAX_PROVENANCE_BYTES, check_provenance
@@ -127,6 +128,7 @@ class _Routes:
             Route(r, self.upload, methods=["PUT"]),
             Route(r, self.delete, methods=["DELETE"]),
             Route("/metrics", self.metrics),
+            *capture_routes(self.dp.capture, self.dp.run_blocking),
         ]
 
     # -- V2 --------------------------------------------------------------------------------

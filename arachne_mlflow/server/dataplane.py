@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from arachne_mlflow import __version__
-from arachne_mlflow.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from arachne_mlflow.model.arch import machine_arch
 from arachne_mlflow.model.spec import TensorSpec
 from arachne_mlflow.protocol import codec
@@ -34,6 +34,7 @@ from arachne_mlflow.protocol.datatypes import config_datatype, to_datatype
 from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.runtime.onnx_build import onnxruntime_build
 from arachne_mlflow.server.batching import Batcher, BatchingCollector, BatchStats
+from arachne_mlflow.server.capture import Capture
 from arachne_mlflow.server.loading import LoadedModel
 from arachne_mlflow.server.metrics import Metrics, ModelSeries, RequestTimes, StoreCollector
 from arachne_mlflow.server.probe import known_tvm_devices
@@ -94,6 +95,8 @@ class Dataplane:
         # Benchmarks run one at a time on a thread of their own: they never take the inference pool.
         self._benchmarks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arachne-benchmark")
         self.repository = Repository(store, self.metrics, self.run_blocking, settings.follow, self._forget)
+        self.capture = Capture(store.root, self._capture_rules, store.record)  # field samples (server/capture/)
+        self.metrics.registry.register(self.capture.counts)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """The one way blocking work leaves the event loop."""
@@ -110,8 +113,16 @@ class Dataplane:
 
     async def close(self) -> None:
         await self.repository.close()
+        await self.run_blocking(self.capture.close)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._benchmarks.shutdown(wait=False, cancel_futures=True)
+
+    def _capture_rules(self, name: str) -> Any:
+        """The capture rules of the loaded version's MLmodel (None: none, or not loaded)."""
+        try:
+            return self.store.get(name).capture
+        except ArachneError:
+            return None
 
     def _forget(self, name: str) -> None:
         """A deleted model's statistics go with it."""
@@ -254,10 +265,12 @@ class Dataplane:
         decoded = time.perf_counter_ns()
         outputs = loaded.module.infer(inputs)
         ran = time.perf_counter_ns()
-        response = encode(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+        answer = dict(zip(loaded.output_names, outputs))
+        response = encode(name, answer, request, loaded.revision)
         times.compute_input = decoded - started
         times.compute_infer = ran - decoded
         times.compute_output = time.perf_counter_ns() - ran
+        self.capture.offer(name, loaded.revision, loaded.capture, request.inputs, answer)
         return response
 
     async def _infer_batched(
@@ -295,8 +308,10 @@ class Dataplane:
             )
         outputs = await batcher.submit(inputs, times)
         encoding = time.perf_counter_ns()
-        response = encode(name, dict(zip(loaded.output_names, outputs)), request, loaded.revision)
+        answer = dict(zip(loaded.output_names, outputs))
+        response = encode(name, answer, request, loaded.revision)
         times.compute_output = time.perf_counter_ns() - encoding
+        self.capture.offer(name, loaded.revision, loaded.capture, request.inputs, answer)
         return response
 
     async def benchmark(self, name: str, options: dict[str, Any]) -> dict[str, Any]:

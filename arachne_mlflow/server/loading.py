@@ -24,6 +24,7 @@ from arachne_mlflow.runtime import RuntimeModule
 from arachne_mlflow.server.probe import probe_load
 
 if TYPE_CHECKING:
+    from arachne_mlflow.model.capture_rules import CaptureRules
     from arachne_mlflow.server.batching import Batcher, BatchingSettings
 
 #: What serving makes of a model as it loads (its batching settings, None: none), from its name, its
@@ -53,6 +54,7 @@ class LoadedModel:
         self.load_seconds = load_seconds
         self.batching = batching
         self.batcher: Batcher | None = None
+        self.capture: CaptureRules | None = None  # its MLmodel's capture rules (server/capture/)
         self.revision = str(record["revision"])
         self.input_names = [spec.name for spec in module.input_specs]
         self.output_names = [spec.name for spec in module.output_specs]
@@ -135,7 +137,9 @@ class Loader:
             self._proven[digest] = self._proven.pop(digest, False) or smoked
             while len(self._proven) > MAX_PROVEN:
                 del self._proven[next(iter(self._proven))]
-        return LoadedModel(module, record, time.perf_counter() - start, batching)
+        loaded = LoadedModel(module, record, time.perf_counter() - start, batching)
+        loaded.capture = model.capture
+        return loaded
 
 
 def read_checked(path: Path) -> ArachneModel:

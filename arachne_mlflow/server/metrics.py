@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import threading
 import time
 from collections.abc import Iterator
 
@@ -268,3 +269,49 @@ class StoreCollector:
         for (model, reason), count in sorted(self._store.signatures.counts.items()):
             refusals.add_metric([model, reason], count)
         yield refusals
+
+
+class CaptureCounts:
+    """Field capture per model (server/capture/): samples written, dropped (by reason: `cap`, a cap of
+    the rules was spent; `queue_full`, the writer was behind; `budget`, deleted or refused to keep the
+    spool within its disk budget; `error`, not written) and uploaded (counted by whoever delivers them).
+    Changed from several threads, under a lock: only kept or dropped samples pay for it."""
+
+    DROP_REASONS = ("cap", "queue_full", "budget", "error")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.captured: dict[str, int] = {}
+        self.dropped: dict[tuple[str, str], int] = {}
+        self.uploaded: dict[str, int] = {}
+
+    def add_captured(self, model: str, count: int = 1) -> None:
+        with self._lock:
+            self.captured[model] = self.captured.get(model, 0) + count
+
+    def add_dropped(self, model: str, reason: str, count: int = 1) -> None:
+        with self._lock:
+            self.dropped[(model, reason)] = self.dropped.get((model, reason), 0) + count
+
+    def add_uploaded(self, model: str, count: int = 1) -> None:
+        with self._lock:
+            self.uploaded[model] = self.uploaded.get(model, 0) + count
+
+    def collect(self) -> Iterator[Metric]:
+        captured = CounterMetricFamily(
+            "arachne_capture_captured", "Field samples written to the spool", labels=["model"]
+        )
+        dropped = CounterMetricFamily(
+            "arachne_capture_dropped",
+            "Field samples dropped, per model and reason: cap, queue_full, budget, error",
+            labels=["model", "reason"],
+        )
+        uploaded = CounterMetricFamily("arachne_capture_uploaded", "Field samples delivered", labels=["model"])
+        with self._lock:
+            for model, count in sorted(self.captured.items()):
+                captured.add_metric([model], count)
+            for (model, reason), count in sorted(self.dropped.items()):
+                dropped.add_metric([model, reason], count)
+            for model, count in sorted(self.uploaded.items()):
+                uploaded.add_metric([model], count)
+        yield from (captured, dropped, uploaded)

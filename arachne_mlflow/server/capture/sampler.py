@@ -1,0 +1,73 @@
+"""Whether one served request is kept: sampling rate, output conditions, then caps per minute, hour and day.
+
+The rate is drawn first (one random number: the cheap refusal most requests get), the output
+conditions next, the caps last, so that a cap counts only samples that would have been kept.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+
+from arachne_mlflow.model.capture_rules import CaptureRules
+
+_WINDOWS = (("per_minute", 60), ("per_hour", 3600), ("per_day", 86400))
+
+SKIPPED, KEPT, CAPPED = "skipped", "kept", "capped"
+
+
+class Sampler:
+    """One model's sampling state (its caps' counts); `seed` makes the draws repeatable (tests)."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._random = random.Random(seed).random
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[int, int]] = {}  # cap key -> (window index, samples kept in it)
+
+    def decide(self, rules: CaptureRules, outputs: dict[str, np.ndarray], now: float) -> str:
+        """SKIPPED (not drawn, or the outputs miss the conditions), CAPPED (a cap is spent) or KEPT."""
+        if rules.rate < 1.0 and self._random() >= rules.rate:
+            return SKIPPED
+        if rules.has_condition and not meets_conditions(rules, outputs):
+            return SKIPPED
+        return KEPT if self._take(rules, now) else CAPPED
+
+    def _take(self, rules: CaptureRules, now: float) -> bool:
+        caps = [(key, getattr(rules, key), int(now // seconds)) for key, seconds in _WINDOWS]
+        caps = [(key, cap, window) for key, cap, window in caps if cap is not None]
+        if not caps:
+            return True
+        with self._lock:
+            counts = []
+            for key, cap, window in caps:
+                seen, count = self._windows.get(key, (window, 0))
+                count = count if seen == window else 0
+                if count >= cap:
+                    return False
+                counts.append((key, window, count))
+            for key, window, count in counts:
+                self._windows[key] = (window, count + 1)
+        return True
+
+
+def meets_conditions(rules: CaptureRules, outputs: dict[str, np.ndarray]) -> bool:
+    """Whether any row of the rules' output (scores on its last axis) meets every condition given."""
+    scores = outputs.get(rules.output or "")
+    if scores is None:
+        return False
+    try:
+        rows = np.asarray(scores).reshape(-1, scores.shape[-1] if scores.ndim else 1)
+        if rows.size == 0:
+            return False
+        keep = np.ones(rows.shape[0], dtype=bool)
+        if rules.max_score is not None:
+            low, high = rules.max_score
+            top = rows.max(axis=1)
+            keep &= (top >= low) & (top <= high)
+        if rules.classes is not None:
+            keep &= np.isin(rows.argmax(axis=1), np.fromiter(rules.classes, dtype=np.int64))
+        return bool(keep.any())
+    except (TypeError, ValueError):  # an output that holds no numbers (BYTES) meets no condition
+        return False
