@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -23,9 +25,11 @@ from arachne_mlflow.capture.runs import CaptureRuns
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.protocol import capture_runs
 from arachne_mlflow.protocol.capture_format import Sample, encode_sample, iter_samples, segment_name
-from arachne_mlflow.server.pull.capture_upload import SPOOL_DIR, CaptureUploader, UploadSettings
+from arachne_mlflow.server.capture.manager import CAPTURE_DIR
+from arachne_mlflow.server.pull.capture_upload import CaptureUploader, UploadSettings
 from arachne_mlflow.server.pull.registry_client import RegistryClient
 from arachne_mlflow.server.pull.throttle import TokenBucket
+from arachne_mlflow.server.store import ModelStore
 from tests.helpers.mlflow_server import MlflowServer
 from tests.helpers.servers import ServerProcess
 
@@ -91,7 +95,7 @@ def test_an_offline_device_keeps_its_spool_and_delivers_it_once_when_the_server_
     tracking = MlflowServer(tmp_path / "mlflow")  # (not started yet: the device starts offline)
     registered, device_name = _unique("detector"), _unique("cam")
     store = tmp_path / "store"
-    spool = store / SPOOL_DIR / "det"
+    spool = store / CAPTURE_DIR / "det"
     env = _environment(tracking.url, {"ARACHNE_CAPTURE_MAX_BPS": "200000"})
     args = ["--follow", f"det=models:/{registered}@prod", "--follow-interval", "0.5", "--device-name", device_name]
     device = ServerProcess(store, extra_args=args, env=env).start()
@@ -112,24 +116,26 @@ def test_an_offline_device_keeps_its_spool_and_delivers_it_once_when_the_server_
     np.testing.assert_array_equal(arrays.inputs["x"], np.concatenate([s.inputs["x"] for s in closed]))
     assert arrays.inputs["tag"].ravel().tolist() == [f"s{float(v)}" for v in range(9)]
     np.testing.assert_array_equal(arrays.outputs["y"], np.concatenate([s.outputs["y"] for s in closed]))
+    assert set(arrays.versions) == {capture_runs.UNKNOWN}  # (the device stores no model det: no provenance)
 
 
 def test_an_upload_cut_mid_way_is_sent_again_and_stored_once(tmp_path, mlflow_server):
     registered, device_name = _unique("detector"), _unique("cam")
-    spool = tmp_path / "store" / SPOOL_DIR / "det"
+    store = ModelStore(tmp_path / "store")  # (an empty model store: the uploader reads its records)
+    spool = store.root / CAPTURE_DIR / "det"
     written = _write_spool(spool, device_name, [40, 1], T0)  # one closed segment of a few KB, then the open one
     segment = spool / segment_name(1)
     size = segment.stat().st_size
     stop = threading.Event()
     registry = RegistryClient(mlflow_server)
     registry.stop = stop  # (the follower's stop: it cuts the request in progress, like a dropped link)
-    slow = CaptureUploader("det", registered, tmp_path / "store", registry, UploadSettings(max_bps=size / 4))
+    slow = CaptureUploader("det", registered, store, registry, tmp_path, settings=UploadSettings(max_bps=size / 4))
     threading.Timer(1.0, stop.set).start()  # about a quarter of the body has gone
     started = time.monotonic()
     assert slow.deliver() is True  # unreachable: try again later
     assert time.monotonic() - started < 30 and segment.is_file()
 
-    fast = CaptureUploader("det", registered, tmp_path / "store", RegistryClient(mlflow_server), UploadSettings())
+    fast = CaptureUploader("det", registered, store, RegistryClient(mlflow_server), tmp_path, settings=UploadSettings())
     copy = tmp_path / "copy.cap"
     shutil.copyfile(segment, copy)
     assert fast.deliver() is False and not segment.exists()
@@ -149,13 +155,13 @@ def test_an_upload_cut_mid_way_is_sent_again_and_stored_once(tmp_path, mlflow_se
 
 
 def test_the_bandwidth_cap_paces_an_upload(tmp_path, mlflow_server):
-    spool = tmp_path / "store" / SPOOL_DIR / "det"
+    store = ModelStore(tmp_path / "store")
+    spool = store.root / CAPTURE_DIR / "det"
     _write_spool(spool, _unique("cam"), [60, 1], T0)
     size = (spool / segment_name(1)).stat().st_size
-    uploader = CaptureUploader(
-        "det", _unique("detector"), tmp_path / "store", RegistryClient(mlflow_server), UploadSettings(max_bps=size / 2)
-    )
-    uploader._run(capture_runs.run_key(next(iter_samples(spool / segment_name(1))), "x"))  # (the run first)
+    registry, settings = RegistryClient(mlflow_server), UploadSettings(max_bps=size / 2)
+    uploader = CaptureUploader("det", _unique("detector"), store, registry, tmp_path, None, settings)
+    uploader._run_of(segment_name(1), list(iter_samples(spool / segment_name(1))))  # (the run first: not timed)
     started = time.monotonic()
     assert uploader.deliver() is False
     assert time.monotonic() - started >= 1.5  # two seconds' worth at the cap, less the first burst
@@ -166,6 +172,29 @@ def test_the_bandwidth_cap_paces_an_upload(tmp_path, mlflow_server):
 
 
 # -- the host --------------------------------------------------------------------------------------
+def test_capture_pull_drains_a_pushed_device_into_the_same_runs(tmp_path, mlflow_server):
+    token, device_name, registered = "capture-token-123", _unique("cam"), _unique("detector")
+    store = tmp_path / "store"
+    device = ServerProcess(store, token=token).start()
+    try:
+        written = _write_spool(store / CAPTURE_DIR / "det", device_name, [2, 3, 4], T0)
+        env = _environment(mlflow_server, {"ARACHNE_TOKEN": "wrong-token"})
+        command = [sys.executable, "-m", "arachne_mlflow.cli", "capture", "pull", "-t", device.url.split("//")[1]]
+        command += ["-m", "det", "--registered-model", registered, "--max-bps", "1000000"]
+        refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1 and "401" in refused.stdout
+        env["ARACHNE_TOKEN"] = token
+        drained = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        assert sorted(p.name for p in (store / CAPTURE_DIR / "det").glob("seg-*")) == [segment_name(3)]
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and " 0 " in again.stdout.splitlines()[1]  # nothing left to send
+    finally:
+        device.stop()
+    delivered = load_samples(registered, as_="samples", client=_client(mlflow_server))
+    assert Counter(map(_key, delivered)) == Counter(map(_key, written[:5]))
+
+
 def test_load_samples_returns_arrays_equal_to_what_was_sent_filtered_by_device_time_and_version(
     tmp_path, mlflow_server
 ):
@@ -178,7 +207,8 @@ def test_load_samples_returns_arrays_equal_to_what_was_sent_filtered_by_device_t
         sent += _write_spool(spool, device, [5, 5, 1], start, first_value=len(sent))
         for sequence in (1, 2):
             segment = spool / segment_name(sequence)
-            runs.store(runs.run_for(next(iter_samples(segment)), registered), "det", segment)
+            samples = list(iter_samples(segment))
+            runs.store(runs.run_for(samples, {"1": (registered, "7")}, registered), "det", segment)
     sent = [s for s in sent if s.timestamp not in (T0 + 10, T0 + DAY + 21)]  # (the open segments' samples)
 
     everything = load_samples(f"{registered}", client=client)
@@ -190,8 +220,8 @@ def test_load_samples_returns_arrays_equal_to_what_was_sent_filtered_by_device_t
     assert set(only_b.devices) == {"cam-b"} and len(only_b) == 10
     window = load_samples(registered, since=T0 + 3, until=T0 + DAY + 13, client=client)
     assert window.timestamps.tolist() == [s.timestamp for s in sent if T0 + 3 <= s.timestamp < T0 + DAY + 13]
-    assert len(load_samples(f"models:/{registered}/1", client=client)) == 20
-    assert len(load_samples(f"models:/{registered}/2", client=client)) == 0
+    assert len(load_samples(f"models:/{registered}/7", client=client)) == 20  # (revision 1 served version 7)
+    assert len(load_samples(registered, 8, client=client)) == 0
 
     frame = load_samples(registered, devices=["cam-a"], as_="pandas", client=client)
     assert list(frame.columns) == ["x", "tag", "output.y", "timestamp", "device", "version"] and len(frame) == 10

@@ -5,7 +5,6 @@ download is paced by the bandwidth cap and written to a file named as the segmen
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,6 +21,7 @@ from arachne_mlflow.errors import (
 )
 from arachne_mlflow.fleet.connection import Connection
 from arachne_mlflow.fleet.device import Device
+from arachne_mlflow.protocol import bounded_json
 from arachne_mlflow.protocol.capture_format import SEGMENT_PATTERN
 from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.pull.throttle import TokenBucket
@@ -36,7 +36,7 @@ class DeviceSegments:
     def __init__(self, device: Device, connection: Connection, max_segment_bytes: int, max_bps: float | None = None):
         conn = connection.for_device(device)
         self.where = f"device {device.name or device.address}"
-        self.url = base_url(device.host, device.port, conn.tls) + "/v2/capture"
+        self.url = base_url(device.host, device.port, conn.tls) + "/v2"
         self.session = requests.Session()
         self.session.trust_env = False
         if conn.token:
@@ -50,18 +50,19 @@ class DeviceSegments:
         self.session.close()
 
     def rollover(self, model: str) -> None:
-        self._send("POST", f"/{_name(model)}/rollover").close()
+        self._send("POST", f"/capture/{_name(model)}/rollover").close()
+
+    def record(self, model: str) -> dict[str, Any] | None:
+        """The model's store record (its revisions' provenance), None where it holds no such model."""
+        try:
+            found = self._json(f"/repository/models/{_name(model)}", "its record of the model")
+        except ModelNotFoundError:
+            return None
+        return found if isinstance(found, dict) else None
 
     def closed(self, model: str) -> list[str]:
         """The names of the model's closed segments, oldest first."""
-        with self._send("GET", f"/{_name(model)}/segments") as response:
-            body = response.raw.read(MAX_LISTING_BYTES + 1, decode_content=False)
-        if len(body) > MAX_LISTING_BYTES:
-            raise ArachneError(f"{self.where}: its list of segments is over {MAX_LISTING_BYTES} bytes")
-        try:
-            listed = json.loads(body)
-        except ValueError as err:
-            raise ArachneError(f"{self.where}: its list of segments is not JSON") from err
+        listed = self._json(f"/capture/{_name(model)}/segments", "its list of segments")
         items = listed.get("segments") if isinstance(listed, dict) else listed
         names = [item.get("name") if isinstance(item, dict) else item for item in items or []]
         return sorted(name for name in names if isinstance(name, str) and SEGMENT_PATTERN.fullmatch(name))
@@ -71,7 +72,7 @@ class DeviceSegments:
         path = directory / _segment(segment)
         bucket = TokenBucket(self.max_bps) if self.max_bps else None
         size = 0
-        with self._send("GET", f"/{_name(model)}/segments/{segment}") as response, open(path, "wb") as file:
+        with self._send("GET", f"/capture/{_name(model)}/segments/{segment}") as response, open(path, "wb") as file:
             while chunk := response.raw.read(bucket.take(CHUNK) if bucket else CHUNK, decode_content=False):
                 size += len(chunk)
                 if size > self.max_segment_bytes:
@@ -80,7 +81,17 @@ class DeviceSegments:
         return path
 
     def delete(self, model: str, segment: str) -> None:
-        self._send("DELETE", f"/{_name(model)}/segments/{_segment(segment)}").close()
+        self._send("DELETE", f"/capture/{_name(model)}/segments/{_segment(segment)}").close()
+
+    def _json(self, path: str, what: str) -> Any:
+        with self._send("GET", path) as response:
+            body = response.raw.read(MAX_LISTING_BYTES + 1, decode_content=False)
+        if len(body) > MAX_LISTING_BYTES:
+            raise ArachneError(f"{self.where}: {what} is over {MAX_LISTING_BYTES} bytes")
+        try:
+            return bounded_json.loads(body, f"{self.where}: {what}", max_bytes=MAX_LISTING_BYTES)
+        except InvalidInputError as err:
+            raise ArachneError(str(err)) from err
 
     def _send(self, method: str, path: str) -> requests.Response:
         try:
@@ -94,7 +105,7 @@ class DeviceSegments:
         with response:
             message = response.raw.read(500, decode_content=False).decode("utf-8", "replace")
         kind = {401: UnauthorizedError, 404: ModelNotFoundError}.get(response.status_code, ArachneError)
-        raise kind(f"{self.where}: {method} /v2/capture{path} answered {response.status_code}: {message}")
+        raise kind(f"{self.where}: {method} /v2{path} answered {response.status_code}: {message}")
 
 
 def _name(model: str) -> str:

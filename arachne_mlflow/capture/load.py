@@ -59,27 +59,30 @@ def load_samples(
     name, version = _model_version(runs.client, model, version)
     start, end = _seconds(since), _seconds(until)
     wanted = None if devices is None else set(devices)
-    found = sorted(_samples(runs, name, version, wanted, start, end), key=lambda s: (s.timestamp, s.device))
+    found = sorted(_samples(runs, name, version, wanted, start, end), key=lambda s: (s[0].timestamp, s[0].device))
     if as_ == "samples":
-        return found
+        return [sample for sample, _ in found]
     return to_dataframe(found) if as_ == "pandas" else to_arrays(found)
 
 
-def to_arrays(samples: list[Sample]) -> CapturedArrays:
+def to_arrays(found: list[tuple[Sample, str]]) -> CapturedArrays:
+    """The numpy form of (sample, registered version) pairs."""
+    samples = [sample for sample, _ in found]
     return CapturedArrays(
         inputs=_joined(samples, "inputs"),
         outputs=_joined(samples, "outputs"),
         timestamps=np.array([s.timestamp for s in samples], dtype=np.float64),
         devices=np.array([s.device for s in samples], dtype=object),
-        versions=np.array([capture_runs.version_of(s) for s in samples], dtype=object),
+        versions=np.array([version for _, version in found], dtype=object),
     )
 
 
-def to_dataframe(samples: list[Sample]) -> Any:
+def to_dataframe(found: list[tuple[Sample, str]]) -> Any:
     """One row per sample: a column per input (the sample's array, its leading axis of 1 dropped),
     `output.<name>` per output, then `timestamp` (UTC), `device`, `version`."""
     import pandas as pd
 
+    samples = [sample for sample, _ in found]
     columns: dict[str, list[Any]] = {}
     for row, sample in enumerate(samples):
         for prefix, tensors in (("", sample.inputs), (OUTPUT_PREFIX, sample.outputs)):
@@ -88,14 +91,15 @@ def to_dataframe(samples: list[Sample]) -> Any:
     frame = pd.DataFrame(columns, index=pd.RangeIndex(len(samples)))
     frame["timestamp"] = pd.to_datetime([s.timestamp for s in samples], unit="s", utc=True)
     frame["device"] = [s.device for s in samples]
-    frame["version"] = [capture_runs.version_of(s) for s in samples]
+    frame["version"] = [version for _, version in found]
     return frame
 
 
 def _samples(
     runs: CaptureRuns, name: str, version: str | None, devices: set[str] | None, start: float | None, end: float | None
-) -> Iterator[Sample]:
-    for run in _runs(runs, name, version):
+) -> Iterator[tuple[Sample, str]]:
+    """(sample, its registered version) of every segment of the model's runs that the filters keep."""
+    for run in _runs(runs, name):
         tags = run.data.tags
         if devices is not None and tags.get(capture_runs.DEVICE) not in devices:
             continue
@@ -106,24 +110,26 @@ def _samples(
             local = runs.client.download_artifacts(run.info.run_id, capture_runs.artifact_dir(model), temporary)
             for segment in segments(Path(local)):
                 for sample in iter_samples(segment):
-                    if _wanted(sample, version, devices, start, end):
-                        yield sample
+                    found = capture_runs.sample_version(sample, tags)
+                    if (version is None or found == version) and _wanted(sample, devices, start, end):
+                        yield sample, found
 
 
-def _wanted(sample: Sample, version: str | None, devices: set[str] | None, start: float | None, end: float | None):
+def _wanted(sample: Sample, devices: set[str] | None, start: float | None, end: float | None) -> bool:
     return (
-        (version is None or capture_runs.version_of(sample) == version)
-        and (devices is None or sample.device in devices)
+        (devices is None or sample.device in devices)
         and (start is None or sample.timestamp >= start)
         and (end is None or sample.timestamp < end)
     )
 
 
-def _runs(runs: CaptureRuns, name: str, version: str | None) -> Iterator[Any]:
+def _runs(runs: CaptureRuns, name: str) -> Iterator[Any]:
+    """The registered model's capture runs, every version (a segment's run is its first sample's version:
+    a later sample of the segment may be of another; each sample's version is read from the run's tags)."""
     experiment = runs.experiment_id(create=False)
     if experiment is None:
         return
-    key = {capture_runs.REGISTERED_MODEL: name, **({capture_runs.VERSION: version} if version else {})}
+    key = {capture_runs.REGISTERED_MODEL: name}
     search, token, seen = capture_runs.search_filter(key), None, 0
     while seen < MAX_RUNS:
         page = runs.client.search_runs([experiment], search, max_results=1000, page_token=token)

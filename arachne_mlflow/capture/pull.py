@@ -17,7 +17,8 @@ from typing import Any
 from arachne_mlflow.capture.device_segments import DeviceSegments
 from arachne_mlflow.capture.runs import CaptureRuns
 from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError
-from arachne_mlflow.fleet.device import Device
+from arachne_mlflow.fleet.device import SCHEME, Device
+from arachne_mlflow.protocol import capture_runs
 from arachne_mlflow.protocol.capture_format import iter_samples
 
 DEFAULT_MAX_SEGMENT_BYTES = 1024**3
@@ -45,11 +46,12 @@ def pull(
     max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES,
     client: Any = None,
 ) -> list[Drained]:
-    """Drain `models` (default: every model the device serves) of each device of `target` into MLflow."""
+    """Drain `models` (default: every model the device serves) of each device of `target` (`@group`, device
+    names or `host:port`, with or without `arachne-jetson://`) into MLflow."""
     from arachne_mlflow.deployments.targets import resolve_target, settings
 
     chosen = settings(config or {})
-    devices = resolve_target(target, chosen.fleet)
+    devices = resolve_target(target if target.startswith(SCHEME) else f"{SCHEME}://{target}", chosen.fleet)
     if max_bps is not None and not max_bps > 0:
         raise InvalidInputError(f"--max-bps {max_bps}: give a positive number of bytes a second")
     runs = CaptureRuns(client)
@@ -75,12 +77,13 @@ def pull(
 def _drain(routes: DeviceSegments, runs: CaptureRuns, model: str, registered: str, roll: bool, out: Drained) -> None:
     if roll:
         routes.rollover(model)
+    origin = capture_runs.origins(routes.record(model))
     for name in routes.closed(model):
         with tempfile.TemporaryDirectory(prefix="arachne-capture-") as temporary:
             segment = routes.download(model, name, Path(temporary))
             samples = list(iter_samples(segment))
             if samples:
-                runs.store(runs.run_for(samples[0], registered), model, segment)
+                runs.store(runs.run_for(samples, origin, registered), model, segment)
             routes.delete(model, name)
             out.segments, out.bytes, out.samples = (
                 out.segments + 1,

@@ -36,9 +36,16 @@ class CaptureRuns:
                 self._experiment = experiment.experiment_id
         return self._experiment
 
-    def run_for(self, first: Sample, registered_model: str = "") -> str:
-        """The id of the run that holds the segment whose first sample is `first`, found or made."""
-        key = capture_runs.run_key(first, registered_model)
+    def run_for(self, samples: list[Sample], origin: dict[str, tuple[str, str]], registered_model: str = "") -> str:
+        """The id of the run that holds a segment of `samples`, found or made, with its revisions' versions
+        tagged (`origin`: the device's revision -> registered version, `capture_runs.origins`)."""
+        key, revisions = capture_runs.segment_tags(samples, origin, registered_model)
+        run_id = self._run(key)
+        for tag, value in revisions.items():
+            self.client.set_tag(run_id, tag, value)
+        return run_id
+
+    def _run(self, key: dict[str, str]) -> str:
         remembered = tuple(sorted(key.items()))
         if remembered not in self._runs:
             experiment = self.experiment_id()

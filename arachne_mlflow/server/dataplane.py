@@ -96,6 +96,8 @@ class Dataplane:
         self._benchmarks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arachne-benchmark")
         self.repository = Repository(store, self.metrics, self.run_blocking, settings.follow, self._forget)
         self.capture = Capture(store.root, self._capture_rules, store.record)  # field samples (server/capture/)
+        if settings.follow is not None:  # a pulling device delivers its samples on the follower's loop
+            settings.follow.capture = self.capture
         self.metrics.registry.register(self.capture.counts)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

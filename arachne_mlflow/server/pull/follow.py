@@ -65,6 +65,7 @@ class FollowConfig:
     registry: RegistryClient
     interval: float = DEFAULT_INTERVAL
     device: str = field(default_factory=socket.gethostname)
+    capture: Any = None  # the server's field capture (server/capture/): its spools are delivered (capture_upload.py)
 
 
 def parse_follows(values: list[str]) -> dict[str, ModelRef]:
@@ -90,7 +91,9 @@ def start_followers(config: FollowConfig, store: ModelStore, metrics: Metrics) -
             shutil.rmtree(stale, ignore_errors=True)
     interval, device = config.interval, config.device
     followers = {  # (a registry client each: a requests session is not meant for many threads)
-        name: Follower(name, ref, store, config.registry.clone(), metrics, interval=interval, device=device)
+        name: Follower(
+            name, ref, store, config.registry.clone(), metrics, interval=interval, device=device, capture=config.capture
+        )
         for name, ref in config.follows.items()
     }
     for follower in followers.values():
@@ -111,6 +114,7 @@ class Follower:
         *,
         interval: float = DEFAULT_INTERVAL,
         device: str,
+        capture: Any = None,
     ):
         if not interval > 0:
             raise InvalidInputError(f"the follow interval must be positive, not {interval}")
@@ -129,7 +133,7 @@ class Follower:
         )
         self._logged_error = ""
         self._record = RunReporter(name, device, ref.registered_model, registry, self.directory)
-        self._capture = CaptureUploader(name, ref.registered_model, store.root, registry)  # (its spool's samples)
+        self._capture = CaptureUploader(name, ref.registered_model, store, registry, self.directory, capture)
         saved = self._load_state()
         self._failed_version: str | None = saved.get("failed_version") if saved.get("model_uri") == ref.uri else None
         self._failed_error = str(saved.get("failed_error") or "refused") if self._failed_version else ""
