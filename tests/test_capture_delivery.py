@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
 from arachne_mlflow.capture import load_samples
 from arachne_mlflow.capture.runs import CaptureRuns
@@ -30,11 +31,12 @@ from arachne_mlflow.server.pull.capture_upload import CaptureUploader, UploadSet
 from arachne_mlflow.server.pull.registry_client import RegistryClient
 from arachne_mlflow.server.pull.throttle import TokenBucket
 from arachne_mlflow.server.store import ModelStore
-from tests.helpers.mlflow_server import MlflowServer
+from tests.helpers.mlflow_server import ADMIN, MlflowServer
 from tests.helpers.servers import ServerProcess
 
 NO_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 DAY = 86400.0
+CAPTURE_USER, OTHER_USER = ("capture-device", "capture-password-123"), ("other-user", "other-password-123")
 T0 = 1_780_000_000.0  # a fixed UTC moment (2026-05-28), so days and ranges are the same on every run
 
 
@@ -227,3 +229,44 @@ def test_load_samples_returns_arrays_equal_to_what_was_sent_filtered_by_device_t
     assert list(frame.columns) == ["x", "tag", "output.y", "timestamp", "device", "version"] and len(frame) == 10
     np.testing.assert_array_equal(np.stack(frame["x"].to_list()), np.concatenate([s.inputs["x"] for s in sent[:10]]))
     assert str(frame["timestamp"].dt.tz) == "UTC"
+
+
+# -- least privilege ---------------------------------------------------------------------------------
+def test_a_device_user_with_edit_on_the_capture_experiment_only_delivers_and_one_without_keeps_its_spool(tmp_path):
+    server = MlflowServer(tmp_path / "mlflow", basic_auth=True).start()
+    try:
+        admin = requests.Session()
+        admin.auth = ADMIN
+        answer = admin.post(f"{server.url}/api/2.0/mlflow/experiments/create", json={"name": capture_runs.EXPERIMENT})
+        experiment = answer.json()["experiment_id"]
+        for user in (CAPTURE_USER, OTHER_USER):
+            body = {"username": user[0], "password": user[1]}
+            assert admin.post(f"{server.url}/api/2.0/mlflow/users/create", json=body).status_code == 200
+        grant = {"username": CAPTURE_USER[0], "resource_type": "experiment", "resource_id": experiment}
+        answer = admin.post(f"{server.url}/api/3.0/mlflow/users/permissions/grant", json=grant | {"permission": "EDIT"})
+        assert answer.status_code == 200, answer.text
+
+        store = ModelStore(tmp_path / "store")
+        spool = store.root / CAPTURE_DIR / "det"
+        written = _write_spool(spool, _unique("cam"), [3, 1], T0)
+        registered = _unique("detector")
+
+        def uploader(user):
+            registry = RegistryClient.from_env(
+                {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": user[0]}
+                | {"MLFLOW_TRACKING_PASSWORD": user[1]}
+            )
+            return CaptureUploader("det", registered, store, registry, tmp_path, settings=UploadSettings())
+
+        assert uploader(OTHER_USER).deliver() is False  # 403: nothing written, nothing deleted
+        assert (spool / segment_name(1)).is_file()
+        assert uploader(CAPTURE_USER).deliver() is False and not (spool / segment_name(1)).exists()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+            patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
+            delivered = load_samples(registered, as_="samples", client=_client(server.url))
+        assert Counter(map(_key, delivered)) == Counter(map(_key, written[:3]))
+        models = requests.get(f"{server.url}/api/2.0/mlflow/registered-models/search", auth=CAPTURE_USER, timeout=30)
+        assert models.status_code == 200 and not models.json().get("registered_models")  # (it sees no model)
+    finally:
+        server.stop()
