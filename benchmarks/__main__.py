@@ -30,6 +30,7 @@ SUITES = [
     "signing",
     "profile",
     "pull",
+    "capture",
 ]
 OPTIONAL_SUITES = ["peers"]
 

@@ -198,6 +198,14 @@ class DeviceClient:
         self._input_names.pop(name, None)
         self._send("DELETE", f"/v2/repository/models/{_quote(name)}")
 
+    def capture_rules(self, name: str) -> dict[str, Any]:
+        """The field-capture rules in force for `name` on the device: `{"model", "source", "rules"}`."""
+        return self._send("GET", f"/v2/repository/models/{_quote(name)}/capture").json()
+
+    def set_capture_rules(self, name: str, rules: Mapping[str, Any]) -> dict[str, Any]:
+        """Set the device's field-capture rules for `name` (`{}`: off; docs/capture.md)."""
+        return self._send("PUT", f"/v2/repository/models/{_quote(name)}/capture", json=dict(rules)).json()
+
     def load_model(self, name: str) -> None:
         self._send("POST", f"/v2/repository/models/{_quote(name)}/load", data=b"{}", timeout=self.upload_timeout)
 

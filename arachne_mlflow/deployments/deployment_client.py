@@ -18,6 +18,7 @@ from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST
 
 from arachne_mlflow.deployments import operations
+from arachne_mlflow.deployments.capture import set_capture
 from arachne_mlflow.deployments.converge import on_devices, read_device
 from arachne_mlflow.deployments.desired_state import DesiredState
 from arachne_mlflow.deployments.errors import DeploymentError, user_errors
@@ -192,6 +193,10 @@ class ArachneJetsonDeploymentClient(BaseDeploymentClient):
             outcome = operations.push(action, name, model_uri, self.target, devices, options, state, existing, whole)
         except ArachneError as err:
             raise DeploymentError(f"cannot deploy {model_uri}: {err}") from err
+        if options.capture is not None:
+            outcome.results = set_capture(
+                outcome.results, options.connection, name, options.capture, options.workers(len(devices))
+            )
         self._finish(outcome, options)
         return {
             "name": name,

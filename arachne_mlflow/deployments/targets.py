@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from arachne_mlflow.deployments.capture import capture_setting
 from arachne_mlflow.deployments.strategy import ROLLOUT_KEYS, Strategy, strategy_of
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.fleet.connection import CONNECTION_KEYS, Connection, connection_of, flag
@@ -36,6 +37,7 @@ FLEET_KEYS = (
     "forget",
     "variants",
     "trust_keys",
+    "capture",
 )
 MAX_ORDER = 16  # names in -C variants (a model holds at most as many variants: model/directory.py)
 
@@ -60,6 +62,7 @@ class Settings:
     strategy: Strategy = field(default_factory=Strategy)  # batches, canary, health gate (strategy.py)
     variants: tuple[str, ...] | None = None  # -C variants=a,b: the deployment's order of a model's variants
     trust_keys: tuple[str, ...] = ()  # -C trust_keys=a.pub,keys/: verify before pushing (over the fleet file's)
+    capture: dict[str, Any] | None = None  # -C capture=...: field-capture rules set after install ({}: off)
 
     def workers(self, devices: int) -> int:
         return max(1, self.parallel or min(devices, MAX_DEFAULT_PARALLEL))
@@ -127,6 +130,7 @@ def settings(config: Mapping[str, Any] | None) -> Settings:
         strategy=strategy_of(config),
         variants=variant_order(config.get("variants")),
         trust_keys=tuple(p.strip() for p in str(config.get("trust_keys") or "").split(",") if p.strip()),
+        capture=capture_setting(config.get("capture")),
     )
 
 

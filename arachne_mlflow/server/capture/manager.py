@@ -55,7 +55,7 @@ class Capture:
         self.root = Path(store_root) / CAPTURE_DIR
         self.device = device or platform.node()
         self.counts = CaptureCounts()
-        self.queue = queue or SampleQueue()
+        self.queue = queue if queue is not None else SampleQueue()
         self._model_rules = model_rules
         self._check_installed = check_installed
         self._seed = seed
