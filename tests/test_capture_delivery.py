@@ -198,7 +198,7 @@ def test_capture_pull_drains_a_pushed_device_into_the_same_runs(tmp_path, mlflow
 
 
 def test_load_samples_returns_arrays_equal_to_what_was_sent_filtered_by_device_time_and_version(
-    tmp_path, mlflow_server
+    tmp_path, mlflow_server, tracking_server
 ):
     client = _client(mlflow_server)
     registered = _unique("detector")
@@ -229,6 +229,18 @@ def test_load_samples_returns_arrays_equal_to_what_was_sent_filtered_by_device_t
     assert list(frame.columns) == ["x", "tag", "output.y", "timestamp", "device", "version"] and len(frame) == 10
     np.testing.assert_array_equal(np.stack(frame["x"].to_list()), np.concatenate([s.inputs["x"] for s in sent[:10]]))
     assert str(frame["timestamp"].dt.tz) == "UTC"
+
+    import mlflow  # the frame as mlflow.models.evaluate takes it: one row per sample, arrays in cells
+
+    frame["label"] = [float(y[0]) for y in frame["output.y"]]
+    with mlflow.start_run():
+        result = mlflow.models.evaluate(
+            model=lambda rows: np.array([2.0 * x[0] for x in rows["x"]]),
+            data=frame[["x", "label"]],
+            targets="label",
+            model_type="regressor",
+        )
+    assert result.metrics["example_count"] == 10 and result.metrics["max_error"] == 0.0
 
 
 # -- least privilege ---------------------------------------------------------------------------------
