@@ -7,6 +7,7 @@ here with the capture format's own encoder, as a device's capture writer writes 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -244,7 +245,9 @@ def test_load_samples_returns_arrays_equal_to_what_was_sent_filtered_by_device_t
 
 
 # -- least privilege ---------------------------------------------------------------------------------
-def test_a_device_user_with_edit_on_the_capture_experiment_only_delivers_and_one_without_keeps_its_spool(tmp_path):
+def test_a_device_user_with_edit_on_the_capture_experiment_only_delivers_and_one_without_keeps_its_spool(
+    tmp_path, caplog
+):
     server = MlflowServer(tmp_path / "mlflow", basic_auth=True).start()
     try:
         admin = requests.Session()
@@ -270,7 +273,9 @@ def test_a_device_user_with_edit_on_the_capture_experiment_only_delivers_and_one
             )
             return CaptureUploader("det", registered, store, registry, tmp_path, settings=UploadSettings())
 
-        assert uploader(OTHER_USER).deliver() is False  # 403: nothing written, nothing deleted
+        with caplog.at_level(logging.WARNING):
+            assert uploader(OTHER_USER).deliver() is False  # nothing written, nothing deleted
+        assert "403" in caplog.text and "stays in the spool" in caplog.text
         assert (spool / segment_name(1)).is_file()
         assert uploader(CAPTURE_USER).deliver() is False and not (spool / segment_name(1)).exists()
         with pytest.MonkeyPatch.context() as patch:
