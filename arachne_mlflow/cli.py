@@ -104,6 +104,12 @@ def _profile(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _capture(args: argparse.Namespace) -> int:
+    from arachne_mlflow.capture.commands import run
+
+    return run(args)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from arachne_mlflow.server.main import serve
 
@@ -159,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     from arachne_mlflow.profiling.commands import add_parser as add_profile
 
     add_profile(commands, _profile)
+    from arachne_mlflow.capture.commands import add_parser as add_capture
+
+    add_capture(commands, _capture)
     return parser
 
 

@@ -102,6 +102,8 @@ class Dataplane:
         self.repository = Repository(store, self.metrics, self.run_blocking, settings.follow, self._forget)
         self.shared_memory = SharedMemoryRegistry(settings.shm_regions, settings.shm_max_bytes)
         self.capture = Capture(store.root, self._capture_rules, store.record)  # field samples (server/capture/)
+        if settings.follow is not None:  # a pulling device delivers its samples on the follower's loop
+            settings.follow.capture = self.capture
         self.metrics.registry.register(self.capture.counts)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

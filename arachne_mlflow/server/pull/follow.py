@@ -47,6 +47,7 @@ from arachne_mlflow.errors import (
 )
 from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.metrics import Metrics
+from arachne_mlflow.server.pull.capture_upload import CaptureUploader
 from arachne_mlflow.server.pull.install import install_version
 from arachne_mlflow.server.pull.registry_client import ModelRef, ModelVersion, RegistryClient
 from arachne_mlflow.server.pull.report import RunReporter
@@ -71,6 +72,7 @@ class FollowConfig:
     interval: float = DEFAULT_INTERVAL
     device: str = field(default_factory=socket.gethostname)
     spread: float | None = None  # seconds over which downloads are spread (None: half the interval)
+    capture: Any = None  # the server's field capture (server/capture/): its spools are delivered (capture_upload.py)
 
 
 def parse_follows(values: list[str]) -> dict[str, ModelRef]:
@@ -98,7 +100,15 @@ def start_followers(config: FollowConfig, store: ModelStore, metrics: Metrics) -
     spread = interval / 2 if config.spread is None else config.spread
     followers = {  # (a registry client each: a requests session is not meant for many threads)
         name: Follower(
-            name, ref, store, config.registry.clone(), metrics, interval=interval, device=device, spread=spread
+            name,
+            ref,
+            store,
+            config.registry.clone(),
+            metrics,
+            interval=interval,
+            device=device,
+            spread=spread,
+            capture=config.capture,
         )
         for name, ref in config.follows.items()
     }
@@ -121,6 +131,7 @@ class Follower:
         interval: float = DEFAULT_INTERVAL,
         device: str,
         spread: float = 0.0,
+        capture: Any = None,
     ):
         if not interval > 0:
             raise InvalidInputError(f"the follow interval must be positive, not {interval}")
@@ -142,6 +153,7 @@ class Follower:
         )
         self._logged_error = ""
         self._record = RunReporter(name, device, ref.registered_model, registry, self.directory)
+        self._capture = CaptureUploader(name, ref.registered_model, store, registry, self.directory, capture)
         saved = self._load_state()
         self._failed_version: str | None = saved.get("failed_version") if saved.get("model_uri") == ref.uri else None
         self._failed_error = str(saved.get("failed_error") or "refused") if self._failed_version else ""
@@ -187,7 +199,7 @@ class Follower:
 
     def _pass(self) -> reconcile.Outcome:
         """One check; an unreachable tracking server is a transient failure (the loop backs off)."""
-        return reconcile.RETRY if self.check() else reconcile.DONE
+        return reconcile.RETRY if self.check() or self._capture.deliver() else reconcile.DONE
 
     def _unexpected(self, err: Exception, delay: float) -> None:
         """A bug must not end following: logged with its traceback, retried after the back-off."""
