@@ -26,7 +26,7 @@ from arachne_mlflow.capture import load_samples
 from arachne_mlflow.capture.runs import CaptureRuns
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.protocol import capture_runs
-from arachne_mlflow.protocol.capture_format import Sample, encode_sample, iter_samples, segment_name
+from arachne_mlflow.protocol.capture_format import Sample, closed_segments, encode_sample, iter_samples, segment_name
 from arachne_mlflow.server.capture.manager import CAPTURE_DIR
 from arachne_mlflow.server.pull.capture_upload import CaptureUploader, UploadSettings
 from arachne_mlflow.server.pull.registry_client import RegistryClient
@@ -34,6 +34,8 @@ from arachne_mlflow.server.pull.throttle import TokenBucket
 from arachne_mlflow.server.store import ModelStore
 from tests.helpers.mlflow_server import ADMIN, MlflowServer
 from tests.helpers.servers import ServerProcess
+from tests.test_pull import _register as register_version
+from tests.test_pull import pull_models  # noqa: F401 (a fixture)
 
 NO_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 DAY = 86400.0
@@ -120,6 +122,45 @@ def test_an_offline_device_keeps_its_spool_and_delivers_it_once_when_the_server_
     assert arrays.inputs["tag"].ravel().tolist() == [f"s{float(v)}" for v in range(9)]
     np.testing.assert_array_equal(arrays.outputs["y"], np.concatenate([s.outputs["y"] for s in closed]))
     assert set(arrays.versions) == {capture_runs.UNKNOWN}  # (the device stores no model det: no provenance)
+
+
+def test_a_pulling_device_captures_what_it_serves_offline_and_delivers_it_once_when_back(
+    tmp_path,
+    pull_models,  # noqa: F811
+):
+    """End to end: real requests to a following device, captured while the tracking server is down,
+    delivered once it is back, loaded as the arrays that were sent, under the device's name and version."""
+    dirs, _ = pull_models
+    tracking = MlflowServer(tmp_path / "mlflow").start()
+    client, registered, device_name = _client(tracking.url), _unique("detector"), _unique("cam")
+    version = register_version(client, registered, dirs["v1"])
+    client.set_registered_model_alias(registered, "prod", version)
+    store = tmp_path / "store"
+    args = ["--follow", f"det=models:/{registered}@prod", "--follow-interval", "0.5", "--device-name", device_name]
+    device = ServerProcess(store, extra_args=args, env=_environment(tracking.url)).start()
+    spool, sent = store / CAPTURE_DIR / "det", []
+    try:
+        _wait(lambda: requests.get(f"{device.url}/v2/models/det/ready", timeout=10).status_code == 200, 180)
+        put = requests.put(f"{device.url}/v2/repository/models/det/capture", json={"rate": 1.0}, timeout=30)
+        assert put.status_code == 200, put.text
+        tracking.stop()  # the device is offline from here on
+        for i in range(12):
+            x = np.full((2, 4), float(i), np.float32)
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": x.ravel().tolist()}]}
+            assert requests.post(f"{device.url}/v2/models/det/infer", json=body, timeout=30).status_code == 200
+            sent.append(x)
+        assert requests.post(f"{device.url}/v2/capture/det/rollover", timeout=30).json()["closed"]
+        time.sleep(2)  # several checks against the stopped tracking server: the spool stays
+        assert closed_segments(spool)
+        tracking.start()
+        _wait(lambda: not closed_segments(spool), timeout=180)
+        arrays = load_samples(registered, devices=[device_name], client=client)
+    finally:
+        device.stop()
+        client.delete_registered_model(registered)
+        tracking.stop()
+    assert len(arrays) == 12 and set(arrays.versions) == {version} and set(arrays.devices) == {device_name}
+    np.testing.assert_array_equal(arrays.inputs["x"], np.concatenate(sent))
 
 
 def test_an_upload_cut_mid_way_is_sent_again_and_stored_once(tmp_path, mlflow_server):

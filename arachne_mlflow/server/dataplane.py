@@ -101,7 +101,8 @@ class Dataplane:
         self._benchmarks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arachne-benchmark")
         self.repository = Repository(store, self.metrics, self.run_blocking, settings.follow, self._forget)
         self.shared_memory = SharedMemoryRegistry(settings.shm_regions, settings.shm_max_bytes)
-        self.capture = Capture(store.root, self._capture_rules, store.record)  # field samples (server/capture/)
+        # field samples (server/capture/), named by the device name its records use
+        self.capture = Capture(store.root, self._capture_rules, store.record, device=settings.device_name)
         if settings.follow is not None:  # a pulling device delivers its samples on the follower's loop
             settings.follow.capture = self.capture
         self.metrics.registry.register(self.capture.counts)

@@ -227,6 +227,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         trust_keys=_trust_keys(args),
         shm_regions=_non_negative("--shm-regions", args.shm_regions),
         shm_max_bytes=_non_negative("--shm-max-mb", args.shm_max_mb) * 1024**2,
+        device_name=args.device_name,
     )
 
 

@@ -55,6 +55,7 @@ class ServerSettings:
     trust_keys: tuple[TrustedKey, ...] = ()  # `--trust-key`: every installed version must be signed by one
     shm_regions: int = 0  # `--shm-regions`: 0 = the shared memory extension is off
     shm_max_bytes: int = DEFAULT_SHM_MAX_BYTES
+    device_name: str | None = None  # `--device-name`: how its records and field samples name it (None: host name)
 
     def __post_init__(self) -> None:
         # (`create_app`'s keywords may leave these out as None: the defaults then)
