@@ -29,13 +29,14 @@ def add_parser(commands: argparse._SubParsersAction, handler: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from arachne_mlflow.capture.pull import pull, render
+    from arachne_mlflow.deployments.targets import config_pairs
 
     if not args.max_segment_mb > 0:
         raise InvalidInputError("--max-segment-mb must be more than 0")
     results = pull(
         args.target,
         args.model,
-        config=_config(args.config),
+        config=config_pairs(args.config),
         registered_model=args.registered_model,
         rollover=args.rollover,
         max_bps=args.max_bps,
@@ -43,13 +44,3 @@ def run(args: argparse.Namespace) -> int:
     )
     print(render(results))
     return 1 if any(result.error for result in results) else 0
-
-
-def _config(pairs: list[str]) -> dict[str, str]:
-    config = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidInputError(f"-C takes key=value, got {pair!r}")
-        config[key.strip()] = value
-    return config

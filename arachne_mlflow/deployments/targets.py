@@ -95,6 +95,17 @@ def target_of(target_uri: str) -> str:
     return ",".join(target_parts(target_uri))
 
 
+def config_pairs(pairs: list[str]) -> dict[str, str]:
+    """The CLI's `-C key=value` flags as the config dict MLflow's own CLI would give the plugin."""
+    config = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"-C takes key=value, got {pair!r}")
+        config[key.strip()] = value
+    return config
+
+
 def settings(config: Mapping[str, Any] | None) -> Settings:
     """The settings of one command from `config` (`-C key=value`, strings) and the environment.
 

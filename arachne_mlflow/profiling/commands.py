@@ -34,6 +34,7 @@ def add_parser(commands: argparse._SubParsersAction, handler: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from arachne_mlflow.deployments.targets import config_pairs
     from arachne_mlflow.profiling.measure import Plan
     from arachne_mlflow.profiling.profile import check_plan, profile_model
     from arachne_mlflow.profiling.table import render
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     result = profile_model(
         args.model_uri,
         args.target,
-        config=_config(args.config),
+        config=config_pairs(args.config),
         plan=plan,
         every_device=args.every_device,
         data=_read_data(args.data),
@@ -55,16 +56,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print(render(result))
     return 1 if result.failed else 0
-
-
-def _config(pairs: list[str]) -> dict[str, str]:
-    config = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidInputError(f"-C takes key=value, got {pair!r}")
-        config[key.strip()] = value
-    return config
 
 
 def _read_data(path: str | None) -> Any:
