@@ -383,3 +383,15 @@ def test_delivery_streams_a_segment_and_never_holds_it_in_memory(tmp_path, mlflo
         device.stop()
     assert results[0].error is None and (results[0].segments, results[0].samples) == (1, pushed) and count
     assert peak < size / 4, f"{peak} bytes held for a {size}-byte segment"
+
+
+def test_a_segments_summary_names_the_same_run_as_its_samples(tmp_path):
+    """The summary keeps the first sample and the first of each other revision, without tensors."""
+    path = tmp_path / segment_name(1)
+    samples = [_sample("cam", T0 + i, float(i), version=str(1 + i // 3)) for i in range(7)]  # revisions 1, 2, 3
+    path.write_bytes(b"".join(map(encode_sample, samples)) + b"ACP1torn")
+    summary = capture_runs.summarize_segment(path)
+    assert summary.count == 7 and [s.revision for s in summary.heads] == ["1", "2", "3"]
+    assert all(not s.inputs and not s.outputs for s in summary.heads) and summary.heads[0].timestamp == T0
+    origin = {"1": ("det-model", "4"), "2": ("det-model", "5"), "3": ("other", "9")}
+    assert capture_runs.segment_tags(summary.heads, origin, "x") == capture_runs.segment_tags(samples, origin, "x")
