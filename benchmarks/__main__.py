@@ -32,6 +32,7 @@ SUITES = [
     "pull",
     "shm",
     "capture",
+    "capture_upload",
 ]
 OPTIONAL_SUITES = ["peers"]
 

@@ -328,3 +328,70 @@ def test_a_device_user_with_edit_on_the_capture_experiment_only_delivers_and_one
         assert models.status_code == 200 and not models.json().get("registered_models")  # (it sees no model)
     finally:
         server.stop()
+
+
+# -- memory ------------------------------------------------------------------------------------------
+def _big_spool(spool: Path, device: str, megabytes: int) -> int:
+    """One closed segment of about `megabytes` MB of MobileNet-sized samples (then the open one); its count."""
+    spool.mkdir(parents=True, exist_ok=True)
+    x, y = np.zeros((1, 224, 224, 3), np.float32), np.zeros((1, 1000), np.float32)
+    count = megabytes * 1024**2 // (x.nbytes + y.nbytes)
+    with open(spool / segment_name(1), "wb") as file:
+        for i in range(count):
+            x[0, 0, 0, 0] = i
+            file.write(encode_sample(Sample("det", "1", device, T0 + i, {"x": x}, {"y": y})))
+    (spool / segment_name(2)).write_bytes(b"")
+    return count
+
+
+def _traced_peak(call) -> int:
+    """The most memory Python and numpy held at once during `call()`, above what they held before."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        call()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_delivery_streams_a_segment_and_never_holds_it_in_memory(tmp_path, mlflow_server):
+    """A 64 MB segment goes from a pulling device, and a 32 MB one from a pushed device through the host,
+    while the process holds at most a quarter of it at once (the samples and the body are read piecewise)."""
+    store = ModelStore(tmp_path / "store")
+    spool = store.root / CAPTURE_DIR / "det"
+    count = _big_spool(spool, _unique("cam"), 64)
+    size = (spool / segment_name(1)).stat().st_size
+    uploader = CaptureUploader("det", _unique("detector"), store, RegistryClient(mlflow_server), tmp_path)
+    peak = _traced_peak(lambda: uploader.deliver())
+    assert not (spool / segment_name(1)).exists() and peak < size / 4, f"{peak} bytes held for a {size}-byte segment"
+
+    from arachne_mlflow.capture.pull import pull
+
+    device = ServerProcess(tmp_path / "pushed").start()
+    try:
+        pushed = _big_spool(tmp_path / "pushed" / CAPTURE_DIR / "det", _unique("cam"), 32)
+        size = (tmp_path / "pushed" / CAPTURE_DIR / "det" / segment_name(1)).stat().st_size
+        results = []
+        client = _client(mlflow_server)
+        target = device.url.split("//")[1]
+        peak = _traced_peak(lambda: results.extend(pull(target, ["det"], registered_model="d", client=client)))
+    finally:
+        device.stop()
+    assert results[0].error is None and (results[0].segments, results[0].samples) == (1, pushed) and count
+    assert peak < size / 4, f"{peak} bytes held for a {size}-byte segment"
+
+
+def test_a_segments_summary_names_the_same_run_as_its_samples(tmp_path):
+    """The summary keeps the first sample and the first of each other revision, without tensors."""
+    path = tmp_path / segment_name(1)
+    samples = [_sample("cam", T0 + i, float(i), version=str(1 + i // 3)) for i in range(7)]  # revisions 1, 2, 3
+    path.write_bytes(b"".join(map(encode_sample, samples)) + b"ACP1torn")
+    summary = capture_runs.summarize_segment(path)
+    assert summary.count == 7 and [s.revision for s in summary.heads] == ["1", "2", "3"]
+    assert all(not s.inputs and not s.outputs for s in summary.heads) and summary.heads[0].timestamp == T0
+    origin = {"1": ("det-model", "4"), "2": ("det-model", "5"), "3": ("other", "9")}
+    assert capture_runs.segment_tags(summary.heads, origin, "x") == capture_runs.segment_tags(samples, origin, "x")

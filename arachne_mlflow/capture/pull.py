@@ -19,7 +19,6 @@ from arachne_mlflow.capture.runs import CaptureRuns
 from arachne_mlflow.errors import ArachneError, InvalidInputError, ModelNotFoundError
 from arachne_mlflow.fleet.device import SCHEME, Device
 from arachne_mlflow.protocol import capture_runs
-from arachne_mlflow.protocol.capture_format import iter_samples
 
 DEFAULT_MAX_SEGMENT_BYTES = 1024**3
 
@@ -81,14 +80,14 @@ def _drain(routes: DeviceSegments, runs: CaptureRuns, model: str, registered: st
     for name in routes.closed(model):
         with tempfile.TemporaryDirectory(prefix="arachne-capture-") as temporary:
             segment = routes.download(model, name, Path(temporary))
-            samples = list(iter_samples(segment))
-            if samples:
-                runs.store(runs.run_for(samples, origin, registered), model, segment)
+            summary = capture_runs.summarize_segment(segment)  # (one sample at a time: never all in memory)
+            if summary.count:
+                runs.store(runs.run_for(summary.heads, origin, registered), model, segment)
             routes.delete(model, name)
             out.segments, out.bytes, out.samples = (
                 out.segments + 1,
                 out.bytes + segment.stat().st_size,
-                out.samples + len(samples),
+                out.samples + summary.count,
             )
 
 

@@ -18,11 +18,13 @@ use this module, which imports no MLflow.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from arachne_mlflow.errors import InvalidInputError
-from arachne_mlflow.protocol.capture_format import SEGMENT_PATTERN, Sample
+from arachne_mlflow.protocol.capture_format import SEGMENT_PATTERN, Sample, iter_samples
 
 EXPERIMENT = "arachne-capture"
 DEVICE, MODEL, DAY = "arachne.capture.device", "arachne.capture.model", "arachne.capture.day"
@@ -50,6 +52,27 @@ def origins(record: dict[str, Any] | None) -> dict[str, tuple[str, str]]:
         if isinstance(registered, str) and registered and isinstance(version, (str, int)) and str(version):
             found[str(kept["revision"])] = (registered, str(version))
     return found
+
+
+@dataclass(frozen=True)
+class SegmentSummary:
+    """What a segment's run is named from, without its tensors: its first sample and the first of each
+    other revision in it (`segment_tags` gives them the tags it gives the whole segment), and its count."""
+
+    heads: list[Sample]
+    count: int
+
+
+def summarize_segment(path: Path | str) -> SegmentSummary:
+    """A segment's `SegmentSummary`, read one sample at a time, so that delivery never holds a segment's
+    samples in memory (a record this reader cannot decode raises, as `iter_samples` does)."""
+    heads: dict[str, Sample] = {}
+    count = 0
+    for sample in iter_samples(path):
+        count += 1
+        if sample.revision not in heads:
+            heads[sample.revision] = replace(sample, inputs={}, outputs={})
+    return SegmentSummary(list(heads.values()), count)
 
 
 def segment_tags(

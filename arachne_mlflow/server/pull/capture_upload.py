@@ -33,7 +33,7 @@ from arachne_mlflow.errors import (
     RegistryUnavailableError,
 )
 from arachne_mlflow.protocol import capture_runs
-from arachne_mlflow.protocol.capture_format import closed_segments, iter_samples
+from arachne_mlflow.protocol.capture_format import closed_segments
 from arachne_mlflow.server.capture.manager import CAPTURE_DIR
 from arachne_mlflow.server.pull.capture_client import CaptureClient
 from arachne_mlflow.server.pull.registry_client import RegistryClient
@@ -110,13 +110,14 @@ class CaptureUploader:
         return False
 
     def deliver_segment(self, segment: Path) -> None:
-        """Upload one closed segment, confirm it, delete it (a segment without a whole record goes too)."""
-        samples = list(iter_samples(segment))
-        if not samples:
+        """Upload one closed segment, confirm it, delete it (a segment without a whole record goes too).
+        Its bytes stream from the file to the socket: neither the segment nor its samples are held in memory."""
+        summary = capture_runs.summarize_segment(segment)
+        if not summary.count:
             _logger.warning("capture %s: %s holds no whole record: removed", self.model, segment.name)
             self._delete(segment)
             return
-        run_id, root = self._run_of(segment.name, samples)
+        run_id, root = self._run_of(segment.name, summary.heads)
         size = segment.stat().st_size
         directory = f"{root}/{capture_runs.artifact_dir(self.model)}"
         with open(segment, "rb") as file:
@@ -129,15 +130,16 @@ class CaptureUploader:
         self._delete(segment)
         self._remember(segment.name, None)
         if self.capture is not None:
-            self.capture.uploaded(self.model, len(samples))
-        _logger.info("capture %s: %s (%d samples) delivered to run %s", self.model, segment.name, len(samples), run_id)
+            self.capture.uploaded(self.model, summary.count)
+        _logger.info("capture %s: %s (%d samples) delivered to run %s", self.model, segment.name, summary.count, run_id)
         self._warned = ""
 
     def _seconds(self, size: int) -> float:
         return MIN_UPLOAD_SECONDS + (2 * size / self.settings.max_bps if self.settings.max_bps else 0.0)
 
     def _run_of(self, segment: str, samples: list) -> tuple[str, str]:
-        """The run (id, artifact root) a segment goes to: the one it went to before, else its key's."""
+        """The run (id, artifact root) a segment goes to: the one it went to before, else its key's
+        (`samples`: the segment's, or its summary's heads)."""
         sent = self._load_in_flight().get(segment)
         if sent is not None:
             return sent, self.client.artifact_root(sent)
