@@ -34,6 +34,7 @@ from arachne_mlflow.server.pull.throttle import TokenBucket
 from arachne_mlflow.server.store import ModelStore
 from tests.helpers.mlflow_server import ADMIN, MlflowServer
 from tests.helpers.servers import ServerProcess
+from tests.helpers.waiting import wait_for
 from tests.test_pull import _register as register_version
 from tests.test_pull import pull_models  # noqa: F401 (a fixture)
 
@@ -75,17 +76,6 @@ def _client(url: str):
     return MlflowClient(url)
 
 
-def _wait(condition, timeout: float = 120.0):
-    """The first truthy value of `condition()`; fails after `timeout` seconds (a bound that only catches hangs)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-
-
 def _environment(tracking_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     environment = {k: v for k, v in os.environ.items() if k not in NO_CREDENTIALS}
     return {**environment, "MLFLOW_TRACKING_URI": tracking_url, **(extra or {})}
@@ -110,7 +100,7 @@ def test_an_offline_device_keeps_its_spool_and_delivers_it_once_when_the_server_
         time.sleep(3)  # several checks, every one against a stopped tracking server
         assert sorted(p.name for p in spool.iterdir()) == [segment_name(n) for n in (1, 2, 3, 4)]
         tracking.start()
-        _wait(lambda: sorted(p.name for p in spool.iterdir()) == [segment_name(4)], timeout=180)
+        wait_for(lambda: sorted(p.name for p in spool.iterdir()) == [segment_name(4)], timeout=180)
     finally:
         device.stop()
         tracking_client = _client(tracking.url)
@@ -140,7 +130,7 @@ def test_a_pulling_device_captures_what_it_serves_offline_and_delivers_it_once_w
     device = ServerProcess(store, extra_args=args, env=_environment(tracking.url)).start()
     spool, sent = store / CAPTURE_DIR / "det", []
     try:
-        _wait(lambda: requests.get(f"{device.url}/v2/models/det/ready", timeout=10).status_code == 200, 180)
+        wait_for(lambda: requests.get(f"{device.url}/v2/models/det/ready", timeout=10).status_code == 200, 180)
         put = requests.put(f"{device.url}/v2/repository/models/det/capture", json={"rate": 1.0}, timeout=30)
         assert put.status_code == 200, put.text
         tracking.stop()  # the device is offline from here on
@@ -153,7 +143,7 @@ def test_a_pulling_device_captures_what_it_serves_offline_and_delivers_it_once_w
         time.sleep(2)  # several checks against the stopped tracking server: the spool stays
         assert closed_segments(spool)
         tracking.start()
-        _wait(lambda: not closed_segments(spool), timeout=180)
+        wait_for(lambda: not closed_segments(spool), timeout=180)
         arrays = load_samples(registered, devices=[device_name], client=client)
     finally:
         device.stop()

@@ -41,6 +41,7 @@ from arachne_mlflow.server.store import ModelStore
 from tests.helpers import models
 from tests.helpers.mlflow_server import ADMIN, MlflowServer
 from tests.helpers.servers import ServerProcess, free_port
+from tests.helpers.waiting import wait_for
 
 DEVICE = "cam-test"
 X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
@@ -171,7 +172,7 @@ def test_a_followed_model_is_the_registrys_and_its_status_says_why_it_waits(tmp_
     registry = RegistryClient(f"http://127.0.0.1:{free_port()}")
     follow = FollowConfig({"det": ModelRef("detector", alias="prod")}, registry, interval=0.2, device=DEVICE)
     with TestClient(create_app(str(tmp_path / "store"), follow=follow)) as client:
-        metrics = _wait(lambda: _metric(client.get("/metrics").text, "arachne_follow_failures_total", "check"))
+        metrics = wait_for(lambda: _metric(client.get("/metrics").text, "arachne_follow_failures_total", "check"))
         assert metrics >= 1
         answer = client.get("/v2/repository/models/det")
         error = answer.json()["error"]
@@ -267,17 +268,6 @@ def _unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def _wait(condition, timeout: float = 120.0):
-    """The first truthy value of `condition()`; fails after `timeout` seconds (a bound that only catches hangs)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def _record(device, name="det"):
     answer = requests.get(f"{device.url}/v2/repository/models/{name}", timeout=10)
     return answer.json() if answer.status_code == 200 else None
@@ -361,15 +351,15 @@ def test_moving_the_alias_rolls_the_device_within_one_interval(mlflow_server, pu
     interval = 2.0
     follows = (f"det=models:/{registered}@prod", f"pinned=models:/{registered}/{v1}")  # an alias, a version
     device = start_device(mlflow_server, *follows, interval=interval)
-    _wait(lambda: _rolled(device, v1) and _rolled(device, v1, "pinned"))
+    wait_for(lambda: _rolled(device, v1) and _rolled(device, v1, "pinned"))
     np.testing.assert_allclose(_infer(device), expected["v1"], rtol=1e-6)
-    _wait(lambda: _device_record(client, registered) == {"version": v1, **_entry("deployed", 1)})  # after "pulling"
+    wait_for(lambda: _device_record(client, registered) == {"version": v1, **_entry("deployed", 1)})  # after "pulling"
 
     moved = time.monotonic()
     client.set_registered_model_alias(registered, "prod", v2)
-    _wait(lambda: _follow(device).get("latest_version") == v2)
+    wait_for(lambda: _follow(device).get("latest_version") == v2)
     assert time.monotonic() - moved < interval + 5  # seen at the next check (the margin covers a loaded machine)
-    _wait(lambda: _rolled(device, v2))
+    wait_for(lambda: _rolled(device, v2))
     np.testing.assert_allclose(_infer(device), expected["v2"], rtol=1e-6)
 
     record = _record(device)
@@ -378,7 +368,7 @@ def test_moving_the_alias_rolls_the_device_within_one_interval(mlflow_server, pu
     follow = record["follow"]
     assert follow["state"] == "following" and follow["version"] == v2 and follow["last_error"] is None
     assert follow["model_uri"] == f"models:/{registered}@prod" and follow["last_success"]
-    _wait(lambda: _device_record(client, registered) == {"version": v2, **_entry("deployed", 2)})
+    wait_for(lambda: _device_record(client, registered) == {"version": v2, **_entry("deployed", 2)})
     assert _device_record(client, registered, device="cam-other") == {
         "version": v2,
         **_entry("deployed", 4),
@@ -406,7 +396,7 @@ def test_a_push_to_a_following_device_leaves_it_to_pull(tracking_server, pull_mo
     v1, v2 = _register(client, registered, dirs["v1"]), _register(client, registered, dirs["v2"])
     client.set_registered_model_alias(registered, "prod", v1)
     device = start_device(tracking_server, f"{name}=models:/{registered}@prod", interval=60.0)  # no check meanwhile
-    _wait(lambda: _rolled(device, v1, name))
+    wait_for(lambda: _rolled(device, v1, name))
     deploy = get_deploy_client(f"arachne-jetson://127.0.0.1:{device.port}")
     states = lambda result: [d["state"] for d in result["devices"]]  # noqa: E731
     # a fleet of pulling devices is recorded with `create`, as docs/deployments.md says
@@ -434,7 +424,7 @@ def test_a_version_that_fails_leaves_the_old_one_serving_is_reported_and_not_ret
     v1 = _register(client, registered, dirs["v1"])
     client.set_registered_model_alias(registered, "prod", v1)
     device = start_device(mlflow_server, f"det=models:/{registered}@prod", extra=["--max-upload-mb", "1"])
-    _wait(lambda: _rolled(device, v1))
+    wait_for(lambda: _rolled(device, v1))
     bad = {
         "corrupt": "failed its smoke test",  # does not load
         "traversal": "leaves the model directory",  # MLmodel names a file outside
@@ -445,12 +435,12 @@ def test_a_version_that_fails_leaves_the_old_one_serving_is_reported_and_not_ret
     for key, why in bad.items():
         version = _register(client, registered, dirs[key])
         client.set_registered_model_alias(registered, "prod", version)
-        follow = _wait(lambda: (f := _follow(device)).get("failed_version") == version and f)
+        follow = wait_for(lambda: (f := _follow(device)).get("failed_version") == version and f)
         assert follow["state"] == "failed" and why in follow["last_error"], follow
         assert _running(device) == v1
         np.testing.assert_allclose(_infer(device), expected["v1"], rtol=1e-6)
         failed = {"version": version, "state": "failed"}
-        entry = _wait(lambda: (e := _device_record(client, registered)).items() >= failed.items() and e)
+        entry = wait_for(lambda: (e := _device_record(client, registered)).items() >= failed.items() and e)
         assert why in entry["error"]
     time.sleep(4)  # several more checks: a failed version is not tried again while the alias stays
     assert _metric(_metrics(device), "arachne_follow_failures_total", "version") == len(bad)
@@ -460,7 +450,7 @@ def test_a_version_that_fails_leaves_the_old_one_serving_is_reported_and_not_ret
 
     v3 = _register(client, registered, dirs["v3"])
     client.set_registered_model_alias(registered, "prod", v3)
-    _wait(lambda: _rolled(device, v3))
+    wait_for(lambda: _rolled(device, v3))
     np.testing.assert_allclose(_infer(device), expected["v3"], rtol=1e-6)
     assert _follow(device)["failed_version"] is None
 
@@ -473,18 +463,18 @@ def test_a_followed_model_survives_a_device_restart(mlflow_server, pull_models, 
     client.set_registered_model_alias(registered, "prod", v1)
     follow = f"det=models:/{registered}@prod"
     device = start_device(mlflow_server, follow)
-    _wait(lambda: _rolled(device, v1))
+    wait_for(lambda: _rolled(device, v1))
     first = _record(device)
     device.stop()
 
     down = start_device(f"http://127.0.0.1:{free_port()}", follow, store=device.store)  # registry unreachable
     np.testing.assert_allclose(_infer(down), expected["v1"], rtol=1e-6)  # served from the store at once
-    status = _wait(lambda: (f := _follow(down)).get("last_error") and f)
+    status = wait_for(lambda: (f := _follow(down)).get("last_error") and f)
     assert status["state"] == "error" and "cannot be reached" in status["last_error"] and status["version"] == v1
     down.stop()
 
     back = start_device(mlflow_server, follow, store=device.store)
-    _wait(lambda: _follow(back).get("state") == "following")
+    wait_for(lambda: _follow(back).get("state") == "following")
     again = _record(back)
     assert (again["revision"], again["digest"], again["uploaded_at"]) == (
         first["revision"],
@@ -529,10 +519,10 @@ def test_a_following_device_never_imports_mlflow(mlflow_server, pull_models, tmp
         env=_environment(mlflow_server, {"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}),
     ).start()
     try:
-        _wait(lambda: _running(device))
-        _wait(lambda: _device_record(client, registered, device=None).get("version") == version)  # its state too
+        wait_for(lambda: _running(device))
+        wait_for(lambda: _device_record(client, registered, device=None).get("version") == version)  # its state too
         (out / "dump").touch()
-        modules = json.loads(_wait(lambda: (out / "modules.json").is_file() and (out / "modules.json").read_text()))
+        modules = json.loads(wait_for(lambda: (out / "modules.json").is_file() and (out / "modules.json").read_text()))
     finally:
         device.stop()
     assert "arachne_mlflow.server.pull.follow" in modules and "requests" in modules  # the follower ran here
@@ -595,7 +585,7 @@ def test_a_download_cut_by_a_dropped_link_resumes_where_it_stopped(mlflow_server
     proxy = DroppingProxy(int(mlflow_server.rsplit(":", 1)[1]), after=1024**2)  # halfway through blob.bin
     try:
         device = start_device(f"http://127.0.0.1:{proxy.port}", f"det=models:/{registered}@prod")
-        _wait(lambda: _rolled(device, version))
+        wait_for(lambda: _rolled(device, version))
     finally:
         proxy.close()
     assert proxy.dropped.is_set()
@@ -613,10 +603,10 @@ def test_the_device_keeps_serving_through_a_registry_outage_and_catches_up(pull_
         v1, v2 = _register(client, registered, dirs["v1"]), _register(client, registered, dirs["v2"])
         client.set_registered_model_alias(registered, "prod", v1)
         device = start_device(registry.url, f"det=models:/{registered}@prod")
-        _wait(lambda: _rolled(device, v1))
+        wait_for(lambda: _rolled(device, v1))
 
         registry.stop()
-        _wait(lambda: "cannot be reached" in (_follow(device).get("last_error") or ""))
+        wait_for(lambda: "cannot be reached" in (_follow(device).get("last_error") or ""))
         for _ in range(5):
             np.testing.assert_allclose(_infer(device), expected["v1"], rtol=1e-6)
             time.sleep(0.5)
@@ -626,7 +616,7 @@ def test_the_device_keeps_serving_through_a_registry_outage_and_catches_up(pull_
         registry.start()  # the same port and database
         restarted = _follow(device)["last_check"]
         client.set_registered_model_alias(registered, "prod", v2)
-        _wait(lambda: _rolled(device, v2))
+        wait_for(lambda: _rolled(device, v2))
         np.testing.assert_allclose(_infer(device), expected["v2"], rtol=1e-6)
         follow = _follow(device)
         assert follow["state"] == "following" and follow["last_success"] > restarted
@@ -678,10 +668,10 @@ def test_a_read_only_user_can_follow_and_its_state_is_only_logged(
         == 403
     )
     device = start_device(server.url, f"det=models:/{registered}@prod", env=_reader_env())
-    _wait(lambda: _rolled(device, "1"))
+    wait_for(lambda: _rolled(device, "1"))
     np.testing.assert_allclose(_infer(device), expected["v1"], rtol=1e-6)
     assert _follow(device)["last_error"] is None
-    _wait(lambda: "read-only" in _log(device))
+    wait_for(lambda: "read-only" in _log(device))
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
     assert _device_run(_client(server.url), registered) is None  # nothing written with read-only credentials
@@ -692,9 +682,9 @@ def test_a_wrong_password_is_a_clear_error_in_the_log_and_the_status(auth_regist
     server, registered = auth_registry
     device = start_device(server.url, f"det=models:/{registered}@prod", env=_reader_env("not-the-password"))
     url = f"{device.url}/v2/repository/models/det"
-    answer = _wait(lambda: "401" in (a := requests.get(url, timeout=10)).text and (a,))[0]  # (a 404 is falsy)
+    answer = wait_for(lambda: "401" in (a := requests.get(url, timeout=10)).text and (a,))[0]  # (a 404 is falsy)
     assert answer.status_code == 404 and "MLFLOW_TRACKING_PASSWORD" in answer.json()["error"]
     (entry,) = requests.post(f"{device.url}/v2/repository/index", data=b"{}", timeout=10).json()
     assert entry["state"] == "UNAVAILABLE" and "refused the credentials (401 Unauthorized)" in entry["reason"]
-    log = _wait(lambda: "refused the credentials" in (text := _log(device)) and text)
+    log = wait_for(lambda: "refused the credentials" in (text := _log(device)) and text)
     assert "ERROR" in log and "MLFLOW_TRACKING_USERNAME" in log and "not-the-password" not in log

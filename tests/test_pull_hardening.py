@@ -26,6 +26,7 @@ from arachne_mlflow.server.store import ModelStore
 from tests.helpers import models
 from tests.helpers.hostile_registry import HostileRegistry
 from tests.helpers.servers import ServerProcess
+from tests.helpers.waiting import wait_for
 
 REGISTERED = "detector"
 FOLLOW = f"det=models:/{REGISTERED}@prod"
@@ -88,14 +89,6 @@ def device(tmp_path, hostile):
     server.stop()
 
 
-def _wait(condition, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-    return value
-
-
 def _proc_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -111,12 +104,12 @@ def _status(server) -> dict:
 def test_an_alias_answer_padded_with_empty_objects_costs_the_device_little_memory(hostile, device):
     hostile.mode = "pending"  # a small, valid answer: the baseline
     device.start()
-    _wait(lambda: hostile.count("/api/2.0/mlflow/registered-models/alias") >= 2)
+    wait_for(lambda: hostile.count("/api/2.0/mlflow/registered-models/alias") >= 2)
     pid = device.process.pid
     peak_before = _proc_kib(pid, "VmHWM")
     hostile.mode = "padded"
     seen = hostile.count("/api/2.0/mlflow/registered-models/alias")
-    _wait(lambda: hostile.count("/api/2.0/mlflow/registered-models/alias") >= seen + 3)
+    wait_for(lambda: hostile.count("/api/2.0/mlflow/registered-models/alias") >= seen + 3)
     grown_mib = (_proc_kib(pid, "VmHWM") - peak_before) / 1024
     kept_mib = (_proc_kib(pid, "VmRSS") - peak_before) / 1024
     print(f"padded alias answer: device peak +{grown_mib:.1f} MiB, resident afterwards {kept_mib:+.1f} MiB")
@@ -137,8 +130,8 @@ def test_an_alias_answer_padded_with_empty_objects_costs_the_device_little_memor
 def test_a_wrong_answer_is_a_registry_error_that_installs_nothing(hostile, device, mode, words):
     hostile.mode = mode
     device.start()
-    _wait(lambda: hostile.count("/api/2.0/mlflow/registered-models/alias") >= 3)
-    status = _wait(lambda: words in (text := _status(device)["error"]) and text)
+    wait_for(lambda: hostile.count("/api/2.0/mlflow/registered-models/alias") >= 3)
+    status = wait_for(lambda: words in (text := _status(device)["error"]) and text)
     assert "(error" in status, status
     assert hostile.count("/model-versions/get-artifact") == 0  # nothing downloaded, no smoke child
     for method, route in (("GET", "/v2/models/det"), ("GET", "/v2/models/det/ready"), ("POST", "/v2/models/det/infer")):
@@ -153,7 +146,7 @@ def test_a_wrong_answer_is_a_registry_error_that_installs_nothing(hostile, devic
 def test_the_device_installs_from_a_registry_that_answers_well(hostile, device):
     """The hostile server's good answers are what a follower takes (so the cases above fail for their reason)."""
     device.start()
-    record = _wait(lambda: (r := requests.get(f"{device.url}/v2/repository/models/det", timeout=10)).ok and r.json())
+    record = wait_for(lambda: (r := requests.get(f"{device.url}/v2/repository/models/det", timeout=10)).ok and r.json())
     assert record["provenance"]["version"] == "1" and record["provenance"]["registered_model"] == REGISTERED
     assert requests.get(f"{device.url}/v2/models/det/ready", timeout=10).status_code == 200
 
@@ -185,12 +178,12 @@ def test_a_download_trickling_a_byte_every_half_second_ends_at_the_pull_deadline
     follower.pull_seconds = 3.0
     follower.start()
     try:
-        _wait(lambda: hostile.count("/model-versions/get-artifact") >= 1)
+        wait_for(lambda: hostile.count("/model-versions/get-artifact") >= 1)
         started = time.monotonic()
-        status = _wait(lambda: "ran out of time" in ((s := follower.status())["last_error"] or "") and s, timeout=30)
+        status = wait_for(lambda: "ran out of time" in ((s := follower.status())["last_error"] or "") and s, timeout=30)
         assert time.monotonic() - started < 10 and status["state"] == "error"  # 3 s, and a wide margin
         seen = hostile.count("/model-versions/get-artifact")
-        _wait(lambda: hostile.count("/model-versions/get-artifact") > seen, timeout=30)  # the next try trickles too
+        wait_for(lambda: hostile.count("/model-versions/get-artifact") > seen, timeout=30)  # the next try trickles too
     finally:
         stopped = time.monotonic()
         follower.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 import uuid
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tests.helpers import models
 from tests.helpers.keys import write_key_pair
 from tests.helpers.model_dirs import scaled_linear
 from tests.helpers.servers import ServerProcess
+from tests.helpers.waiting import wait_for
 
 X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
 
@@ -320,15 +320,6 @@ def test_a_device_receiving_one_variant_of_a_signed_model_installs_it(device, tw
 
 
 # -- pull mode: a real `mlflow server`, a device following an alias ---------------------------------
-def _wait(condition, timeout: float = 120.0):
-    """The first truthy value of `condition()`; fails after `timeout` seconds (a bound that only catches hangs)."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-    return value
-
-
 def _follow_state(device, version: str):
     """The follower's status once it is done with `version` (installed it, or refused it)."""
     answer = requests.get(f"{device.url}/v2/repository/models/det", timeout=10)
@@ -366,7 +357,7 @@ def test_pull_mode_installs_signed_releases_and_refuses_the_others(tracking_serv
     ]
     device = ServerProcess(tmp_path / "store", extra_args=args, env=environment).start()
     try:
-        assert _wait(lambda: _follow_state(device, v1))["state"] == "following"
+        assert wait_for(lambda: _follow_state(device, v1))["state"] == "following"
         assert record(device)["signature"]["version"] == int(v1)
         np.testing.assert_allclose(infer(device), expected(linear[2.0]), rtol=1e-6)
 
@@ -391,7 +382,7 @@ def test_pull_mode_installs_signed_releases_and_refuses_the_others(tracking_serv
             (untrusted, "does not trust"),
         ):
             client.set_registered_model_alias(registered, "prod", version)
-            follow = _wait(lambda version=version: _follow_state(device, version))
+            follow = wait_for(lambda version=version: _follow_state(device, version))
             assert follow["state"] == "failed" and reason in follow["last_error"], follow
             assert record(device)["provenance"]["version"] == v1
         np.testing.assert_allclose(infer(device), expected(linear[2.0]), rtol=1e-6)
@@ -399,10 +390,10 @@ def test_pull_mode_installs_signed_releases_and_refuses_the_others(tracking_serv
         _, v5 = register(3.0)
         sign_model_version(f"models:/{registered}/{v5}", keys["release"][0], client=client)
         client.set_registered_model_alias(registered, "prod", v5)
-        assert _wait(lambda: _follow_state(device, v5))["state"] == "following"
+        assert wait_for(lambda: _follow_state(device, v5))["state"] == "following"
         np.testing.assert_allclose(infer(device), expected(linear[3.0]), rtol=1e-6)
         client.set_registered_model_alias(registered, "prod", v1)  # an older signed release: no silent downgrade
-        follow = _wait(lambda: _follow_state(device, v1))
+        follow = wait_for(lambda: _follow_state(device, v1))
         assert follow["state"] == "failed" and f"older than the signed version {v5}" in follow["last_error"]
         assert record(device)["signature"]["version"] == int(v5)
         assert refusals(device) == {("det", "untrusted"): 3.0, ("det", "downgrade"): 1.0}

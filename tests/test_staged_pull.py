@@ -28,6 +28,7 @@ from arachne_mlflow.protocol.staged_pull import (
 )
 from arachne_mlflow.server.pull.staged import wait_spread
 from tests.helpers.servers import ServerProcess
+from tests.helpers.waiting import wait_for
 from tests.test_pull import (  # noqa: F401 (pull_models: a fixture)
     _client,
     _device_record,
@@ -36,7 +37,6 @@ from tests.test_pull import (  # noqa: F401 (pull_models: a fixture)
     _register,
     _running,
     _unique,
-    _wait,
     pull_models,
 )
 
@@ -171,7 +171,7 @@ def test_a_staged_pull_goes_wave_by_wave_and_ends_with_every_device_on_the_new_v
     names = _names(registered)
     devices = pull_fleet(registered, name, names)
     for device in devices.values():
-        _wait(lambda: _running(device, name) == v1)
+        wait_for(lambda: _running(device, name) == v1)
     try:
         with caplog.at_level(logging.INFO, logger="arachne_mlflow.deployments.rollout"):
             code = _rollout(name, registered, v2, "--target", "@pullers", "-C", "canary=1", "-C", "batch=2")
@@ -213,7 +213,7 @@ def test_a_staged_pull_of_a_model_that_fails_its_devices_stops_after_the_canary_
     names = _names(registered)
     devices = pull_fleet(registered, name, names)
     for device in devices.values():
-        _wait(lambda: _running(device, name) == v1)
+        wait_for(lambda: _running(device, name) == v1)
     try:
         code = _rollout(name, registered, bad, "--target", "@pullers", "-C", "canary=1", "-C", "report=true")
         assert code == 1
@@ -230,7 +230,7 @@ def test_a_staged_pull_of_a_model_that_fails_its_devices_stops_after_the_canary_
             record = _record(devices[n], name)
             assert record["provenance"]["version"] == v1 and record["revision"] == 1  # nobody left it
         assert _device_record(client, registered, name, names[0])["version"] in (v1, bad)
-        assert _wait(lambda: _device_record(client, registered, name, names[0])["version"] == v1)
+        assert wait_for(lambda: _device_record(client, registered, name, names[0])["version"] == v1)
         for n in names[1:]:
             assert _device_record(client, registered, name, n) == {"version": v1, "state": "deployed", "revision": 1}
         desired = DesiredState(client).find(name)
@@ -254,7 +254,7 @@ def test_a_halted_wave_moves_back_the_devices_that_took_the_version(
     names = _names(registered)
     devices = pull_fleet(registered, name, names, extra={names[1]: ["--max-upload-mb", "1"]})
     for device in devices.values():
-        _wait(lambda: _running(device, name) == v1)
+        wait_for(lambda: _running(device, name) == v1)
     try:
         assert _rollout(name, registered, big, "--target", "@pullers", "-C", "canary=2") == 1
         took = _record(devices[names[0]], name)
@@ -275,7 +275,7 @@ def test_a_halted_wave_moves_back_the_devices_that_took_the_version(
         client.delete_registered_model(registered)
 
 
-def test_a_device_waits_its_own_share_of_the_spread_window_and_a_stop_ends_the_wait():
+def test_a_device_waits_its_own_share_of_the_spread_window_and_a_stop_ends_thewait_for():
     stop = threading.Event()
     device = next(f"cam-{i}" for i in range(100) if 0.2 < spread_fraction(f"cam-{i}") < 0.8)
     start = time.monotonic()
