@@ -29,6 +29,7 @@ from arachne_mlflow.deployments.desired_state import (
 from arachne_mlflow.deployments.results import FAILED, FORGOTTEN, NEVER_HAD, PULLING, UNTOUCHED, DeviceResult
 from arachne_mlflow.deployments.rollout import roll_out
 from arachne_mlflow.deployments.source import RegistryVersion, registry_version, resolve
+from arachne_mlflow.deployments.staged_view import staged_rollout
 from arachne_mlflow.deployments.strategy import Strategy
 from arachne_mlflow.deployments.targets import SCHEME, Settings, resolve_target
 from arachne_mlflow.errors import ArachneError
@@ -53,6 +54,7 @@ class Outcome:
     error: str | None = None  # the deployment as a whole failed (no device was tried)
     registry_error: str | None = None  # the devices were dealt with, but the registry could not record it
     halted: str | None = None  # why the rollout stopped and undid itself (rollout.py)
+    staged: str | None = None  # a staged pull rollout holds the deployment (staged_view.py): nothing was done
     note: str = ""
     usage: bool = False  # the error is the command's (a deployment name the registry does not know)
 
@@ -66,6 +68,7 @@ class Outcome:
             self.error is None
             and self.registry_error is None
             and self.halted is None
+            and self.staged is None
             and self.succeeded >= self.required
         )
 
@@ -73,8 +76,8 @@ class Outcome:
         what = f"{self.action} of deployment {self.deployment!r}"
         if self.error:
             return f"{what} failed: {self.error}"
-        if not self.results and (self.note or self.halted):
-            return f"{what}: {self.halted or self.note}"
+        if not self.results and (self.note or self.halted or self.staged):
+            return f"{what}: {self.staged or self.halted or self.note}"
         wanted = "without it" if self.action == "delete" else f"with {self.wanted()}"
         line = f"{what}: {self.succeeded} of {len(self.results)} devices {wanted}"
         if self.halted:
@@ -311,7 +314,8 @@ def sync(names: Sequence[str], settings: Settings, state: DesiredState, stream: 
 
     A moved alias rolls out, a device that was down gets the model, a device added to a group
     gets it; a deployment that is already everywhere is left alone (nothing is written). A
-    `halted` rollout stays halted until a command starts it again. A tag that is not a desired
+    `halted` rollout stays halted until a command starts it again, and a staged pull rollout under
+    way is `fleet pull-rollout`'s (reported, not ok). A tag that is not a desired
     state this tool wrote, or a target naming what the fleet file does not know, is reported for
     that deployment (nothing is contacted for it) and the others converge.
     """
@@ -321,7 +325,10 @@ def sync(names: Sequence[str], settings: Settings, state: DesiredState, stream: 
     missing = sorted(set(names) - {d.deployment for d in recorded} - {b.deployment for b in broken})
     outcomes = [_broken(b) for b in broken]
     for desired in recorded:
-        if desired.status == HALTED:
+        staged = _staged(desired, settings, state) if desired.status != DELETING else None
+        if staged is not None:
+            outcome = staged
+        elif desired.status == HALTED:
             why = f"the rollout halted ({desired.reason}); left as it is until a command starts it again"
             outcome = Outcome("sync", desired.deployment, halted=why)
         else:
@@ -336,6 +343,19 @@ def sync(names: Sequence[str], settings: Settings, state: DesiredState, stream: 
 
 def _broken(broken: Broken) -> Outcome:
     return Outcome("sync", broken.deployment, error=f"{broken.error} (nothing was contacted for it)")
+
+
+def _staged(desired: Desired, settings: Settings, state: DesiredState) -> Outcome | None:
+    """A sync that leaves a staged pull rollout of the deployment's alias to `fleet pull-rollout`: it
+    records the desired state once its waves are done, and until then the devices not admitted run
+    the `from` version by design (no drift to fix). None where no such rollout holds the deployment,
+    or where reading it fails (`_sync_one` then says what is wrong)."""
+    try:
+        devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
+        staged = staged_rollout(desired.model_uri, state.client, devices)
+    except (ArachneError, MlflowException):
+        return None
+    return None if staged is None else Outcome("sync", desired.deployment, staged=staged.describe())
 
 
 def _sync_one(desired: Desired, settings: Settings, state: DesiredState) -> Outcome:
