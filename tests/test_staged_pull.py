@@ -239,6 +239,12 @@ def test_a_staged_pull_of_a_model_that_fails_its_devices_stops_after_the_canary_
             assert _device_record(client, registered, name, n) == {"version": v1, "state": "deployed", "revision": 1}
         desired = DesiredState(client).find(name)
         assert desired.status == HALTED and desired.version == bad and "health gate failed" in desired.reason
+        capsys.readouterr()
+        assert main(["fleet", "status", name, "--json"]) == 1
+        (found,) = json.loads(capsys.readouterr().out)
+        assert found["status"] == "halted" and found["staged"] is None  # (the tag is on bad, the alias on v1)
+        assert f"alias prod moved to v{v1} (v{bad} halted)" in found["drift"]
+        assert {(d["desired"], d["actual"], d["in_sync"]) for d in found["devices"]} == {(f"v{v1}", f"v{v1}", True)}
     finally:
         client.delete_registered_model(registered)
 
@@ -345,7 +351,8 @@ def test_sync_and_status_leave_a_staged_rollout_to_pull_rollout_and_say_where_it
         _wait(lambda: _running(devices[names[0]], name) == v1)
         assert main(["fleet", "status", name, "--json"]) == 1
         (found,) = json.loads(capsys.readouterr().out)
-        assert found["status"] == "halted" and f"the devices run v{v1}, though prod names v{v2}" in found["reason"]
+        assert found["status"] == "halted"
+        assert f"the tag keeps every device on v{v1}, though prod names v{v2}" in found["reason"]
         assert {(d["desired"], d["actual"], d["in_sync"]) for d in found["devices"]} == {(f"v{v1}", f"v{v1}", True)}
         assert main(["fleet", "sync", name]) == 1
         assert f"staged pull rollout of v{v2} (from v{v1}) halted" in capsys.readouterr().err

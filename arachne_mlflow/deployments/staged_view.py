@@ -47,7 +47,8 @@ class StagedRollout:
                 f"{rollout} in progress: wave {self.wave}, {self.admitted} of {self.devices} devices admitted; "
                 "`fleet pull-rollout` goes on with it"
             )
-        keep = f"the devices run v{self.from_version}" if self.from_version else "the devices keep what they run"
+        keep = f"every device on v{self.from_version}" if self.from_version else "each device on its version"
+        keep = f"the tag keeps {keep}"
         again = "`fleet pull-rollout` starts it again"
         return f"{rollout} halted: {keep}, though {self.alias} names v{self.version}; {again}"
 

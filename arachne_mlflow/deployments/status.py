@@ -121,10 +121,11 @@ def _deployment(desired: Desired, settings: Settings, state: DesiredState) -> tu
         desired.version,
     )
     try:
-        devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
         if desired.status != DELETING:
             now = registry_version(desired.model_uri, state.client)
             found.desired_version = now.version if now else None
+        devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
+        if desired.status != DELETING:
             _with_staged(found, staged_rollout(desired.model_uri, state.client, devices))
         return found, devices
     except (ArachneError, MlflowException) as err:  # an alias deleted, a group gone: said, and the others go on
