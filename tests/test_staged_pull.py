@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import statistics
 import threading
 import time
@@ -245,6 +246,12 @@ def test_a_staged_pull_of_a_model_that_fails_its_devices_stops_after_the_canary_
         assert found["status"] == "halted" and found["staged"] is None  # (the tag is on bad, the alias on v1)
         assert f"alias prod moved to v{v1} (v{bad} halted)" in found["drift"]
         assert {(d["desired"], d["actual"], d["in_sync"]) for d in found["devices"]} == {(f"v{v1}", f"v{v1}", True)}
+        client.set_model_version_tag(registered, bad, ROLLOUT_TAG, RolloutTag("prod", v1, 0.0).to_json())
+        client.set_registered_model_alias(registered, "prod", bad)  # started again, nobody admitted yet
+        assert main(["fleet", "sync", name]) == 1
+        started = f"staged pull rollout of v{bad} (from v{v1}) in progress: wave 0, 0 of {DEVICES} devices admitted"
+        assert f"sync of deployment '{name}': {started}" in capsys.readouterr().err
+        assert DesiredState(client).find(name) == desired
     finally:
         client.delete_registered_model(registered)
 
@@ -308,6 +315,7 @@ def test_sync_and_status_leave_a_staged_rollout_to_pull_rollout_and_say_where_it
     nothing and exits 1 naming it, `fleet status` compares each device with its own version under the
     tag; a halted tag keeps every device on `from`; `fleet pull-rollout` then starts it again and ends it."""
     from mlflow.deployments import get_deploy_client
+    from mlflow.exceptions import MlflowException
 
     dirs, _ = pull_models
     client, registered, name = _client(tracking_server), _unique("held"), _unique("det")
@@ -337,6 +345,9 @@ def test_sync_and_status_leave_a_staged_rollout_to_pull_rollout_and_say_where_it
         assert DesiredState(client).find(name) == recorded  # nothing written...
         tags = client.get_model_version(registered, v2).tags
         assert tags[ROLLOUT_TAG] == held and not any(t.startswith("arachne.devices.") for t in tags)  # ...anywhere
+        with pytest.raises(MlflowException, match=re.escape(f"update of deployment '{name}': {rolling}")):
+            deploy.update_deployment(name, f"models:/{registered}@prod", config={"report": "false"})
+        assert DesiredState(client).find(name) == recorded
         assert all(_running(devices[n], name) == v1 for n in names[1:])
 
         assert main(["fleet", "status", name, "--json"]) == 1

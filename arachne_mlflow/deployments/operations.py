@@ -123,7 +123,8 @@ def push(
     existing: Desired | None = None,
     whole: bool = True,
 ) -> Outcome:
-    """Bring every device to `model_uri` and record what happened when it is a registry model.
+    """Bring every device to `model_uri` and record what happened when it is a registry model (not
+    while a staged pull rollout holds the alias `model_uri` names: `_staged`).
 
     The registry is a ledger: a command on the deployment's `whole` target (or a new one) records
     the desired state, unless no device got the model of a deployment not yet recorded (nothing is
@@ -133,6 +134,9 @@ def push(
     deployment on its whole target: `fleet sync` would undo it otherwise.
     """
     outcome = Outcome(action, name, required=settings.required(len(devices)))
+    outcome.staged = _staged(model_uri, devices, state)
+    if outcome.staged:
+        return outcome
     pinned = registry_version(model_uri, state.client if state else None)
     shortcut = pinned is not None and settings.variants is None  # a new order may choose other variants
     outcome.results = _everywhere_already(name, model_uri, pinned, devices, settings) if shortcut else None
@@ -157,6 +161,18 @@ def push(
     except MlflowException as err:  # (a user who may read the registry but not write it: 403)
         outcome.registry_error = str(err)
     return outcome
+
+
+def _staged(model_uri: str, devices: Sequence[Device], state: DesiredState | None) -> str | None:
+    """What a staged pull rollout of `model_uri`'s alias says, where one holds it: `fleet pull-rollout`
+    records the deployment when its waves are done, and until then the devices not admitted run the
+    `from` version by design, so a push (or a sync) records nothing and is not done. None without
+    one, or where the registry cannot say (the push then says what is wrong)."""
+    try:
+        staged = staged_rollout(model_uri, state.client, devices) if state is not None else None
+    except MlflowException:
+        return None
+    return staged.describe() if staged is not None else None
 
 
 def _record_push(
@@ -315,8 +331,8 @@ def sync(names: Sequence[str], settings: Settings, state: DesiredState, stream: 
     A moved alias rolls out, a device that was down gets the model, a device added to a group
     gets it; a deployment that is already everywhere is left alone (nothing is written). A
     `halted` rollout stays halted until a command starts it again, and a staged pull rollout under
-    way is `fleet pull-rollout`'s (reported, not ok). A tag that is not a desired
-    state this tool wrote, or a target naming what the fleet file does not know, is reported for
+    way is `fleet pull-rollout`'s (`push`: reported, not done). A tag that is not a desired state
+    this tool wrote, or a target naming what the fleet file does not know, is reported for
     that deployment (nothing is contacted for it) and the others converge.
     """
     found, broken = state.scan()
@@ -325,12 +341,8 @@ def sync(names: Sequence[str], settings: Settings, state: DesiredState, stream: 
     missing = sorted(set(names) - {d.deployment for d in recorded} - {b.deployment for b in broken})
     outcomes = [_broken(b) for b in broken]
     for desired in recorded:
-        staged = _staged(desired, settings, state) if desired.status != DELETING else None
-        if staged is not None:
-            outcome = staged
-        elif desired.status == HALTED:
-            why = f"the rollout halted ({desired.reason}); left as it is until a command starts it again"
-            outcome = Outcome("sync", desired.deployment, halted=why)
+        if desired.status == HALTED:
+            outcome = _halted(desired, settings, state)
         else:
             outcome = _sync_one(desired, settings, state)
         outcomes.append(outcome)
@@ -345,17 +357,15 @@ def _broken(broken: Broken) -> Outcome:
     return Outcome("sync", broken.deployment, error=f"{broken.error} (nothing was contacted for it)")
 
 
-def _staged(desired: Desired, settings: Settings, state: DesiredState) -> Outcome | None:
-    """A sync that leaves a staged pull rollout of the deployment's alias to `fleet pull-rollout`: it
-    records the desired state once its waves are done, and until then the devices not admitted run
-    the `from` version by design (no drift to fix). None where no such rollout holds the deployment,
-    or where reading it fails (`_sync_one` then says what is wrong)."""
+def _halted(desired: Desired, settings: Settings, state: DesiredState) -> Outcome:
+    """A halted deployment, left as it is: or, where `fleet pull-rollout` started it again, that rollout."""
+    why = f"the rollout halted ({desired.reason}); left as it is until a command starts it again"
     try:
         devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
-        staged = staged_rollout(desired.model_uri, state.client, devices)
-    except (ArachneError, MlflowException):
-        return None
-    return None if staged is None else Outcome("sync", desired.deployment, staged=staged.describe())
+    except ArachneError:
+        return Outcome("sync", desired.deployment, halted=why)
+    staged = _staged(desired.model_uri, devices, state)
+    return Outcome("sync", desired.deployment, staged=staged, halted=None if staged else why)
 
 
 def _sync_one(desired: Desired, settings: Settings, state: DesiredState) -> Outcome:
