@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import statistics
 import threading
 import time
@@ -107,6 +109,9 @@ def test_the_plan_starts_from_the_aliass_version_and_an_interrupted_rollout_goes
         client.set_registered_model_alias(registered, "prod", v2)  # interrupted in its second wave
         plan = plan_of("det", f"models:/{registered}/{v2}", "prod", "@pullers", client)
         assert (plan.from_version, plan.version, plan.admitted) == (v1, v2, 0.3)
+        client.set_model_version_tag(registered, v2, ROLLOUT_TAG, RolloutTag("prod", v1, 0.3, 2, HALTED).to_json())
+        plan = plan_of("det", f"models:/{registered}/{v2}", "prod", "@pullers", client)  # halted: from the start
+        assert (plan.from_version, plan.version, plan.admitted) == (v1, v2, 0.0)
     finally:
         client.delete_registered_model(registered)
 
@@ -235,6 +240,18 @@ def test_a_staged_pull_of_a_model_that_fails_its_devices_stops_after_the_canary_
             assert _device_record(client, registered, name, n) == {"version": v1, "state": "deployed", "revision": 1}
         desired = DesiredState(client).find(name)
         assert desired.status == HALTED and desired.version == bad and "health gate failed" in desired.reason
+        capsys.readouterr()
+        assert main(["fleet", "status", name, "--json"]) == 1
+        (found,) = json.loads(capsys.readouterr().out)
+        assert found["status"] == "halted" and found["staged"] is None  # (the tag is on bad, the alias on v1)
+        assert f"alias prod moved to v{v1} (v{bad} halted)" in found["drift"]
+        assert {(d["desired"], d["actual"], d["in_sync"]) for d in found["devices"]} == {(f"v{v1}", f"v{v1}", True)}
+        client.set_model_version_tag(registered, bad, ROLLOUT_TAG, RolloutTag("prod", v1, 0.0).to_json())
+        client.set_registered_model_alias(registered, "prod", bad)  # started again, nobody admitted yet
+        assert main(["fleet", "sync", name]) == 1
+        started = f"staged pull rollout of v{bad} (from v{v1}) in progress: wave 0, 0 of {DEVICES} devices admitted"
+        assert f"sync of deployment '{name}': {started}" in capsys.readouterr().err
+        assert DesiredState(client).find(name) == desired
     finally:
         client.delete_registered_model(registered)
 
@@ -285,3 +302,77 @@ def test_a_device_waits_its_own_share_of_the_spread_window_and_a_stop_ends_thewa
     stop.set()
     start = time.monotonic()
     assert not wait_spread(device, 3600.0, stop) and time.monotonic() - start < 5
+
+
+@pytest.mark.slow
+def test_sync_and_status_leave_a_staged_rollout_to_pull_rollout_and_say_where_it_is(
+    tracking_server,
+    pull_models,  # noqa: F811
+    pull_fleet,
+    capsys,
+):
+    """A rollout held after its first wave (the tag written as the host writes it): `fleet sync` writes
+    nothing and exits 1 naming it, `fleet status` compares each device with its own version under the
+    tag; a halted tag keeps every device on `from`; `fleet pull-rollout` then starts it again and ends it."""
+    from mlflow.deployments import get_deploy_client
+    from mlflow.exceptions import MlflowException
+
+    dirs, _ = pull_models
+    client, registered, name = _client(tracking_server), _unique("held"), _unique("det")
+    v1, v2 = _register(client, registered, dirs["v1"]), _register(client, registered, dirs["v2"])
+    client.set_registered_model_alias(registered, "prod", v1)
+    names = _names(registered)
+    devices = pull_fleet(registered, name, names)
+    for device in devices.values():
+        _wait(lambda: _running(device, name) == v1)
+    try:
+        deploy = get_deploy_client("arachne-jetson://@pullers")
+        deploy.create_deployment(name, f"models:/{registered}@prod", config={"report": "false"})
+        recorded = DesiredState(client).find(name)
+        assert (recorded.version, recorded.status) == (v1, ROLLED_OUT)
+        positions = [position(registered, n) for n in names]
+        held = RolloutTag("prod", v1, admit_after(positions, 0), wave=1).to_json()
+        client.set_model_version_tag(registered, v2, ROLLOUT_TAG, held)
+        client.set_registered_model_alias(registered, "prod", v2)
+        _wait(lambda: _running(devices[names[0]], name) == v2)
+        assert all(_running(devices[n], name) == v1 for n in names[1:])
+        capsys.readouterr()
+
+        assert main(["fleet", "sync", name]) == 1
+        rolling = f"staged pull rollout of v{v2} (from v{v1}) in progress: wave 1, 1 of {DEVICES} devices admitted"
+        said = f"sync of deployment '{name}': {rolling}; `fleet pull-rollout` goes on with it"
+        assert said in capsys.readouterr().err
+        assert DesiredState(client).find(name) == recorded  # nothing written...
+        tags = client.get_model_version(registered, v2).tags
+        assert tags[ROLLOUT_TAG] == held and not any(t.startswith("arachne.devices.") for t in tags)  # ...anywhere
+        with pytest.raises(MlflowException, match=re.escape(f"update of deployment '{name}': {rolling}")):
+            deploy.update_deployment(name, f"models:/{registered}@prod", config={"report": "false"})
+        assert DesiredState(client).find(name) == recorded
+        assert all(_running(devices[n], name) == v1 for n in names[1:])
+
+        assert main(["fleet", "status", name, "--json"]) == 1
+        (found,) = json.loads(capsys.readouterr().out)
+        assert found["status"] == "rolling" and found["reason"].startswith(rolling)
+        assert (found["staged"]["wave"], found["staged"]["admitted"], found["staged"]["devices"]) == (1, 1, DEVICES)
+        assert found["drift"] == [f"status rolling: {found['reason']}"]  # not the devices left on v1: their wave
+        runs = {d["device"]: (d["desired"], d["actual"], d["in_sync"]) for d in found["devices"]}
+        assert runs == {n: (f"v{v2}", f"v{v2}", True) if n == names[0] else (f"v{v1}", f"v{v1}", True) for n in names}
+
+        client.set_model_version_tag(registered, v2, ROLLOUT_TAG, RolloutTag("prod", v1, 0.0, 1, HALTED).to_json())
+        _wait(lambda: _running(devices[names[0]], name) == v1)
+        assert main(["fleet", "status", name, "--json"]) == 1
+        (found,) = json.loads(capsys.readouterr().out)
+        assert found["status"] == "halted"
+        assert f"the tag keeps every device on v{v1}, though prod names v{v2}" in found["reason"]
+        assert {(d["desired"], d["actual"], d["in_sync"]) for d in found["devices"]} == {(f"v{v1}", f"v{v1}", True)}
+        assert main(["fleet", "sync", name]) == 1
+        assert f"staged pull rollout of v{v2} (from v{v1}) halted" in capsys.readouterr().err
+        assert DesiredState(client).find(name) == recorded
+
+        assert _rollout(name, registered, v2) == 0  # from v1 again, to every device
+        assert all(_running(devices[n], name) == v2 for n in names)
+        assert ROLLOUT_TAG not in client.get_model_version(registered, v2).tags
+        assert DesiredState(client).find(name).version == v2
+        assert main(["fleet", "sync", name]) == 0 and main(["fleet", "status", name]) == 0
+    finally:
+        client.delete_registered_model(registered)

@@ -29,6 +29,7 @@ from arachne_mlflow.deployments.desired_state import (
 from arachne_mlflow.deployments.results import FAILED, FORGOTTEN, NEVER_HAD, PULLING, UNTOUCHED, DeviceResult
 from arachne_mlflow.deployments.rollout import roll_out
 from arachne_mlflow.deployments.source import RegistryVersion, registry_version, resolve
+from arachne_mlflow.deployments.staged_view import staged_rollout
 from arachne_mlflow.deployments.strategy import Strategy
 from arachne_mlflow.deployments.targets import SCHEME, Settings, resolve_target
 from arachne_mlflow.errors import ArachneError
@@ -53,6 +54,7 @@ class Outcome:
     error: str | None = None  # the deployment as a whole failed (no device was tried)
     registry_error: str | None = None  # the devices were dealt with, but the registry could not record it
     halted: str | None = None  # why the rollout stopped and undid itself (rollout.py)
+    staged: str | None = None  # a staged pull rollout holds the deployment (staged_view.py): nothing was done
     note: str = ""
     usage: bool = False  # the error is the command's (a deployment name the registry does not know)
 
@@ -66,6 +68,7 @@ class Outcome:
             self.error is None
             and self.registry_error is None
             and self.halted is None
+            and self.staged is None
             and self.succeeded >= self.required
         )
 
@@ -73,8 +76,8 @@ class Outcome:
         what = f"{self.action} of deployment {self.deployment!r}"
         if self.error:
             return f"{what} failed: {self.error}"
-        if not self.results and (self.note or self.halted):
-            return f"{what}: {self.halted or self.note}"
+        if not self.results and (self.note or self.halted or self.staged):
+            return f"{what}: {self.staged or self.halted or self.note}"
         wanted = "without it" if self.action == "delete" else f"with {self.wanted()}"
         line = f"{what}: {self.succeeded} of {len(self.results)} devices {wanted}"
         if self.halted:
@@ -120,7 +123,8 @@ def push(
     existing: Desired | None = None,
     whole: bool = True,
 ) -> Outcome:
-    """Bring every device to `model_uri` and record what happened when it is a registry model.
+    """Bring every device to `model_uri` and record what happened when it is a registry model (not
+    while a staged pull rollout holds the alias `model_uri` names: `_staged`).
 
     The registry is a ledger: a command on the deployment's `whole` target (or a new one) records
     the desired state, unless no device got the model of a deployment not yet recorded (nothing is
@@ -130,6 +134,9 @@ def push(
     deployment on its whole target: `fleet sync` would undo it otherwise.
     """
     outcome = Outcome(action, name, required=settings.required(len(devices)))
+    outcome.staged = _staged(model_uri, devices, state)
+    if outcome.staged:
+        return outcome
     pinned = registry_version(model_uri, state.client if state else None)
     shortcut = pinned is not None and settings.variants is None  # a new order may choose other variants
     outcome.results = _everywhere_already(name, model_uri, pinned, devices, settings) if shortcut else None
@@ -154,6 +161,18 @@ def push(
     except MlflowException as err:  # (a user who may read the registry but not write it: 403)
         outcome.registry_error = str(err)
     return outcome
+
+
+def _staged(model_uri: str, devices: Sequence[Device], state: DesiredState | None) -> str | None:
+    """What a staged pull rollout of `model_uri`'s alias says, where one holds it: `fleet pull-rollout`
+    records the deployment when its waves are done, and until then the devices not admitted run the
+    `from` version by design, so a push (or a sync) records nothing and is not done. None without
+    one, or where the registry cannot say (the push then says what is wrong)."""
+    try:
+        staged = staged_rollout(model_uri, state.client, devices) if state is not None else None
+    except MlflowException:
+        return None
+    return staged.describe() if staged is not None else None
 
 
 def _record_push(
@@ -311,8 +330,9 @@ def sync(names: Sequence[str], settings: Settings, state: DesiredState, stream: 
 
     A moved alias rolls out, a device that was down gets the model, a device added to a group
     gets it; a deployment that is already everywhere is left alone (nothing is written). A
-    `halted` rollout stays halted until a command starts it again. A tag that is not a desired
-    state this tool wrote, or a target naming what the fleet file does not know, is reported for
+    `halted` rollout stays halted until a command starts it again, and a staged pull rollout under
+    way is `fleet pull-rollout`'s (`push`: reported, not done). A tag that is not a desired state
+    this tool wrote, or a target naming what the fleet file does not know, is reported for
     that deployment (nothing is contacted for it) and the others converge.
     """
     found, broken = state.scan()
@@ -322,8 +342,7 @@ def sync(names: Sequence[str], settings: Settings, state: DesiredState, stream: 
     outcomes = [_broken(b) for b in broken]
     for desired in recorded:
         if desired.status == HALTED:
-            why = f"the rollout halted ({desired.reason}); left as it is until a command starts it again"
-            outcome = Outcome("sync", desired.deployment, halted=why)
+            outcome = _halted(desired, settings, state)
         else:
             outcome = _sync_one(desired, settings, state)
         outcomes.append(outcome)
@@ -336,6 +355,17 @@ def sync(names: Sequence[str], settings: Settings, state: DesiredState, stream: 
 
 def _broken(broken: Broken) -> Outcome:
     return Outcome("sync", broken.deployment, error=f"{broken.error} (nothing was contacted for it)")
+
+
+def _halted(desired: Desired, settings: Settings, state: DesiredState) -> Outcome:
+    """A halted deployment, left as it is: or, where `fleet pull-rollout` started it again, that rollout."""
+    why = f"the rollout halted ({desired.reason}); left as it is until a command starts it again"
+    try:
+        devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
+    except ArachneError:
+        return Outcome("sync", desired.deployment, halted=why)
+    staged = _staged(desired.model_uri, devices, state)
+    return Outcome("sync", desired.deployment, staged=staged, halted=None if staged else why)
 
 
 def _sync_one(desired: Desired, settings: Settings, state: DesiredState) -> Outcome:

@@ -92,7 +92,8 @@ def pull_settings(config: Mapping[str, Any]) -> tuple[Settings, Waits]:
 def plan_of(deployment: str, model_uri: str, alias: str, target: str, client: Any) -> PullPlan:
     """The rollout of `model_uri` (pinned to one registered version) to the devices following `alias`:
     from the version the alias names now, or, where the alias names that version already under a
-    rollout that did not finish (an interrupted command), from that rollout's `from` version."""
+    rollout tag, from that rollout's `from` version: where it left off (an interrupted command), or
+    from the start (a halted tag: the devices run `from`)."""
     from mlflow.exceptions import MlflowException
 
     pinned = registry_version(model_uri, client)
@@ -110,8 +111,8 @@ def plan_of(deployment: str, model_uri: str, alias: str, target: str, client: An
         ) from err
     origin, admitted = str(current.version), 0.0
     tag = RolloutTag.parse(current.tags.get(ROLLOUT_TAG)) if origin == version else None
-    if tag is not None and tag.alias == alias and tag.state != HALTED and tag.from_version:
-        origin, admitted = tag.from_version, tag.admit
+    if tag is not None and tag.alias == alias and tag.from_version:
+        origin, admitted = tag.from_version, (0.0 if tag.state == HALTED else tag.admit)
     return PullPlan(deployment, name, alias, version, origin, target, admitted)
 
 

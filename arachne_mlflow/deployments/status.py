@@ -16,9 +16,10 @@ from mlflow.exceptions import MlflowException
 
 from arachne_mlflow.deployments import report
 from arachne_mlflow.deployments.converge import on_devices, read_device
-from arachne_mlflow.deployments.desired_state import DELETING, ROLLED_OUT, Desired, DesiredState
+from arachne_mlflow.deployments.desired_state import DELETING, HALTED, ROLLED_OUT, Desired, DesiredState
 from arachne_mlflow.deployments.results import UNKNOWN, version_label
 from arachne_mlflow.deployments.source import registry_version
+from arachne_mlflow.deployments.staged_view import StagedRollout, staged_rollout
 from arachne_mlflow.deployments.targets import SCHEME, Settings, resolve_target
 from arachne_mlflow.errors import ArachneError, DeviceUnreachableError
 from arachne_mlflow.fleet.device import Device
@@ -57,6 +58,7 @@ class DeploymentStatus:
     drift: list[str] = field(default_factory=list)
     error: str | None = None
     usage: bool = False  # the error is the command's: a name the registry does not know
+    staged: StagedRollout | None = None  # a staged pull rollout of its alias under way (staged_view.py)
 
     @property
     def in_sync(self) -> bool:
@@ -122,14 +124,30 @@ def _deployment(desired: Desired, settings: Settings, state: DesiredState) -> tu
         if desired.status != DELETING:
             now = registry_version(desired.model_uri, state.client)
             found.desired_version = now.version if now else None
-        return found, resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
+        devices = resolve_target(f"{SCHEME}://{desired.target}", settings.fleet, recorded=True)
+        if desired.status != DELETING:
+            _with_staged(found, staged_rollout(desired.model_uri, state.client, devices))
+        return found, devices
     except (ArachneError, MlflowException) as err:  # an alias deleted, a group gone: said, and the others go on
         found.error = str(err)
         return found, []
 
 
+def _with_staged(found: DeploymentStatus, staged: StagedRollout | None) -> None:
+    """The deployment as a staged pull rollout holds it: the tag's state (rolling, halted) and what it says."""
+    if staged is not None:
+        found.staged, found.status, found.reason = staged, staged.state, staged.describe()
+
+
+def _wanted_version(found: DeploymentStatus, device: Device) -> str | None:
+    """The version `device` should run: the one its model URI names now, or the staged rollout's for it
+    (None: whatever version of the model it has)."""
+    return found.staged.wanted(str(device)) if found.staged else found.desired_version
+
+
 def _device_status(found: DeploymentStatus, device: Device, answer: Any, recorded: dict[str, dict]) -> DeviceStatus:
-    wanted = "-" if found.status == DELETING else f"v{found.desired_version}"
+    version = _wanted_version(found, device)
+    wanted = "-" if found.status == DELETING else (f"v{version}" if version else "kept")
     if isinstance(answer, ArachneError):
         versions = sorted(recorded.items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0)
         known = "; ".join(f"v{v} {e.get('state')}" for v, e in versions)
@@ -142,7 +160,7 @@ def _device_status(found: DeploymentStatus, device: Device, answer: Any, recorde
     same = (
         found.status != DELETING
         and provenance.get("registered_model") == found.registered_model
-        and str(provenance.get("version")) == str(found.desired_version)
+        and (version is None or str(provenance.get("version")) == str(version))
         and answer.get("state") == "READY"
     )
     state = answer.get("state", UNKNOWN)
@@ -172,14 +190,16 @@ def _drift(found: DeploymentStatus) -> list[str]:
     if found.error:
         return [found.error]
     drift = []
-    if found.desired_version is not None and found.desired_version != found.rolled_out_version:
+    changed = found.desired_version is not None and found.desired_version != found.rolled_out_version
+    if changed and found.staged is None:  # (a staged rollout's reason says where the alias is)
         alias = found.model_uri.rsplit("@", 1)[1] if "@" in found.model_uri else None
         moved = (
             f"alias {alias} moved to v{found.desired_version}"
             if alias
             else f"{found.model_uri} is now v{found.desired_version}"
         )
-        drift.append(f"{moved} (v{found.rolled_out_version} was rolled out)")
+        done = "halted" if found.status == HALTED else "was rolled out"
+        drift.append(f"{moved} (v{found.rolled_out_version} {done})")
     if found.status != ROLLED_OUT:
         drift.append(f"status {found.status}" + (f": {found.reason}" if found.reason else ""))
     for device in found.devices:
