@@ -324,7 +324,7 @@ def test_sync_and_status_leave_a_staged_rollout_to_pull_rollout_and_say_where_it
     names = _names(registered)
     devices = pull_fleet(registered, name, names)
     for device in devices.values():
-        _wait(lambda: _running(device, name) == v1)
+        wait_for(lambda: _running(device, name) == v1)
     try:
         deploy = get_deploy_client("arachne-jetson://@pullers")
         deploy.create_deployment(name, f"models:/{registered}@prod", config={"report": "false"})
@@ -334,7 +334,7 @@ def test_sync_and_status_leave_a_staged_rollout_to_pull_rollout_and_say_where_it
         held = RolloutTag("prod", v1, admit_after(positions, 0), wave=1).to_json()
         client.set_model_version_tag(registered, v2, ROLLOUT_TAG, held)
         client.set_registered_model_alias(registered, "prod", v2)
-        _wait(lambda: _running(devices[names[0]], name) == v2)
+        wait_for(lambda: _running(devices[names[0]], name) == v2)
         assert all(_running(devices[n], name) == v1 for n in names[1:])
         capsys.readouterr()
 
@@ -359,7 +359,7 @@ def test_sync_and_status_leave_a_staged_rollout_to_pull_rollout_and_say_where_it
         assert runs == {n: (f"v{v2}", f"v{v2}", True) if n == names[0] else (f"v{v1}", f"v{v1}", True) for n in names}
 
         client.set_model_version_tag(registered, v2, ROLLOUT_TAG, RolloutTag("prod", v1, 0.0, 1, HALTED).to_json())
-        _wait(lambda: _running(devices[names[0]], name) == v1)
+        wait_for(lambda: _running(devices[names[0]], name) == v1)
         assert main(["fleet", "status", name, "--json"]) == 1
         (found,) = json.loads(capsys.readouterr().out)
         assert found["status"] == "halted"
