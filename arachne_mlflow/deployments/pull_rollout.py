@@ -37,7 +37,7 @@ from arachne_mlflow.deployments.operations import Outcome, desired_after
 from arachne_mlflow.deployments.results import DEPLOYED, FAILED, ROLLED_BACK, UNKNOWN, UNTOUCHED, DeviceResult
 from arachne_mlflow.deployments.rollout import GATE_FAILED, Progress, halt_reason
 from arachne_mlflow.deployments.source import RegistryVersion, registry_version
-from arachne_mlflow.deployments.strategy import ROLLOUT_KEYS
+from arachne_mlflow.deployments.strategy import ROLLOUT_KEYS, config_seconds
 from arachne_mlflow.deployments.targets import Settings, settings
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.fleet.device import Device
@@ -84,7 +84,10 @@ def pull_settings(config: Mapping[str, Any]) -> tuple[Settings, Waits]:
         why = f" ({', '.join(pushed)}: the host cannot time a device it does not reach)" if pushed else ""
         raise InvalidInputError(f"unknown config {unknown} for a staged pull{why}; known: {sorted(allowed)}")
     waits = Waits(
-        *(_seconds(config, key, default) for key, default in zip(PULL_KEYS, (DEFAULT_WAVE_TIMEOUT, DEFAULT_POLL)))
+        *(
+            config_seconds(config, key, default, maximum=MAX_SECONDS)
+            for key, default in zip(PULL_KEYS, (DEFAULT_WAVE_TIMEOUT, DEFAULT_POLL))
+        )
     )
     return settings({k: v for k, v in config.items() if k not in PULL_KEYS}), waits
 
@@ -275,16 +278,3 @@ class _Records:
             token = page.token
             if not token:
                 return found
-
-
-def _seconds(config: Mapping[str, Any], key: str, default: float) -> float:
-    value = config.get(key)
-    if value is None or value == "":
-        return default
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError) as err:
-        raise InvalidInputError(f"config {key} must be a number of seconds, got {value!r}") from err
-    if not 0 < seconds <= MAX_SECONDS:
-        raise InvalidInputError(f"config {key} must be more than 0 and at most {MAX_SECONDS:g} seconds, got {value!r}")
-    return seconds

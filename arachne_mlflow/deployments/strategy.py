@@ -127,8 +127,8 @@ def strategy_of(config: Mapping[str, Any]) -> Strategy:
         batch=batch or DEFAULT_BATCH,
         canary=canary,
         max_failures=max_failures,
-        gate_timeout=_gate_seconds(config, "gate_timeout", DEFAULT_GATE_TIMEOUT, zero=False),
-        gate_seconds=_gate_seconds(config, "gate_seconds", 0.0, zero=True),
+        gate_timeout=config_seconds(config, "gate_timeout", DEFAULT_GATE_TIMEOUT),
+        gate_seconds=config_seconds(config, "gate_seconds", 0.0, zero=True),
         **_latency(config),
     )
 
@@ -175,7 +175,10 @@ def _size(config: Mapping[str, Any], key: str) -> str | None:
     return text
 
 
-def _gate_seconds(config: Mapping[str, Any], key: str, default: float, zero: bool) -> float:
+def config_seconds(
+    config: Mapping[str, Any], key: str, default: float, zero: bool = False, maximum: float = MAX_GATE_SECONDS
+) -> float:
+    """A `-C` setting in seconds, `default` when absent; bounded, so that a typo cannot hang a command for days."""
     value = config.get(key)
     if value is None or value == "":
         return default
@@ -184,7 +187,7 @@ def _gate_seconds(config: Mapping[str, Any], key: str, default: float, zero: boo
     except (TypeError, ValueError) as err:
         raise InvalidInputError(f"config {key} must be a number of seconds, got {value!r}") from err
     low_ok = seconds >= 0 if zero else seconds > 0
-    if not (low_ok and seconds <= MAX_GATE_SECONDS):
+    if not (low_ok and seconds <= maximum):
         low = "0" if zero else "more than 0"
-        raise InvalidInputError(f"config {key} must be {low} to {MAX_GATE_SECONDS:g} seconds, got {value!r}")
+        raise InvalidInputError(f"config {key} must be {low} to {maximum:g} seconds, got {value!r}")
     return seconds
