@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -263,6 +263,22 @@ def encode_response(
                 return b"".join([cached, *results.values()]), len(cached)
             except TypeError:  # an output that is not one C-contiguous block
                 return b"".join([cached, *[_to_bytes(array, "") for array in results.values()]]), len(cached)
+    parts, header_length = response_parts(model_name, results, request, model_version)
+    if key is not None and _numeric_blobs(key[3:], results):
+        _remember(_response_heads, key, parts[0])
+    return b"".join(parts), header_length
+
+
+def response_parts(
+    model_name: str,
+    results: Mapping[str, np.ndarray],
+    request: InferRequest,
+    model_version: str,
+    encode_one: Callable[[str, Any, bool], tuple[dict[str, Any], bytes | memoryview | None]] | None = None,
+) -> tuple[list, int | None]:
+    """The pieces of the answer to `request` and its header length; `encode_one` makes each output's entry
+    and blob (shared memory writes some into regions instead: protocol/shared_memory.py)."""
+    encode_one = encode_one or encode_tensor
     wanted = request.outputs if request.outputs is not None else [(n, request.binary_output) for n in results]
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": []}
     if request.id is not None:
@@ -271,14 +287,11 @@ def encode_response(
     for name, binary in wanted:
         if name not in results:
             raise InvalidInputError(f"model {model_name!r} has no output {name!r}; outputs: {list(results)}")
-        entry, blob = encode_tensor(name, results[name], binary)
+        entry, blob = encode_one(name, results[name], binary)
         header["outputs"].append(entry)
         if blob is not None:
             blobs.append(blob)
-    parts, header_length = _message_parts(header, blobs)
-    if key is not None and _numeric_blobs(key[3:], results):
-        _remember(_response_heads, key, parts[0])
-    return b"".join(parts), header_length
+    return _message_parts(header, blobs)
 
 
 def decode_response(body: bytes, header_length: str | bytes | None) -> dict[str, np.ndarray]:

@@ -12,14 +12,12 @@ for gRPC in `protocol/grpc/shared_memory.py`.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import orjson
 
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.protocol import codec
@@ -177,28 +175,15 @@ class RestMessage:
     def encode(
         self, model_name: str, results: Mapping[str, np.ndarray], request: SharedMemoryRequest, model_version: str
     ) -> tuple[bytes, int | None]:
-        wanted = request.outputs if request.outputs is not None else [(n, request.binary_output) for n in results]
-        header: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": []}
-        if request.id is not None:
-            header["id"] = request.id
-        blobs = []
-        for name, binary in wanted:
-            if name not in results:
-                raise InvalidInputError(f"model {model_name!r} has no output {name!r}; outputs: {list(results)}")
+        def encode_one(name: str, array: Any, binary: bool) -> tuple[dict[str, Any], bytes | memoryview | None]:
             span = request.output_regions.get(name)
             if span is None:
-                entry, blob = codec.encode_tensor(name, results[name], binary)
-                if blob is not None:
-                    blobs.append(blob)
-            else:
-                datatype = write_tensor(self.regions, span, name, results[name])
-                entry = {"name": name, "datatype": datatype, "shape": list(np.shape(results[name]))}
-            header["outputs"].append(entry)
-        head = _dumps(header)
-        if not blobs:
-            return head, None
-        head += b" " * (-len(head) % 8)
-        return b"".join([head, *blobs]), len(head)
+                return codec.encode_tensor(name, array, binary)
+            datatype = write_tensor(self.regions, span, name, array)
+            return {"name": name, "datatype": datatype, "shape": list(np.shape(array))}, None
+
+        parts, header_length = codec.response_parts(model_name, results, request, model_version, encode_one)
+        return b"".join(parts), header_length
 
 
 def _params(entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,11 +203,3 @@ def _output_regions(items: Any) -> dict[str, RegionSpan]:
         if span is not None:
             regions[item["name"]] = span
     return regions
-
-
-def _dumps(header: Mapping[str, Any]) -> bytes:
-    """orjson, unless a NaN or Infinity became `null`: then the stdlib, which keeps them (as the codec does)."""
-    data = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
-    if b"null" in data:
-        data = json.dumps(header, separators=(",", ":"), default=lambda value: np.asarray(value).tolist()).encode()
-    return data

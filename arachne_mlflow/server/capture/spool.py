@@ -18,6 +18,7 @@ from pathlib import Path
 from arachne_mlflow.errors import ConflictError, ModelNotFoundError
 from arachne_mlflow.protocol import capture_format
 from arachne_mlflow.protocol.capture_format import HEADER, segment_name, segment_sequence
+from arachne_mlflow.server.records import sync_directory
 
 _logger = logging.getLogger(__name__)
 DIR_MODE = 0o700
@@ -139,7 +140,7 @@ class Spool:
         self._open_name = name
         self.open_bytes = 0
         self.opened_at = time.monotonic()
-        _sync_dir(self.directory)
+        sync_directory(self.directory)
 
 
 def count_records(path: Path) -> int:
@@ -162,14 +163,6 @@ def _open_append(path: Path) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
     os.fchmod(fd, FILE_MODE)
     return fd
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _size(path: Path) -> int:
