@@ -68,8 +68,10 @@ def run(models: dict[str, dict], quick: bool) -> list[dict]:
             remote.done()
             local.done()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        for threads in (None, cores):  # LiteRT's default (one thread), then one per core
-            rows.extend(_remote_vs_local_tflite(models["mobilenet/tflite"], threads, rpc, port, quick))
+        # LiteRT's default (one thread), then one per core, then that through shared memory (a co-located client)
+        for threads, shared in ((None, False), (cores, False), (cores, True)):
+            rpc_of = {**rpc, "shared_memory": True} if shared else rpc
+            rows.extend(_remote_vs_local_tflite(models["mobilenet/tflite"], threads, rpc_of, port, quick))
     return rows
 
 
@@ -86,6 +88,8 @@ def _remote_vs_local_tflite(kwargs: dict, threads: int | None, rpc: dict, port: 
         result = _remote_vs_local(local, remote, x, quick)
         if threads is not None:
             result["case"] += f", num_threads={threads}"
+        if rpc.get("shared_memory"):
+            result["case"] += ", input through shared memory"
         return [result, _server_stages(port, remote.model_name, result)]
     finally:
         remote.done()
