@@ -55,15 +55,17 @@ def test_bad_shadow_rules_are_refused_naming_the_key(shadow, words):
 
 
 @pytest.fixture(scope="module")
-def shadow_server(tmp_path_factory, onnx_linear_model):
+def shadow_server(tmp_path_factory, onnx_linear_model, onnx_two_io_file):
     """`main` (onnx_linear) and its shadow `twin` (the same with W doubled: x = 0 answers alike,
-    other inputs differently), plus `lone` and `busy` to set other rules on, behind a token."""
+    other inputs differently), `lone` and `busy` to set other rules on, and `pair` (other inputs)."""
     root = tmp_path_factory.mktemp("shadow-server")
     twin_file = root / "twin.onnx"
     twin_file.write_bytes(models.onnx_linear(1, scale=2.0).SerializeToString())
     twin = write_model_dir(root / "twin", "onnx", twin_file, runtime_details("onnx", twin_file))
+    pair = write_model_dir(root / "pair", "onnx", onnx_two_io_file, runtime_details("onnx", onnx_two_io_file))
     server = ThreadServer(root / "store", token=TOKEN, grpc=False).start()
-    server.deploy({"main": onnx_linear_model, "twin": twin, "lone": onnx_linear_model, "busy": onnx_linear_model})
+    served = {"main": onnx_linear_model, "twin": twin, "lone": onnx_linear_model, "busy": onnx_linear_model}
+    server.deploy({**served, "pair": pair})
     yield server
     server.stop()
 
@@ -135,8 +137,11 @@ def test_an_unknown_shadow_model_counts_errors_and_requests_still_answer(shadow_
     assert f'arachne_capture_dropped_total{{model="lone",reason="shadow_error"}} {before + 4.0}' in metrics
 
 
-def test_a_shadow_whose_outputs_do_not_match_counts_an_error(shadow_server):
-    _set_rules(shadow_server, "lone", {"rate": 1.0, "shadow": {"model": "twin", "output": "probabilities"}})
+@pytest.mark.parametrize(
+    "shadow", [{"model": "twin", "output": "probabilities"}, {"model": "pair"}], ids=["other-outputs", "other-inputs"]
+)
+def test_a_shadow_whose_tensors_do_not_match_counts_an_error(shadow_server, shadow):
+    _set_rules(shadow_server, "lone", {"rate": 1.0, "shadow": {**shadow, "per_second": 1000}})
     counts = shadow_server.dataplane.capture.counts
     before = counts.dropped.get(("lone", "shadow_error"), 0)
     _answers(shadow_server, "lone", [1.0, 2.0])

@@ -111,7 +111,7 @@ class Capture:
         if runner is None:
             self._shadow_failed(sample.model)
             return
-        if not runner.offer(Candidate(sample, rules, sample.outputs)):
+        if not runner.offer(Candidate(sample, rules, sample.outputs), tensor_bytes(sample.inputs, sample.outputs)):
             self.counts.add_dropped(sample.model, BUSY)
 
     def _keep_shadowed(self, candidate: Candidate, sample: Sample) -> None:

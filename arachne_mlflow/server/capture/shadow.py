@@ -30,6 +30,7 @@ from arachne_mlflow.protocol.capture_format import Sample
 _logger = logging.getLogger(__name__)
 
 MAX_PENDING = 64
+MAX_PENDING_BYTES = 64 * 1024 * 1024
 SHADOW_PREFIX = "shadow."
 BUSY, ERROR = "shadow_busy", "shadow_error"
 
@@ -53,11 +54,13 @@ class ShadowRunner:
         keep: Callable[[Candidate, Sample], None],
         dropped: Callable[[str, str], None],
         max_pending: int = MAX_PENDING,
+        max_bytes: int = MAX_PENDING_BYTES,
     ) -> None:
         self._use, self._keep, self._dropped = use, keep, dropped
-        self.max_pending = max_pending
+        self.max_pending, self.max_bytes = max_pending, max_bytes
+        self._bytes = 0
         self._ready = threading.Condition(threading.Lock())
-        self._items: collections.deque[Candidate] = collections.deque()
+        self._items: collections.deque[tuple[Candidate, int]] = collections.deque()
         self._buckets: dict[str, tuple[float, float]] = {}  # served model -> (tokens, when last filled)
         self._warned: set[tuple[str, str]] = set()
         self._running = 0
@@ -65,19 +68,21 @@ class ShadowRunner:
         self._thread = threading.Thread(target=self._run, name="arachne-capture-shadow", daemon=True)
         self._thread.start()
 
-    def offer(self, candidate: Candidate) -> bool:
-        """Queue `candidate` unless its model's shadow runs are spent this second or the queue is full."""
+    def offer(self, candidate: Candidate, size: int) -> bool:
+        """Queue `candidate` (`size` bytes of tensors) unless its model's shadow runs are spent for now
+        or the queue is full (by count or bytes)."""
         rule: ShadowRule = candidate.rules.shadow  # type: ignore[assignment]
         model, now = candidate.sample.model, time.monotonic()
         with self._ready:
             capacity = max(1.0, rule.per_second)
             tokens, filled = self._buckets.get(model, (capacity, now))
             tokens = min(capacity, tokens + (now - filled) * rule.per_second)
-            if tokens < 1.0 or len(self._items) >= self.max_pending:
+            if tokens < 1.0 or len(self._items) >= self.max_pending or self._bytes + size > self.max_bytes:
                 self._buckets[model] = (tokens, now)
                 return False
             self._buckets[model] = (tokens - 1.0, now)
-            self._items.append(candidate)
+            self._items.append((candidate, size))
+            self._bytes += size
             self._ready.notify()
         return True
 
@@ -99,7 +104,8 @@ class ShadowRunner:
                 self._ready.wait_for(lambda: self._items or self._stop)
                 if not self._items:
                     return
-                candidate = self._items.popleft()
+                candidate, size = self._items.popleft()
+                self._bytes -= size
                 self._running += 1
             try:
                 self._judge(candidate)
