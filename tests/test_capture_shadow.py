@@ -114,12 +114,18 @@ def test_caps_count_only_the_samples_kept(shadow_server):
     _set_rules(
         shadow_server,
         "main",
-        {"rate": 1.0, "per_day": 2, "shadow": {"model": "twin", "output": "y", "per_second": 1000}},
+        {
+            "rate": 1.0,
+            "per_day": 2,
+            "keep_outputs": False,
+            "shadow": {"model": "twin", "output": "y", "per_second": 1000},
+        },
     )
     before = len(_drain(shadow_server, "main"))
     _answers(shadow_server, "main", [0.0] * 5 + [1.0, 2.0, 3.0])  # five agree: they spend nothing
     kept = _drain(shadow_server, "main")[before:]
     assert [float(s.inputs["x"][0, 0]) for s in kept] in ([1.0, 2.0], [1.0, 2.0, 3.0])  # (3.0: a new day began)
+    assert all(set(s.outputs) == {"shadow.y"} for s in kept)  # keep_outputs: false drops only the model's own
 
 
 def test_an_unknown_shadow_model_counts_errors_and_requests_still_answer(shadow_server, caplog):
