@@ -111,7 +111,7 @@ class Capture:
         if runner is None:
             self._shadow_failed(sample.model)
             return
-        if not runner.offer(Candidate(sample, rules, sample.outputs), tensor_bytes(sample.inputs, sample.outputs)):
+        if not runner.offer(Candidate(sample, rules), tensor_bytes(sample.inputs, sample.outputs)):
             self.counts.add_dropped(sample.model, BUSY)
 
     def _keep_shadowed(self, candidate: Candidate, sample: Sample) -> None:
@@ -235,7 +235,7 @@ class Capture:
             return None
         with self._lock:
             if self._shadow is None:
-                self._shadow = ShadowRunner(self._shadow_use, self._keep_shadowed, self._dropped)
+                self._shadow = ShadowRunner(self._shadow_use, self._keep_shadowed, self.counts.add_dropped)
             return self._shadow
 
     def _shadow_failed(self, name: str) -> None:
@@ -243,9 +243,6 @@ class Capture:
         if name not in self._shadowless:
             self._shadowless.add(name)
             _logger.warning("capture of model %r: its rules name a shadow model, and no model store runs one", name)
-
-    def _dropped(self, name: str, reason: str) -> None:
-        self.counts.add_dropped(name, reason)
 
     def _counted(self, name: str, captured: int, dropped: int, reason: str) -> None:
         if captured:

@@ -37,16 +37,16 @@ BUSY, ERROR = "shadow_busy", "shadow_error"
 
 @dataclass(frozen=True)
 class Candidate:
-    """A request that passed the rate, conditions and caps: its sample and the served answer to compare."""
+    """A request that passed the rate, conditions and caps: its sample, whose outputs are the served
+    answer to compare (kept whatever `keep_outputs` says until then), and the rules."""
 
     sample: Sample
     rules: CaptureRules
-    answer: dict[str, np.ndarray]
 
 
 class ShadowRunner:
     """One thread that runs shadow models; `use(name)` holds a loaded model, `keep(candidate, sample)`
-    takes a sample that disagreed, `dropped(model, reason)` counts one that was not run or failed."""
+    takes a sample that disagreed, `dropped(model, reason)` counts one whose shadow failed."""
 
     def __init__(
         self,
@@ -71,7 +71,7 @@ class ShadowRunner:
     def offer(self, candidate: Candidate, size: int) -> bool:
         """Queue `candidate` (`size` bytes of tensors) unless its model's shadow runs are spent for now
         or the queue is full (by count or bytes)."""
-        rule: ShadowRule = candidate.rules.shadow  # type: ignore[assignment]
+        rule = candidate.rules.shadow
         model, now = candidate.sample.model, time.monotonic()
         with self._ready:
             capacity = max(1.0, rule.per_second)
@@ -115,22 +115,22 @@ class ShadowRunner:
                     self._ready.notify_all()
 
     def _judge(self, candidate: Candidate) -> None:
-        rule: ShadowRule = candidate.rules.shadow  # type: ignore[assignment]
-        model = candidate.sample.model
+        rule = candidate.rules.shadow
+        sample = candidate.sample
         try:
             with self._use(rule.model) as shadow:
-                answers = dict(zip(shadow.output_names, shadow.module.infer(candidate.sample.inputs)))
+                answers = dict(zip(shadow.output_names, shadow.module.infer(sample.inputs)))
                 revision = shadow.revision
-            compared = compared_outputs(rule, candidate.answer, answers)
+            compared = compared_outputs(rule, sample.outputs, answers)
         except Exception as err:  # noqa: BLE001 (whatever the shadow does, the served model's capture goes on)
-            self._failed(model, rule.model, err)
+            self._failed(sample.model, rule.model, err)
             return
-        if agree(rule, candidate.answer, answers, compared):
+        if agree(rule, sample.outputs, answers, compared):
             return
         shadow_outputs = {SHADOW_PREFIX + name: answers[name] for name in compared}
-        outputs = {**(candidate.sample.outputs if candidate.rules.keep_outputs else {}), **shadow_outputs}
-        meta = {**candidate.sample.meta, "shadow_model": rule.model, "shadow_revision": revision}
-        self._keep(candidate, dataclasses.replace(candidate.sample, outputs=outputs, meta=meta))
+        outputs = {**(sample.outputs if candidate.rules.keep_outputs else {}), **shadow_outputs}
+        meta = {**sample.meta, "shadow_model": rule.model, "shadow_revision": revision}
+        self._keep(candidate, dataclasses.replace(sample, outputs=outputs, meta=meta))
 
     def _failed(self, model: str, shadow: str, err: Exception) -> None:
         self._dropped(model, ERROR)
