@@ -43,6 +43,7 @@ from arachne_mlflow import runtime as arachne_runtime
 from arachne_mlflow.errors import InvalidInputError
 from arachne_mlflow.flavors._vision import image_formats_block, write_labels
 from arachne_mlflow.model.batching import BatchingSettings, batchable
+from arachne_mlflow.model.capture_rules import parse_rules
 from arachne_mlflow.model.directory import (
     FLAVOR_NAME,
     ArachneModel,
@@ -218,6 +219,7 @@ def save_model(
     batching: dict[str, Any] | None = None,
     labels: Any = None,
     image_format: Any = None,
+    capture: Any = None,
 ) -> None:
     """Write an MLflow model directory at `path` (which must not exist or be empty).
 
@@ -225,7 +227,8 @@ def save_model(
     see `model/batching.py`): a device server batches only the models that declare one.
     `labels` (a file or a list, for the first output; or a mapping of output names to either) and
     `image_format` ("NCHW" or "NHWC" for the first input, or a mapping of input names to one) are
-    what vision clients read (`model/vision.py`, `flavors/_vision.py`).
+    what vision clients read (`model/vision.py`, `flavors/_vision.py`). `capture` are the field capture
+    rules a device applies (MLmodel's `arachne.capture`, `model/capture_rules.py`), checked here.
     """
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     path = Path(path).absolute()
@@ -268,6 +271,8 @@ def save_model(
             block["image_formats"] = image_formats_block(image_format, specs[0])
         if labels is not None:
             block["labels"] = write_labels(labels, specs[1], path)
+        if capture_rules := _checked_capture(capture):
+            block["capture"] = capture_rules
         if files.variants:
             block["variants"] = files.variants
         mlflow_model.add_flavor(FLAVOR_NAME, **block, arachne_mlflow_version=__version__, code=code_dir)
@@ -282,6 +287,12 @@ def save_model(
         if not created:
             path.mkdir()  # it was an empty directory: leave it as found
         raise
+
+
+def _checked_capture(capture: Any) -> dict[str, Any]:
+    """The capture rules as MLmodel keeps them; refused (naming the key) unless a device can read them."""
+    rules = parse_rules(capture, "capture")
+    return {} if rules is None else rules.to_dict()  # ({} or None: capture off, no key)
 
 
 def _checked_batching(batching: Any, specs: Specs) -> dict[str, Any]:

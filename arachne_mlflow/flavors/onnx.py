@@ -61,6 +61,7 @@ def save_model(
     save_as_external_data: bool = False,
     labels: Any = None,
     image_format: str | dict[str, str] | None = None,
+    capture: dict[str, Any] | None = None,
 ) -> None:
     """Save an ONNX model (`onnx.ModelProto`, `.onnx` path or bytes) as an MLflow model at `path`.
 
@@ -71,6 +72,7 @@ def save_model(
     `batching` declares the first dimension a batch (MLmodel `arachne.batching`, docs/flavors.md).
     `labels` (a file or a list of class labels) and `image_format` ("NCHW" or "NHWC") are for vision
     clients: see docs/flavors.md.
+    `capture` are the rules of the field samples a device keeps (docs/capture.md), checked here.
     """
     options = _check_runtime_options(runtime_options)
 
@@ -101,6 +103,7 @@ def save_model(
         batching=batching,
         labels=labels,
         image_format=image_format,
+        capture=capture,
     )
 
 

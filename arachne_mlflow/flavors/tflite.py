@@ -56,6 +56,7 @@ def save_model(
     runtime_options: dict[str, Any] | None = None,
     labels: Any = None,
     image_format: str | dict[str, str] | None = None,
+    capture: dict[str, Any] | None = None,
 ) -> None:
     """Save a TFLite model (a `.tflite` path or the model bytes) as an MLflow model at `path`.
 
@@ -63,6 +64,7 @@ def save_model(
     `batching` declares the first dimension a batch (MLmodel `arachne.batching`, docs/flavors.md).
     `labels` (a file or a list of class labels) and `image_format` ("NCHW" or "NHWC") are for vision
     clients: see docs/flavors.md.
+    `capture` are the rules of the field samples a device keeps (docs/capture.md), checked here.
     """
 
     def write(directory: Path) -> _common.ModelFiles:
@@ -85,6 +87,7 @@ def save_model(
         batching=batching,
         labels=labels,
         image_format=image_format,
+        capture=capture,
     )
 
 

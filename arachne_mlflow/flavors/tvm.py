@@ -77,6 +77,7 @@ def save_model(
     cc: str | None = None,
     labels: Any = None,
     image_format: str | dict[str, str] | None = None,
+    capture: dict[str, Any] | None = None,
 ) -> None:
     """Save a TVM model as an MLflow model at `path`.
 
@@ -86,6 +87,7 @@ def save_model(
     `batching` declares the first dimension a batch (MLmodel `arachne.batching`, docs/flavors.md).
     `labels` (a file or a list of class labels) and `image_format` ("NCHW" or "NHWC") are for vision
     clients: see docs/flavors.md.
+    `capture` are the rules of the field samples a device keeps (docs/capture.md), checked here.
     `target` is a TVM target: a kind name, its JSON form, a dict or a `tvm.target.Target`.
     `tvm_device` (default cpu, or the env.yaml's) is where it runs; `arch` the CPU it was built
     for (default: the target's `mtriple` CPU when compiled here, else this machine's: pass it for
@@ -155,6 +157,7 @@ def save_model(
         batching=batching,
         labels=labels,
         image_format=image_format,
+        capture=capture,
     )
 
 

@@ -119,10 +119,11 @@ def save_model(
     batching: dict[str, Any] | None = None,
     labels: Any = None,
     image_format: str | dict[str, str] | None = None,
+    capture: dict[str, Any] | None = None,
 ) -> None:
     """Save the variants `model` (name -> `Variant`, or the directory of a saved arachne model) at `path`.
 
-    `batching`, `labels` and `image_format` are the model's, shared by every variant (docs/flavors.md).
+    `batching`, `labels`, `image_format` and `capture` are the model's, shared by every variant (docs/flavors.md).
 
     The first is the reference. Without `signature` the reference's is used, and every other
     variant must match it. Without `input_example` the agreement check runs on generated inputs.
@@ -149,6 +150,7 @@ def save_model(
         batching=batching,
         labels=labels,
         image_format=image_format,
+        capture=capture,
     )
 
 

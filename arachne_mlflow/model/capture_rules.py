@@ -14,25 +14,68 @@ Rules come from the model's MLmodel (`arachne.capture`), or are set on the devic
       classes: [3, 7]            # keep only requests whose top class is one of these (optional)
       keep_outputs: true         # store the answer beside the inputs (default true)
       budget_mb: 256             # disk the model's spool may use; the oldest segments go first
+      shadow:                    # keep only requests another served model answers differently (optional)
+        model: classifier-v2     # a model on the same device
+        atol: 0.001              # outputs within atol + rtol * |answer| agree (np.allclose)
+        rtol: 0
+        output: probabilities    # the output compared (default: every output of the model)
+        per_second: 10           # shadow runs at most this often; the excess is dropped (shadow_busy)
 
 A condition reads each row of the output (its last axis holds the scores): a request is kept when
-any row meets every condition given. Disagreement with a shadow model is not supported yet.
+any row meets every condition given. The shadow model runs after the answer is sent, off the event
+loop, and only for requests that passed the rate, the conditions and the caps.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from arachne_mlflow.errors import InvalidInputError
 
-RULE_KEYS = ("rate", "per_minute", "per_hour", "per_day", "output", "max_score", "classes", "keep_outputs", "budget_mb")
+RULE_KEYS = (
+    "rate",
+    "per_minute",
+    "per_hour",
+    "per_day",
+    "output",
+    "max_score",
+    "classes",
+    "keep_outputs",
+    "budget_mb",
+    "shadow",
+)
+SHADOW_KEYS = ("model", "atol", "rtol", "output", "per_second")
 DEFAULT_BUDGET_MB = 256.0
 MAX_BUDGET_MB = 1024.0 * 1024  # a terabyte: a bound on a typo, not a recommendation
 MAX_CAP = 10**9
 MAX_CLASSES = 4096
+DEFAULT_SHADOW_PER_SECOND = 10.0
+MAX_SHADOW_PER_SECOND = 1000.0
+MAX_TOLERANCE = 1e12
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # (protocol/names.py's rule; a layer below it)
+
+
+@dataclass(frozen=True)
+class ShadowRule:
+    """Keep a request only when `model` answers it differently (beyond `atol`/`rtol`, on `output`
+    or every output); at most `per_second` shadow runs a second."""
+
+    model: str
+    atol: float = 1e-3
+    rtol: float = 0.0
+    output: str | None = None
+    per_second: float = DEFAULT_SHADOW_PER_SECOND
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"model": self.model, "atol": self.atol, "rtol": self.rtol}
+        if self.output is not None:
+            data["output"] = self.output
+        data["per_second"] = self.per_second
+        return data
 
 
 @dataclass(frozen=True)
@@ -48,6 +91,7 @@ class CaptureRules:
     classes: frozenset[int] | None = None
     keep_outputs: bool = True
     budget_mb: float = DEFAULT_BUDGET_MB
+    shadow: ShadowRule | None = None
 
     @property
     def has_condition(self) -> bool:
@@ -67,6 +111,8 @@ class CaptureRules:
             data["max_score"] = list(self.max_score)
         if self.classes is not None:
             data["classes"] = sorted(self.classes)
+        if self.shadow is not None:
+            data["shadow"] = self.shadow.to_dict()
         return data
 
 
@@ -94,10 +140,36 @@ def parse_rules(data: Any, where: str = "capture rules") -> CaptureRules | None:
         classes=_classes(data, where),
         keep_outputs=_flag(data, "keep_outputs", True, where),
         budget_mb=_number(data, "budget_mb", 0.0, MAX_BUDGET_MB, where, DEFAULT_BUDGET_MB, above_low=True),
+        shadow=_shadow(data.get("shadow"), f"{where}: 'shadow'"),
     )
     if rules.has_condition and rules.output is None:
         raise InvalidInputError(f"{where}: 'max_score' and 'classes' read an output: name it in 'output'")
     return rules
+
+
+def _shadow(data: Any, where: str) -> ShadowRule | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise InvalidInputError(f"{where} must be a mapping of {list(SHADOW_KEYS)}, got {type(data).__name__}")
+    unknown = sorted(str(key) for key in data if key not in SHADOW_KEYS)
+    if unknown:
+        raise InvalidInputError(f"{where}: unknown keys {unknown}; known: {list(SHADOW_KEYS)}")
+    model = data.get("model")
+    if not isinstance(model, str) or not _MODEL_NAME.fullmatch(model) or ".." in model:
+        raise InvalidInputError(
+            f"{where}: 'model' must name a model served on the device (1-128 letters, digits, '.', '_' or '-'), "
+            f"got {str(model)[:140]!r}"
+        )
+    return ShadowRule(
+        model=model,
+        atol=_number(data, "atol", 0.0, MAX_TOLERANCE, where, 1e-3),
+        rtol=_number(data, "rtol", 0.0, MAX_TOLERANCE, where, 0.0),
+        output=_output(data, where),
+        per_second=_number(
+            data, "per_second", 0.0, MAX_SHADOW_PER_SECOND, where, DEFAULT_SHADOW_PER_SECOND, above_low=True
+        ),
+    )
 
 
 def _number(

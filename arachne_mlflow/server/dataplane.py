@@ -102,7 +102,9 @@ class Dataplane:
         self.repository = Repository(store, self.metrics, self.run_blocking, settings.follow, self._forget)
         self.shared_memory = SharedMemoryRegistry(settings.shm_regions, settings.shm_max_bytes)
         # field samples (server/capture/), named by the device name its records use
-        self.capture = Capture(store.root, self._capture_rules, store.record, device=settings.device_name)
+        self.capture = Capture(
+            store.root, self._capture_rules, store.record, device=settings.device_name, shadow_use=store.use
+        )
         if settings.follow is not None:  # a pulling device delivers its samples on the follower's loop
             settings.follow.capture = self.capture
         self.metrics.registry.register(self.capture.counts)

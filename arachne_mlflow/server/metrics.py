@@ -274,10 +274,11 @@ class StoreCollector:
 class CaptureCounts:
     """Field capture per model (server/capture/): samples written, dropped (by reason: `cap`, a cap of
     the rules was spent; `queue_full`, the writer was behind; `budget`, deleted or refused to keep the
-    spool within its disk budget; `error`, not written) and uploaded (counted by whoever delivers them).
+    spool within its disk budget; `error`, not written; `shadow_busy`, over the shadow runs allowed a
+    second; `shadow_error`, the shadow model could not run) and uploaded (counted by whoever delivers them).
     Changed from several threads, under a lock: only kept or dropped samples pay for it."""
 
-    DROP_REASONS = ("cap", "queue_full", "budget", "error")
+    DROP_REASONS = ("cap", "queue_full", "budget", "error", "shadow_busy", "shadow_error")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -303,7 +304,7 @@ class CaptureCounts:
         )
         dropped = CounterMetricFamily(
             "arachne_capture_dropped",
-            "Field samples dropped, per model and reason: cap, queue_full, budget, error",
+            "Field samples dropped, per model and reason: cap, queue_full, budget, error, shadow_busy, shadow_error",
             labels=["model", "reason"],
         )
         uploaded = CounterMetricFamily("arachne_capture_uploaded", "Field samples delivered", labels=["model"])

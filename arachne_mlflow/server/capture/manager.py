@@ -15,6 +15,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from arachne_mlflow.model.capture_rules import CaptureRules, parse_rules
 from arachne_mlflow.protocol.capture_format import Sample
 from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.capture.sampler import CAPPED, SKIPPED, Sampler
+from arachne_mlflow.server.capture.shadow import BUSY, ERROR, Candidate, ShadowRunner
 from arachne_mlflow.server.capture.spool import FILE_MODE, Spool, private_dir
 from arachne_mlflow.server.capture.writer import CaptureWriter, Pending, SampleQueue, tensor_bytes
 from arachne_mlflow.server.metrics import CaptureCounts
@@ -41,7 +43,9 @@ _OFF = "off"  # (a device rules file that turns capture off for a model whose ML
 class Capture:
     """Field capture under `store_root`; `model_rules(name)` gives a loaded model's MLmodel rules
     (None when it has none or is not loaded), `check_installed(name)` raises unless the model is
-    installed (rules are set only for one that is). `seed` makes sampling repeatable (tests)."""
+    installed (rules are set only for one that is), `shadow_use(name)` holds a served model for a
+    shadow run (the store's `use`; without it a shadow rule counts `shadow_error`). `seed` makes
+    sampling repeatable (tests)."""
 
     def __init__(
         self,
@@ -52,6 +56,7 @@ class Capture:
         seed: int | None = None,
         queue: SampleQueue | None = None,
         writer_options: dict[str, float] | None = None,
+        shadow_use: Callable[[str], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.root = Path(store_root) / CAPTURE_DIR
         self.device = device or platform.node()
@@ -62,6 +67,9 @@ class Capture:
         self._seed = seed
         self._writer_options = writer_options or {}
         self._writer: CaptureWriter | None = None
+        self._shadow_use = shadow_use
+        self._shadow: ShadowRunner | None = None
+        self._shadowless: set[str] = set()
         self._lock = threading.Lock()
         self._samplers: dict[str, Sampler] = {}
         self._spools: dict[str, Spool] = {}
@@ -88,16 +96,42 @@ class Capture:
         if verdict is CAPPED:
             self.counts.add_dropped(name, "cap")
             return
+        meta = {"rate": repr(rules.rate)}
+        if rules.shadow is not None:  # (the answer is compared, so it is kept until then whatever keep_outputs says)
+            self._offer_shadow(
+                Sample(name, revision, self.device, time.time(), detached(inputs), detached(outputs), meta), rules
+            )
+            return
         kept = detached(outputs) if rules.keep_outputs else {}
-        sample = Sample(name, revision, self.device, time.time(), detached(inputs), kept, {"rate": repr(rules.rate)})
-        if not self.queue.offer(Pending(sample, rules), tensor_bytes(inputs, kept)):
-            self.counts.add_dropped(name, "queue_full")
+        self._queue(Sample(name, revision, self.device, time.time(), detached(inputs), kept, meta), rules)
+
+    def _offer_shadow(self, sample: Sample, rules: CaptureRules) -> None:
+        """Hand a candidate to the shadow runner (which never waits either); it keeps it only if it disagrees."""
+        runner = self._shadow or self._start_shadow()
+        if runner is None:
+            self._shadow_failed(sample.model)
+            return
+        if not runner.offer(Candidate(sample, rules), tensor_bytes(sample.inputs, sample.outputs)):
+            self.counts.add_dropped(sample.model, BUSY)
+
+    def _keep_shadowed(self, candidate: Candidate, sample: Sample) -> None:
+        """A candidate the shadow disagreed with: counted against the caps now, then queued for the writer."""
+        if not self._sampler(sample.model).take(candidate.rules):
+            self.counts.add_dropped(sample.model, "cap")
+            return
+        self._queue(sample, candidate.rules)
+
+    def _queue(self, sample: Sample, rules: CaptureRules) -> None:
+        if not self.queue.offer(Pending(sample, rules), tensor_bytes(sample.inputs, sample.outputs)):
+            self.counts.add_dropped(sample.model, "queue_full")
             return
         if self._writer is None:
             self._start_writer()
 
     def close(self) -> None:
-        """Write what is queued and close every spool."""
+        """Run the queued shadow candidates, write what is queued and close every spool."""
+        if self._shadow is not None:
+            self._shadow.close()
         if self._writer is not None:
             self._writer.close()
         with self._lock:
@@ -158,6 +192,8 @@ class Capture:
     def rollover(self, name: str) -> str | None:
         """Close `name`'s open segment now if it holds records, once the samples already kept are
         written (waiting at most `ROLLOVER_WAIT` seconds): a drain then gets everything kept before it."""
+        if self._shadow is not None:
+            self._shadow.join(ROLLOVER_WAIT)
         if self._writer is not None:
             self.queue.join(ROLLOVER_WAIT)
         spool = self._existing_spool(name)
@@ -193,6 +229,20 @@ class Capture:
         with self._lock:
             if self._writer is None:
                 self._writer = CaptureWriter(self.queue, self.spool, self._counted, **self._writer_options)
+
+    def _start_shadow(self) -> ShadowRunner | None:
+        if self._shadow_use is None:
+            return None
+        with self._lock:
+            if self._shadow is None:
+                self._shadow = ShadowRunner(self._shadow_use, self._keep_shadowed, self.counts.add_dropped)
+            return self._shadow
+
+    def _shadow_failed(self, name: str) -> None:
+        self.counts.add_dropped(name, ERROR)
+        if name not in self._shadowless:
+            self._shadowless.add(name)
+            _logger.warning("capture of model %r: its rules name a shadow model, and no model store runs one", name)
 
     def _counted(self, name: str, captured: int, dropped: int, reason: str) -> None:
         if captured:

@@ -1,7 +1,9 @@
 """Whether one served request is kept: sampling rate, output conditions, then caps per minute, hour and day.
 
 The rate is drawn first (one random number: the cheap refusal most requests get), the output
-conditions next, the caps last, so that a cap counts only samples that would have been kept.
+conditions next, the caps last, so that a cap counts only samples that would have been kept. A
+request for a shadow model (shadow.py) is kept only once the shadow disagrees: `decide` then only
+checks that the caps have room, and `take` counts the sample when it is kept.
 """
 
 from __future__ import annotations
@@ -34,9 +36,15 @@ class Sampler:
             return SKIPPED
         if rules.has_condition and not meets_conditions(rules, outputs):
             return SKIPPED
-        return KEPT if self._take(rules, time.time() if now is None else now) else CAPPED
+        # a request for a shadow model only looks at the caps: they count the samples it keeps (`take`)
+        now = time.time() if now is None else now
+        return KEPT if self._take(rules, now, peek=rules.shadow is not None) else CAPPED
 
-    def _take(self, rules: CaptureRules, now: float) -> bool:
+    def take(self, rules: CaptureRules, now: float | None = None) -> bool:
+        """Count one kept sample against the caps; False (nothing counted) if a cap is spent."""
+        return self._take(rules, time.time() if now is None else now)
+
+    def _take(self, rules: CaptureRules, now: float, peek: bool = False) -> bool:
         caps = [(key, getattr(rules, key), int(now // seconds)) for key, seconds in _WINDOWS]
         caps = [(key, cap, window) for key, cap, window in caps if cap is not None]
         if not caps:
@@ -49,6 +57,8 @@ class Sampler:
                 if count >= cap:
                     return False
                 counts.append((key, window, count))
+            if peek:
+                return True
             for key, window, count in counts:
                 self._windows[key] = (window, count + 1)
         return True
