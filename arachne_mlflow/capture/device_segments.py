@@ -21,9 +21,9 @@ from arachne_mlflow.errors import (
 )
 from arachne_mlflow.fleet.connection import Connection
 from arachne_mlflow.fleet.device import Device
+from arachne_mlflow.model.names import check_name
 from arachne_mlflow.protocol import bounded_json
 from arachne_mlflow.protocol.capture_format import SEGMENT_PATTERN
-from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.pull.throttle import TokenBucket
 
 MAX_LISTING_BYTES = 4 * 1024**2

@@ -42,8 +42,8 @@ from arachne_mlflow.errors import (
 )
 from arachne_mlflow.model.archive import stream_tar, tar_size
 from arachne_mlflow.model.digest import files_digest
+from arachne_mlflow.model.names import check_name
 from arachne_mlflow.protocol import codec
-from arachne_mlflow.protocol.names import check_name
 
 _logger = logging.getLogger(__name__)
 PROVENANCE_HEADER = "Arachne-Provenance"

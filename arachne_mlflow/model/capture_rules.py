@@ -29,12 +29,12 @@ loop, and only for requests that passed the rate, the conditions and the caps.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from arachne_mlflow.errors import InvalidInputError
+from arachne_mlflow.model.names import is_model_name
 
 RULE_KEYS = (
     "rate",
@@ -56,7 +56,6 @@ MAX_CLASSES = 4096
 DEFAULT_SHADOW_PER_SECOND = 10.0
 MAX_SHADOW_PER_SECOND = 1000.0
 MAX_TOLERANCE = 1e12
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # (protocol/names.py's rule; a layer below it)
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ def _shadow(data: Any, where: str) -> ShadowRule | None:
     if unknown:
         raise InvalidInputError(f"{where}: unknown keys {unknown}; known: {list(SHADOW_KEYS)}")
     model = data.get("model")
-    if not isinstance(model, str) or not _MODEL_NAME.fullmatch(model) or ".." in model:
+    if not is_model_name(model):
         raise InvalidInputError(
             f"{where}: 'model' must name a model served on the device (1-128 letters, digits, '.', '_' or '-'), "
             f"got {str(model)[:140]!r}"

@@ -39,7 +39,7 @@ from arachne_mlflow.errors import ArachneError, ConflictError, ModelNotFoundErro
 from arachne_mlflow.model.archive import safe_extract
 from arachne_mlflow.model.digest import tree_digest
 from arachne_mlflow.model.directory import ArachneModel, read_model_dir
-from arachne_mlflow.protocol.names import NAME_PATTERN, check_name
+from arachne_mlflow.model.names import NAME_PATTERN, check_name
 from arachne_mlflow.server.batching import BatchingPolicy
 from arachne_mlflow.server.loading import LoadedModel, Loader, ServingCheck, read_checked
 from arachne_mlflow.server.name_locks import NameLocks

@@ -23,8 +23,8 @@ import numpy as np
 
 from arachne_mlflow.errors import ArachneError, InvalidInputError
 from arachne_mlflow.model.capture_rules import CaptureRules, parse_rules
+from arachne_mlflow.model.names import check_name
 from arachne_mlflow.protocol.capture_format import Sample
-from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.capture.sampler import CAPPED, SKIPPED, Sampler
 from arachne_mlflow.server.capture.shadow import BUSY, ERROR, Candidate, ShadowRunner
 from arachne_mlflow.server.capture.spool import FILE_MODE, Spool, private_dir

@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from arachne_mlflow.model.names import check_name
 from arachne_mlflow.protocol import bounded_json
 from arachne_mlflow.protocol.capture_format import segment_sequence
-from arachne_mlflow.protocol.names import check_name
 from arachne_mlflow.server.capture.manager import Capture
 from arachne_mlflow.server.infer_route import read_body
 

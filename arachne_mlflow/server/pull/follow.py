@@ -45,7 +45,7 @@ from arachne_mlflow.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from arachne_mlflow.protocol.names import check_name
+from arachne_mlflow.model.names import check_name
 from arachne_mlflow.server.metrics import Metrics
 from arachne_mlflow.server.pull.capture_upload import CaptureUploader
 from arachne_mlflow.server.pull.install import install_version
