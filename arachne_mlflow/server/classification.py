@@ -3,7 +3,6 @@ outputs, and its image formats and label files in the model configuration (model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -15,9 +14,12 @@ from arachne_mlflow.server.loading import LoadedModel
 from arachne_mlflow.server.store import ModelStore
 
 
-def answer_outputs(loaded: LoadedModel, outputs: Sequence[np.ndarray], request: codec.InferRequest) -> dict[str, Any]:
-    """The model's outputs by name, those the request asked as classes replaced by their top classes."""
-    results = dict(zip(loaded.output_names, outputs))
+def answer_outputs(loaded: LoadedModel, answer: dict[str, np.ndarray], request: codec.InferRequest) -> dict[str, Any]:
+    """The model's outputs by name (`answer`, left as it is), those the request asked as classes
+    replaced by their top classes."""
+    if not request.classes:
+        return answer
+    results = dict(answer)
     for name, count in request.classes.items():
         if name not in results:
             raise InvalidInputError(f"the model has no output {name!r}; outputs: {loaded.output_names}")

@@ -281,7 +281,7 @@ class Dataplane:
         outputs = loaded.module.infer(inputs)
         ran = time.perf_counter_ns()
         answer = dict(zip(loaded.output_names, outputs))
-        response = encode(name, answer_outputs(loaded, outputs, request), request, loaded.revision)
+        response = encode(name, answer_outputs(loaded, answer, request), request, loaded.revision)
         times.compute_input = decoded - started
         times.compute_infer = ran - decoded
         times.compute_output = time.perf_counter_ns() - ran
@@ -324,7 +324,7 @@ class Dataplane:
         outputs = await batcher.submit(inputs, times)
         encoding = time.perf_counter_ns()
         answer = dict(zip(loaded.output_names, outputs))
-        response = encode(name, answer_outputs(loaded, outputs, request), request, loaded.revision)
+        response = encode(name, answer_outputs(loaded, answer, request), request, loaded.revision)
         times.compute_output = time.perf_counter_ns() - encoding
         self.capture.offer(name, loaded.revision, loaded.capture, request.inputs, answer)
         return response
