@@ -122,11 +122,7 @@ def parse_rules(data: Any, where: str = "capture rules") -> CaptureRules | None:
     """
     if data is None or (isinstance(data, Mapping) and not data):
         return None
-    if not isinstance(data, Mapping):
-        raise InvalidInputError(f"{where} must be a mapping of {list(RULE_KEYS)}, got {type(data).__name__}")
-    unknown = sorted(str(key) for key in data if key not in RULE_KEYS)
-    if unknown:
-        raise InvalidInputError(f"{where}: unknown keys {unknown}; known: {list(RULE_KEYS)}")
+    _check_keys(data, RULE_KEYS, where)
     if "rate" not in data:
         raise InvalidInputError(f"{where}: 'rate' is required (the fraction of requests sampled, 0..1)")
     rules = CaptureRules(
@@ -146,14 +142,19 @@ def parse_rules(data: Any, where: str = "capture rules") -> CaptureRules | None:
     return rules
 
 
+def _check_keys(data: Any, keys: tuple[str, ...], where: str) -> None:
+    """`data` is a mapping whose keys are all in the allow-list `keys`."""
+    if not isinstance(data, Mapping):
+        raise InvalidInputError(f"{where} must be a mapping of {list(keys)}, got {type(data).__name__}")
+    unknown = sorted(str(key) for key in data if key not in keys)
+    if unknown:
+        raise InvalidInputError(f"{where}: unknown keys {unknown}; known: {list(keys)}")
+
+
 def _shadow(data: Any, where: str) -> ShadowRule | None:
     if data is None:
         return None
-    if not isinstance(data, Mapping):
-        raise InvalidInputError(f"{where} must be a mapping of {list(SHADOW_KEYS)}, got {type(data).__name__}")
-    unknown = sorted(str(key) for key in data if key not in SHADOW_KEYS)
-    if unknown:
-        raise InvalidInputError(f"{where}: unknown keys {unknown}; known: {list(SHADOW_KEYS)}")
+    _check_keys(data, SHADOW_KEYS, where)
     model = data.get("model")
     if not is_model_name(model):
         raise InvalidInputError(
