@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from benchmarks.servers import stop_process
+
 MAX_HEAD_BYTES = 64 * 1024  # server/http_limits.py's cap
 HEAD_TIMEOUT_S = 1.0  # the hardening tests' --head-timeout
 CLIENTS = (1, 4, 16)
@@ -105,12 +107,7 @@ def _server(name: str, tmp: Path) -> Iterator[tuple[int, subprocess.Popen]]:
         _wait_port(port, process)
         yield port, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def _wait_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.models import CACHE
-from benchmarks.servers import _stop, free_port, wait_ready
+from benchmarks.servers import free_port, stop_process, wait_ready
 
 PEERS = CACHE / "peers"
 REQUIREMENTS = {
@@ -97,4 +97,4 @@ def _process(args: list[str], ready_url: str) -> Iterator[int]:
         wait_ready(ready_url, process, timeout=180)
         yield process.pid
     finally:
-        _stop(process)
+        stop_process(process)

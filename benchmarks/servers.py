@@ -52,7 +52,7 @@ def device_server(store: Path, extra: tuple[str, ...] = ()) -> Iterator[tuple[in
         ready = wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", process)
         yield port, process, ready
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @contextmanager
@@ -86,7 +86,7 @@ def device_servers(
             if process.poll() is None:
                 process.terminate()
         for process in processes:
-            _stop(process)
+            stop_process(process)
 
 
 def _start_device(store: Path, extra: tuple[str, ...], python: str | None = None) -> tuple[int, subprocess.Popen]:
@@ -147,10 +147,11 @@ def mlflow_scoring_process(model_dir: Path) -> Iterator[tuple[int, subprocess.Po
         wait_ready(f"http://127.0.0.1:{port}/ping", process, timeout=180)
         yield port, process
     finally:
-        _stop(process)
+        stop_process(process)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate a server process (killed if it does not end within 20 s) and reap it."""
     if process.poll() is None:
         process.terminate()
         try:
